@@ -1,0 +1,144 @@
+//! Plumbing shared by the CPU kernels: strided views of candle storage, the split of the channels
+//! into work items for rayon, and block-of-lanes tile loads and stores.
+
+use crate::math::{Lanes, Real, LANES};
+use candle_core::{CpuStorage, Layout, Result};
+
+/// A read-only 3-d view of CPU storage with arbitrary strides: candle hands kernels transposed and
+/// offset tensors, and reading them in place saves a copy of the largest inputs.
+#[derive(Clone, Copy)]
+pub(crate) struct View3<'a, T> {
+    data: &'a [T],
+    offset: usize,
+    stride: [usize; 3],
+}
+
+impl<'a, T: Real> View3<'a, T> {
+    pub fn new(storage: &'a CpuStorage, layout: &Layout) -> Result<Self> {
+        let stride = layout.stride();
+        if stride.len() != 3 {
+            candle_core::bail!("expected a 3-d tensor, got shape {:?}", layout.shape());
+        }
+        Ok(Self { data: T::cpu_storage_as_slice(storage)?, offset: layout.start_offset(), stride: [stride[0], stride[1], stride[2]] })
+    }
+
+    pub fn from_slice(data: &'a [T], dims: [usize; 3]) -> Self {
+        Self { data, offset: 0, stride: [dims[1] * dims[2], dims[2], 1] }
+    }
+
+    #[inline(always)]
+    pub fn at(&self, i: usize, j: usize, k: usize) -> T {
+        self.data[self.offset + i * self.stride[0] + j * self.stride[1] + k * self.stride[2]]
+    }
+
+    /// Reads rows `row0 .. row0 + width` (middle index), columns `t0 .. t0 + tile.len()` of matrix
+    /// `i` into a lane-major tile; lanes past `width` are zero.
+    pub fn load_tile(&self, i: usize, row0: usize, width: usize, t0: usize, tile: &mut [Lanes<T>]) {
+        for row in tile.iter_mut() {
+            *row = [T::ZERO; LANES];
+        }
+        for w in 0..width {
+            for (k, row) in tile.iter_mut().enumerate() {
+                row[w] = self.at(i, row0 + w, t0 + k);
+            }
+        }
+    }
+}
+
+/// The contiguous slice of a 1-d packed tensor.
+pub(crate) fn flat<'a, T: Real>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&T::cpu_storage_as_slice(storage)?[start..end]),
+        None => candle_core::bail!("packed parameters must be contiguous"),
+    }
+}
+
+/// Writes lanes `0 .. width` of a tile into `width` rows of length `row_len`, starting at column `t0`.
+pub(crate) fn store_tile<T: Real>(tile: &[Lanes<T>], width: usize, rows: &mut [T], row_len: usize, t0: usize) {
+    for w in 0..width {
+        let row = &mut rows[w * row_len + t0..w * row_len + t0 + tile.len()];
+        for (dst, lanes) in row.iter_mut().zip(tile) {
+            *dst = lanes[w];
+        }
+    }
+}
+
+/// A run of consecutive channels of one batch row that one rayon task owns. Channels never
+/// straddle a group, so every block of lanes in an item shares its B and C.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Item {
+    pub batch: usize,
+    pub group: usize,
+    /// First channel (index into `dim`).
+    pub start: usize,
+    pub channels: usize,
+}
+
+impl Item {
+    /// The blocks of at most `LANES` channels: (first channel, width).
+    pub fn blocks(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        (0..self.channels.div_ceil(LANES)).map(|j| (self.start + j * LANES, LANES.min(self.channels - j * LANES)))
+    }
+}
+
+/// Splits `batch` rows of `groups` groups of `dim / groups` channels into about four items per
+/// thread, in (batch, channel) order, so that the items' rows of a (batch, dim, ...) buffer are
+/// consecutive.
+pub(crate) fn plan(batch: usize, dim: usize, groups: usize) -> Vec<Item> {
+    let per_group = dim / groups;
+    let blocks = per_group.div_ceil(LANES);
+    let wanted = 4 * rayon::current_num_threads();
+    let parts = wanted.div_ceil(batch * groups).clamp(1, blocks.max(1));
+    let mut items = Vec::with_capacity(batch * groups * parts);
+    for b in 0..batch {
+        for g in 0..groups {
+            for p in 0..parts {
+                let (first, last) = (p * blocks / parts * LANES, ((p + 1) * blocks / parts * LANES).min(per_group));
+                if last > first {
+                    items.push(Item { batch: b, group: g, start: g * per_group + first, channels: last - first });
+                }
+            }
+        }
+    }
+    items
+}
+
+/// Cuts `buf` into one slice per item, `per_channel` values for each of its channels.
+pub(crate) fn split_items<'a, T>(mut buf: &'a mut [T], items: &[Item], per_channel: usize) -> Vec<&'a mut [T]> {
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        let (head, tail) = std::mem::take(&mut buf).split_at_mut(item.channels * per_channel);
+        out.push(head);
+        buf = tail;
+    }
+    out
+}
+
+/// Transposes each (rows, cols) matrix of a contiguous (count, rows, cols) buffer to (count, cols, rows).
+pub(crate) fn transpose_last<T: Copy + Default>(src: &[T], count: usize, rows: usize, cols: usize) -> Vec<T> {
+    let mut out = vec![T::default(); src.len()];
+    for m in 0..count {
+        let (s, d) = (&src[m * rows * cols..][..rows * cols], &mut out[m * rows * cols..][..rows * cols]);
+        for r in 0..rows {
+            for c in 0..cols {
+                d[c * rows + r] = s[r * cols + c];
+            }
+        }
+    }
+    out
+}
+
+/// Sums the lanes of each block and adds the totals, a (rows, cols) block at a time, into
+/// `dst[col * dst_stride + t0 + row]`: the lane-wise partial sums of a chunk become rows of a
+/// (state, len) gradient.
+pub(crate) fn add_lane_sums<T: Real>(lanes: &[Lanes<T>], rows: usize, cols: usize, dst: &mut [T], dst_stride: usize, t0: usize) {
+    for r in 0..rows {
+        for c in 0..cols {
+            let mut s = T::ZERO;
+            for v in lanes[r * cols + c] {
+                s += v;
+            }
+            dst[c * dst_stride + t0 + r] += s;
+        }
+    }
+}

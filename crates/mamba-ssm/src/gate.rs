@@ -1,0 +1,92 @@
+//! The SiLU gate y * silu(z) of both mixers as one parallel pass with its backward (candle's
+//! element-wise ops run on one core and call libm's exp).
+
+use crate::error::{check, Result};
+use crate::math::Real;
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Elements per rayon task.
+const SPAN: usize = 1 << 14;
+
+/// y * silu(z) for tensors of one shape; differentiable in both.
+pub fn silu_gate(y: &Tensor, z: &Tensor) -> Result<Tensor> {
+    let dims: Vec<_> = y.dims().iter().map(|&d| ("", d)).collect();
+    check("z", z, &dims)?;
+    let z = z.to_dtype(y.dtype())?;
+    if !matches!(y.dtype(), DType::F32 | DType::F64) || !y.device().is_cpu() {
+        return Ok((y * z.silu()?)?);
+    }
+    Ok(y.contiguous()?.apply_op2(&z.contiguous()?, SiluGate)?)
+}
+
+struct SiluGate;
+
+fn slice<'a, T: Real>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
+    crate::cpu::flat(s, l)
+}
+
+fn gate_fwd<T: Real>(y: &[T], z: &[T]) -> Vec<T> {
+    let mut out = vec![T::ZERO; y.len()];
+    out.par_chunks_mut(SPAN).zip(y.par_chunks(SPAN).zip(z.par_chunks(SPAN))).for_each(|(o, (y, z))| {
+        for ((o, &y), &z) in o.iter_mut().zip(y).zip(z) {
+            *o = y * z * z.sigmoid();
+        }
+    });
+    out
+}
+
+/// (dy, dz) for the output gradient g.
+fn gate_bwd<T: Real>(y: &[T], z: &[T], g: &[T]) -> (Vec<T>, Vec<T>) {
+    let (mut dy, mut dz) = (vec![T::ZERO; y.len()], vec![T::ZERO; y.len()]);
+    let outs = dy.par_chunks_mut(SPAN).zip(dz.par_chunks_mut(SPAN));
+    let ins = y.par_chunks(SPAN).zip(z.par_chunks(SPAN)).zip(g.par_chunks(SPAN));
+    outs.zip(ins).for_each(|((dy, dz), ((y, z), g))| {
+        for i in 0..y.len() {
+            let s = z[i].sigmoid();
+            dy[i] = g[i] * z[i] * s;
+            // silu'(z) = s (1 + z (1 - s))
+            dz[i] = g[i] * y[i] * s * (T::ONE + z[i] * (T::ONE - s));
+        }
+    });
+    (dy, dz)
+}
+
+impl CustomOp2 for SiluGate {
+    fn name(&self) -> &'static str {
+        "silu-gate"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(gate_fwd::<f32>(slice(s1, l1)?, slice(s2, l2)?)),
+            CpuStorage::F64(_) => CpuStorage::F64(gate_fwd::<f64>(slice(s1, l1)?, slice(s2, l2)?)),
+            s => candle_core::bail!("silu-gate: unsupported dtype {:?}", s.dtype()),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(&self, y: &Tensor, z: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let (sy, ly) = y.storage_and_layout();
+        let (sz, lz) = z.storage_and_layout();
+        let (sg, lg) = g.storage_and_layout();
+        let (candle_core::Storage::Cpu(sy), candle_core::Storage::Cpu(sz), candle_core::Storage::Cpu(sg)) = (&*sy, &*sz, &*sg) else {
+            candle_core::bail!("silu-gate backward runs on the CPU only");
+        };
+        let (dy, dz) = match sy {
+            CpuStorage::F32(_) => {
+                let (a, b) = gate_bwd::<f32>(slice(sy, ly)?, slice(sz, lz)?, slice(sg, lg)?);
+                (CpuStorage::F32(a), CpuStorage::F32(b))
+            }
+            CpuStorage::F64(_) => {
+                let (a, b) = gate_bwd::<f64>(slice(sy, ly)?, slice(sz, lz)?, slice(sg, lg)?);
+                (CpuStorage::F64(a), CpuStorage::F64(b))
+            }
+            s => candle_core::bail!("silu-gate: unsupported dtype {:?}", s.dtype()),
+        };
+        let wrap = |s: CpuStorage| Tensor::from_storage(candle_core::Storage::Cpu(s), y.shape().clone(), candle_core::op::BackpropOp::none(), false);
+        Ok((Some(wrap(dy)), Some(wrap(dz))))
+    }
+}

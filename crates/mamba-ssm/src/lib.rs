@@ -1,0 +1,29 @@
+//! The numerical core of the framework: Mamba-1's selective scan, Mamba-2's SSD chunked scan and
+//! the causal depthwise conv1d of both mixers, each with its backward pass, a single-token step for
+//! decoding, and a slow, obviously-right reference beside it.
+//!
+//! Layouts follow the reference implementations (`mamba_ssm.ops`): the selective scan takes
+//! (batch, dim, len), the SSD (batch, len, heads, headdim). Every function checks its inputs and
+//! returns an [`Error`] naming the tensor and the expected shape.
+
+mod conv;
+mod cpu;
+mod error;
+mod gate;
+mod math;
+mod selective_scan;
+mod ssd;
+
+pub use conv::{causal_conv1d, causal_conv1d_ref, causal_conv1d_update};
+pub use error::{Error, Result};
+pub use gate::silu_gate;
+pub use selective_scan::{selective_scan, selective_scan_ref, selective_state_update, ScanOutput, ScanParams};
+pub use ssd::{ssd_chunk_scan, ssd_quadratic, ssd_scan_ref, ssd_state_update, SsdParams};
+
+use candle_core::Tensor;
+
+/// torch's softplus, log(1 + e^x), from differentiable candle ops (candle has none):
+/// relu(x) + log(1 + e^-|x|) never overflows.
+pub fn softplus(x: &Tensor) -> Result<Tensor> {
+    Ok((x.relu()? + x.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?)?)
+}

@@ -1,0 +1,646 @@
+//! Mamba-1 selective scan (S6): the fused CPU kernel with its backward, the single-token step, and
+//! the plain reference (a loop of steps over time) that the tests hold the kernel to.
+//!
+//! Per channel d and state index n, with dt = softplus(delta + delta_bias) (each part optional):
+//!   h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t,    y_t = C_t . h_t + D u_t,    y_t *= silu(z_t)
+
+use crate::cpu::{add_lane_sums, flat, plan, split_items, store_tile, transpose_last, View3};
+use crate::error::{argument, check, dims_of, Result};
+use crate::gate::silu_gate;
+use crate::math::{Lanes, Real, LANES};
+use crate::softplus;
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use multiversion::multiversion;
+use rayon::prelude::*;
+use std::any::Any;
+use std::sync::Mutex;
+
+/// Time steps between the states the forward pass keeps for the backward pass.
+const CHUNK: usize = 32;
+
+/// The optional parts of the selective scan, as in the reference `selective_scan_ref`.
+#[derive(Clone, Copy, Default)]
+pub struct ScanParams<'a> {
+    /// Skip connection, (dim).
+    pub d: Option<&'a Tensor>,
+    /// Gate, (batch, dim, len) for the scan and (batch, dim) for a step: y * silu(z).
+    pub z: Option<&'a Tensor>,
+    /// Added to delta before the softplus, (dim).
+    pub delta_bias: Option<&'a Tensor>,
+    pub delta_softplus: bool,
+}
+
+/// y: (batch, dim, len), last_state: (batch, dim, state), both differentiable.
+pub struct ScanOutput {
+    pub y: Tensor,
+    pub last_state: Tensor,
+}
+
+/// Sizes shared by the checks, the packing and the kernels.
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    batch: usize,
+    dim: usize,
+    len: usize,
+    state: usize,
+    groups: usize,
+}
+
+struct Checked {
+    dims: Dims,
+    /// B and C as (batch, groups, state, len).
+    b: Tensor,
+    c: Tensor,
+}
+
+fn check_inputs(u: &Tensor, delta: &Tensor, a: &Tensor, b: &Tensor, c: &Tensor, p: &ScanParams, h0: Option<&Tensor>) -> Result<Checked> {
+    let (batch, dim, len) = match dims_of("u", u, "batch, dim, len")? {
+        &[batch, dim, len] => (batch, dim, len),
+        _ => unreachable!(),
+    };
+    if len == 0 {
+        return Err(argument("u", "the sequence length must be at least 1"));
+    }
+    let bdl = [("batch", batch), ("dim", dim), ("len", len)];
+    check("delta", delta, &bdl)?;
+    let state = dims_of("A", a, "dim, state")?[1];
+    check("A", a, &[("dim", dim), ("state", state)])?;
+    let groups = match b.rank() {
+        4 => b.dim(1)?,
+        _ => 1,
+    };
+    let grouped = [("batch", batch), ("groups", groups), ("state", state), ("len", len)];
+    let (b, c) = if b.rank() == 4 {
+        check("B", b, &grouped)?;
+        check("C", c, &grouped)?;
+        (b.clone(), c.clone())
+    } else {
+        check("B", b, &[("batch", batch), ("state", state), ("len", len)])?;
+        check("C", c, &[("batch", batch), ("state", state), ("len", len)])?;
+        (b.unsqueeze(1)?, c.unsqueeze(1)?)
+    };
+    if groups == 0 || dim % groups != 0 {
+        return Err(argument("B", format!("groups ({groups}) must divide dim ({dim})")));
+    }
+    for (name, t) in [("D", p.d), ("delta_bias", p.delta_bias)] {
+        if let Some(t) = t {
+            check(name, t, &[("dim", dim)])?;
+        }
+    }
+    if let Some(z) = p.z {
+        check("z", z, &bdl)?;
+    }
+    if let Some(h0) = h0 {
+        check("initial_state", h0, &[("batch", batch), ("dim", dim), ("state", state)])?;
+    }
+    Ok(Checked { dims: Dims { batch, dim, len, state, groups }, b, c })
+}
+
+/// f64 stays f64; every other float type computes in f32.
+fn compute_dtype(t: &Tensor) -> DType {
+    if t.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// The selective scan with its backward (states are recomputed, never stored whole).
+///
+/// u, delta: (batch, dim, len); a: (dim, state); b, c: (batch, state, len) or
+/// (batch, groups, state, len); initial_state: (batch, dim, state). bf16 and f16 inputs are
+/// computed in f32 and the outputs cast back.
+pub fn selective_scan(u: &Tensor, delta: &Tensor, a: &Tensor, b: &Tensor, c: &Tensor, p: &ScanParams, initial_state: Option<&Tensor>) -> Result<ScanOutput> {
+    let Checked { dims, b, c } = check_inputs(u, delta, a, b, c, p, initial_state)?;
+    let dt = compute_dtype(u);
+    let cast = |t: &Tensor| t.to_dtype(dt);
+    let mut pack = vec![cast(a)?.flatten_all()?, cast(&b)?.flatten_all()?, cast(&c)?.flatten_all()?];
+    for t in [p.d, p.delta_bias, initial_state].into_iter().flatten() {
+        pack.push(cast(t)?.flatten_all()?);
+    }
+    let pack = Tensor::cat(&pack, 0)?;
+    let (u32_, delta32) = (cast(u)?, cast(delta)?);
+    let op = ScanOp {
+        dims,
+        has_d: p.d.is_some(),
+        has_bias: p.delta_bias.is_some(),
+        has_h0: initial_state.is_some(),
+        softplus: p.delta_softplus,
+        keep_checkpoints: u32_.track_op() || delta32.track_op() || pack.track_op(),
+        checkpoints: Mutex::new(None),
+    };
+    let out = u32_.apply_op3(&delta32, &pack, op)?;
+    let Dims { batch, dim, len, state, .. } = dims;
+    let mut y = out.narrow(0, 0, batch * dim * len)?.reshape((batch, dim, len))?;
+    let last_state = out.narrow(0, batch * dim * len, batch * dim * state)?.reshape((batch, dim, state))?;
+    if let Some(z) = p.z {
+        y = silu_gate(&y, &cast(z)?)?;
+    }
+    Ok(ScanOutput { y: y.to_dtype(u.dtype())?, last_state: last_state.to_dtype(u.dtype())? })
+}
+
+/// One decoding step of the scan: returns (y_t (batch, dim), new state (batch, dim, state)).
+///
+/// state: (batch, dim, state); x, delta: (batch, dim); a: (dim, state); b, c: (batch, state) or
+/// (batch, groups, state); z in `p` is (batch, dim). Built from candle ops, so it runs on any device
+/// and is differentiable.
+pub fn selective_state_update(state: &Tensor, x: &Tensor, delta: &Tensor, a: &Tensor, b: &Tensor, c: &Tensor, p: &ScanParams) -> Result<(Tensor, Tensor)> {
+    let (batch, dim, n) = match dims_of("state", state, "batch, dim, state")? {
+        &[batch, dim, n] => (batch, dim, n),
+        _ => unreachable!(),
+    };
+    let bd = [("batch", batch), ("dim", dim)];
+    check("x", x, &bd)?;
+    check("delta", delta, &bd)?;
+    check("A", a, &[("dim", dim), ("state", n)])?;
+    let (b, c) = if b.rank() == 3 {
+        let groups = b.dim(1)?;
+        if groups == 0 || dim % groups != 0 {
+            return Err(argument("B", format!("groups ({groups}) must divide dim ({dim})")));
+        }
+        check("B", b, &[("batch", batch), ("groups", groups), ("state", n)])?;
+        check("C", c, &[("batch", batch), ("groups", groups), ("state", n)])?;
+        let per_group = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.unsqueeze(2)?.broadcast_as((batch, groups, dim / groups, n))?.reshape((batch, dim, n))?)
+        };
+        (per_group(b)?, per_group(c)?)
+    } else {
+        check("B", b, &[("batch", batch), ("state", n)])?;
+        check("C", c, &[("batch", batch), ("state", n)])?;
+        (b.unsqueeze(1)?.broadcast_as((batch, dim, n))?, c.unsqueeze(1)?.broadcast_as((batch, dim, n))?)
+    };
+    let mut dt = delta.clone();
+    if let Some(bias) = p.delta_bias {
+        check("delta_bias", bias, &[("dim", dim)])?;
+        dt = dt.broadcast_add(bias)?;
+    }
+    if p.delta_softplus {
+        dt = softplus(&dt)?;
+    }
+    let dt = dt.unsqueeze(2)?;
+    let decay = dt.broadcast_mul(a)?.exp()?;
+    let new_state = ((decay * state)? + dt.broadcast_mul(&b)?.broadcast_mul(&x.unsqueeze(2)?)?)?;
+    let mut y = (&new_state * c)?.sum(2)?;
+    if let Some(d) = p.d {
+        check("D", d, &[("dim", dim)])?;
+        y = (y + x.broadcast_mul(d)?)?;
+    }
+    if let Some(z) = p.z {
+        check("z", z, &bd)?;
+        y = (y * z.silu()?)?;
+    }
+    Ok((y, new_state))
+}
+
+/// The reference scan: [`selective_state_update`] in a loop over time, differentiated by candle.
+/// Same arguments and results as [`selective_scan`]; slow, and obviously right.
+pub fn selective_scan_ref(u: &Tensor, delta: &Tensor, a: &Tensor, b: &Tensor, c: &Tensor, p: &ScanParams, initial_state: Option<&Tensor>) -> Result<ScanOutput> {
+    let Checked { dims, b, c } = check_inputs(u, delta, a, b, c, p, initial_state)?;
+    let Dims { batch, dim, len, state: n, .. } = dims;
+    let mut h = match initial_state {
+        Some(h0) => h0.clone(),
+        None => Tensor::zeros((batch, dim, n), u.dtype(), u.device())?,
+    };
+    let mut ys = Vec::with_capacity(len);
+    let step = ScanParams { z: None, ..*p };
+    for t in 0..len {
+        let at = |x: &Tensor| x.narrow(x.rank() - 1, t, 1).and_then(|x| x.squeeze(x.rank() - 1));
+        let (y, next) = selective_state_update(&h, &at(u)?, &at(delta)?, a, &at(&b)?, &at(&c)?, &step)?;
+        ys.push(y);
+        h = next;
+    }
+    let mut y = Tensor::stack(&ys, 2)?;
+    if let Some(z) = p.z {
+        y = (y * z.silu()?)?;
+    }
+    Ok(ScanOutput { y, last_state: h })
+}
+
+/// The custom op: arguments u, delta and the packed parameters [A | B | C | D? | delta_bias? | h0?];
+/// result the flat [y (batch, dim, len) | last state (batch, dim, state)].
+struct ScanOp {
+    dims: Dims,
+    has_d: bool,
+    has_bias: bool,
+    has_h0: bool,
+    softplus: bool,
+    keep_checkpoints: bool,
+    /// The states at chunk starts from the forward pass, for the backward pass: one
+    /// `Vec<Lanes<T>>` per item.
+    checkpoints: Mutex<Option<Box<dyn Any + Send>>>,
+}
+
+/// The packed parameters, unpacked.
+struct Params<'a, T> {
+    a: &'a [T],
+    /// B and C transposed to (batch, groups, len, state): a time step's values are contiguous.
+    bt: Vec<T>,
+    ct: Vec<T>,
+    d: Option<&'a [T]>,
+    bias: Option<&'a [T]>,
+    h0: Option<&'a [T]>,
+}
+
+impl ScanOp {
+    fn unpack<'a, T: Real>(&self, pack: &'a [T]) -> Params<'a, T> {
+        let Dims { batch, dim, len, state, groups } = self.dims;
+        let bc = batch * groups * state * len;
+        let (a, rest) = pack.split_at(dim * state);
+        let (b, rest) = rest.split_at(bc);
+        let (c, mut rest) = rest.split_at(bc);
+        let mut take = |present: bool, n: usize| {
+            present.then(|| {
+                let (head, tail) = rest.split_at(n);
+                rest = tail;
+                head
+            })
+        };
+        let d = take(self.has_d, dim);
+        let bias = take(self.has_bias, dim);
+        let h0 = take(self.has_h0, batch * dim * state);
+        let bt = transpose_last(b, batch * groups, state, len);
+        let ct = transpose_last(c, batch * groups, state, len);
+        Params { a, bt, ct, d, bias, h0 }
+    }
+
+    fn chunks(&self) -> usize {
+        self.dims.len.div_ceil(CHUNK)
+    }
+
+    /// Lane-major copies of one block's per-channel parameters: A (state), D, delta_bias.
+    fn block_params<T: Real>(&self, p: &Params<T>, c0: usize, width: usize) -> (Vec<Lanes<T>>, Lanes<T>, Lanes<T>) {
+        let n = self.dims.state;
+        let mut a = vec![[T::ZERO; LANES]; n];
+        let (mut d, mut bias) = ([T::ZERO; LANES], [T::ZERO; LANES]);
+        for w in 0..width {
+            for (s, lanes) in a.iter_mut().enumerate() {
+                lanes[w] = p.a[(c0 + w) * n + s];
+            }
+            d[w] = p.d.map_or(T::ZERO, |v| v[c0 + w]);
+            bias[w] = p.bias.map_or(T::ZERO, |v| v[c0 + w]);
+        }
+        (a, d, bias)
+    }
+
+    /// Loads u and delta for one block and time chunk; returns (u, dt, dt * u, softplus'(pre)).
+    #[allow(clippy::too_many_arguments)]
+    fn load_inputs<T: Real>(&self, u: &View3<T>, delta: &View3<T>, batch: usize, c0: usize, width: usize, t0: usize, bias: &Lanes<T>, tiles: &mut Tiles<T>) {
+        u.load_tile(batch, c0, width, t0, &mut tiles.u);
+        delta.load_tile(batch, c0, width, t0, &mut tiles.dt);
+        for k in 0..tiles.dt.len() {
+            for w in 0..LANES {
+                let pre = tiles.dt[k][w] + bias[w];
+                let (dt, grad) = if self.softplus { (pre.softplus(), pre.softplus_grad()) } else { (pre, T::ONE) };
+                tiles.dt[k][w] = dt;
+                tiles.dsp[k][w] = grad;
+                tiles.du[k][w] = dt * tiles.u[k][w];
+            }
+        }
+    }
+
+    fn fwd<T: Real>(&self, u: View3<T>, delta: View3<T>, pack: &[T]) -> Vec<T> {
+        let Dims { batch, dim, len, state: n, groups } = self.dims;
+        let p = self.unpack(pack);
+        let items = plan(batch, dim, groups);
+        let mut out = vec![T::ZERO; batch * dim * (len + n)];
+        let (ys, lasts) = out.split_at_mut(batch * dim * len);
+        let chunks = self.chunks();
+        let mut checkpoints: Vec<Vec<Lanes<T>>> = if self.keep_checkpoints {
+            items.iter().map(|it| vec![[T::ZERO; LANES]; it.channels.div_ceil(LANES) * chunks * n]).collect()
+        } else {
+            vec![Vec::new(); items.len()]
+        };
+        let y_parts = split_items(ys, &items, len);
+        let last_parts = split_items(lasts, &items, n);
+        (items.par_iter(), y_parts, last_parts, checkpoints.par_iter_mut()).into_par_iter().for_each(|(item, y_rows, last_rows, ckpt)| {
+            let mut tiles = Tiles::new(CHUNK.min(len));
+            let mut h = vec![[T::ZERO; LANES]; n];
+            let bc = (item.batch * groups + item.group) * len * n;
+            for (blk, (c0, width)) in item.blocks().enumerate() {
+                let (a, d, bias) = self.block_params(&p, c0, width);
+                let (rows, off) = (&mut y_rows[(c0 - item.start) * len..], (c0 - item.start) * n);
+                init_state(&mut h, p.h0, item.batch * dim + c0, width, n);
+                for chunk in 0..chunks {
+                    let (t0, kc) = (chunk * CHUNK, CHUNK.min(len - chunk * CHUNK));
+                    if !ckpt.is_empty() {
+                        ckpt[(blk * chunks + chunk) * n..][..n].copy_from_slice(&h);
+                    }
+                    tiles.resize(kc);
+                    self.load_inputs(&u, &delta, item.batch, c0, width, t0, &bias, &mut tiles);
+                    let (bt, ct) = (&p.bt[bc + t0 * n..][..kc * n], &p.ct[bc + t0 * n..][..kc * n]);
+                    scan_chunk_fwd(&a, &tiles.dt, &tiles.du, bt, ct, &mut h, &mut tiles.y);
+                    for k in 0..kc {
+                        for w in 0..LANES {
+                            tiles.y[k][w] += d[w] * tiles.u[k][w];
+                        }
+                    }
+                    store_tile(&tiles.y, width, rows, len, t0);
+                }
+                for w in 0..width {
+                    for s in 0..n {
+                        last_rows[off + w * n + s] = h[s][w];
+                    }
+                }
+            }
+        });
+        if self.keep_checkpoints {
+            *self.checkpoints.lock().unwrap() = Some(Box::new(checkpoints));
+        }
+        out
+    }
+
+    /// Gradients (du, ddelta, dpack) from the gradient of the flat result.
+    fn bwd<T: Real>(&self, u: View3<T>, delta: View3<T>, pack: &[T], grad: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
+        let Dims { batch, dim, len, state: n, groups } = self.dims;
+        let checkpoints = match self.checkpoints.lock().unwrap().take().map(|b| b.downcast::<Vec<Vec<Lanes<T>>>>()) {
+            Some(Ok(c)) => *c,
+            // The forward pass kept none (or a backward pass already took them): recompute.
+            _ => {
+                let op = ScanOp { keep_checkpoints: true, checkpoints: Mutex::new(None), ..*self };
+                op.fwd(u, delta, pack);
+                *op.checkpoints.into_inner().unwrap().unwrap().downcast().unwrap()
+            }
+        };
+        let p = self.unpack(pack);
+        let items = plan(batch, dim, groups);
+        let chunks = self.chunks();
+        let (dy_all, dlast_all) = grad.split_at(batch * dim * len);
+        let dy = View3::from_slice(dy_all, [batch, dim, len]);
+        let (mut du, mut ddelta) = (vec![T::ZERO; batch * dim * len], vec![T::ZERO; batch * dim * len]);
+        // Per-batch partial sums of the parameter gradients, summed over the batch at the end.
+        let (mut da, mut dd, mut dbias, mut dh0) = (vec![T::ZERO; batch * dim * n], vec![T::ZERO; batch * dim], vec![T::ZERO; batch * dim], vec![T::ZERO; batch * dim * n]);
+        let mut dbc: Vec<(Vec<T>, Vec<T>)> = items.iter().map(|_| (vec![T::ZERO; n * len], vec![T::ZERO; n * len])).collect();
+        let parts = (
+            items.par_iter(),
+            checkpoints.par_iter(),
+            split_items(&mut du, &items, len),
+            split_items(&mut ddelta, &items, len),
+            split_items(&mut da, &items, n),
+            split_items(&mut dd, &items, 1),
+            split_items(&mut dbias, &items, 1),
+            split_items(&mut dh0, &items, n),
+        );
+        parts.into_par_iter().zip(dbc.par_iter_mut()).for_each(|((item, ckpt, du_rows, ddelta_rows, da_rows, dd_rows, dbias_rows, dh0_rows), (db_acc, dc_acc))| {
+            let blocks: Vec<_> = item.blocks().collect();
+            let prm: Vec<_> = blocks.iter().map(|&(c0, width)| self.block_params(&p, c0, width)).collect();
+            // The gradient flowing back into each block's state, starting from d(last state).
+            let mut g: Vec<Vec<Lanes<T>>> = blocks
+                .iter()
+                .map(|&(c0, width)| {
+                    let mut g = vec![[T::ZERO; LANES]; n];
+                    init_state(&mut g, Some(dlast_all), item.batch * dim + c0, width, n);
+                    g
+                })
+                .collect();
+            let mut da_acc = vec![vec![[T::ZERO; LANES]; n]; blocks.len()];
+            let mut dd_acc = vec![[T::ZERO; LANES]; blocks.len()];
+            let mut dbias_acc = vec![[T::ZERO; LANES]; blocks.len()];
+            let mut tiles = Tiles::new(CHUNK.min(len));
+            let mut work = BwdWork::new(CHUNK.min(len), n);
+            let bc = (item.batch * groups + item.group) * len * n;
+            for chunk in (0..chunks).rev() {
+                let (t0, kc) = (chunk * CHUNK, CHUNK.min(len - chunk * CHUNK));
+                tiles.resize(kc);
+                work.resize(kc, n);
+                let (bt, ct) = (&p.bt[bc + t0 * n..][..kc * n], &p.ct[bc + t0 * n..][..kc * n]);
+                for (j, &(c0, width)) in blocks.iter().enumerate() {
+                    let (a, d, bias) = &prm[j];
+                    self.load_inputs(&u, &delta, item.batch, c0, width, t0, bias, &mut tiles);
+                    dy.load_tile(item.batch, c0, width, t0, &mut tiles.y);
+                    work.h[..n].copy_from_slice(&ckpt[(j * chunks + chunk) * n..][..n]);
+                    scan_chunk_bwd(a, &tiles, bt, ct, &mut g[j], &mut da_acc[j], &mut work);
+                    for k in 0..kc {
+                        for w in 0..LANES {
+                            let (dyk, uk, dtk) = (tiles.y[k][w], tiles.u[k][w], tiles.dt[k][w]);
+                            let s = work.s[k][w];
+                            tiles.y[k][w] = s * dtk + d[w] * dyk; // du
+                            let dpre = (work.ddt[k][w] + s * uk) * tiles.dsp[k][w];
+                            work.ddt[k][w] = dpre;
+                            dbias_acc[j][w] += dpre;
+                            dd_acc[j][w] += dyk * uk;
+                        }
+                    }
+                    let rows = (c0 - item.start) * len;
+                    store_tile(&tiles.y, width, &mut du_rows[rows..], len, t0);
+                    store_tile(&work.ddt, width, &mut ddelta_rows[rows..], len, t0);
+                }
+                add_lane_sums(&work.db, kc, n, db_acc, len, t0);
+                add_lane_sums(&work.dc, kc, n, dc_acc, len, t0);
+            }
+            for (j, &(c0, width)) in blocks.iter().enumerate() {
+                let off = c0 - item.start;
+                for w in 0..width {
+                    for s in 0..n {
+                        da_rows[(off + w) * n + s] = da_acc[j][s][w];
+                        dh0_rows[(off + w) * n + s] = g[j][s][w];
+                    }
+                    dd_rows[off + w] = dd_acc[j][w];
+                    dbias_rows[off + w] = dbias_acc[j][w];
+                }
+            }
+        });
+        // Pack the parameter gradients in the order of the pack.
+        let sum_batch = |v: &[T], per: usize| -> Vec<T> {
+            let mut s = v[..per].to_vec();
+            for row in v.chunks(per).skip(1) {
+                s.iter_mut().zip(row).for_each(|(a, &b)| *a += b);
+            }
+            s
+        };
+        let mut dpack = sum_batch(&da, dim * n);
+        let (mut db, mut dc) = (vec![T::ZERO; batch * groups * n * len], vec![T::ZERO; batch * groups * n * len]);
+        for (item, (dbi, dci)) in items.iter().zip(&dbc) {
+            let off = (item.batch * groups + item.group) * n * len;
+            db[off..off + n * len].iter_mut().zip(dbi).for_each(|(a, &b)| *a += b);
+            dc[off..off + n * len].iter_mut().zip(dci).for_each(|(a, &b)| *a += b);
+        }
+        dpack.extend(db);
+        dpack.extend(dc);
+        if self.has_d {
+            dpack.extend(sum_batch(&dd, dim));
+        }
+        if self.has_bias {
+            dpack.extend(sum_batch(&dbias, dim));
+        }
+        if self.has_h0 {
+            dpack.extend(dh0);
+        }
+        (du, ddelta, dpack)
+    }
+}
+
+/// Sets a block's lanes of state from rows `first .. first + width` of a (rows, n) buffer, or zero.
+fn init_state<T: Real>(h: &mut [Lanes<T>], src: Option<&[T]>, first: usize, width: usize, n: usize) {
+    for lanes in h.iter_mut() {
+        *lanes = [T::ZERO; LANES];
+    }
+    if let Some(src) = src {
+        for w in 0..width {
+            for (s, lanes) in h.iter_mut().enumerate() {
+                lanes[w] = src[(first + w) * n + s];
+            }
+        }
+    }
+}
+
+/// Per-chunk tiles of one block, lane-major: (chunk len) blocks of lanes each.
+struct Tiles<T> {
+    u: Vec<Lanes<T>>,
+    dt: Vec<Lanes<T>>,
+    du: Vec<Lanes<T>>,
+    dsp: Vec<Lanes<T>>,
+    /// y in the forward pass, dy then du in the backward pass.
+    y: Vec<Lanes<T>>,
+}
+
+impl<T: Real> Tiles<T> {
+    fn new(k: usize) -> Self {
+        let z = vec![[T::ZERO; LANES]; k];
+        Self { u: z.clone(), dt: z.clone(), du: z.clone(), dsp: z.clone(), y: z }
+    }
+    fn resize(&mut self, k: usize) {
+        for t in [&mut self.u, &mut self.dt, &mut self.du, &mut self.dsp, &mut self.y] {
+            t.resize(k, [T::ZERO; LANES]);
+        }
+    }
+}
+
+/// Scratch of the backward pass for one chunk.
+struct BwdWork<T> {
+    /// States before each step and after the last: (k + 1, state).
+    h: Vec<Lanes<T>>,
+    /// exp(dt A) of each step: (k, state).
+    decay: Vec<Lanes<T>>,
+    /// Lane-wise partial sums of dB and dC over the blocks of an item: (k, state).
+    db: Vec<Lanes<T>>,
+    dc: Vec<Lanes<T>>,
+    /// d(dt) through the decay, and sum_n G B (k).
+    ddt: Vec<Lanes<T>>,
+    s: Vec<Lanes<T>>,
+}
+
+impl<T: Real> BwdWork<T> {
+    fn new(k: usize, n: usize) -> Self {
+        let z = |m: usize| vec![[T::ZERO; LANES]; m];
+        Self { h: z((k + 1) * n), decay: z(k * n), db: z(k * n), dc: z(k * n), ddt: z(k), s: z(k) }
+    }
+    fn resize(&mut self, k: usize, n: usize) {
+        let zero = [T::ZERO; LANES];
+        self.h.resize((k + 1) * n, zero);
+        self.decay.resize(k * n, zero);
+        for v in [&mut self.db, &mut self.dc] {
+            v.clear();
+            v.resize(k * n, zero);
+        }
+        self.ddt.resize(k, zero);
+        self.s.resize(k, zero);
+    }
+}
+
+/// The recurrence over one chunk for one block of channels: h is carried in and out, y written.
+/// bt, ct: (k, state) for this block's group.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+fn scan_chunk_fwd<T: Real>(a: &[Lanes<T>], dt: &[Lanes<T>], du: &[Lanes<T>], bt: &[T], ct: &[T], h: &mut [Lanes<T>], y: &mut [Lanes<T>]) {
+    let n = h.len();
+    for k in 0..dt.len() {
+        let (dtk, duk) = (&dt[k], &du[k]);
+        let mut acc = [T::ZERO; LANES];
+        for s in 0..n {
+            let (an, hn, b, c) = (&a[s], &mut h[s], bt[k * n + s], ct[k * n + s]);
+            for w in 0..LANES {
+                hn[w] = (dtk[w] * an[w]).exp() * hn[w] + duk[w] * b;
+                acc[w] += hn[w] * c;
+            }
+        }
+        y[k] = acc;
+    }
+}
+
+/// The backward pass over one chunk for one block: recomputes the states from `work.h[..n]`
+/// (the chunk's start state), then walks back in time carrying `g` = d(loss)/d(state) through
+/// the decays. Writes d(dt) through the decay and sum_n G B per step; accumulates dA, dB, dC.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+fn scan_chunk_bwd<T: Real>(a: &[Lanes<T>], tiles: &Tiles<T>, bt: &[T], ct: &[T], g: &mut [Lanes<T>], da: &mut [Lanes<T>], work: &mut BwdWork<T>) {
+    let n = g.len();
+    let kc = tiles.dt.len();
+    let BwdWork { h, decay, db, dc, ddt, s: gb } = work;
+    for k in 0..kc {
+        let (dtk, duk) = (&tiles.dt[k], &tiles.du[k]);
+        for s in 0..n {
+            let b = bt[k * n + s];
+            let (prev, next) = h.split_at_mut((k + 1) * n);
+            let (hp, hn, dk) = (&prev[k * n + s], &mut next[s], &mut decay[k * n + s]);
+            for w in 0..LANES {
+                dk[w] = (dtk[w] * a[s][w]).exp();
+                hn[w] = dk[w] * hp[w] + duk[w] * b;
+            }
+        }
+    }
+    for k in (0..kc).rev() {
+        let (dtk, duk, dyk) = (&tiles.dt[k], &tiles.du[k], &tiles.y[k]);
+        let (mut ddt_k, mut gb_k) = ([T::ZERO; LANES], [T::ZERO; LANES]);
+        for s in 0..n {
+            let (b, c) = (bt[k * n + s], ct[k * n + s]);
+            let (hp, hn, dk) = (&h[k * n + s], &h[(k + 1) * n + s], &decay[k * n + s]);
+            let (gs, das, dbs, dcs) = (&mut g[s], &mut da[s], &mut db[k * n + s], &mut dc[k * n + s]);
+            for w in 0..LANES {
+                let gt = gs[w] + c * dyk[w];
+                dcs[w] += dyk[w] * hn[w];
+                let t1 = gt * hp[w] * dk[w];
+                ddt_k[w] += t1 * a[s][w];
+                das[w] += t1 * dtk[w];
+                gb_k[w] += gt * b;
+                dbs[w] += gt * duk[w];
+                gs[w] = dk[w] * gt;
+            }
+        }
+        ddt[k] = ddt_k;
+        gb[k] = gb_k;
+    }
+}
+
+fn run_fwd<T: Real>(op: &ScanOp, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<CpuStorage> {
+    Ok(T::to_cpu_storage_owned(op.fwd(View3::new(s1, l1)?, View3::new(s2, l2)?, flat(s3, l3)?)))
+}
+
+impl CustomOp3 for ScanOp {
+    fn name(&self) -> &'static str {
+        "selective-scan"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let Dims { batch, dim, len, state, .. } = self.dims;
+        let out = match s1 {
+            CpuStorage::F32(_) => run_fwd::<f32>(self, s1, l1, s2, l2, s3, l3)?,
+            CpuStorage::F64(_) => run_fwd::<f64>(self, s1, l1, s2, l2, s3, l3)?,
+            s => candle_core::bail!("selective-scan computes in f32 or f64, got {:?}", s.dtype()),
+        };
+        Ok((out, Shape::from(batch * dim * (len + state))))
+    }
+
+    fn bwd(&self, u: &Tensor, delta: &Tensor, pack: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (du, ddelta, dpack) = match u.dtype() {
+            DType::F32 => bwd_tensors::<f32>(self, u, delta, pack, &grad)?,
+            DType::F64 => bwd_tensors::<f64>(self, u, delta, pack, &grad)?,
+            dt => candle_core::bail!("selective-scan computes in f32 or f64, got {dt:?}"),
+        };
+        Ok((Some(du), Some(ddelta), Some(dpack)))
+    }
+}
+
+fn bwd_tensors<T: Real>(op: &ScanOp, u: &Tensor, delta: &Tensor, pack: &Tensor, grad: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let (su, lu) = u.storage_and_layout();
+    let (sd, ld) = delta.storage_and_layout();
+    let (sp, lp) = pack.storage_and_layout();
+    let (sg, lg) = grad.storage_and_layout();
+    use candle_core::Storage::Cpu;
+    let (Cpu(su), Cpu(sd), Cpu(sp), Cpu(sg)) = (&*su, &*sd, &*sp, &*sg) else {
+        candle_core::bail!("selective-scan backward runs on the CPU only");
+    };
+    let (du, ddelta, dpack) = op.bwd::<T>(View3::new(su, lu)?, View3::new(sd, ld)?, flat(sp, lp)?, flat(sg, lg)?);
+    let Dims { batch, dim, len, .. } = op.dims;
+    let dev = u.device();
+    Ok((Tensor::from_vec(du, (batch, dim, len), dev)?, Tensor::from_vec(ddelta, (batch, dim, len), dev)?, Tensor::from_vec(dpack, pack.shape(), dev)?))
+}

@@ -1,0 +1,258 @@
+//! Mamba-2 SSD (state-space duality, scalar A per head): the chunked scan, its quadratic
+//! (attention-like) form, the single-token step and the reference recurrence, all from candle
+//! ops, so candle differentiates them (the chunked form keeps only one state per chunk).
+//!
+//! Per head h with group g(h), state h_t of shape (headdim, state), dt = clamp(softplus(dt + dt_bias)):
+//!   h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T,    y_t = h_t C_t + D x_t,    y_t *= silu(z_t)
+
+use crate::error::{argument, check, dims_of, Result};
+use crate::gate::silu_gate;
+use crate::{softplus, ScanOutput};
+use candle_core::{DType, Tensor, D};
+
+/// The optional parts of the SSD scan, as in `mamba_chunk_scan_combined`.
+#[derive(Clone, Copy)]
+pub struct SsdParams<'a> {
+    /// Skip connection, (heads) or (heads, headdim).
+    pub d: Option<&'a Tensor>,
+    /// Gate y * silu(z), shaped like x.
+    pub z: Option<&'a Tensor>,
+    /// Added to dt before the softplus, (heads).
+    pub dt_bias: Option<&'a Tensor>,
+    pub dt_softplus: bool,
+    /// dt is clamped to [lo, hi] after the softplus; (0, inf) leaves it alone.
+    pub dt_limit: (f64, f64),
+}
+
+impl Default for SsdParams<'_> {
+    fn default() -> Self {
+        Self { d: None, z: None, dt_bias: None, dt_softplus: false, dt_limit: (0.0, f64::INFINITY) }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Sizes {
+    batch: usize,
+    len: usize,
+    heads: usize,
+    headdim: usize,
+    groups: usize,
+    state: usize,
+}
+
+fn check_inputs(x: &Tensor, dt: &Tensor, a: &Tensor, b: &Tensor, c: &Tensor, p: &SsdParams, h0: Option<&Tensor>) -> Result<Sizes> {
+    let (batch, len, heads, headdim) = match dims_of("x", x, "batch, len, heads, headdim")? {
+        &[b, l, h, p] => (b, l, h, p),
+        _ => unreachable!(),
+    };
+    if len == 0 {
+        return Err(argument("x", "the sequence length must be at least 1"));
+    }
+    check("dt", dt, &[("batch", batch), ("len", len), ("heads", heads)])?;
+    check("A", a, &[("heads", heads)])?;
+    let bdims = dims_of("B", b, "batch, len, groups, state")?;
+    let (groups, state) = (bdims[2], bdims[3]);
+    let bc = [("batch", batch), ("len", len), ("groups", groups), ("state", state)];
+    check("B", b, &bc)?;
+    check("C", c, &bc)?;
+    if groups == 0 || heads % groups != 0 {
+        return Err(argument("B", format!("groups ({groups}) must divide heads ({heads})")));
+    }
+    if let Some(d) = p.d {
+        if d.rank() == 2 {
+            check("D", d, &[("heads", heads), ("headdim", headdim)])?;
+        } else {
+            check("D", d, &[("heads", heads)])?;
+        }
+    }
+    if let Some(z) = p.z {
+        check("z", z, &[("batch", batch), ("len", len), ("heads", heads), ("headdim", headdim)])?;
+    }
+    if let Some(bias) = p.dt_bias {
+        check("dt_bias", bias, &[("heads", heads)])?;
+    }
+    if let Some(h0) = h0 {
+        check("initial_states", h0, &[("batch", batch), ("heads", heads), ("headdim", headdim), ("state", state)])?;
+    }
+    if !(p.dt_limit.0 <= p.dt_limit.1) {
+        return Err(argument("dt_limit", format!("lower bound {} above upper bound {}", p.dt_limit.0, p.dt_limit.1)));
+    }
+    Ok(Sizes { batch, len, heads, headdim, groups, state })
+}
+
+/// dt after bias, softplus and limits; the heads are the last dimension.
+fn effective_dt(dt: &Tensor, p: &SsdParams) -> Result<Tensor> {
+    let mut dt = dt.clone();
+    if let Some(bias) = p.dt_bias {
+        dt = dt.broadcast_add(bias)?;
+    }
+    if p.dt_softplus {
+        dt = softplus(&dt)?;
+    }
+    let (lo, hi) = p.dt_limit;
+    if lo > 0.0 || hi.is_finite() {
+        dt = dt.clamp(lo, hi)?;
+    }
+    Ok(dt)
+}
+
+/// D x, with D of shape (heads) or (heads, headdim) and x (..., heads, headdim).
+fn skip(x: &Tensor, d: &Tensor) -> Result<Tensor> {
+    let d = if d.rank() == 1 { d.unsqueeze(1)? } else { d.clone() };
+    Ok(x.broadcast_mul(&d)?)
+}
+
+/// (b, g, ..) per group -> (b, h, ..) per head, head h reading group h / (heads / groups).
+fn per_head(t: &Tensor, group_dim: usize, heads: usize) -> Result<Tensor> {
+    let groups = t.dim(group_dim)?;
+    let mut shape = t.dims().to_vec();
+    shape.insert(group_dim + 1, heads / groups);
+    let expanded = t.unsqueeze(group_dim + 1)?.broadcast_as(shape.as_slice())?;
+    Ok(expanded.flatten(group_dim, group_dim + 1)?)
+}
+
+/// The within-chunk part of SSD in its quadratic form: y_i = sum_{j <= i} (C_i . B_j)
+/// exp(cum_i - cum_j) dt_j x_j. x: (.., h, k, p), dt and cum: (.., h, k), b and c: (.., g, k, n).
+fn quadratic(x: &Tensor, dt: &Tensor, cum: &Tensor, b: &Tensor, c: &Tensor) -> Result<Tensor> {
+    let rank = x.rank();
+    let (heads, k) = (x.dim(rank - 3)?, x.dim(rank - 2)?);
+    let cb = per_head(&c.matmul(&b.t()?)?, rank - 3, heads)?;
+    let seg = cum.unsqueeze(D::Minus1)?.broadcast_sub(&cum.unsqueeze(D::Minus2)?)?;
+    // -inf above the diagonal: exp gives exact zeros and zero gradients there.
+    let mask: Vec<f64> = (0..k * k).map(|ij| if ij % k > ij / k { f64::NEG_INFINITY } else { 0.0 }).collect();
+    let mask = Tensor::from_vec(mask, (k, k), x.device())?.to_dtype(x.dtype())?;
+    let decay = seg.broadcast_add(&mask)?.exp()?;
+    let m = (cb * decay)?.broadcast_mul(&dt.unsqueeze(D::Minus2)?)?;
+    Ok(m.matmul(x)?)
+}
+
+/// The SSD chunked scan (Mamba-2) with gradients for every input through candle.
+///
+/// x: (batch, len, heads, headdim); dt: (batch, len, heads); a: (heads); b, c: (batch, len,
+/// groups, state); initial_states: (batch, heads, headdim, state). Any length: the last chunk is
+/// padded with dt = 0, which leaves the state unchanged. Returns y like x and the final state.
+#[allow(clippy::too_many_arguments)]
+pub fn ssd_chunk_scan(x: &Tensor, dt: &Tensor, a: &Tensor, b: &Tensor, c: &Tensor, chunk_size: usize, p: &SsdParams, initial_states: Option<&Tensor>) -> Result<ScanOutput> {
+    let Sizes { batch, len, heads, headdim, groups, state } = check_inputs(x, dt, a, b, c, p, initial_states)?;
+    if chunk_size == 0 {
+        return Err(argument("chunk_size", "must be at least 1"));
+    }
+    let out_dtype = x.dtype();
+    let ct = if out_dtype == DType::F64 { DType::F64 } else { DType::F32 };
+    let (x, a, b, c) = (x.to_dtype(ct)?, a.to_dtype(ct)?, b.to_dtype(ct)?, c.to_dtype(ct)?);
+    let dt = effective_dt(&dt.to_dtype(ct)?, p)?;
+    let k = chunk_size.min(len);
+    let pad = (k - len % k) % k;
+    let chunks = (len + pad) / k;
+    let chunked = |t: &Tensor| -> Result<Tensor> {
+        let mut shape = vec![batch, chunks, k];
+        shape.extend_from_slice(&t.dims()[2..]);
+        // (b, l, h|g, ..) -> (b, c, h|g, k, ..)
+        Ok(t.pad_with_zeros(1, 0, pad)?.reshape(shape)?.transpose(2, 3)?.contiguous()?)
+    };
+    let (xc, dtc, bc, cc) = (chunked(&x)?, chunked(&dt)?, chunked(&b)?, chunked(&c)?);
+    let cum = dtc.broadcast_mul(&a.unsqueeze(1)?)?.cumsum(3)?; // (b, c, h, k)
+    let y_diag = quadratic(&xc, &dtc, &cum, &bc, &cc)?;
+
+    // Each chunk's own contribution to the state at its end: sum_j exp(cum_last - cum_j) dt_j x_j B_j^T.
+    let last = cum.narrow(3, k - 1, 1)?;
+    let weight = (last.broadcast_sub(&cum)?.exp()? * &dtc)?;
+    let xw = xc.broadcast_mul(&weight.unsqueeze(4)?)?.transpose(3, 4)?; // (b, c, h, p, k)
+    let rep = heads / groups;
+    let own = xw.contiguous()?.reshape((batch, chunks, groups, rep * headdim, k))?.matmul(&bc)?.reshape((batch, chunks, heads, headdim, state))?;
+
+    // Pass the states from chunk to chunk.
+    let chunk_decay = last.squeeze(3)?.exp()?; // (b, c, h)
+    let mut h = match initial_states {
+        Some(h0) => h0.to_dtype(ct)?,
+        None => Tensor::zeros((batch, heads, headdim, state), ct, x.device())?,
+    };
+    let mut starts = Vec::with_capacity(chunks);
+    for ci in 0..chunks {
+        starts.push(h.clone());
+        let decay = chunk_decay.narrow(1, ci, 1)?.reshape((batch, heads, 1, 1))?;
+        h = (h.broadcast_mul(&decay)? + own.narrow(1, ci, 1)?.squeeze(1)?)?;
+    }
+    let starts = Tensor::stack(&starts, 1)?; // (b, c, h, p, n)
+
+    // What the state at each chunk's start adds to its outputs: exp(cum_i) C_i h_start.
+    let y_off = cc
+        .matmul(&starts.reshape((batch, chunks, groups, rep * headdim, state))?.transpose(3, 4)?)? // (b, c, g, k, rep * p)
+        .reshape((batch, chunks, groups, k, rep, headdim))?
+        .transpose(3, 4)?
+        .reshape((batch, chunks, heads, k, headdim))?
+        .broadcast_mul(&cum.exp()?.unsqueeze(4)?)?;
+    let y = (y_diag + y_off)?.transpose(2, 3)?.reshape((batch, chunks * k, heads, headdim))?.narrow(1, 0, len)?;
+    let y = finish(y, &x, p, ct)?;
+    Ok(ScanOutput { y: y.to_dtype(out_dtype)?, last_state: h.to_dtype(out_dtype)? })
+}
+
+/// The D skip and the z gate, shared by every form.
+fn finish(mut y: Tensor, x: &Tensor, p: &SsdParams, ct: DType) -> Result<Tensor> {
+    if let Some(d) = p.d {
+        y = (y + skip(x, &d.to_dtype(ct)?)?)?;
+    }
+    if let Some(z) = p.z {
+        y = silu_gate(&y, &z.to_dtype(ct)?)?;
+    }
+    Ok(y)
+}
+
+/// The quadratic (attention-like) form over the whole sequence from a zero state: one
+/// (len, len) masked matrix per head. Memory grows with len^2; for tests and short sequences.
+pub fn ssd_quadratic(x: &Tensor, dt: &Tensor, a: &Tensor, b: &Tensor, c: &Tensor, p: &SsdParams) -> Result<Tensor> {
+    check_inputs(x, dt, a, b, c, p, None)?;
+    let dt = effective_dt(dt, p)?;
+    let heads_first = |t: &Tensor| t.transpose(1, 2).and_then(|t| t.contiguous());
+    let dth = heads_first(&dt)?; // (b, h, l)
+    let cum = dth.broadcast_mul(&a.unsqueeze(1)?)?.cumsum(2)?;
+    let y = quadratic(&heads_first(x)?, &dth, &cum, &heads_first(b)?, &heads_first(c)?)?;
+    finish(y.transpose(1, 2)?, x, p, x.dtype())
+}
+
+/// One decoding step: state (batch, heads, headdim, state), x (batch, heads, headdim),
+/// dt (batch, heads), b and c (batch, groups, state), z in `p` like x.
+/// Returns (y (batch, heads, headdim), new state).
+#[allow(clippy::too_many_arguments)]
+pub fn ssd_state_update(h: &Tensor, x: &Tensor, dt: &Tensor, a: &Tensor, b: &Tensor, c: &Tensor, p: &SsdParams) -> Result<(Tensor, Tensor)> {
+    let (batch, heads, headdim, state) = match dims_of("state", h, "batch, heads, headdim, state")? {
+        &[b, h, p, n] => (b, h, p, n),
+        _ => unreachable!(),
+    };
+    check("x", x, &[("batch", batch), ("heads", heads), ("headdim", headdim)])?;
+    check("dt", dt, &[("batch", batch), ("heads", heads)])?;
+    check("A", a, &[("heads", heads)])?;
+    let groups = dims_of("B", b, "batch, groups, state")?[1];
+    check("B", b, &[("batch", batch), ("groups", groups), ("state", state)])?;
+    check("C", c, &[("batch", batch), ("groups", groups), ("state", state)])?;
+    if groups == 0 || heads % groups != 0 {
+        return Err(argument("B", format!("groups ({groups}) must divide heads ({heads})")));
+    }
+    let dt = effective_dt(dt, p)?;
+    let decay = dt.broadcast_mul(a)?.exp()?.reshape((batch, heads, 1, 1))?;
+    let (bh, ch) = (per_head(b, 1, heads)?.unsqueeze(2)?, per_head(c, 1, heads)?.unsqueeze(2)?);
+    let input = x.broadcast_mul(&dt.unsqueeze(2)?)?.unsqueeze(3)?.broadcast_mul(&bh)?;
+    let new = (h.broadcast_mul(&decay)? + input)?;
+    let y = new.broadcast_mul(&ch)?.sum(3)?;
+    Ok((finish(y, x, p, x.dtype())?, new))
+}
+
+/// The reference: [`ssd_state_update`] in a loop over time, differentiated by candle.
+#[allow(clippy::too_many_arguments)]
+pub fn ssd_scan_ref(x: &Tensor, dt: &Tensor, a: &Tensor, b: &Tensor, c: &Tensor, p: &SsdParams, initial_states: Option<&Tensor>) -> Result<ScanOutput> {
+    let Sizes { batch, len, heads, headdim, state, .. } = check_inputs(x, dt, a, b, c, p, initial_states)?;
+    let mut h = match initial_states {
+        Some(h0) => h0.clone(),
+        None => Tensor::zeros((batch, heads, headdim, state), x.dtype(), x.device())?,
+    };
+    let mut ys = Vec::with_capacity(len);
+    for t in 0..len {
+        let at = |v: &Tensor| v.narrow(1, t, 1).and_then(|v| v.squeeze(1));
+        let z = p.z.map(at).transpose()?;
+        let step = SsdParams { z: z.as_ref(), ..*p };
+        let (y, next) = ssd_state_update(&h, &at(x)?, &at(dt)?, a, &at(b)?, &at(c)?, &step)?;
+        ys.push(y);
+        h = next;
+    }
+    Ok(ScanOutput { y: Tensor::stack(&ys, 1)?, last_state: h })
+}
