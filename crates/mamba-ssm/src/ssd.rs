@@ -111,19 +111,30 @@ fn per_head(t: &Tensor, group_dim: usize, heads: usize) -> Result<Tensor> {
     Ok(expanded.flatten(group_dim, group_dim + 1)?)
 }
 
+/// Batched matmul over any number of leading dims (candle's CPU matmul takes at most two).
+fn bmm(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let r = a.rank();
+    let lead = &a.dims()[..r - 2];
+    let (m, n) = (a.dim(r - 2)?, b.dim(r - 1)?);
+    let flat = |t: &Tensor| t.flatten_to(r - 3);
+    let mut shape = lead.to_vec();
+    shape.extend([m, n]);
+    Ok(flat(a)?.matmul(&flat(b)?)?.reshape(shape)?)
+}
+
 /// The within-chunk part of SSD in its quadratic form: y_i = sum_{j <= i} (C_i . B_j)
 /// exp(cum_i - cum_j) dt_j x_j. x: (.., h, k, p), dt and cum: (.., h, k), b and c: (.., g, k, n).
 fn quadratic(x: &Tensor, dt: &Tensor, cum: &Tensor, b: &Tensor, c: &Tensor) -> Result<Tensor> {
     let rank = x.rank();
     let (heads, k) = (x.dim(rank - 3)?, x.dim(rank - 2)?);
-    let cb = per_head(&c.matmul(&b.t()?)?, rank - 3, heads)?;
+    let cb = per_head(&bmm(c, &b.t()?)?, rank - 3, heads)?;
     let seg = cum.unsqueeze(D::Minus1)?.broadcast_sub(&cum.unsqueeze(D::Minus2)?)?;
     // -inf above the diagonal: exp gives exact zeros and zero gradients there.
     let mask: Vec<f64> = (0..k * k).map(|ij| if ij % k > ij / k { f64::NEG_INFINITY } else { 0.0 }).collect();
     let mask = Tensor::from_vec(mask, (k, k), x.device())?.to_dtype(x.dtype())?;
     let decay = seg.broadcast_add(&mask)?.exp()?;
     let m = (cb * decay)?.broadcast_mul(&dt.unsqueeze(D::Minus2)?)?;
-    Ok(m.matmul(x)?)
+    bmm(&m, x)
 }
 
 /// The SSD chunked scan (Mamba-2) with gradients for every input through candle.
@@ -159,7 +170,8 @@ pub fn ssd_chunk_scan(x: &Tensor, dt: &Tensor, a: &Tensor, b: &Tensor, c: &Tenso
     let weight = (last.broadcast_sub(&cum)?.exp()? * &dtc)?;
     let xw = xc.broadcast_mul(&weight.unsqueeze(4)?)?.transpose(3, 4)?; // (b, c, h, p, k)
     let rep = heads / groups;
-    let own = xw.contiguous()?.reshape((batch, chunks, groups, rep * headdim, k))?.matmul(&bc)?.reshape((batch, chunks, heads, headdim, state))?;
+    let own = xw.contiguous()?.reshape((batch, chunks, groups, rep * headdim, k))?;
+    let own = bmm(&own, &bc)?.reshape((batch, chunks, heads, headdim, state))?;
 
     // Pass the states from chunk to chunk.
     let chunk_decay = last.squeeze(3)?.exp()?; // (b, c, h)
@@ -176,8 +188,7 @@ pub fn ssd_chunk_scan(x: &Tensor, dt: &Tensor, a: &Tensor, b: &Tensor, c: &Tenso
     let starts = Tensor::stack(&starts, 1)?; // (b, c, h, p, n)
 
     // What the state at each chunk's start adds to its outputs: exp(cum_i) C_i h_start.
-    let y_off = cc
-        .matmul(&starts.reshape((batch, chunks, groups, rep * headdim, state))?.transpose(3, 4)?)? // (b, c, g, k, rep * p)
+    let y_off = bmm(&cc, &starts.reshape((batch, chunks, groups, rep * headdim, state))?.transpose(3, 4)?)? // (b, c, g, k, rep * p)
         .reshape((batch, chunks, groups, k, rep, headdim))?
         .transpose(3, 4)?
         .reshape((batch, chunks, heads, k, headdim))?
