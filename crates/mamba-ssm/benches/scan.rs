@@ -1,1 +1,95 @@
-fn main(){}
+//! Scan kernels against the loop of candle ops that candle Mamba models use today.
+//!
+//! `cargo bench -p mamba-ssm --bench scan` (2 threads; see docs/benchmarks.md). Throughput is in
+//! state updates (batch x dim x len x state for the selective scan, batch x len x heads x headdim
+//! x state for the SSD).
+
+use candle_core::{DType, Device, Tensor, Var};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use mamba_ssm::{selective_scan, selective_scan_ref, ssd_chunk_scan, ScanOutput, ScanParams, SsdParams};
+use std::time::Duration;
+
+fn rand(shape: &[usize], lo: f64, hi: f64) -> Tensor {
+    Tensor::rand(lo as f32, hi as f32, shape, &Device::Cpu).unwrap()
+}
+
+/// A Mamba block's scan: D skip, z gate, delta bias and softplus; inputs are Vars so the forward
+/// pass records what the backward pass needs, as in training.
+struct Scan {
+    vars: Vec<Var>,
+}
+
+impl Scan {
+    fn new(dim: usize, state: usize, len: usize) -> Self {
+        let shapes: [(&[usize], f64, f64); 8] = [
+            (&[1, dim, len], -1.0, 1.0),
+            (&[1, dim, len], -3.0, 0.0),
+            (&[dim, state], -4.0, -0.5),
+            (&[1, state, len], -1.0, 1.0),
+            (&[1, state, len], -1.0, 1.0),
+            (&[dim], -1.0, 1.0),
+            (&[1, dim, len], -2.0, 2.0),
+            (&[dim], -1.0, 0.0),
+        ];
+        Self { vars: shapes.iter().map(|&(s, lo, hi)| Var::from_tensor(&rand(s, lo, hi)).unwrap()).collect() }
+    }
+
+    fn run(&self, scan: fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor, &ScanParams, Option<&Tensor>) -> mamba_ssm::Result<ScanOutput>) -> Tensor {
+        let t: Vec<&Tensor> = self.vars.iter().map(|v| v.as_tensor()).collect();
+        let p = ScanParams { d: Some(t[5]), z: Some(t[6]), delta_bias: Some(t[7]), delta_softplus: true };
+        scan(t[0], t[1], t[2], t[3], t[4], &p, None).unwrap().y
+    }
+}
+
+fn selective(c: &mut Criterion) {
+    let (dim, state) = (1536, 16);
+    let mut g = c.benchmark_group("selective_scan");
+    g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(5));
+    for len in [1024, 4096] {
+        let s = Scan::new(dim, state, len);
+        g.throughput(Throughput::Elements((dim * len * state) as u64));
+        g.bench_with_input(BenchmarkId::new("kernel_fwd", len), &len, |b, _| b.iter(|| s.run(selective_scan)));
+        g.bench_with_input(BenchmarkId::new("kernel_fwd_bwd", len), &len, |b, _| {
+            b.iter(|| s.run(selective_scan).sum_all().unwrap().backward().unwrap())
+        });
+        g.bench_with_input(BenchmarkId::new("candle_loop_fwd", len), &len, |b, _| b.iter(|| s.run(selective_scan_ref)));
+    }
+    g.finish();
+}
+
+fn ssd(c: &mut Criterion) {
+    let (len, heads, headdim, state, chunk) = (4096, 24, 64, 128, 256);
+    let vars: Vec<Var> = [
+        rand(&[1, len, heads, headdim], -1.0, 1.0),
+        rand(&[1, len, heads], -3.0, 0.0),
+        rand(&[heads], -4.0, -0.5),
+        rand(&[1, len, 1, state], -1.0, 1.0),
+        rand(&[1, len, 1, state], -1.0, 1.0),
+        rand(&[heads], -1.0, 1.0),
+        rand(&[heads], -1.0, 0.0),
+    ]
+    .iter()
+    .map(|t| Var::from_tensor(t).unwrap())
+    .collect();
+    let t: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+    let p = SsdParams { d: Some(t[5]), dt_bias: Some(t[6]), dt_softplus: true, ..Default::default() };
+    let run = || ssd_chunk_scan(t[0], t[1], t[2], t[3], t[4], chunk, &p, None).unwrap().y;
+    let mut g = c.benchmark_group("ssd");
+    g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(5));
+    g.throughput(Throughput::Elements((len * heads * headdim * state) as u64));
+    g.bench_function(BenchmarkId::new("chunked_fwd", len), |b| b.iter(run));
+    g.bench_function(BenchmarkId::new("chunked_fwd_bwd", len), |b| b.iter(|| run().sum_all().unwrap().backward().unwrap()));
+    g.finish();
+}
+
+fn two_threads() {
+    rayon::ThreadPoolBuilder::new().num_threads(2).build_global().expect("rayon pool");
+}
+
+criterion_group!(benches, selective, ssd);
+
+fn main() {
+    two_threads();
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

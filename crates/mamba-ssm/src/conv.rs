@@ -5,7 +5,7 @@
 
 use crate::cpu::{flat, View3};
 use crate::error::{argument, check, dims_of, Result};
-use crate::math::Real;
+use crate::math::{simd_fn, Real};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -89,6 +89,24 @@ pub fn causal_conv1d_update(conv_state: &Tensor, x: &Tensor, weight: &Tensor, bi
     Ok((if silu { y.silu()? } else { y }, state))
 }
 
+simd_fn! {
+    fn silu_in_place<T, S>(v: &mut [T]) {
+        for x in v.iter_mut() {
+            *x = *x * x.sigmoid::<S>();
+        }
+    }
+}
+
+simd_fn! {
+    /// d(pre-activation) = g silu'(pre), silu'(p) = s (1 + p (1 - s)) with s = sigmoid(p).
+    fn silu_grad<T, S>(pre: &[T], g: &[T], out: &mut [T]) {
+        for i in 0..pre.len() {
+            let s = pre[i].sigmoid::<S>();
+            out[i] = g[i] * s * (T::ONE + pre[i] * (T::ONE - s));
+        }
+    }
+}
+
 struct CausalConv {
     silu: bool,
 }
@@ -115,7 +133,7 @@ impl CausalConv {
             let (b, c) = (row / channels, row % channels);
             conv_row(&x, b, c, &w[c * width..(c + 1) * width], bias[c], xp, out);
             if self.silu {
-                out.iter_mut().for_each(|v| *v = *v * v.sigmoid());
+                silu_in_place(out);
             }
         });
         y
@@ -137,10 +155,8 @@ impl CausalConv {
                 dp.clear();
                 if self.silu {
                     conv_row(&x, b, c, wc, bias[c], xp, pre);
-                    dp.extend(pre.iter().zip(g).map(|(&p, &g)| {
-                        let s = p.sigmoid();
-                        g * s * (T::ONE + p * (T::ONE - s))
-                    }));
+                    dp.resize(len, T::ZERO);
+                    silu_grad(pre, g, dp);
                 } else {
                     xp.clear();
                     xp.resize(width - 1, T::ZERO);

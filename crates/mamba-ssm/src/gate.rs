@@ -2,7 +2,7 @@
 //! element-wise ops run on one core and call libm's exp).
 
 use crate::error::{check, Result};
-use crate::math::Real;
+use crate::math::{simd_fn, Real};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -27,29 +27,36 @@ fn slice<'a, T: Real>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a 
     crate::cpu::flat(s, l)
 }
 
+simd_fn! {
+    fn gate_span<T, S>(y: &[T], z: &[T], out: &mut [T]) {
+        for ((o, &y), &z) in out.iter_mut().zip(y).zip(z) {
+            *o = y * z * z.sigmoid::<S>();
+        }
+    }
+}
+
+simd_fn! {
+    /// (dy, dz) for the output gradient g; silu'(z) = s (1 + z (1 - s)) with s = sigmoid(z).
+    fn gate_grad_span<T, S>(y: &[T], z: &[T], g: &[T], dy: &mut [T], dz: &mut [T]) {
+        for i in 0..y.len() {
+            let s = z[i].sigmoid::<S>();
+            dy[i] = g[i] * z[i] * s;
+            dz[i] = g[i] * y[i] * s * (T::ONE + z[i] * (T::ONE - s));
+        }
+    }
+}
+
 fn gate_fwd<T: Real>(y: &[T], z: &[T]) -> Vec<T> {
     let mut out = vec![T::ZERO; y.len()];
-    out.par_chunks_mut(SPAN).zip(y.par_chunks(SPAN).zip(z.par_chunks(SPAN))).for_each(|(o, (y, z))| {
-        for ((o, &y), &z) in o.iter_mut().zip(y).zip(z) {
-            *o = y * z * z.sigmoid();
-        }
-    });
+    out.par_chunks_mut(SPAN).zip(y.par_chunks(SPAN).zip(z.par_chunks(SPAN))).for_each(|(o, (y, z))| gate_span(y, z, o));
     out
 }
 
-/// (dy, dz) for the output gradient g.
 fn gate_bwd<T: Real>(y: &[T], z: &[T], g: &[T]) -> (Vec<T>, Vec<T>) {
     let (mut dy, mut dz) = (vec![T::ZERO; y.len()], vec![T::ZERO; y.len()]);
     let outs = dy.par_chunks_mut(SPAN).zip(dz.par_chunks_mut(SPAN));
     let ins = y.par_chunks(SPAN).zip(z.par_chunks(SPAN)).zip(g.par_chunks(SPAN));
-    outs.zip(ins).for_each(|((dy, dz), ((y, z), g))| {
-        for i in 0..y.len() {
-            let s = z[i].sigmoid();
-            dy[i] = g[i] * z[i] * s;
-            // silu'(z) = s (1 + z (1 - s))
-            dz[i] = g[i] * y[i] * s * (T::ONE + z[i] * (T::ONE - s));
-        }
-    });
+    outs.zip(ins).for_each(|((dy, dz), ((y, z), g))| gate_grad_span(y, z, g, dy, dz));
     (dy, dz)
 }
 
@@ -75,18 +82,18 @@ impl CustomOp2 for SiluGate {
         let (candle_core::Storage::Cpu(sy), candle_core::Storage::Cpu(sz), candle_core::Storage::Cpu(sg)) = (&*sy, &*sz, &*sg) else {
             candle_core::bail!("silu-gate backward runs on the CPU only");
         };
+        let dev = y.device();
         let (dy, dz) = match sy {
             CpuStorage::F32(_) => {
                 let (a, b) = gate_bwd::<f32>(slice(sy, ly)?, slice(sz, lz)?, slice(sg, lg)?);
-                (CpuStorage::F32(a), CpuStorage::F32(b))
+                (Tensor::from_vec(a, y.shape(), dev)?, Tensor::from_vec(b, y.shape(), dev)?)
             }
             CpuStorage::F64(_) => {
                 let (a, b) = gate_bwd::<f64>(slice(sy, ly)?, slice(sz, lz)?, slice(sg, lg)?);
-                (CpuStorage::F64(a), CpuStorage::F64(b))
+                (Tensor::from_vec(a, y.shape(), dev)?, Tensor::from_vec(b, y.shape(), dev)?)
             }
             s => candle_core::bail!("silu-gate: unsupported dtype {:?}", s.dtype()),
         };
-        let wrap = |s: CpuStorage| Tensor::from_storage(candle_core::Storage::Cpu(s), y.shape().clone(), candle_core::op::BackpropOp::none(), false);
-        Ok((Some(wrap(dy)), Some(wrap(dz))))
+        Ok((Some(dy), Some(dz)))
     }
 }

@@ -2,7 +2,7 @@
 //! lanes vectorise (libm's `expf` / `log1pf` are opaque calls that stop the vectoriser).
 
 use candle_core::WithDType;
-use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub};
+use std::ops::Neg;
 
 /// Channels processed side by side by the CPU kernels: one AVX-512 register of f32.
 pub(crate) const LANES: usize = 16;
@@ -10,48 +10,107 @@ pub(crate) const LANES: usize = 16;
 /// A block of lanes; kernels keep every per-channel quantity in this form.
 pub(crate) type Lanes<T> = [T; LANES];
 
+/// What the instruction set offers a kernel: a kernel generic over `S: Isa` is compiled once
+/// per instruction set and picked at run time (see [`simd_fn`]).
+pub(crate) trait Isa {
+    /// Fused multiply-add is one instruction (elsewhere `mul_add` is a slow libm call).
+    const FMA: bool;
+}
+
+pub(crate) struct Fma;
+pub(crate) struct Plain;
+impl Isa for Fma {
+    const FMA: bool = true;
+}
+impl Isa for Plain {
+    const FMA: bool = false;
+}
+
+/// Defines a kernel `fn name<T: Real>(args)` from a body generic over `S: Isa`, compiled for
+/// AVX2 + FMA and chosen when the CPU has them; aarch64 always has FMA.
+macro_rules! simd_fn {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident<$t:ident, $s:ident>($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$meta])*
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name<$t: $crate::math::Real>($($arg: $ty),*) {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn body<$t: $crate::math::Real, $s: $crate::math::Isa>($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx2<$t: $crate::math::Real>($($arg: $ty),*) {
+                    body::<$t, $crate::math::Fma>($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has the features the function was compiled for.
+                    return unsafe { avx2::<$t>($($arg),*) };
+                }
+                body::<$t, $crate::math::Plain>($($arg),*)
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            body::<$t, $crate::math::Fma>($($arg),*)
+        }
+    };
+}
+pub(crate) use simd_fn;
+
+/// a * b + c, fused where that is one instruction.
+#[inline(always)]
+pub(crate) fn madd<T: Real, S: Isa>(a: T, b: T, c: T) -> T {
+    if S::FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
 /// Floating-point types the CPU kernels compute in (f32, and f64 for gradient checks).
-pub(crate) trait Real:
-    WithDType
-    + Default
-    + Add<Output = Self>
-    + Sub<Output = Self>
-    + Mul<Output = Self>
-    + Div<Output = Self>
-    + Neg<Output = Self>
-    + AddAssign
-    + PartialOrd
-{
+pub(crate) trait Real: WithDType + Default + Neg<Output = Self> {
     const ZERO: Self;
     const ONE: Self;
-    fn exp(self) -> Self;
+    const LOG2_E: Self;
+    fn mul_add(self, a: Self, b: Self) -> Self;
+    /// 2^x.
+    fn pow2<S: Isa>(self) -> Self;
+    fn exp<S: Isa>(self) -> Self {
+        (self * Self::LOG2_E).pow2::<S>()
+    }
     /// torch's `F.softplus` (beta 1, threshold 20: the identity above 20).
-    fn softplus(self) -> Self;
+    fn softplus<S: Isa>(self) -> Self;
     /// Derivative of `softplus` as torch defines it: sigmoid(x), and 1 above the threshold.
-    fn softplus_grad(self) -> Self;
-    fn sigmoid(self) -> Self {
-        Self::ONE / (Self::ONE + (-self).exp())
+    fn softplus_grad<S: Isa>(self) -> Self {
+        let s = self.sigmoid::<S>();
+        if self > Self::from_f64(20.0) {
+            Self::ONE
+        } else {
+            s
+        }
+    }
+    fn sigmoid<S: Isa>(self) -> Self {
+        Self::ONE / (Self::ONE + (-self).exp::<S>())
     }
 }
 
 impl Real for f64 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
-    fn exp(self) -> Self {
+    const LOG2_E: Self = std::f64::consts::LOG2_E;
+    fn mul_add(self, a: Self, b: Self) -> Self {
+        f64::mul_add(self, a, b)
+    }
+    fn pow2<S: Isa>(self) -> Self {
+        self.exp2()
+    }
+    fn exp<S: Isa>(self) -> Self {
         f64::exp(self)
     }
-    fn softplus(self) -> Self {
+    fn softplus<S: Isa>(self) -> Self {
         if self > 20.0 {
             self
         } else {
             self.exp().ln_1p()
-        }
-    }
-    fn softplus_grad(self) -> Self {
-        if self > 20.0 {
-            1.0
-        } else {
-            self.sigmoid()
         }
     }
 }
@@ -59,62 +118,85 @@ impl Real for f64 {
 impl Real for f32 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
+    const LOG2_E: Self = std::f32::consts::LOG2_E;
     #[inline(always)]
-    fn exp(self) -> Self {
-        exp_f32(self)
+    fn mul_add(self, a: Self, b: Self) -> Self {
+        f32::mul_add(self, a, b)
     }
     #[inline(always)]
-    fn softplus(self) -> Self {
-        let e = exp_f32(self);
+    fn pow2<S: Isa>(self) -> Self {
+        pow2_f32::<S>(self)
+    }
+    #[inline(always)]
+    fn exp<S: Isa>(self) -> Self {
+        exp_f32::<S>(self)
+    }
+    #[inline(always)]
+    fn softplus<S: Isa>(self) -> Self {
+        let e = Real::exp::<S>(self);
         // log1p(e) = ln(u) * e / (u - 1) with u = 1 + e corrects the rounding of 1 + e (Goldberg).
         let u = 1.0 + e;
         let d = u - 1.0;
-        let l = if d == 0.0 { e } else { ln_f32(u) * (e / d) };
+        let l = if d == 0.0 { e } else { ln_f32::<S>(u) * (e / d) };
         if self > 20.0 {
             self
         } else {
             l
         }
     }
-    #[inline(always)]
-    fn softplus_grad(self) -> Self {
-        let s = self.sigmoid();
-        if self > 20.0 {
-            1.0
-        } else {
-            s
-        }
-    }
 }
 
-/// e^x for f32 to about 1 ulp: Cody-Waite reduction by ln 2 and a degree-7 polynomial.
+/// 2^x for f32 to about 2 ulp: x = n + f with |f| <= 1/2, a degree-6 polynomial for 2^f, and n
+/// added to the exponent bits. Branch-free, so loops of it vectorise.
 #[inline(always)]
-pub(crate) fn exp_f32(x: f32) -> f32 {
+pub(crate) fn pow2_f32<S: Isa>(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to the nearest integer
-    let x = x.clamp(-87.3, 88.0);
-    let r = x * std::f32::consts::LOG2_E + ROUND;
+    const C: [f32; 7] = [1.0, 0.693_147_2, 0.240_226_5, 0.055_504_11, 0.009_618_129, 0.001_333_355_8, 0.000_154_035_3];
+    let x = if x < -126.0 { -126.0 } else { x };
+    let x = if x > 127.0 { 127.0 } else { x };
+    let r = x + ROUND;
     let n = r - ROUND;
-    let ni = r.to_bits() as i32 - ROUND.to_bits() as i32;
-    let f = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
-    let p = 1.0
-        + f * (1.0
-            + f * (0.5
-                + f * (1.0 / 6.0
-                    + f * (1.0 / 24.0 + f * (1.0 / 120.0 + f * (1.0 / 720.0 + f * (1.0 / 5040.0)))))));
-    p * f32::from_bits(((ni + 127) << 23) as u32)
+    let f = x - n;
+    let mut p = C[6];
+    for &c in C[..6].iter().rev() {
+        p = madd::<f32, S>(p, f, c);
+    }
+    let ni = r.to_bits().wrapping_sub(ROUND.to_bits());
+    f32::from_bits(p.to_bits().wrapping_add(ni << 23))
+}
+
+/// e^x for f32 to about 1 ulp: Cody-Waite reduction by ln 2 (exact for |x| < 88, unlike
+/// 2^(x log2 e), whose rounded argument costs |x| ulps) and a degree-7 polynomial.
+#[inline(always)]
+pub(crate) fn exp_f32<S: Isa>(x: f32) -> f32 {
+    const ROUND: f32 = 12_582_912.0;
+    let x = if x < -87.3 { -87.3 } else { x };
+    let x = if x > 88.0 { 88.0 } else { x };
+    let r = madd::<f32, S>(x, std::f32::consts::LOG2_E, ROUND);
+    let n = r - ROUND;
+    let f = madd::<f32, S>(n, -1.428_606_8e-6, madd::<f32, S>(n, -0.693_145_75, x));
+    let mut p = 1.0 / 5040.0;
+    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = madd::<f32, S>(p, f, c);
+    }
+    let ni = r.to_bits().wrapping_sub(ROUND.to_bits());
+    f32::from_bits(p.to_bits().wrapping_add(ni << 23))
 }
 
 /// ln(x) for finite x > 0 (f32, about 1 ulp): x = m 2^k with m in [sqrt(1/2), sqrt(2)), atanh series.
 #[inline(always)]
-pub(crate) fn ln_f32(x: f32) -> f32 {
+pub(crate) fn ln_f32<S: Isa>(x: f32) -> f32 {
     let bits = x.to_bits() as i32;
     // Subtracting the bits of sqrt(1/2) puts the exponent change at m = sqrt(1/2).
     let k = (bits - 0x3f35_04f3) >> 23;
     let m = f32::from_bits((bits - (k << 23)) as u32);
     let s = (m - 1.0) / (m + 1.0);
     let s2 = s * s;
-    let series = 2.0 * s * (1.0 + s2 * (1.0 / 3.0 + s2 * (1.0 / 5.0 + s2 * (1.0 / 7.0 + s2 * (1.0 / 9.0)))));
-    k as f32 * std::f32::consts::LN_2 + series
+    let mut p = 1.0 / 9.0;
+    for c in [1.0 / 7.0, 1.0 / 5.0, 1.0 / 3.0, 1.0] {
+        p = madd::<f32, S>(p, s2, c);
+    }
+    madd::<f32, S>(k as f32, std::f32::consts::LN_2, 2.0 * s * p)
 }
 
 #[cfg(test)]
@@ -126,14 +208,28 @@ mod tests {
     }
 
     #[test]
-    fn exp_f32_matches_std() {
+    fn exp_matches_std() {
         let mut worst: f64 = 0.0;
         for i in 0..200_000 {
             let x = -87.0 + 175.0 * i as f32 / 200_000.0;
-            worst = worst.max(rel(exp_f32(x) as f64, (x as f64).exp()));
+            worst = worst.max(rel(Real::exp::<Fma>(x) as f64, (x as f64).exp()));
+            worst = worst.max(rel(Real::exp::<Plain>(x) as f64, (x as f64).exp()));
         }
         assert!(worst < 3e-7, "worst relative error {worst}");
-        assert_eq!(exp_f32(-1000.0) < 1e-37, true);
+        assert!(Real::exp::<Fma>(-1000.0f32) < 1e-37);
+        assert!(Real::exp::<Fma>(88.0f32).is_finite());
+    }
+
+    #[test]
+    fn pow2_matches_std() {
+        let mut worst: f64 = 0.0;
+        for i in 0..200_000 {
+            let x = -125.0 + 251.0 * i as f32 / 200_000.0;
+            worst = worst.max(rel(x.pow2::<Fma>() as f64, (x as f64).exp2()));
+            worst = worst.max(rel(x.pow2::<Plain>() as f64, (x as f64).exp2()));
+        }
+        assert!(worst < 3e-7, "worst relative error {worst}");
+        assert!((-1000.0f32).pow2::<Fma>() < 1e-37);
     }
 
     #[test]
@@ -141,7 +237,7 @@ mod tests {
         let mut worst: f64 = 0.0;
         for i in 1..200_000 {
             let x = (i as f32 * 1e-3).powi(3);
-            worst = worst.max((ln_f32(x) as f64 - (x as f64).ln()).abs() / (x as f64).ln().abs().max(1.0));
+            worst = worst.max((ln_f32::<Fma>(x) as f64 - (x as f64).ln()).abs() / (x as f64).ln().abs().max(1.0));
         }
         assert!(worst < 3e-7, "worst error {worst}");
     }
@@ -150,10 +246,10 @@ mod tests {
     fn softplus_follows_torch() {
         for &x in &[-100.0f32, -30.0, -17.0, -5.0, -1e-3, 0.0, 0.3, 7.0, 19.9, 20.0, 20.1, 50.0] {
             let want = if x > 20.0 { x as f64 } else { (x as f64).exp().ln_1p() };
-            assert!(rel(x.softplus() as f64, want) < 4e-7, "softplus({x})");
-            assert!(rel((x as f64).softplus(), want) < 1e-15, "softplus({x}) f64");
+            assert!(rel(x.softplus::<Fma>() as f64, want) < 4e-7, "softplus({x})");
+            assert!(rel((x as f64).softplus::<Plain>(), want) < 1e-15, "softplus({x}) f64");
             let g = if x > 20.0 { 1.0 } else { 1.0 / (1.0 + (-(x as f64)).exp()) };
-            assert!(rel(x.softplus_grad() as f64, g) < 4e-7, "softplus'({x})");
+            assert!(rel(x.softplus_grad::<Fma>() as f64, g) < 4e-7, "softplus'({x})");
         }
     }
 }

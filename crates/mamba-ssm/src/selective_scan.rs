@@ -7,11 +7,10 @@
 use crate::cpu::{add_lane_sums, flat, plan, split_items, store_tile, transpose_last, View3};
 use crate::error::{argument, check, dims_of, Result};
 use crate::gate::silu_gate;
-use crate::math::{Lanes, Real, LANES};
+use crate::math::{madd, simd_fn, Lanes, Real, LANES};
 use crate::softplus;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
-use multiversion::multiversion;
 use rayon::prelude::*;
 use std::any::Any;
 use std::sync::Mutex;
@@ -268,14 +267,15 @@ impl ScanOp {
         self.dims.len.div_ceil(CHUNK)
     }
 
-    /// Lane-major copies of one block's per-channel parameters: A (state), D, delta_bias.
+    /// Lane-major copies of one block's per-channel parameters: A log2(e) (state), D, delta_bias.
+    /// The kernels take exp(dt A) as 2^(dt A log2 e), which saves a multiplication per state.
     fn block_params<T: Real>(&self, p: &Params<T>, c0: usize, width: usize) -> (Vec<Lanes<T>>, Lanes<T>, Lanes<T>) {
         let n = self.dims.state;
         let mut a = vec![[T::ZERO; LANES]; n];
         let (mut d, mut bias) = ([T::ZERO; LANES], [T::ZERO; LANES]);
         for w in 0..width {
             for (s, lanes) in a.iter_mut().enumerate() {
-                lanes[w] = p.a[(c0 + w) * n + s];
+                lanes[w] = p.a[(c0 + w) * n + s] * T::LOG2_E;
             }
             d[w] = p.d.map_or(T::ZERO, |v| v[c0 + w]);
             bias[w] = p.bias.map_or(T::ZERO, |v| v[c0 + w]);
@@ -283,20 +283,13 @@ impl ScanOp {
         (a, d, bias)
     }
 
-    /// Loads u and delta for one block and time chunk; returns (u, dt, dt * u, softplus'(pre)).
+    /// Loads u and delta for one block and time chunk into the tiles: u, dt, dt * u, and in the
+    /// backward pass softplus'(delta + bias).
     #[allow(clippy::too_many_arguments)]
-    fn load_inputs<T: Real>(&self, u: &View3<T>, delta: &View3<T>, batch: usize, c0: usize, width: usize, t0: usize, bias: &Lanes<T>, tiles: &mut Tiles<T>) {
+    fn load_inputs<T: Real>(&self, u: &View3<T>, delta: &View3<T>, batch: usize, c0: usize, width: usize, t0: usize, bias: &Lanes<T>, tiles: &mut Tiles<T>, grad: bool) {
         u.load_tile(batch, c0, width, t0, &mut tiles.u);
         delta.load_tile(batch, c0, width, t0, &mut tiles.dt);
-        for k in 0..tiles.dt.len() {
-            for w in 0..LANES {
-                let pre = tiles.dt[k][w] + bias[w];
-                let (dt, grad) = if self.softplus { (pre.softplus(), pre.softplus_grad()) } else { (pre, T::ONE) };
-                tiles.dt[k][w] = dt;
-                tiles.dsp[k][w] = grad;
-                tiles.du[k][w] = dt * tiles.u[k][w];
-            }
-        }
+        prepare_dt(tiles, bias, self.softplus, grad);
     }
 
     fn fwd<T: Real>(&self, u: View3<T>, delta: View3<T>, pack: &[T]) -> Vec<T> {
@@ -327,7 +320,7 @@ impl ScanOp {
                         ckpt[(blk * chunks + chunk) * n..][..n].copy_from_slice(&h);
                     }
                     tiles.resize(kc);
-                    self.load_inputs(&u, &delta, item.batch, c0, width, t0, &bias, &mut tiles);
+                    self.load_inputs(&u, &delta, item.batch, c0, width, t0, &bias, &mut tiles, false);
                     let (bt, ct) = (&p.bt[bc + t0 * n..][..kc * n], &p.ct[bc + t0 * n..][..kc * n]);
                     scan_chunk_fwd(&a, &tiles.dt, &tiles.du, bt, ct, &mut h, &mut tiles.y);
                     for k in 0..kc {
@@ -406,7 +399,7 @@ impl ScanOp {
                 let (bt, ct) = (&p.bt[bc + t0 * n..][..kc * n], &p.ct[bc + t0 * n..][..kc * n]);
                 for (j, &(c0, width)) in blocks.iter().enumerate() {
                     let (a, d, bias) = &prm[j];
-                    self.load_inputs(&u, &delta, item.batch, c0, width, t0, bias, &mut tiles);
+                    self.load_inputs(&u, &delta, item.batch, c0, width, t0, bias, &mut tiles, true);
                     dy.load_tile(item.batch, c0, width, t0, &mut tiles.y);
                     work.h[..n].copy_from_slice(&ckpt[(j * chunks + chunk) * n..][..n]);
                     scan_chunk_bwd(a, &tiles, bt, ct, &mut g[j], &mut da_acc[j], &mut work);
@@ -538,65 +531,91 @@ impl<T: Real> BwdWork<T> {
     }
 }
 
-/// The recurrence over one chunk for one block of channels: h is carried in and out, y written.
-/// bt, ct: (k, state) for this block's group.
-#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
-fn scan_chunk_fwd<T: Real>(a: &[Lanes<T>], dt: &[Lanes<T>], du: &[Lanes<T>], bt: &[T], ct: &[T], h: &mut [Lanes<T>], y: &mut [Lanes<T>]) {
-    let n = h.len();
-    for k in 0..dt.len() {
-        let (dtk, duk) = (&dt[k], &du[k]);
-        let mut acc = [T::ZERO; LANES];
-        for s in 0..n {
-            let (an, hn, b, c) = (&a[s], &mut h[s], bt[k * n + s], ct[k * n + s]);
+simd_fn! {
+    /// dt = softplus(delta + bias) (or delta + bias), du = dt u, and softplus' when `grad`.
+    fn prepare_dt<T, S>(tiles: &mut Tiles<T>, bias: &Lanes<T>, softplus: bool, grad: bool) {
+        for k in 0..tiles.dt.len() {
             for w in 0..LANES {
-                hn[w] = (dtk[w] * an[w]).exp() * hn[w] + duk[w] * b;
-                acc[w] += hn[w] * c;
+                let pre = tiles.dt[k][w] + bias[w];
+                let dt = if softplus { pre.softplus::<S>() } else { pre };
+                tiles.dt[k][w] = dt;
+                tiles.du[k][w] = dt * tiles.u[k][w];
+                if grad {
+                    tiles.dsp[k][w] = if softplus { pre.softplus_grad::<S>() } else { T::ONE };
+                }
             }
         }
-        y[k] = acc;
     }
 }
 
-/// The backward pass over one chunk for one block: recomputes the states from `work.h[..n]`
-/// (the chunk's start state), then walks back in time carrying `g` = d(loss)/d(state) through
-/// the decays. Writes d(dt) through the decay and sum_n G B per step; accumulates dA, dB, dC.
-#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
-fn scan_chunk_bwd<T: Real>(a: &[Lanes<T>], tiles: &Tiles<T>, bt: &[T], ct: &[T], g: &mut [Lanes<T>], da: &mut [Lanes<T>], work: &mut BwdWork<T>) {
-    let n = g.len();
-    let kc = tiles.dt.len();
-    let BwdWork { h, decay, db, dc, ddt, s: gb } = work;
-    for k in 0..kc {
-        let (dtk, duk) = (&tiles.dt[k], &tiles.du[k]);
-        for s in 0..n {
-            let b = bt[k * n + s];
-            let (prev, next) = h.split_at_mut((k + 1) * n);
-            let (hp, hn, dk) = (&prev[k * n + s], &mut next[s], &mut decay[k * n + s]);
-            for w in 0..LANES {
-                dk[w] = (dtk[w] * a[s][w]).exp();
-                hn[w] = dk[w] * hp[w] + duk[w] * b;
+simd_fn! {
+    /// The recurrence over one chunk for one block of channels: h is carried in and out, y
+    /// written. a2 = A log2(e): (state); bt, ct: (k, state) for this block's group.
+    fn scan_chunk_fwd<T, S>(a2: &[Lanes<T>], dt: &[Lanes<T>], du: &[Lanes<T>], bt: &[T], ct: &[T], h: &mut [Lanes<T>], y: &mut [Lanes<T>]) {
+        let n = h.len();
+        for k in 0..dt.len() {
+            let (dtk, duk) = (&dt[k], &du[k]);
+            let mut acc = [T::ZERO; LANES];
+            for s in 0..n {
+                let (an, hn, b, c) = (&a2[s], &mut h[s], bt[k * n + s], ct[k * n + s]);
+                for w in 0..LANES {
+                    let decay = (dtk[w] * an[w]).pow2::<S>();
+                    hn[w] = madd::<T, S>(decay, hn[w], duk[w] * b);
+                    acc[w] = madd::<T, S>(hn[w], c, acc[w]);
+                }
             }
+            y[k] = acc;
         }
     }
-    for k in (0..kc).rev() {
-        let (dtk, duk, dyk) = (&tiles.dt[k], &tiles.du[k], &tiles.y[k]);
-        let (mut ddt_k, mut gb_k) = ([T::ZERO; LANES], [T::ZERO; LANES]);
-        for s in 0..n {
-            let (b, c) = (bt[k * n + s], ct[k * n + s]);
-            let (hp, hn, dk) = (&h[k * n + s], &h[(k + 1) * n + s], &decay[k * n + s]);
-            let (gs, das, dbs, dcs) = (&mut g[s], &mut da[s], &mut db[k * n + s], &mut dc[k * n + s]);
-            for w in 0..LANES {
-                let gt = gs[w] + c * dyk[w];
-                dcs[w] += dyk[w] * hn[w];
-                let t1 = gt * hp[w] * dk[w];
-                ddt_k[w] += t1 * a[s][w];
-                das[w] += t1 * dtk[w];
-                gb_k[w] += gt * b;
-                dbs[w] += gt * duk[w];
-                gs[w] = dk[w] * gt;
+}
+
+simd_fn! {
+    /// The backward pass over one chunk for one block: recomputes the states from `work.h[..n]`
+    /// (the chunk's start state), then walks back in time carrying `g` = d(loss)/d(state)
+    /// through the decays. Writes d(dt) through the decay and sum_n G B per step; accumulates
+    /// dA, dB and dC. a2 = A log2(e).
+    fn scan_chunk_bwd<T, S>(a2: &[Lanes<T>], tiles: &Tiles<T>, bt: &[T], ct: &[T], g: &mut [Lanes<T>], da: &mut [Lanes<T>], work: &mut BwdWork<T>) {
+        let n = g.len();
+        let kc = tiles.dt.len();
+        let BwdWork { h, decay, db, dc, ddt, s: gb } = work;
+        for k in 0..kc {
+            let (dtk, duk) = (&tiles.dt[k], &tiles.du[k]);
+            let (prev, next) = h.split_at_mut((k + 1) * n);
+            for s in 0..n {
+                let b = bt[k * n + s];
+                let (hp, hn, dk) = (&prev[k * n + s], &mut next[s], &mut decay[k * n + s]);
+                for w in 0..LANES {
+                    dk[w] = (dtk[w] * a2[s][w]).pow2::<S>();
+                    hn[w] = madd::<T, S>(dk[w], hp[w], duk[w] * b);
+                }
             }
         }
-        ddt[k] = ddt_k;
-        gb[k] = gb_k;
+        for k in (0..kc).rev() {
+            let (dtk, duk, dyk) = (&tiles.dt[k], &tiles.du[k], &tiles.y[k]);
+            let (mut ddt_k, mut gb_k) = ([T::ZERO; LANES], [T::ZERO; LANES]);
+            for s in 0..n {
+                let (b, c) = (bt[k * n + s], ct[k * n + s]);
+                let (hp, hn, dk) = (&h[k * n + s], &h[(k + 1) * n + s], &decay[k * n + s]);
+                let (gs, das, dbs, dcs) = (&mut g[s], &mut da[s], &mut db[k * n + s], &mut dc[k * n + s]);
+                for w in 0..LANES {
+                    let gt = madd::<T, S>(c, dyk[w], gs[w]);
+                    dcs[w] = madd::<T, S>(dyk[w], hn[w], dcs[w]);
+                    // d(loss)/d(decay) times the decay: both dt and A see it through dt A.
+                    let t1 = gt * hp[w] * dk[w];
+                    ddt_k[w] = madd::<T, S>(t1, a2[s][w], ddt_k[w]);
+                    das[w] = madd::<T, S>(t1, dtk[w], das[w]);
+                    gb_k[w] = madd::<T, S>(gt, b, gb_k[w]);
+                    dbs[w] = madd::<T, S>(gt, duk[w], dbs[w]);
+                    gs[w] = dk[w] * gt;
+                }
+            }
+            // a2 carries a factor log2(e) that d(dt) must not.
+            for w in 0..LANES {
+                ddt_k[w] = ddt_k[w] / T::LOG2_E;
+            }
+            ddt[k] = ddt_k;
+            gb[k] = gb_k;
+        }
     }
 }
 
