@@ -4,14 +4,16 @@
 //! state updates (batch x dim x len x state for the selective scan, batch x len x heads x headdim
 //! x state for the SSD).
 
-use candle_core::{DType, Device, Tensor, Var};
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use candle_core::{Device, Tensor, Var};
+use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use mamba_ssm::{selective_scan, selective_scan_ref, ssd_chunk_scan, ScanOutput, ScanParams, SsdParams};
 use std::time::Duration;
 
 fn rand(shape: &[usize], lo: f64, hi: f64) -> Tensor {
     Tensor::rand(lo as f32, hi as f32, shape, &Device::Cpu).unwrap()
 }
+
+type ScanFn = fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor, &ScanParams, Option<&Tensor>) -> mamba_ssm::Result<ScanOutput>;
 
 /// A Mamba block's scan: D skip, z gate, delta bias and softplus; inputs are Vars so the forward
 /// pass records what the backward pass needs, as in training.
@@ -34,8 +36,11 @@ impl Scan {
         Self { vars: shapes.iter().map(|&(s, lo, hi)| Var::from_tensor(&rand(s, lo, hi)).unwrap()).collect() }
     }
 
-    fn run(&self, scan: fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor, &ScanParams, Option<&Tensor>) -> mamba_ssm::Result<ScanOutput>) -> Tensor {
-        let t: Vec<&Tensor> = self.vars.iter().map(|v| v.as_tensor()).collect();
+    /// Runs `scan`; with `train` the inputs are Vars and the forward pass keeps what the
+    /// backward pass needs, otherwise it runs as inference does.
+    fn run(&self, scan: ScanFn, train: bool) -> Tensor {
+        let t: Vec<Tensor> = self.vars.iter().map(|v| if train { v.as_tensor().clone() } else { v.as_detached_tensor() }).collect();
+        let t: Vec<&Tensor> = t.iter().collect();
         let p = ScanParams { d: Some(t[5]), z: Some(t[6]), delta_bias: Some(t[7]), delta_softplus: true };
         scan(t[0], t[1], t[2], t[3], t[4], &p, None).unwrap().y
     }
@@ -48,11 +53,11 @@ fn selective(c: &mut Criterion) {
     for len in [1024, 4096] {
         let s = Scan::new(dim, state, len);
         g.throughput(Throughput::Elements((dim * len * state) as u64));
-        g.bench_with_input(BenchmarkId::new("kernel_fwd", len), &len, |b, _| b.iter(|| s.run(selective_scan)));
+        g.bench_with_input(BenchmarkId::new("kernel_fwd", len), &len, |b, _| b.iter(|| s.run(selective_scan, false)));
         g.bench_with_input(BenchmarkId::new("kernel_fwd_bwd", len), &len, |b, _| {
-            b.iter(|| s.run(selective_scan).sum_all().unwrap().backward().unwrap())
+            b.iter(|| s.run(selective_scan, true).sum_all().unwrap().backward().unwrap())
         });
-        g.bench_with_input(BenchmarkId::new("candle_loop_fwd", len), &len, |b, _| b.iter(|| s.run(selective_scan_ref)));
+        g.bench_with_input(BenchmarkId::new("candle_loop_fwd", len), &len, |b, _| b.iter(|| s.run(selective_scan_ref, false)));
     }
     g.finish();
 }

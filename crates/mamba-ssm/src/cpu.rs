@@ -34,12 +34,31 @@ impl<'a, T: Real> View3<'a, T> {
     /// Reads rows `row0 .. row0 + width` (middle index), columns `t0 .. t0 + tile.len()` of matrix
     /// `i` into a lane-major tile; lanes past `width` are zero.
     pub fn load_tile(&self, i: usize, row0: usize, width: usize, t0: usize, tile: &mut [Lanes<T>]) {
-        for row in tile.iter_mut() {
-            *row = [T::ZERO; LANES];
+        let [_, s1, s2] = self.stride;
+        let base = self.offset + i * self.stride[0] + row0 * s1 + t0 * s2;
+        if width < LANES {
+            for row in tile.iter_mut() {
+                row[width..].fill(T::ZERO);
+            }
         }
-        for w in 0..width {
+        if s1 == 1 {
+            // Channels contiguous, (batch, len, dim) storage: a time step is one copy.
             for (k, row) in tile.iter_mut().enumerate() {
-                row[w] = self.at(i, row0 + w, t0 + k);
+                row[..width].copy_from_slice(&self.data[base + k * s2..][..width]);
+            }
+        } else {
+            for w in 0..width {
+                let start = base + w * s1;
+                if s2 == 1 {
+                    let src = &self.data[start..start + tile.len()];
+                    for (row, &v) in tile.iter_mut().zip(src) {
+                        row[w] = v;
+                    }
+                } else {
+                    for (k, row) in tile.iter_mut().enumerate() {
+                        row[w] = self.data[start + k * s2];
+                    }
+                }
             }
         }
     }

@@ -16,7 +16,7 @@ use std::any::Any;
 use std::sync::Mutex;
 
 /// Time steps between the states the forward pass keeps for the backward pass.
-const CHUNK: usize = 32;
+const CHUNK: usize = 64;
 
 /// The optional parts of the selective scan, as in the reference `selective_scan_ref`.
 #[derive(Clone, Copy, Default)]
@@ -322,12 +322,7 @@ impl ScanOp {
                     tiles.resize(kc);
                     self.load_inputs(&u, &delta, item.batch, c0, width, t0, &bias, &mut tiles, false);
                     let (bt, ct) = (&p.bt[bc + t0 * n..][..kc * n], &p.ct[bc + t0 * n..][..kc * n]);
-                    scan_chunk_fwd(&a, &tiles.dt, &tiles.du, bt, ct, &mut h, &mut tiles.y);
-                    for k in 0..kc {
-                        for w in 0..LANES {
-                            tiles.y[k][w] += d[w] * tiles.u[k][w];
-                        }
-                    }
+                    scan_chunk_fwd(&a, &d, &mut tiles, bt, ct, &mut h);
                     store_tile(&tiles.y, width, rows, len, t0);
                 }
                 for w in 0..width {
@@ -533,15 +528,32 @@ impl<T: Real> BwdWork<T> {
 
 simd_fn! {
     /// dt = softplus(delta + bias) (or delta + bias), du = dt u, and softplus' when `grad`.
+    /// The branches stay outside the loops so that each loop vectorises.
     fn prepare_dt<T, S>(tiles: &mut Tiles<T>, bias: &Lanes<T>, softplus: bool, grad: bool) {
-        for k in 0..tiles.dt.len() {
+        let Tiles { u, dt, du, dsp, .. } = tiles;
+        for (dt, dsp) in dt.iter_mut().zip(dsp.iter_mut()) {
             for w in 0..LANES {
-                let pre = tiles.dt[k][w] + bias[w];
-                let dt = if softplus { pre.softplus::<S>() } else { pre };
-                tiles.dt[k][w] = dt;
-                tiles.du[k][w] = dt * tiles.u[k][w];
-                if grad {
-                    tiles.dsp[k][w] = if softplus { pre.softplus_grad::<S>() } else { T::ONE };
+                let pre = dt[w] + bias[w];
+                dt[w] = pre;
+                dsp[w] = pre;
+            }
+        }
+        if softplus {
+            for dt in dt.iter_mut() {
+                for v in dt.iter_mut() {
+                    *v = v.softplus::<S>();
+                }
+            }
+        }
+        for ((dt, u), du) in dt.iter().zip(u.iter()).zip(du.iter_mut()) {
+            for w in 0..LANES {
+                du[w] = dt[w] * u[w];
+            }
+        }
+        if grad {
+            for dsp in dsp.iter_mut() {
+                for v in dsp.iter_mut() {
+                    *v = if softplus { v.softplus_grad::<S>() } else { T::ONE };
                 }
             }
         }
@@ -549,13 +561,17 @@ simd_fn! {
 }
 
 simd_fn! {
-    /// The recurrence over one chunk for one block of channels: h is carried in and out, y
-    /// written. a2 = A log2(e): (state); bt, ct: (k, state) for this block's group.
-    fn scan_chunk_fwd<T, S>(a2: &[Lanes<T>], dt: &[Lanes<T>], du: &[Lanes<T>], bt: &[T], ct: &[T], h: &mut [Lanes<T>], y: &mut [Lanes<T>]) {
+    /// The recurrence over one chunk for one block of channels: h is carried in and out,
+    /// tiles.y written. a2 = A log2(e): (state); bt, ct: (k, state) for this block's group.
+    fn scan_chunk_fwd<T, S>(a2: &[Lanes<T>], d: &Lanes<T>, tiles: &mut Tiles<T>, bt: &[T], ct: &[T], h: &mut [Lanes<T>]) {
         let n = h.len();
+        let Tiles { u, dt, du, y, .. } = tiles;
         for k in 0..dt.len() {
             let (dtk, duk) = (&dt[k], &du[k]);
             let mut acc = [T::ZERO; LANES];
+            for w in 0..LANES {
+                acc[w] = d[w] * u[k][w];
+            }
             for s in 0..n {
                 let (an, hn, b, c) = (&a2[s], &mut h[s], bt[k * n + s], ct[k * n + s]);
                 for w in 0..LANES {
