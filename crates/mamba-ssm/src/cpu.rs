@@ -3,6 +3,7 @@
 
 use crate::math::{Lanes, Real, LANES};
 use candle_core::{CpuStorage, Layout, Result};
+use rayon::prelude::*;
 
 /// A read-only 3-d view of CPU storage with arbitrary strides: candle hands kernels transposed and
 /// offset tensors, and reading them in place saves a copy of the largest inputs.
@@ -62,6 +63,13 @@ impl<'a, T: Real> View3<'a, T> {
             }
         }
     }
+}
+
+/// A vector of zeros written by all threads: glibc clears large reused blocks on one thread.
+pub(crate) fn zeros<T: Real>(n: usize) -> Vec<T> {
+    let mut v = Vec::with_capacity(n);
+    v.par_extend(rayon::iter::repeat_n(T::ZERO, n));
+    v
 }
 
 /// The contiguous slice of a 1-d packed tensor.

@@ -47,13 +47,13 @@ simd_fn! {
 }
 
 fn gate_fwd<T: Real>(y: &[T], z: &[T]) -> Vec<T> {
-    let mut out = vec![T::ZERO; y.len()];
+    let mut out = crate::cpu::zeros(y.len());
     out.par_chunks_mut(SPAN).zip(y.par_chunks(SPAN).zip(z.par_chunks(SPAN))).for_each(|(o, (y, z))| gate_span(y, z, o));
     out
 }
 
 fn gate_bwd<T: Real>(y: &[T], z: &[T], g: &[T]) -> (Vec<T>, Vec<T>) {
-    let (mut dy, mut dz) = (vec![T::ZERO; y.len()], vec![T::ZERO; y.len()]);
+    let (mut dy, mut dz) = (crate::cpu::zeros(y.len()), crate::cpu::zeros(y.len()));
     let outs = dy.par_chunks_mut(SPAN).zip(dz.par_chunks_mut(SPAN));
     let ins = y.par_chunks(SPAN).zip(z.par_chunks(SPAN)).zip(g.par_chunks(SPAN));
     outs.zip(ins).for_each(|((dy, dz), ((y, z), g))| gate_grad_span(y, z, g, dy, dz));

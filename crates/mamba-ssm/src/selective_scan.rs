@@ -4,7 +4,7 @@
 //! Per channel d and state index n, with dt = softplus(delta + delta_bias) (each part optional):
 //!   h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t,    y_t = C_t . h_t + D u_t,    y_t *= silu(z_t)
 
-use crate::cpu::{add_lane_sums, flat, plan, split_items, store_tile, transpose_last, View3};
+use crate::cpu::{add_lane_sums, flat, plan, split_items, store_tile, transpose_last, zeros, View3};
 use crate::error::{argument, check, dims_of, Result};
 use crate::gate::silu_gate;
 use crate::math::{madd, simd_fn, Lanes, Real, LANES};
@@ -17,6 +17,11 @@ use std::sync::Mutex;
 
 /// Time steps between the states the forward pass keeps for the backward pass.
 const CHUNK: usize = 64;
+/// Time steps the forward pass loads at once: long contiguous reads from each of the 16 rows of a
+/// (batch, dim, len) input keep the hardware prefetchers ahead.
+const TILE: usize = 4 * CHUNK;
+/// Time steps whose decays are computed together before the recurrence uses them.
+const SUB: usize = 8;
 
 /// The optional parts of the selective scan, as in the reference `selective_scan_ref`.
 #[derive(Clone, Copy, Default)]
@@ -296,7 +301,7 @@ impl ScanOp {
         let Dims { batch, dim, len, state: n, groups } = self.dims;
         let p = self.unpack(pack);
         let items = plan(batch, dim, groups);
-        let mut out = vec![T::ZERO; batch * dim * (len + n)];
+        let mut out = zeros(batch * dim * (len + n));
         let (ys, lasts) = out.split_at_mut(batch * dim * len);
         let chunks = self.chunks();
         let mut checkpoints: Vec<Vec<Lanes<T>>> = if self.keep_checkpoints {
@@ -307,23 +312,28 @@ impl ScanOp {
         let y_parts = split_items(ys, &items, len);
         let last_parts = split_items(lasts, &items, n);
         (items.par_iter(), y_parts, last_parts, checkpoints.par_iter_mut()).into_par_iter().for_each(|(item, y_rows, last_rows, ckpt)| {
-            let mut tiles = Tiles::new(CHUNK.min(len));
+            let mut tiles = Tiles::new(TILE.min(len));
             let mut h = vec![[T::ZERO; LANES]; n];
+            let mut decay = vec![[T::ZERO; LANES]; SUB * n];
             let bc = (item.batch * groups + item.group) * len * n;
             for (blk, (c0, width)) in item.blocks().enumerate() {
                 let (a, d, bias) = self.block_params(&p, c0, width);
                 let (rows, off) = (&mut y_rows[(c0 - item.start) * len..], (c0 - item.start) * n);
                 init_state(&mut h, p.h0, item.batch * dim + c0, width, n);
-                for chunk in 0..chunks {
-                    let (t0, kc) = (chunk * CHUNK, CHUNK.min(len - chunk * CHUNK));
-                    if !ckpt.is_empty() {
-                        ckpt[(blk * chunks + chunk) * n..][..n].copy_from_slice(&h);
+                for t_tile in (0..len).step_by(TILE) {
+                    tiles.resize(TILE.min(len - t_tile));
+                    self.load_inputs(&u, &delta, item.batch, c0, width, t_tile, &bias, &mut tiles, false);
+                    for k0 in (0..tiles.u.len()).step_by(CHUNK) {
+                        let (t0, k1) = (t_tile + k0, (k0 + CHUNK).min(tiles.u.len()));
+                        if !ckpt.is_empty() {
+                            ckpt[(blk * chunks + t0 / CHUNK) * n..][..n].copy_from_slice(&h);
+                        }
+                        let (bt, ct) = (&p.bt[bc + t0 * n..][..(k1 - k0) * n], &p.ct[bc + t0 * n..][..(k1 - k0) * n]);
+                        let Tiles { u, dt, du, y, .. } = &mut tiles;
+                        let inputs = [&u[k0..k1], &dt[k0..k1], &du[k0..k1]];
+                        scan_chunk_fwd(&a, &d, inputs, bt, ct, &mut h, &mut decay, &mut y[k0..k1]);
                     }
-                    tiles.resize(kc);
-                    self.load_inputs(&u, &delta, item.batch, c0, width, t0, &bias, &mut tiles, false);
-                    let (bt, ct) = (&p.bt[bc + t0 * n..][..kc * n], &p.ct[bc + t0 * n..][..kc * n]);
-                    scan_chunk_fwd(&a, &d, &mut tiles, bt, ct, &mut h);
-                    store_tile(&tiles.y, width, rows, len, t0);
+                    store_tile(&tiles.y, width, rows, len, t_tile);
                 }
                 for w in 0..width {
                     for s in 0..n {
@@ -355,7 +365,7 @@ impl ScanOp {
         let chunks = self.chunks();
         let (dy_all, dlast_all) = grad.split_at(batch * dim * len);
         let dy = View3::from_slice(dy_all, [batch, dim, len]);
-        let (mut du, mut ddelta) = (vec![T::ZERO; batch * dim * len], vec![T::ZERO; batch * dim * len]);
+        let (mut du, mut ddelta) = (zeros(batch * dim * len), zeros(batch * dim * len));
         // Per-batch partial sums of the parameter gradients, summed over the batch at the end.
         let (mut da, mut dd, mut dbias, mut dh0) = (vec![T::ZERO; batch * dim * n], vec![T::ZERO; batch * dim], vec![T::ZERO; batch * dim], vec![T::ZERO; batch * dim * n]);
         let mut dbc: Vec<(Vec<T>, Vec<T>)> = items.iter().map(|_| (vec![T::ZERO; n * len], vec![T::ZERO; n * len])).collect();
@@ -561,26 +571,37 @@ simd_fn! {
 }
 
 simd_fn! {
-    /// The recurrence over one chunk for one block of channels: h is carried in and out,
-    /// tiles.y written. a2 = A log2(e): (state); bt, ct: (k, state) for this block's group.
-    fn scan_chunk_fwd<T, S>(a2: &[Lanes<T>], d: &Lanes<T>, tiles: &mut Tiles<T>, bt: &[T], ct: &[T], h: &mut [Lanes<T>]) {
-        let n = h.len();
-        let Tiles { u, dt, du, y, .. } = tiles;
-        for k in 0..dt.len() {
-            let (dtk, duk) = (&dt[k], &du[k]);
-            let mut acc = [T::ZERO; LANES];
-            for w in 0..LANES {
-                acc[w] = d[w] * u[k][w];
-            }
-            for s in 0..n {
-                let (an, hn, b, c) = (&a2[s], &mut h[s], bt[k * n + s], ct[k * n + s]);
-                for w in 0..LANES {
-                    let decay = (dtk[w] * an[w]).pow2::<S>();
-                    hn[w] = madd::<T, S>(decay, hn[w], duk[w] * b);
-                    acc[w] = madd::<T, S>(hn[w], c, acc[w]);
+    /// The recurrence over one chunk for one block of channels: h is carried in and out, y
+    /// written. a2 = A log2(e): (state); [u, dt, du]: (k); bt, ct: (k, state) for this block's
+    /// group. The decays of SUB steps are computed first, in a loop without dependencies, and
+    /// then consumed by the recurrence, which is then only two FMAs per state.
+    fn scan_chunk_fwd<T, S>(a2: &[Lanes<T>], d: &Lanes<T>, inputs: [&[Lanes<T>]; 3], bt: &[T], ct: &[T], h: &mut [Lanes<T>], decay: &mut [Lanes<T>], y: &mut [Lanes<T>]) {
+        let (n, [u, dt, du]) = (h.len(), inputs);
+        for k0 in (0..dt.len()).step_by(SUB) {
+            let ks = SUB.min(dt.len() - k0);
+            for k in 0..ks {
+                for s in 0..n {
+                    let dk = &mut decay[k * n + s];
+                    for w in 0..LANES {
+                        dk[w] = (dt[k0 + k][w] * a2[s][w]).pow2::<S>();
+                    }
                 }
             }
-            y[k] = acc;
+            for k in 0..ks {
+                let kk = k0 + k;
+                let mut acc = [T::ZERO; LANES];
+                for w in 0..LANES {
+                    acc[w] = d[w] * u[kk][w];
+                }
+                for s in 0..n {
+                    let (dk, hn, b, c) = (&decay[k * n + s], &mut h[s], bt[kk * n + s], ct[kk * n + s]);
+                    for w in 0..LANES {
+                        hn[w] = madd::<T, S>(dk[w], hn[w], du[kk][w] * b);
+                        acc[w] = madd::<T, S>(hn[w], c, acc[w]);
+                    }
+                }
+                y[kk] = acc;
+            }
         }
     }
 }

@@ -114,6 +114,7 @@ fn odd_shapes() {
         Case { dim: 36, groups: 3, ..BASE },
         Case { dim: 64, groups: 2, state: 16, ..BASE },
         Case { transposed: true, ..BASE },
+        Case { len: 300, dim: 17, state: 3, batch: 1, ..BASE },
     ];
     for c in cases {
         compare_with_reference(c, 1e-5, DType::F32);
