@@ -13,7 +13,8 @@ fn rand(shape: &[usize], lo: f64, hi: f64) -> Tensor {
     Tensor::rand(lo as f32, hi as f32, shape, &Device::Cpu).unwrap()
 }
 
-type ScanFn = fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor, &ScanParams, Option<&Tensor>) -> mamba_ssm::Result<ScanOutput>;
+type ScanFn =
+    fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor, &ScanParams, Option<&Tensor>) -> mamba_ssm::Result<ScanOutput>;
 
 /// A Mamba block's scan: D skip, z gate, delta bias and softplus; inputs are Vars so the forward
 /// pass records what the backward pass needs, as in training.
@@ -39,7 +40,8 @@ impl Scan {
     /// Runs `scan`; with `train` the inputs are Vars and the forward pass keeps what the
     /// backward pass needs, otherwise it runs as inference does.
     fn run(&self, scan: ScanFn, train: bool) -> Tensor {
-        let t: Vec<Tensor> = self.vars.iter().map(|v| if train { v.as_tensor().clone() } else { v.as_detached_tensor() }).collect();
+        let t: Vec<Tensor> =
+            self.vars.iter().map(|v| if train { v.as_tensor().clone() } else { v.as_detached_tensor() }).collect();
         let t: Vec<&Tensor> = t.iter().collect();
         let p = ScanParams { d: Some(t[5]), z: Some(t[6]), delta_bias: Some(t[7]), delta_softplus: true };
         scan(t[0], t[1], t[2], t[3], t[4], &p, None).unwrap().y
@@ -57,7 +59,9 @@ fn selective(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("kernel_fwd_bwd", len), &len, |b, _| {
             b.iter(|| s.run(selective_scan, true).sum_all().unwrap().backward().unwrap())
         });
-        g.bench_with_input(BenchmarkId::new("candle_loop_fwd", len), &len, |b, _| b.iter(|| s.run(selective_scan_ref, false)));
+        g.bench_with_input(BenchmarkId::new("candle_loop_fwd", len), &len, |b, _| {
+            b.iter(|| s.run(selective_scan_ref, false))
+        });
     }
     g.finish();
 }
@@ -83,7 +87,9 @@ fn ssd(c: &mut Criterion) {
     g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(5));
     g.throughput(Throughput::Elements((len * heads * headdim * state) as u64));
     g.bench_function(BenchmarkId::new("chunked_fwd", len), |b| b.iter(run));
-    g.bench_function(BenchmarkId::new("chunked_fwd_bwd", len), |b| b.iter(|| run().sum_all().unwrap().backward().unwrap()));
+    g.bench_function(BenchmarkId::new("chunked_fwd_bwd", len), |b| {
+        b.iter(|| run().sum_all().unwrap().backward().unwrap())
+    });
     g.finish();
 }
 

@@ -37,7 +37,10 @@ fn selective(fx: &Fixture, variant: &str, suffix: &str, dtype: DType) -> anyhow:
     if full {
         names.extend(["D", "z", "delta_bias"]);
     }
-    let vars = names.iter().map(|k| Var::from_tensor(&fx[&format!("in.{k}")].to_dtype(dtype)?)).collect::<Result<Vec<_>, _>>()?;
+    let vars = names
+        .iter()
+        .map(|k| Var::from_tensor(&fx[&format!("in.{k}")].to_dtype(dtype)?))
+        .collect::<Result<Vec<_>, _>>()?;
     let t = |i: usize| vars[i].as_tensor();
     let p = if full {
         ScanParams { d: Some(t(5)), z: Some(t(6)), delta_bias: Some(t(7)), delta_softplus: true }
@@ -47,7 +50,8 @@ fn selective(fx: &Fixture, variant: &str, suffix: &str, dtype: DType) -> anyhow:
     let out = selective_scan(t(0), t(1), t(2), t(3), t(4), &p, None)?;
     let grads = (&out.y * fx["dout"].to_dtype(dtype)?)?.sum_all()?.backward()?;
     let want = |k: &str| fx[&format!("{variant}.{k}{suffix}")].clone();
-    let mut pairs = vec![("y".into(), out.y.clone(), want("y")), ("last_state".into(), out.last_state.clone(), want("last_state"))];
+    let mut pairs =
+        vec![("y".into(), out.y.clone(), want("y")), ("last_state".into(), out.last_state.clone(), want("last_state"))];
     for (k, v) in names.iter().zip(&vars) {
         pairs.push((format!("d{k}"), grads.get(v.as_tensor()).unwrap().clone(), want(&format!("grad_{k}"))));
     }
@@ -56,13 +60,19 @@ fn selective(fx: &Fixture, variant: &str, suffix: &str, dtype: DType) -> anyhow:
 
 fn ssd(fx: &Fixture, suffix: &str, dtype: DType, chunk: usize) -> anyhow::Result<f64> {
     let names = ["x", "dt", "A", "B", "C", "D", "dt_bias"];
-    let vars = names.iter().map(|k| Var::from_tensor(&fx[&format!("in.{k}")].to_dtype(dtype)?)).collect::<Result<Vec<_>, _>>()?;
+    let vars = names
+        .iter()
+        .map(|k| Var::from_tensor(&fx[&format!("in.{k}")].to_dtype(dtype)?))
+        .collect::<Result<Vec<_>, _>>()?;
     let t = |i: usize| vars[i].as_tensor();
     let p = SsdParams { d: Some(t(5)), dt_bias: Some(t(6)), dt_softplus: true, ..Default::default() };
     let out = ssd_chunk_scan(t(0), t(1), t(2), t(3), t(4), chunk, &p, None)?;
     let grads = (&out.y * fx["dout"].to_dtype(dtype)?)?.sum_all()?.backward()?;
     let want = |k: &str| fx[&format!("{k}{suffix}")].clone();
-    let mut pairs = vec![("y".into(), out.y.clone(), want("y")), ("final_state".into(), out.last_state.clone(), want("last_state"))];
+    let mut pairs = vec![
+        ("y".into(), out.y.clone(), want("y")),
+        ("final_state".into(), out.last_state.clone(), want("last_state")),
+    ];
     for (k, v) in names.iter().zip(&vars) {
         pairs.push((format!("d{k}"), grads.get(v.as_tensor()).unwrap().clone(), want(&format!("grad_{k}"))));
     }

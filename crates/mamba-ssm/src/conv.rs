@@ -72,7 +72,13 @@ pub fn causal_conv1d_ref(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, sil
 
 /// One decoding step: conv_state (batch, channels, width) holds the last `width` inputs.
 /// x: (batch, channels) -> (y (batch, channels), new conv_state).
-pub fn causal_conv1d_update(conv_state: &Tensor, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, silu: bool) -> Result<(Tensor, Tensor)> {
+pub fn causal_conv1d_update(
+    conv_state: &Tensor,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    silu: bool,
+) -> Result<(Tensor, Tensor)> {
     let (batch, channels, width) = match dims_of("conv_state", conv_state, "batch, channels, width")? {
         &[b, c, k] => (b, c, k),
         _ => unreachable!(),
@@ -92,7 +98,7 @@ pub fn causal_conv1d_update(conv_state: &Tensor, x: &Tensor, weight: &Tensor, bi
 simd_fn! {
     fn silu_in_place<T, S>(v: &mut [T]) {
         for x in v.iter_mut() {
-            *x = *x * x.sigmoid::<S>();
+            *x *= x.sigmoid::<S>();
         }
     }
 }
@@ -140,7 +146,14 @@ impl CausalConv {
     }
 
     /// (dx, dw, dbias) for the output gradient g (contiguous, like the result).
-    fn bwd<T: Real>(&self, x: View3<T>, w: &[T], bias: &[T], g: &[T], (batch, channels, len): (usize, usize, usize)) -> (Vec<T>, Vec<T>, Vec<T>) {
+    fn bwd<T: Real>(
+        &self,
+        x: View3<T>,
+        w: &[T],
+        bias: &[T],
+        g: &[T],
+        (batch, channels, len): (usize, usize, usize),
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
         let width = w.len() / channels;
         let mut dx = vec![T::ZERO; batch * channels * len];
         // Per-row weight and bias gradients, summed over the batch below.
@@ -198,31 +211,61 @@ impl CustomOp3 for CausalConv {
         "causal-conv1d"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = l1.shape().dims3()?;
         let out = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(self.fwd::<f32>(View3::new(s1, l1)?, flat(s2, l2)?, flat(s3, l3)?, dims)),
-            CpuStorage::F64(_) => CpuStorage::F64(self.fwd::<f64>(View3::new(s1, l1)?, flat(s2, l2)?, flat(s3, l3)?, dims)),
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(self.fwd::<f32>(View3::new(s1, l1)?, flat(s2, l2)?, flat(s3, l3)?, dims))
+            }
+            CpuStorage::F64(_) => {
+                CpuStorage::F64(self.fwd::<f64>(View3::new(s1, l1)?, flat(s2, l2)?, flat(s3, l3)?, dims))
+            }
             s => candle_core::bail!("causal-conv1d computes in f32 or f64, got {:?}", s.dtype()),
         };
         Ok((out, Shape::from(dims)))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, bias: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = g.contiguous()?;
         let dims = x.dims3()?;
         let (sx, lx) = x.storage_and_layout();
         let (sw, lw) = w.storage_and_layout();
         let (sb, lb) = bias.storage_and_layout();
         let (sg, lg) = g.storage_and_layout();
-        let (candle_core::Storage::Cpu(sx), candle_core::Storage::Cpu(sw), candle_core::Storage::Cpu(sb), candle_core::Storage::Cpu(sg)) = (&*sx, &*sw, &*sb, &*sg) else {
+        let (
+            candle_core::Storage::Cpu(sx),
+            candle_core::Storage::Cpu(sw),
+            candle_core::Storage::Cpu(sb),
+            candle_core::Storage::Cpu(sg),
+        ) = (&*sx, &*sw, &*sb, &*sg)
+        else {
             candle_core::bail!("causal-conv1d backward runs on the CPU only");
         };
         let dev = x.device();
         macro_rules! grads {
             ($t:ty) => {{
-                let (dx, dw, db) = self.bwd::<$t>(View3::new(sx, lx)?, flat(sw, lw)?, flat(sb, lb)?, flat(sg, lg)?, dims);
-                (Tensor::from_vec(dx, dims, dev)?, Tensor::from_vec(dw, w.shape(), dev)?, Tensor::from_vec(db, bias.shape(), dev)?)
+                let (dx, dw, db) =
+                    self.bwd::<$t>(View3::new(sx, lx)?, flat(sw, lw)?, flat(sb, lb)?, flat(sg, lg)?, dims);
+                (
+                    Tensor::from_vec(dx, dims, dev)?,
+                    Tensor::from_vec(dw, w.shape(), dev)?,
+                    Tensor::from_vec(db, bias.shape(), dev)?,
+                )
             }};
         }
         let (dx, dw, db) = match x.dtype() {

@@ -20,7 +20,11 @@ impl<'a, T: Real> View3<'a, T> {
         if stride.len() != 3 {
             candle_core::bail!("expected a 3-d tensor, got shape {:?}", layout.shape());
         }
-        Ok(Self { data: T::cpu_storage_as_slice(storage)?, offset: layout.start_offset(), stride: [stride[0], stride[1], stride[2]] })
+        Ok(Self {
+            data: T::cpu_storage_as_slice(storage)?,
+            offset: layout.start_offset(),
+            stride: [stride[0], stride[1], stride[2]],
+        })
     }
 
     pub fn from_slice(data: &'a [T], dims: [usize; 3]) -> Self {
@@ -158,7 +162,14 @@ pub(crate) fn transpose_last<T: Copy + Default>(src: &[T], count: usize, rows: u
 /// Sums the lanes of each block and adds the totals, a (rows, cols) block at a time, into
 /// `dst[col * dst_stride + t0 + row]`: the lane-wise partial sums of a chunk become rows of a
 /// (state, len) gradient.
-pub(crate) fn add_lane_sums<T: Real>(lanes: &[Lanes<T>], rows: usize, cols: usize, dst: &mut [T], dst_stride: usize, t0: usize) {
+pub(crate) fn add_lane_sums<T: Real>(
+    lanes: &[Lanes<T>],
+    rows: usize,
+    cols: usize,
+    dst: &mut [T],
+    dst_stride: usize,
+    t0: usize,
+) {
     for r in 0..rows {
         for c in 0..cols {
             let mut s = T::ZERO;

@@ -39,7 +39,11 @@ pub(crate) fn dims_of<'t>(tensor: &'static str, t: &'t Tensor, layout: &str) -> 
         return Err(Error::DType { tensor, got: t.dtype() });
     }
     if t.rank() != layout.split(',').count() {
-        return Err(Error::Shape { tensor, expected: format!("rank {} ({layout})", layout.split(',').count()), got: t.dims().to_vec() });
+        return Err(Error::Shape {
+            tensor,
+            expected: format!("rank {} ({layout})", layout.split(',').count()),
+            got: t.dims().to_vec(),
+        });
     }
     Ok(t.dims())
 }

@@ -65,7 +65,13 @@ impl CustomOp2 for SiluGate {
         "silu-gate"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let out = match s1 {
             CpuStorage::F32(_) => CpuStorage::F32(gate_fwd::<f32>(slice(s1, l1)?, slice(s2, l2)?)),
             CpuStorage::F64(_) => CpuStorage::F64(gate_fwd::<f64>(slice(s1, l1)?, slice(s2, l2)?)),
@@ -74,12 +80,20 @@ impl CustomOp2 for SiluGate {
         Ok((out, l1.shape().clone()))
     }
 
-    fn bwd(&self, y: &Tensor, z: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        y: &Tensor,
+        z: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let g = g.contiguous()?;
         let (sy, ly) = y.storage_and_layout();
         let (sz, lz) = z.storage_and_layout();
         let (sg, lg) = g.storage_and_layout();
-        let (candle_core::Storage::Cpu(sy), candle_core::Storage::Cpu(sz), candle_core::Storage::Cpu(sg)) = (&*sy, &*sz, &*sg) else {
+        let (candle_core::Storage::Cpu(sy), candle_core::Storage::Cpu(sz), candle_core::Storage::Cpu(sg)) =
+            (&*sy, &*sz, &*sg)
+        else {
             candle_core::bail!("silu-gate backward runs on the CPU only");
         };
         let dev = y.device();

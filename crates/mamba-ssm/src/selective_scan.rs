@@ -58,7 +58,15 @@ struct Checked {
     c: Tensor,
 }
 
-fn check_inputs(u: &Tensor, delta: &Tensor, a: &Tensor, b: &Tensor, c: &Tensor, p: &ScanParams, h0: Option<&Tensor>) -> Result<Checked> {
+fn check_inputs(
+    u: &Tensor,
+    delta: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    p: &ScanParams,
+    h0: Option<&Tensor>,
+) -> Result<Checked> {
     let (batch, dim, len) = match dims_of("u", u, "batch, dim, len")? {
         &[batch, dim, len] => (batch, dim, len),
         _ => unreachable!(),
@@ -115,7 +123,15 @@ fn compute_dtype(t: &Tensor) -> DType {
 /// u, delta: (batch, dim, len); a: (dim, state); b, c: (batch, state, len) or
 /// (batch, groups, state, len); initial_state: (batch, dim, state). bf16 and f16 inputs are
 /// computed in f32 and the outputs cast back.
-pub fn selective_scan(u: &Tensor, delta: &Tensor, a: &Tensor, b: &Tensor, c: &Tensor, p: &ScanParams, initial_state: Option<&Tensor>) -> Result<ScanOutput> {
+pub fn selective_scan(
+    u: &Tensor,
+    delta: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    p: &ScanParams,
+    initial_state: Option<&Tensor>,
+) -> Result<ScanOutput> {
     let Checked { dims, b, c } = check_inputs(u, delta, a, b, c, p, initial_state)?;
     let dt = compute_dtype(u);
     let cast = |t: &Tensor| t.to_dtype(dt);
@@ -149,7 +165,15 @@ pub fn selective_scan(u: &Tensor, delta: &Tensor, a: &Tensor, b: &Tensor, c: &Te
 /// state: (batch, dim, state); x, delta: (batch, dim); a: (dim, state); b, c: (batch, state) or
 /// (batch, groups, state); z in `p` is (batch, dim). Built from candle ops, so it runs on any device
 /// and is differentiable.
-pub fn selective_state_update(state: &Tensor, x: &Tensor, delta: &Tensor, a: &Tensor, b: &Tensor, c: &Tensor, p: &ScanParams) -> Result<(Tensor, Tensor)> {
+pub fn selective_state_update(
+    state: &Tensor,
+    x: &Tensor,
+    delta: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    p: &ScanParams,
+) -> Result<(Tensor, Tensor)> {
     let (batch, dim, n) = match dims_of("state", state, "batch, dim, state")? {
         &[batch, dim, n] => (batch, dim, n),
         _ => unreachable!(),
@@ -199,7 +223,15 @@ pub fn selective_state_update(state: &Tensor, x: &Tensor, delta: &Tensor, a: &Te
 
 /// The reference scan: [`selective_state_update`] in a loop over time, differentiated by candle.
 /// Same arguments and results as [`selective_scan`]; slow, and obviously right.
-pub fn selective_scan_ref(u: &Tensor, delta: &Tensor, a: &Tensor, b: &Tensor, c: &Tensor, p: &ScanParams, initial_state: Option<&Tensor>) -> Result<ScanOutput> {
+pub fn selective_scan_ref(
+    u: &Tensor,
+    delta: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    p: &ScanParams,
+    initial_state: Option<&Tensor>,
+) -> Result<ScanOutput> {
     let Checked { dims, b, c } = check_inputs(u, delta, a, b, c, p, initial_state)?;
     let Dims { batch, dim, len, state: n, .. } = dims;
     let mut h = match initial_state {
@@ -291,7 +323,18 @@ impl ScanOp {
     /// Loads u and delta for one block and time chunk into the tiles: u, dt, dt * u, and in the
     /// backward pass softplus'(delta + bias).
     #[allow(clippy::too_many_arguments)]
-    fn load_inputs<T: Real>(&self, u: &View3<T>, delta: &View3<T>, batch: usize, c0: usize, width: usize, t0: usize, bias: &Lanes<T>, tiles: &mut Tiles<T>, grad: bool) {
+    fn load_inputs<T: Real>(
+        &self,
+        u: &View3<T>,
+        delta: &View3<T>,
+        batch: usize,
+        c0: usize,
+        width: usize,
+        t0: usize,
+        bias: &Lanes<T>,
+        tiles: &mut Tiles<T>,
+        grad: bool,
+    ) {
         u.load_tile(batch, c0, width, t0, &mut tiles.u);
         delta.load_tile(batch, c0, width, t0, &mut tiles.dt);
         prepare_dt(tiles, bias, self.softplus, grad);
@@ -311,37 +354,40 @@ impl ScanOp {
         };
         let y_parts = split_items(ys, &items, len);
         let last_parts = split_items(lasts, &items, n);
-        (items.par_iter(), y_parts, last_parts, checkpoints.par_iter_mut()).into_par_iter().for_each(|(item, y_rows, last_rows, ckpt)| {
-            let mut tiles = Tiles::new(TILE.min(len));
-            let mut h = vec![[T::ZERO; LANES]; n];
-            let mut decay = vec![[T::ZERO; LANES]; SUB * n];
-            let bc = (item.batch * groups + item.group) * len * n;
-            for (blk, (c0, width)) in item.blocks().enumerate() {
-                let (a, d, bias) = self.block_params(&p, c0, width);
-                let (rows, off) = (&mut y_rows[(c0 - item.start) * len..], (c0 - item.start) * n);
-                init_state(&mut h, p.h0, item.batch * dim + c0, width, n);
-                for t_tile in (0..len).step_by(TILE) {
-                    tiles.resize(TILE.min(len - t_tile));
-                    self.load_inputs(&u, &delta, item.batch, c0, width, t_tile, &bias, &mut tiles, false);
-                    for k0 in (0..tiles.u.len()).step_by(CHUNK) {
-                        let (t0, k1) = (t_tile + k0, (k0 + CHUNK).min(tiles.u.len()));
-                        if !ckpt.is_empty() {
-                            ckpt[(blk * chunks + t0 / CHUNK) * n..][..n].copy_from_slice(&h);
+        (items.par_iter(), y_parts, last_parts, checkpoints.par_iter_mut()).into_par_iter().for_each(
+            |(item, y_rows, last_rows, ckpt)| {
+                let mut tiles = Tiles::new(TILE.min(len));
+                let mut h = vec![[T::ZERO; LANES]; n];
+                let mut decay = vec![[T::ZERO; LANES]; SUB * n];
+                let bc = (item.batch * groups + item.group) * len * n;
+                for (blk, (c0, width)) in item.blocks().enumerate() {
+                    let (a, d, bias) = self.block_params(&p, c0, width);
+                    let (rows, off) = (&mut y_rows[(c0 - item.start) * len..], (c0 - item.start) * n);
+                    init_state(&mut h, p.h0, item.batch * dim + c0, width, n);
+                    for t_tile in (0..len).step_by(TILE) {
+                        tiles.resize(TILE.min(len - t_tile));
+                        self.load_inputs(&u, &delta, item.batch, c0, width, t_tile, &bias, &mut tiles, false);
+                        for k0 in (0..tiles.u.len()).step_by(CHUNK) {
+                            let (t0, k1) = (t_tile + k0, (k0 + CHUNK).min(tiles.u.len()));
+                            if !ckpt.is_empty() {
+                                ckpt[(blk * chunks + t0 / CHUNK) * n..][..n].copy_from_slice(&h);
+                            }
+                            let (bt, ct) =
+                                (&p.bt[bc + t0 * n..][..(k1 - k0) * n], &p.ct[bc + t0 * n..][..(k1 - k0) * n]);
+                            let Tiles { u, dt, du, y, .. } = &mut tiles;
+                            let inputs = [&u[k0..k1], &dt[k0..k1], &du[k0..k1]];
+                            scan_chunk_fwd(&a, &d, inputs, bt, ct, &mut h, &mut decay, &mut y[k0..k1]);
                         }
-                        let (bt, ct) = (&p.bt[bc + t0 * n..][..(k1 - k0) * n], &p.ct[bc + t0 * n..][..(k1 - k0) * n]);
-                        let Tiles { u, dt, du, y, .. } = &mut tiles;
-                        let inputs = [&u[k0..k1], &dt[k0..k1], &du[k0..k1]];
-                        scan_chunk_fwd(&a, &d, inputs, bt, ct, &mut h, &mut decay, &mut y[k0..k1]);
+                        store_tile(&tiles.y, width, rows, len, t_tile);
                     }
-                    store_tile(&tiles.y, width, rows, len, t_tile);
-                }
-                for w in 0..width {
-                    for s in 0..n {
-                        last_rows[off + w * n + s] = h[s][w];
+                    for w in 0..width {
+                        for s in 0..n {
+                            last_rows[off + w * n + s] = h[s][w];
+                        }
                     }
                 }
-            }
-        });
+            },
+        );
         if self.keep_checkpoints {
             *self.checkpoints.lock().unwrap() = Some(Box::new(checkpoints));
         }
@@ -367,8 +413,14 @@ impl ScanOp {
         let dy = View3::from_slice(dy_all, [batch, dim, len]);
         let (mut du, mut ddelta) = (zeros(batch * dim * len), zeros(batch * dim * len));
         // Per-batch partial sums of the parameter gradients, summed over the batch at the end.
-        let (mut da, mut dd, mut dbias, mut dh0) = (vec![T::ZERO; batch * dim * n], vec![T::ZERO; batch * dim], vec![T::ZERO; batch * dim], vec![T::ZERO; batch * dim * n]);
-        let mut dbc: Vec<(Vec<T>, Vec<T>)> = items.iter().map(|_| (vec![T::ZERO; n * len], vec![T::ZERO; n * len])).collect();
+        let (mut da, mut dd, mut dbias, mut dh0) = (
+            vec![T::ZERO; batch * dim * n],
+            vec![T::ZERO; batch * dim],
+            vec![T::ZERO; batch * dim],
+            vec![T::ZERO; batch * dim * n],
+        );
+        let mut dbc: Vec<(Vec<T>, Vec<T>)> =
+            items.iter().map(|_| (vec![T::ZERO; n * len], vec![T::ZERO; n * len])).collect();
         let parts = (
             items.par_iter(),
             checkpoints.par_iter(),
@@ -379,65 +431,67 @@ impl ScanOp {
             split_items(&mut dbias, &items, 1),
             split_items(&mut dh0, &items, n),
         );
-        parts.into_par_iter().zip(dbc.par_iter_mut()).for_each(|((item, ckpt, du_rows, ddelta_rows, da_rows, dd_rows, dbias_rows, dh0_rows), (db_acc, dc_acc))| {
-            let blocks: Vec<_> = item.blocks().collect();
-            let prm: Vec<_> = blocks.iter().map(|&(c0, width)| self.block_params(&p, c0, width)).collect();
-            // The gradient flowing back into each block's state, starting from d(last state).
-            let mut g: Vec<Vec<Lanes<T>>> = blocks
-                .iter()
-                .map(|&(c0, width)| {
-                    let mut g = vec![[T::ZERO; LANES]; n];
-                    init_state(&mut g, Some(dlast_all), item.batch * dim + c0, width, n);
-                    g
-                })
-                .collect();
-            let mut da_acc = vec![vec![[T::ZERO; LANES]; n]; blocks.len()];
-            let mut dd_acc = vec![[T::ZERO; LANES]; blocks.len()];
-            let mut dbias_acc = vec![[T::ZERO; LANES]; blocks.len()];
-            let mut tiles = Tiles::new(CHUNK.min(len));
-            let mut work = BwdWork::new(CHUNK.min(len), n);
-            let bc = (item.batch * groups + item.group) * len * n;
-            for chunk in (0..chunks).rev() {
-                let (t0, kc) = (chunk * CHUNK, CHUNK.min(len - chunk * CHUNK));
-                tiles.resize(kc);
-                work.resize(kc, n);
-                let (bt, ct) = (&p.bt[bc + t0 * n..][..kc * n], &p.ct[bc + t0 * n..][..kc * n]);
-                for (j, &(c0, width)) in blocks.iter().enumerate() {
-                    let (a, d, bias) = &prm[j];
-                    self.load_inputs(&u, &delta, item.batch, c0, width, t0, bias, &mut tiles, true);
-                    dy.load_tile(item.batch, c0, width, t0, &mut tiles.y);
-                    work.h[..n].copy_from_slice(&ckpt[(j * chunks + chunk) * n..][..n]);
-                    scan_chunk_bwd(a, &tiles, bt, ct, &mut g[j], &mut da_acc[j], &mut work);
-                    for k in 0..kc {
-                        for w in 0..LANES {
-                            let (dyk, uk, dtk) = (tiles.y[k][w], tiles.u[k][w], tiles.dt[k][w]);
-                            let s = work.s[k][w];
-                            tiles.y[k][w] = s * dtk + d[w] * dyk; // du
-                            let dpre = (work.ddt[k][w] + s * uk) * tiles.dsp[k][w];
-                            work.ddt[k][w] = dpre;
-                            dbias_acc[j][w] += dpre;
-                            dd_acc[j][w] += dyk * uk;
+        parts.into_par_iter().zip(dbc.par_iter_mut()).for_each(
+            |((item, ckpt, du_rows, ddelta_rows, da_rows, dd_rows, dbias_rows, dh0_rows), (db_acc, dc_acc))| {
+                let blocks: Vec<_> = item.blocks().collect();
+                let prm: Vec<_> = blocks.iter().map(|&(c0, width)| self.block_params(&p, c0, width)).collect();
+                // The gradient flowing back into each block's state, starting from d(last state).
+                let mut g: Vec<Vec<Lanes<T>>> = blocks
+                    .iter()
+                    .map(|&(c0, width)| {
+                        let mut g = vec![[T::ZERO; LANES]; n];
+                        init_state(&mut g, Some(dlast_all), item.batch * dim + c0, width, n);
+                        g
+                    })
+                    .collect();
+                let mut da_acc = vec![vec![[T::ZERO; LANES]; n]; blocks.len()];
+                let mut dd_acc = vec![[T::ZERO; LANES]; blocks.len()];
+                let mut dbias_acc = vec![[T::ZERO; LANES]; blocks.len()];
+                let mut tiles = Tiles::new(CHUNK.min(len));
+                let mut work = BwdWork::new(CHUNK.min(len), n);
+                let bc = (item.batch * groups + item.group) * len * n;
+                for chunk in (0..chunks).rev() {
+                    let (t0, kc) = (chunk * CHUNK, CHUNK.min(len - chunk * CHUNK));
+                    tiles.resize(kc);
+                    work.resize(kc, n);
+                    let (bt, ct) = (&p.bt[bc + t0 * n..][..kc * n], &p.ct[bc + t0 * n..][..kc * n]);
+                    for (j, &(c0, width)) in blocks.iter().enumerate() {
+                        let (a, d, bias) = &prm[j];
+                        self.load_inputs(&u, &delta, item.batch, c0, width, t0, bias, &mut tiles, true);
+                        dy.load_tile(item.batch, c0, width, t0, &mut tiles.y);
+                        work.h[..n].copy_from_slice(&ckpt[(j * chunks + chunk) * n..][..n]);
+                        scan_chunk_bwd(a, &tiles, bt, ct, &mut g[j], &mut da_acc[j], &mut work);
+                        for k in 0..kc {
+                            for w in 0..LANES {
+                                let (dyk, uk, dtk) = (tiles.y[k][w], tiles.u[k][w], tiles.dt[k][w]);
+                                let s = work.s[k][w];
+                                tiles.y[k][w] = s * dtk + d[w] * dyk; // du
+                                let dpre = (work.ddt[k][w] + s * uk) * tiles.dsp[k][w];
+                                work.ddt[k][w] = dpre;
+                                dbias_acc[j][w] += dpre;
+                                dd_acc[j][w] += dyk * uk;
+                            }
                         }
+                        let rows = (c0 - item.start) * len;
+                        store_tile(&tiles.y, width, &mut du_rows[rows..], len, t0);
+                        store_tile(&work.ddt, width, &mut ddelta_rows[rows..], len, t0);
                     }
-                    let rows = (c0 - item.start) * len;
-                    store_tile(&tiles.y, width, &mut du_rows[rows..], len, t0);
-                    store_tile(&work.ddt, width, &mut ddelta_rows[rows..], len, t0);
+                    add_lane_sums(&work.db, kc, n, db_acc, len, t0);
+                    add_lane_sums(&work.dc, kc, n, dc_acc, len, t0);
                 }
-                add_lane_sums(&work.db, kc, n, db_acc, len, t0);
-                add_lane_sums(&work.dc, kc, n, dc_acc, len, t0);
-            }
-            for (j, &(c0, width)) in blocks.iter().enumerate() {
-                let off = c0 - item.start;
-                for w in 0..width {
-                    for s in 0..n {
-                        da_rows[(off + w) * n + s] = da_acc[j][s][w];
-                        dh0_rows[(off + w) * n + s] = g[j][s][w];
+                for (j, &(c0, width)) in blocks.iter().enumerate() {
+                    let off = c0 - item.start;
+                    for w in 0..width {
+                        for s in 0..n {
+                            da_rows[(off + w) * n + s] = da_acc[j][s][w];
+                            dh0_rows[(off + w) * n + s] = g[j][s][w];
+                        }
+                        dd_rows[off + w] = dd_acc[j][w];
+                        dbias_rows[off + w] = dbias_acc[j][w];
                     }
-                    dd_rows[off + w] = dd_acc[j][w];
-                    dbias_rows[off + w] = dbias_acc[j][w];
                 }
-            }
-        });
+            },
+        );
         // Pack the parameter gradients in the order of the pack.
         let sum_batch = |v: &[T], per: usize| -> Vec<T> {
             let mut s = v[..per].to_vec();
@@ -647,8 +701,8 @@ simd_fn! {
                 }
             }
             // a2 carries a factor log2(e) that d(dt) must not.
-            for w in 0..LANES {
-                ddt_k[w] = ddt_k[w] / T::LOG2_E;
+            for v in ddt_k.iter_mut() {
+                *v /= T::LOG2_E;
             }
             ddt[k] = ddt_k;
             gb[k] = gb_k;
@@ -656,7 +710,15 @@ simd_fn! {
     }
 }
 
-fn run_fwd<T: Real>(op: &ScanOp, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<CpuStorage> {
+fn run_fwd<T: Real>(
+    op: &ScanOp,
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+    s3: &CpuStorage,
+    l3: &Layout,
+) -> candle_core::Result<CpuStorage> {
     Ok(T::to_cpu_storage_owned(op.fwd(View3::new(s1, l1)?, View3::new(s2, l2)?, flat(s3, l3)?)))
 }
 
@@ -665,7 +727,15 @@ impl CustomOp3 for ScanOp {
         "selective-scan"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let Dims { batch, dim, len, state, .. } = self.dims;
         let out = match s1 {
             CpuStorage::F32(_) => run_fwd::<f32>(self, s1, l1, s2, l2, s3, l3)?,
@@ -675,7 +745,14 @@ impl CustomOp3 for ScanOp {
         Ok((out, Shape::from(batch * dim * (len + state))))
     }
 
-    fn bwd(&self, u: &Tensor, delta: &Tensor, pack: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        u: &Tensor,
+        delta: &Tensor,
+        pack: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let (du, ddelta, dpack) = match u.dtype() {
             DType::F32 => bwd_tensors::<f32>(self, u, delta, pack, &grad)?,
@@ -686,7 +763,13 @@ impl CustomOp3 for ScanOp {
     }
 }
 
-fn bwd_tensors<T: Real>(op: &ScanOp, u: &Tensor, delta: &Tensor, pack: &Tensor, grad: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+fn bwd_tensors<T: Real>(
+    op: &ScanOp,
+    u: &Tensor,
+    delta: &Tensor,
+    pack: &Tensor,
+    grad: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
     let (su, lu) = u.storage_and_layout();
     let (sd, ld) = delta.storage_and_layout();
     let (sp, lp) = pack.storage_and_layout();
@@ -698,5 +781,9 @@ fn bwd_tensors<T: Real>(op: &ScanOp, u: &Tensor, delta: &Tensor, pack: &Tensor, 
     let (du, ddelta, dpack) = op.bwd::<T>(View3::new(su, lu)?, View3::new(sd, ld)?, flat(sp, lp)?, flat(sg, lg)?);
     let Dims { batch, dim, len, .. } = op.dims;
     let dev = u.device();
-    Ok((Tensor::from_vec(du, (batch, dim, len), dev)?, Tensor::from_vec(ddelta, (batch, dim, len), dev)?, Tensor::from_vec(dpack, pack.shape(), dev)?))
+    Ok((
+        Tensor::from_vec(du, (batch, dim, len), dev)?,
+        Tensor::from_vec(ddelta, (batch, dim, len), dev)?,
+        Tensor::from_vec(dpack, pack.shape(), dev)?,
+    ))
 }

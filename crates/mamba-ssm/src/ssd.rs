@@ -40,7 +40,15 @@ struct Sizes {
     state: usize,
 }
 
-fn check_inputs(x: &Tensor, dt: &Tensor, a: &Tensor, b: &Tensor, c: &Tensor, p: &SsdParams, h0: Option<&Tensor>) -> Result<Sizes> {
+fn check_inputs(
+    x: &Tensor,
+    dt: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    p: &SsdParams,
+    h0: Option<&Tensor>,
+) -> Result<Sizes> {
     let (batch, len, heads, headdim) = match dims_of("x", x, "batch, len, heads, headdim")? {
         &[b, l, h, p] => (b, l, h, p),
         _ => unreachable!(),
@@ -74,7 +82,7 @@ fn check_inputs(x: &Tensor, dt: &Tensor, a: &Tensor, b: &Tensor, c: &Tensor, p: 
     if let Some(h0) = h0 {
         check("initial_states", h0, &[("batch", batch), ("heads", heads), ("headdim", headdim), ("state", state)])?;
     }
-    if !(p.dt_limit.0 <= p.dt_limit.1) {
+    if p.dt_limit.0.is_nan() || p.dt_limit.1.is_nan() || p.dt_limit.0 > p.dt_limit.1 {
         return Err(argument("dt_limit", format!("lower bound {} above upper bound {}", p.dt_limit.0, p.dt_limit.1)));
     }
     Ok(Sizes { batch, len, heads, headdim, groups, state })
@@ -143,7 +151,16 @@ fn quadratic(x: &Tensor, dt: &Tensor, cum: &Tensor, b: &Tensor, c: &Tensor) -> R
 /// groups, state); initial_states: (batch, heads, headdim, state). Any length: the last chunk is
 /// padded with dt = 0, which leaves the state unchanged. Returns y like x and the final state.
 #[allow(clippy::too_many_arguments)]
-pub fn ssd_chunk_scan(x: &Tensor, dt: &Tensor, a: &Tensor, b: &Tensor, c: &Tensor, chunk_size: usize, p: &SsdParams, initial_states: Option<&Tensor>) -> Result<ScanOutput> {
+pub fn ssd_chunk_scan(
+    x: &Tensor,
+    dt: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    chunk_size: usize,
+    p: &SsdParams,
+    initial_states: Option<&Tensor>,
+) -> Result<ScanOutput> {
     let Sizes { batch, len, heads, headdim, groups, state } = check_inputs(x, dt, a, b, c, p, initial_states)?;
     if chunk_size == 0 {
         return Err(argument("chunk_size", "must be at least 1"));
@@ -225,7 +242,15 @@ pub fn ssd_quadratic(x: &Tensor, dt: &Tensor, a: &Tensor, b: &Tensor, c: &Tensor
 /// dt (batch, heads), b and c (batch, groups, state), z in `p` like x.
 /// Returns (y (batch, heads, headdim), new state).
 #[allow(clippy::too_many_arguments)]
-pub fn ssd_state_update(h: &Tensor, x: &Tensor, dt: &Tensor, a: &Tensor, b: &Tensor, c: &Tensor, p: &SsdParams) -> Result<(Tensor, Tensor)> {
+pub fn ssd_state_update(
+    h: &Tensor,
+    x: &Tensor,
+    dt: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    p: &SsdParams,
+) -> Result<(Tensor, Tensor)> {
     let (batch, heads, headdim, state) = match dims_of("state", h, "batch, heads, headdim, state")? {
         &[b, h, p, n] => (b, h, p, n),
         _ => unreachable!(),
@@ -250,7 +275,15 @@ pub fn ssd_state_update(h: &Tensor, x: &Tensor, dt: &Tensor, a: &Tensor, b: &Ten
 
 /// The reference: [`ssd_state_update`] in a loop over time, differentiated by candle.
 #[allow(clippy::too_many_arguments)]
-pub fn ssd_scan_ref(x: &Tensor, dt: &Tensor, a: &Tensor, b: &Tensor, c: &Tensor, p: &SsdParams, initial_states: Option<&Tensor>) -> Result<ScanOutput> {
+pub fn ssd_scan_ref(
+    x: &Tensor,
+    dt: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    p: &SsdParams,
+    initial_states: Option<&Tensor>,
+) -> Result<ScanOutput> {
     let Sizes { batch, len, heads, headdim, state, .. } = check_inputs(x, dt, a, b, c, p, initial_states)?;
     let mut h = match initial_states {
         Some(h0) => h0.clone(),

@@ -59,7 +59,8 @@ fn update_steps_match_parallel() {
     let y = causal_conv1d(&x, &w, Some(&b), true).unwrap();
     let mut state = Tensor::zeros((2, 5, 4), DType::F32, &CPU).unwrap();
     for t in 0..13 {
-        let (yt, next) = causal_conv1d_update(&state, &x.narrow(2, t, 1).unwrap().squeeze(2).unwrap(), &w, Some(&b), true).unwrap();
+        let (yt, next) =
+            causal_conv1d_update(&state, &x.narrow(2, t, 1).unwrap().squeeze(2).unwrap(), &w, Some(&b), true).unwrap();
         assert_close(&format!("step {t}"), &yt, &y.narrow(2, t, 1).unwrap().squeeze(2).unwrap(), 1e-6);
         state = next;
     }
@@ -71,7 +72,8 @@ fn update_steps_match_parallel() {
 fn finite_differences_f64() {
     let [x, w, b, dy] = inputs(2, 3, 6, 4, DType::F64);
     let (_, g) = grads(causal_conv1d, &x, &w, &b, true, &dy);
-    let loss = |a: &[Tensor]| dot(&causal_conv1d(&a[0], &a[1], Some(&a[2]), true).unwrap(), &dy).to_scalar::<f64>().unwrap();
+    let loss =
+        |a: &[Tensor]| dot(&causal_conv1d(&a[0], &a[1], Some(&a[2]), true).unwrap(), &dy).to_scalar::<f64>().unwrap();
     let inputs = [x, w, b];
     for (i, name) in ["x", "w", "bias"].iter().enumerate() {
         check_finite_differences(name, &inputs, i, &g[i], &loss);
@@ -86,6 +88,8 @@ fn bad_shapes_are_named() {
     let msg = causal_conv1d(&x, &w, Some(&b.narrow(0, 0, 2).unwrap()), true).unwrap_err().to_string();
     assert!(msg.contains("`conv bias`"), "{msg}");
     let state = Tensor::zeros((2, 5, 3), DType::F32, &CPU).unwrap();
-    let msg = causal_conv1d_update(&state, &x.narrow(2, 0, 1).unwrap().squeeze(2).unwrap(), &w, None, true).unwrap_err().to_string();
+    let msg = causal_conv1d_update(&state, &x.narrow(2, 0, 1).unwrap().squeeze(2).unwrap(), &w, None, true)
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("`conv weight`") && msg.contains("width"), "{msg}");
 }

@@ -23,7 +23,19 @@ struct Case {
     transposed: bool,
 }
 
-const BASE: Case = Case { batch: 2, dim: 19, len: 37, state: 5, groups: 1, d: true, z: true, bias: true, softplus: true, h0: true, transposed: false };
+const BASE: Case = Case {
+    batch: 2,
+    dim: 19,
+    len: 37,
+    state: 5,
+    groups: 1,
+    d: true,
+    z: true,
+    bias: true,
+    softplus: true,
+    h0: true,
+    transposed: false,
+};
 
 struct Inputs {
     vars: Vec<(&'static str, Var)>,
@@ -66,14 +78,31 @@ fn inputs(c: Case, seed: u64, dtype: DType) -> Inputs {
     Inputs { vars, dy, dlast }
 }
 
-type ScanFn = fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor, &ScanParams, Option<&Tensor>) -> mamba_ssm::Result<mamba_ssm::ScanOutput>;
+type ScanFn = fn(
+    &Tensor,
+    &Tensor,
+    &Tensor,
+    &Tensor,
+    &Tensor,
+    &ScanParams,
+    Option<&Tensor>,
+) -> mamba_ssm::Result<mamba_ssm::ScanOutput>;
 
 /// Runs `scan` on the inputs; returns y, last state, and the gradient of
 /// sum(y dy) + sum(last dlast) for every input.
 fn run(scan: ScanFn, c: Case, inp: &Inputs, tensors: &[Tensor]) -> (Tensor, Tensor, Vec<Option<Tensor>>) {
     let get = |name: &str| inp.vars.iter().position(|(n, _)| *n == name).map(|i| &tensors[i]);
     let p = ScanParams { d: get("D"), z: get("z"), delta_bias: get("delta_bias"), delta_softplus: c.softplus };
-    let out = scan(get("u").unwrap(), get("delta").unwrap(), get("A").unwrap(), get("B").unwrap(), get("C").unwrap(), &p, get("initial_state")).unwrap();
+    let out = scan(
+        get("u").unwrap(),
+        get("delta").unwrap(),
+        get("A").unwrap(),
+        get("B").unwrap(),
+        get("C").unwrap(),
+        &p,
+        get("initial_state"),
+    )
+    .unwrap();
     let loss = (dot(&out.y, &inp.dy) + dot(&out.last_state, &inp.dlast)).unwrap();
     let grads = loss.backward().unwrap();
     let g = tensors.iter().map(|t| grads.get(t).cloned()).collect();
@@ -147,7 +176,9 @@ fn softplus_threshold_branch() {
 #[test]
 fn matches_pytorch_fixture() {
     let fx = fixture("selective_scan.safetensors");
-    for (variant, suffix, tol) in [("full", "", 1e-4), ("plain", "", 1e-4), ("full", "_f64", 1e-10), ("plain", "_f64", 1e-10)] {
+    for (variant, suffix, tol) in
+        [("full", "", 1e-4), ("plain", "", 1e-4), ("full", "_f64", 1e-10), ("plain", "_f64", 1e-10)]
+    {
         let dtype = if suffix.is_empty() { DType::F32 } else { DType::F64 };
         let full = variant == "full";
         let input = |k: &str| Var::from_tensor(&fx[&format!("in.{k}")].to_dtype(dtype).unwrap()).unwrap();
@@ -157,14 +188,23 @@ fn matches_pytorch_fixture() {
         }
         let vars: Vec<Var> = names.iter().map(|k| input(k)).collect();
         let t = |i: usize| vars[i].as_tensor();
-        let p = if full { ScanParams { d: Some(t(5)), z: Some(t(6)), delta_bias: Some(t(7)), delta_softplus: true } } else { ScanParams::default() };
+        let p = if full {
+            ScanParams { d: Some(t(5)), z: Some(t(6)), delta_bias: Some(t(7)), delta_softplus: true }
+        } else {
+            ScanParams::default()
+        };
         let out = selective_scan(t(0), t(1), t(2), t(3), t(4), &p, None).unwrap();
         let want = |k: &str| fx[&format!("{variant}.{k}{suffix}")].clone();
         assert_close(&format!("{variant}{suffix} y"), &out.y, &want("y"), tol);
         assert_close(&format!("{variant}{suffix} last state"), &out.last_state, &want("last_state"), tol);
         let grads = dot(&out.y, &fx["dout"].to_dtype(dtype).unwrap()).backward().unwrap();
         for (k, v) in names.iter().zip(&vars) {
-            assert_close(&format!("{variant}{suffix} d{k}"), grads.get(v.as_tensor()).unwrap(), &want(&format!("grad_{k}")), tol);
+            assert_close(
+                &format!("{variant}{suffix} d{k}"),
+                grads.get(v.as_tensor()).unwrap(),
+                &want(&format!("grad_{k}")),
+                tol,
+            );
         }
     }
 }
@@ -187,7 +227,16 @@ fn finite_differences_f64() {
 fn run_no_grad(c: Case, inp: &Inputs, args: &[Tensor]) -> (Tensor, Tensor, ()) {
     let get = |name: &str| inp.vars.iter().position(|(n, _)| *n == name).map(|i| &args[i]);
     let p = ScanParams { d: get("D"), z: get("z"), delta_bias: get("delta_bias"), delta_softplus: c.softplus };
-    let out = selective_scan(get("u").unwrap(), get("delta").unwrap(), get("A").unwrap(), get("B").unwrap(), get("C").unwrap(), &p, get("initial_state")).unwrap();
+    let out = selective_scan(
+        get("u").unwrap(),
+        get("delta").unwrap(),
+        get("A").unwrap(),
+        get("B").unwrap(),
+        get("C").unwrap(),
+        &p,
+        get("initial_state"),
+    )
+    .unwrap();
     (out.y, out.last_state, ())
 }
 
@@ -219,7 +268,10 @@ fn bad_shapes_and_dtypes_are_named() {
     let err = |r: mamba_ssm::Result<mamba_ssm::ScanOutput>| r.err().expect("expected an error").to_string();
     let bad_delta = delta.narrow(2, 0, 5).unwrap();
     let msg = err(selective_scan(u, &bad_delta, a, b, cc, &p, None));
-    assert!(msg.contains("`delta`") && msg.contains("(batch, dim, len) = (2, 4, 6)") && msg.contains("[2, 4, 5]"), "{msg}");
+    assert!(
+        msg.contains("`delta`") && msg.contains("(batch, dim, len) = (2, 4, 6)") && msg.contains("[2, 4, 5]"),
+        "{msg}"
+    );
     let msg = err(selective_scan(u, delta, &a.t().unwrap(), b, cc, &p, None));
     assert!(msg.contains("`A`") && msg.contains("(dim, state)"), "{msg}");
     let msg = err(selective_scan(u, delta, a, b, &cc.narrow(1, 0, 2).unwrap(), &p, None));

@@ -22,7 +22,19 @@ struct Case {
     limit: (f64, f64),
 }
 
-const BASE: Case = Case { batch: 2, len: 29, heads: 4, headdim: 3, groups: 2, state: 5, chunk: 8, d: 1, z: true, h0: true, limit: (0.0, f64::INFINITY) };
+const BASE: Case = Case {
+    batch: 2,
+    len: 29,
+    heads: 4,
+    headdim: 3,
+    groups: 2,
+    state: 5,
+    chunk: 8,
+    d: 1,
+    z: true,
+    h0: true,
+    limit: (0.0, f64::INFINITY),
+};
 
 /// Leaves in a fixed order: x, dt, A, B, C, dt_bias, then D, z, h0 when present.
 fn leaves(c: Case, seed: u64, dtype: DType) -> Vec<Var> {
@@ -68,7 +80,10 @@ fn scan(form: &Form, c: Case, t: &[Tensor]) -> ScanOutput {
 }
 
 fn cotangents(c: Case, dtype: DType) -> (Tensor, Tensor) {
-    (uniform(&[c.batch, c.len, c.heads, c.headdim], 90, -1.0, 1.0, dtype), uniform(&[c.batch, c.heads, c.headdim, c.state], 91, -1.0, 1.0, dtype))
+    (
+        uniform(&[c.batch, c.len, c.heads, c.headdim], 90, -1.0, 1.0, dtype),
+        uniform(&[c.batch, c.heads, c.headdim, c.state], 91, -1.0, 1.0, dtype),
+    )
 }
 
 fn run(form: &Form, c: Case, t: &[Tensor], dtype: DType) -> (ScanOutput, Vec<Tensor>) {
@@ -123,7 +138,8 @@ fn chunked_quadratic_and_recurrent_forms_agree() {
         let c = Case { chunk, ..c };
         let chunked = scan(&Form::Chunked, c, &t);
         let recurrent = scan(&Form::Reference, c, &t);
-        let p = SsdParams { d: Some(&t[6]), z: Some(&t[7]), dt_bias: Some(&t[5]), dt_softplus: true, ..Default::default() };
+        let p =
+            SsdParams { d: Some(&t[6]), z: Some(&t[7]), dt_bias: Some(&t[5]), dt_softplus: true, ..Default::default() };
         let quadratic = ssd_quadratic(&t[0], &t[1], &t[2], &t[3], &t[4], &p).unwrap();
         assert_close("chunked vs quadratic", &chunked.y, &quadratic, 1e-12);
         assert_close("chunked vs recurrent", &chunked.y, &recurrent.y, 1e-12);
@@ -157,7 +173,12 @@ fn matches_pytorch_fixture() {
             assert_close(&format!("state{suffix}"), &out.last_state, &fx[&format!("last_state{suffix}")], tol);
             let grads = dot(&out.y, &fx["dout"].to_dtype(dtype).unwrap()).backward().unwrap();
             for (k, v) in names.iter().zip(&vars) {
-                assert_close(&format!("d{k}{suffix} chunk {chunk}"), grads.get(v.as_tensor()).unwrap(), &fx[&format!("grad_{k}{suffix}")], tol);
+                assert_close(
+                    &format!("d{k}{suffix} chunk {chunk}"),
+                    grads.get(v.as_tensor()).unwrap(),
+                    &fx[&format!("grad_{k}{suffix}")],
+                    tol,
+                );
             }
         }
     }
@@ -165,7 +186,19 @@ fn matches_pytorch_fixture() {
 
 #[test]
 fn finite_differences_f64() {
-    let c = Case { batch: 1, len: 7, heads: 2, headdim: 2, groups: 1, state: 3, chunk: 3, d: 2, z: true, h0: true, limit: (0.0, f64::INFINITY) };
+    let c = Case {
+        batch: 1,
+        len: 7,
+        heads: 2,
+        headdim: 2,
+        groups: 1,
+        state: 3,
+        chunk: 3,
+        d: 2,
+        z: true,
+        h0: true,
+        limit: (0.0, f64::INFINITY),
+    };
     let t: Vec<Tensor> = leaves(c, 21, DType::F64).iter().map(|v| v.as_tensor().clone()).collect();
     let (_, grads) = run(&Form::Chunked, c, &t, DType::F64);
     let (dy, dlast) = cotangents(c, DType::F64);
@@ -173,8 +206,8 @@ fn finite_differences_f64() {
         let out = scan(&Form::Chunked, c, args);
         (dot(&out.y, &dy) + dot(&out.last_state, &dlast)).unwrap().to_scalar::<f64>().unwrap()
     };
-    for i in 0..t.len() {
-        check_finite_differences(&format!("input {i}"), &t, i, &grads[i], &loss);
+    for (i, grad) in grads.iter().enumerate() {
+        check_finite_differences(&format!("input {i}"), &t, i, grad, &loss);
     }
 }
 

@@ -42,7 +42,13 @@ pub fn fixture(name: &str) -> HashMap<String, Tensor> {
 
 /// Central finite differences of `f` (a scalar function of the inputs) with respect to a few
 /// entries of input `which`, compared with `grad` (f64).
-pub fn check_finite_differences(what: &str, inputs: &[Tensor], which: usize, grad: &Tensor, f: &dyn Fn(&[Tensor]) -> f64) {
+pub fn check_finite_differences(
+    what: &str,
+    inputs: &[Tensor],
+    which: usize,
+    grad: &Tensor,
+    f: &dyn Fn(&[Tensor]) -> f64,
+) {
     let flat: Vec<f64> = inputs[which].flatten_all().unwrap().to_vec1().unwrap();
     let g: Vec<f64> = grad.flatten_all().unwrap().to_vec1().unwrap();
     let eps = 1e-6;
