@@ -16,10 +16,10 @@ use std::any::Any;
 use std::sync::Mutex;
 
 /// Time steps between the states the forward pass keeps for the backward pass.
-const CHUNK: usize = 64;
+const CHUNK: usize = 32;
 /// Time steps the forward pass loads at once: long contiguous reads from each of the 16 rows of a
 /// (batch, dim, len) input keep the hardware prefetchers ahead.
-const TILE: usize = 4 * CHUNK;
+const TILE: usize = 8 * CHUNK;
 /// Time steps whose decays are computed together before the recurrence uses them.
 const SUB: usize = 8;
 
