@@ -1,4 +1,6 @@
-//! Scan kernels against the loop of candle ops that candle Mamba models use today.
+//! Scan kernels against loops over time of candle ops: `candle_steps` is this crate's reference
+//! (`selective_scan_ref`, one `selective_state_update` per step), `candle_transformers_style`
+//! the way candle-transformers' Mamba computes the scan.
 //!
 //! `cargo bench -p mamba-ssm --bench scan` (2 threads; see docs/benchmarks.md). Throughput is in
 //! state updates (batch x dim x len x state for the selective scan, batch x len x heads x headdim
@@ -48,8 +50,44 @@ impl Scan {
     }
 }
 
+/// The scan as candle-transformers' Mamba writes it: exp(delta A) and delta B u materialised for
+/// the whole sequence as (batch, dim, len, state) tensors, then a loop over time of a multiply-add
+/// and a matrix-vector product. D, z, delta_bias and softplus in candle ops around it.
+fn candle_transformers_style(
+    u: &Tensor,
+    delta: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    p: &ScanParams,
+    _h0: Option<&Tensor>,
+) -> mamba_ssm::Result<ScanOutput> {
+    let (batch, dim, len) = u.dims3()?;
+    let n = a.dim(1)?;
+    let dt = mamba_ssm::softplus(&delta.broadcast_add(&p.delta_bias.unwrap().reshape((1, dim, 1))?)?)?.unsqueeze(3)?;
+    let delta_a = dt.broadcast_mul(&a.reshape((1, dim, 1, n))?)?.exp()?;
+    let delta_b_u =
+        dt.broadcast_mul(&b.transpose(1, 2)?.reshape((batch, 1, len, n))?)?.broadcast_mul(&u.unsqueeze(3)?)?;
+    let mut h = Tensor::zeros((batch, dim, n), u.dtype(), u.device())?;
+    let mut ys = Vec::with_capacity(len);
+    for t in 0..len {
+        h = ((h * delta_a.narrow(2, t, 1)?.squeeze(2)?)? + delta_b_u.narrow(2, t, 1)?.squeeze(2)?)?;
+        ys.push(h.matmul(&c.narrow(2, t, 1)?)?.squeeze(2)?); // (batch, dim)
+    }
+    let y = (Tensor::stack(&ys, 2)? + u.broadcast_mul(&p.d.unwrap().reshape((1, dim, 1))?)?)?;
+    let y = (y * p.z.unwrap().silu()?)?;
+    Ok(ScanOutput { y, last_state: h })
+}
+
 fn selective(c: &mut Criterion) {
     let (dim, state) = (1536, 16);
+    // The comparisons must compute what the kernel computes.
+    let small = Scan::new(40, state, 70);
+    for other in [selective_scan_ref as ScanFn, candle_transformers_style] {
+        let (y, want) = (small.run(selective_scan, false), small.run(other, false));
+        let err = (y - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(err < 1e-4, "comparison differs from the kernel by {err}");
+    }
     let mut g = c.benchmark_group("selective_scan");
     g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(5));
     for len in [1024, 4096] {
@@ -59,8 +97,11 @@ fn selective(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("kernel_fwd_bwd", len), &len, |b, _| {
             b.iter(|| s.run(selective_scan, true).sum_all().unwrap().backward().unwrap())
         });
-        g.bench_with_input(BenchmarkId::new("candle_loop_fwd", len), &len, |b, _| {
+        g.bench_with_input(BenchmarkId::new("candle_steps_fwd", len), &len, |b, _| {
             b.iter(|| s.run(selective_scan_ref, false))
+        });
+        g.bench_with_input(BenchmarkId::new("candle_transformers_style_fwd", len), &len, |b, _| {
+            b.iter(|| s.run(candle_transformers_style, false))
         });
     }
     g.finish();

@@ -460,18 +460,8 @@ impl ScanOp {
                         self.load_inputs(&u, &delta, item.batch, c0, width, t0, bias, &mut tiles, true);
                         dy.load_tile(item.batch, c0, width, t0, &mut tiles.y);
                         work.h[..n].copy_from_slice(&ckpt[(j * chunks + chunk) * n..][..n]);
-                        scan_chunk_bwd(a, &tiles, bt, ct, &mut g[j], &mut da_acc[j], &mut work);
-                        for k in 0..kc {
-                            for w in 0..LANES {
-                                let (dyk, uk, dtk) = (tiles.y[k][w], tiles.u[k][w], tiles.dt[k][w]);
-                                let s = work.s[k][w];
-                                tiles.y[k][w] = s * dtk + d[w] * dyk; // du
-                                let dpre = (work.ddt[k][w] + s * uk) * tiles.dsp[k][w];
-                                work.ddt[k][w] = dpre;
-                                dbias_acc[j][w] += dpre;
-                                dd_acc[j][w] += dyk * uk;
-                            }
-                        }
+                        let sums = [&mut dd_acc[j], &mut dbias_acc[j]];
+                        scan_chunk_bwd(a, d, &mut tiles, bt, ct, &mut g[j], &mut da_acc[j], sums, &mut work);
                         let rows = (c0 - item.start) * len;
                         store_tile(&tiles.y, width, &mut du_rows[rows..], len, t0);
                         store_tile(&work.ddt, width, &mut ddelta_rows[rows..], len, t0);
@@ -663,9 +653,10 @@ simd_fn! {
 simd_fn! {
     /// The backward pass over one chunk for one block: recomputes the states from `work.h[..n]`
     /// (the chunk's start state), then walks back in time carrying `g` = d(loss)/d(state)
-    /// through the decays. Writes d(dt) through the decay and sum_n G B per step; accumulates
-    /// dA, dB and dC. a2 = A log2(e).
-    fn scan_chunk_bwd<T, S>(a2: &[Lanes<T>], tiles: &Tiles<T>, bt: &[T], ct: &[T], g: &mut [Lanes<T>], da: &mut [Lanes<T>], work: &mut BwdWork<T>) {
+    /// through the decays. Leaves du in tiles.y (which brings dy) and d(delta) in work.ddt;
+    /// accumulates dA, dB, dC (lane-wise), and dD and d(delta_bias) in `sums`. a2 = A log2(e).
+    fn scan_chunk_bwd<T, S>(a2: &[Lanes<T>], d: &Lanes<T>, tiles: &mut Tiles<T>, bt: &[T], ct: &[T], g: &mut [Lanes<T>], da: &mut [Lanes<T>], sums: [&mut Lanes<T>; 2], work: &mut BwdWork<T>) {
+        let [dd, dbias] = sums;
         let n = g.len();
         let kc = tiles.dt.len();
         let BwdWork { h, decay, db, dc, ddt, s: gb } = work;
@@ -706,6 +697,19 @@ simd_fn! {
             }
             ddt[k] = ddt_k;
             gb[k] = gb_k;
+        }
+        // The parts outside the recurrence: du = (sum_n G B) dt + D dy into tiles.y (which held
+        // dy), d(pre-softplus delta) into work.ddt, and the sums for dD and d(delta_bias).
+        let Tiles { u, dt, dsp, y, .. } = tiles;
+        for k in 0..kc {
+            for w in 0..LANES {
+                let (dyk, uk, s) = (y[k][w], u[k][w], gb[k][w]);
+                y[k][w] = madd::<T, S>(s, dt[k][w], d[w] * dyk);
+                let dpre = madd::<T, S>(s, uk, ddt[k][w]) * dsp[k][w];
+                ddt[k][w] = dpre;
+                dbias[w] += dpre;
+                dd[w] = madd::<T, S>(dyk, uk, dd[w]);
+            }
         }
     }
 }
