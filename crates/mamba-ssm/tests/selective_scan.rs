@@ -4,7 +4,7 @@
 mod common;
 use candle_core::{DType, Tensor, Var};
 use common::*;
-use mamba_ssm::{selective_scan, selective_scan_ref, Error, ScanParams};
+use mamba_ssm::{selective_scan, selective_scan_ref, Error, ScanOutput, ScanParams};
 
 /// Inputs of one test case: which optional parts are present, and the sizes.
 #[derive(Clone, Copy)]
@@ -88,21 +88,19 @@ type ScanFn = fn(
     Option<&Tensor>,
 ) -> mamba_ssm::Result<mamba_ssm::ScanOutput>;
 
-/// Runs `scan` on the inputs; returns y, last state, and the gradient of
-/// sum(y dy) + sum(last dlast) for every input.
-fn run(scan: ScanFn, c: Case, inp: &Inputs, tensors: &[Tensor]) -> (Tensor, Tensor, Vec<Option<Tensor>>) {
+/// Runs `scan` on `tensors`, the inputs in the order of `inp.vars`.
+fn call(scan: ScanFn, c: Case, inp: &Inputs, tensors: &[Tensor]) -> ScanOutput {
     let get = |name: &str| inp.vars.iter().position(|(n, _)| *n == name).map(|i| &tensors[i]);
     let p = ScanParams { d: get("D"), z: get("z"), delta_bias: get("delta_bias"), delta_softplus: c.softplus };
-    let out = scan(
-        get("u").unwrap(),
-        get("delta").unwrap(),
-        get("A").unwrap(),
-        get("B").unwrap(),
-        get("C").unwrap(),
-        &p,
-        get("initial_state"),
-    )
-    .unwrap();
+    let required = |name: &str| get(name).unwrap();
+    scan(required("u"), required("delta"), required("A"), required("B"), required("C"), &p, get("initial_state"))
+        .unwrap()
+}
+
+/// Runs `scan`; returns y, last state, and the gradient of sum(y dy) + sum(last dlast) for
+/// every input.
+fn run(scan: ScanFn, c: Case, inp: &Inputs, tensors: &[Tensor]) -> (Tensor, Tensor, Vec<Option<Tensor>>) {
+    let out = call(scan, c, inp, tensors);
     let loss = (dot(&out.y, &inp.dy) + dot(&out.last_state, &inp.dlast)).unwrap();
     let grads = loss.backward().unwrap();
     let g = tensors.iter().map(|t| grads.get(t).cloned()).collect();
@@ -216,7 +214,7 @@ fn finite_differences_f64() {
     let ts = tensors(&inp);
     let (_, _, grads) = run(selective_scan, c, &inp, &ts);
     let loss = |args: &[Tensor]| {
-        let (y, last, _) = run_no_grad(c, &inp, args);
+        let ScanOutput { y, last_state: last } = call(selective_scan, c, &inp, args);
         (dot(&y, &inp.dy) + dot(&last, &inp.dlast)).unwrap().to_scalar::<f64>().unwrap()
     };
     for (i, (name, _)) in inp.vars.iter().enumerate() {
@@ -224,35 +222,19 @@ fn finite_differences_f64() {
     }
 }
 
-fn run_no_grad(c: Case, inp: &Inputs, args: &[Tensor]) -> (Tensor, Tensor, ()) {
-    let get = |name: &str| inp.vars.iter().position(|(n, _)| *n == name).map(|i| &args[i]);
-    let p = ScanParams { d: get("D"), z: get("z"), delta_bias: get("delta_bias"), delta_softplus: c.softplus };
-    let out = selective_scan(
-        get("u").unwrap(),
-        get("delta").unwrap(),
-        get("A").unwrap(),
-        get("B").unwrap(),
-        get("C").unwrap(),
-        &p,
-        get("initial_state"),
-    )
-    .unwrap();
-    (out.y, out.last_state, ())
-}
-
 #[test]
 fn half_precision_inputs_accumulate_in_f32() {
     let c = Case { dim: 16, len: 40, ..BASE };
     let inp = inputs(c, 5, DType::F32);
     let ts = tensors(&inp);
-    let (y32, _, _) = run_no_grad(c, &inp, &ts);
+    let y32 = call(selective_scan, c, &inp, &ts).y;
     for dt in [DType::BF16, DType::F16] {
         let low: Vec<Tensor> = ts.iter().map(|t| t.to_dtype(dt).unwrap()).collect();
         let back: Vec<Tensor> = low.iter().map(|t| t.to_dtype(DType::F32).unwrap()).collect();
-        let (y, last, _) = run_no_grad(c, &inp, &low);
+        let ScanOutput { y, last_state: last } = call(selective_scan, c, &inp, &low);
         assert_eq!((y.dtype(), last.dtype()), (dt, dt));
         // Same inputs after rounding, computed in f32: only the output rounding differs.
-        let (y_rounded_inputs, _, _) = run_no_grad(c, &inp, &back);
+        let y_rounded_inputs = call(selective_scan, c, &inp, &back).y;
         assert_close("y", &y.to_dtype(DType::F32).unwrap(), &y_rounded_inputs, 1e-2);
         assert!(rel_err(&y.to_dtype(DType::F32).unwrap(), &y32) < 0.1);
     }
