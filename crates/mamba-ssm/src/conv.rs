@@ -4,7 +4,7 @@
 //! y[b, c, t] = act(bias[c] + sum_j w[c, j] x[b, c, t + j - (width - 1)]), x = 0 before t = 0.
 
 use crate::cpu::{flat, View3};
-use crate::error::{argument, check, dims_of, Result};
+use crate::error::{argument, check, dims, Result};
 use crate::math::{simd_fn, Real};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
@@ -30,10 +30,7 @@ fn weight_2d(weight: &Tensor, channels: usize) -> Result<Tensor> {
 }
 
 fn check_conv(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<(usize, usize, usize, Tensor)> {
-    let (batch, channels, len) = match dims_of("x", x, "batch, channels, len")? {
-        &[b, c, l] => (b, c, l),
-        _ => unreachable!(),
-    };
+    let [batch, channels, len] = dims("x", x, ["batch", "channels", "len"])?;
     let w = weight_2d(weight, channels)?;
     if let Some(bias) = bias {
         check("conv bias", bias, &[("channels", channels)])?;
@@ -79,10 +76,7 @@ pub fn causal_conv1d_update(
     bias: Option<&Tensor>,
     silu: bool,
 ) -> Result<(Tensor, Tensor)> {
-    let (batch, channels, width) = match dims_of("conv_state", conv_state, "batch, channels, width")? {
-        &[b, c, k] => (b, c, k),
-        _ => unreachable!(),
-    };
+    let [batch, channels, width] = dims("conv_state", conv_state, ["batch", "channels", "width"])?;
     check("x", x, &[("batch", batch), ("channels", channels)])?;
     let w = weight_2d(weight, channels)?;
     check("conv weight", &w, &[("channels", channels), ("width", width)])?;

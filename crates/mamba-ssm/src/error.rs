@@ -33,19 +33,16 @@ pub(crate) fn check(tensor: &'static str, t: &Tensor, dims: &[Dim]) -> Result<()
     Ok(())
 }
 
-/// The dims of a float tensor of the given rank, or an error naming it and the expected layout.
-pub(crate) fn dims_of<'t>(tensor: &'static str, t: &'t Tensor, layout: &str) -> Result<&'t [usize]> {
+/// The sizes of a float tensor of rank N, or an error naming it and the expected dimensions.
+pub(crate) fn dims<const N: usize>(tensor: &'static str, t: &Tensor, names: [&str; N]) -> Result<[usize; N]> {
     if !t.dtype().is_float() {
         return Err(Error::DType { tensor, got: t.dtype() });
     }
-    if t.rank() != layout.split(',').count() {
-        return Err(Error::Shape {
-            tensor,
-            expected: format!("rank {} ({layout})", layout.split(',').count()),
-            got: t.dims().to_vec(),
-        });
-    }
-    Ok(t.dims())
+    t.dims().try_into().map_err(|_| Error::Shape {
+        tensor,
+        expected: format!("rank {N} ({})", names.join(", ")),
+        got: t.dims().to_vec(),
+    })
 }
 
 pub(crate) fn argument(name: &'static str, message: impl Into<String>) -> Error {

@@ -5,7 +5,7 @@
 //!   h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t,    y_t = C_t . h_t + D u_t,    y_t *= silu(z_t)
 
 use crate::cpu::{add_lane_sums, flat, plan, split_items, store_tile, transpose_last, zeros, View3};
-use crate::error::{argument, check, dims_of, Result};
+use crate::error::{argument, check, dims, Result};
 use crate::gate::silu_gate;
 use crate::math::{madd, simd_fn, Lanes, Real, LANES};
 use crate::softplus;
@@ -17,7 +17,7 @@ use std::sync::Mutex;
 
 /// Time steps between the states the forward pass keeps for the backward pass.
 const CHUNK: usize = 32;
-/// Time steps the forward pass loads at once: long contiguous reads from each of the 16 rows of a
+/// Time steps the forward pass loads at once: long contiguous reads from each row of a block of a
 /// (batch, dim, len) input keep the hardware prefetchers ahead.
 const TILE: usize = 8 * CHUNK;
 /// Time steps whose decays are computed together before the recurrence uses them.
@@ -67,16 +67,13 @@ fn check_inputs(
     p: &ScanParams,
     h0: Option<&Tensor>,
 ) -> Result<Checked> {
-    let (batch, dim, len) = match dims_of("u", u, "batch, dim, len")? {
-        &[batch, dim, len] => (batch, dim, len),
-        _ => unreachable!(),
-    };
+    let [batch, dim, len] = dims("u", u, ["batch", "dim", "len"])?;
     if len == 0 {
         return Err(argument("u", "the sequence length must be at least 1"));
     }
     let bdl = [("batch", batch), ("dim", dim), ("len", len)];
     check("delta", delta, &bdl)?;
-    let state = dims_of("A", a, "dim, state")?[1];
+    let [_, state] = dims("A", a, ["dim", "state"])?;
     check("A", a, &[("dim", dim), ("state", state)])?;
     let groups = match b.rank() {
         4 => b.dim(1)?,
@@ -140,17 +137,17 @@ pub fn selective_scan(
         pack.push(cast(t)?.flatten_all()?);
     }
     let pack = Tensor::cat(&pack, 0)?;
-    let (u32_, delta32) = (cast(u)?, cast(delta)?);
+    let (u_c, delta_c) = (cast(u)?, cast(delta)?);
     let op = ScanOp {
         dims,
         has_d: p.d.is_some(),
         has_bias: p.delta_bias.is_some(),
         has_h0: initial_state.is_some(),
         softplus: p.delta_softplus,
-        keep_checkpoints: u32_.track_op() || delta32.track_op() || pack.track_op(),
+        keep_checkpoints: u_c.track_op() || delta_c.track_op() || pack.track_op(),
         checkpoints: Mutex::new(None),
     };
-    let out = u32_.apply_op3(&delta32, &pack, op)?;
+    let out = u_c.apply_op3(&delta_c, &pack, op)?;
     let Dims { batch, dim, len, state, .. } = dims;
     let mut y = out.narrow(0, 0, batch * dim * len)?.reshape((batch, dim, len))?;
     let last_state = out.narrow(0, batch * dim * len, batch * dim * state)?.reshape((batch, dim, state))?;
@@ -174,10 +171,7 @@ pub fn selective_state_update(
     c: &Tensor,
     p: &ScanParams,
 ) -> Result<(Tensor, Tensor)> {
-    let (batch, dim, n) = match dims_of("state", state, "batch, dim, state")? {
-        &[batch, dim, n] => (batch, dim, n),
-        _ => unreachable!(),
-    };
+    let [batch, dim, n] = dims("state", state, ["batch", "dim", "state"])?;
     let bd = [("batch", batch), ("dim", dim)];
     check("x", x, &bd)?;
     check("delta", delta, &bd)?;

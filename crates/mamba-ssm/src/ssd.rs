@@ -5,7 +5,7 @@
 //! Per head h with group g(h), state h_t of shape (headdim, state), dt = clamp(softplus(dt + dt_bias)):
 //!   h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T,    y_t = h_t C_t + D x_t,    y_t *= silu(z_t)
 
-use crate::error::{argument, check, dims_of, Result};
+use crate::error::{argument, check, dims, Result};
 use crate::gate::silu_gate;
 use crate::{softplus, ScanOutput};
 use candle_core::{DType, Tensor, D};
@@ -49,17 +49,13 @@ fn check_inputs(
     p: &SsdParams,
     h0: Option<&Tensor>,
 ) -> Result<Sizes> {
-    let (batch, len, heads, headdim) = match dims_of("x", x, "batch, len, heads, headdim")? {
-        &[b, l, h, p] => (b, l, h, p),
-        _ => unreachable!(),
-    };
+    let [batch, len, heads, headdim] = dims("x", x, ["batch", "len", "heads", "headdim"])?;
     if len == 0 {
         return Err(argument("x", "the sequence length must be at least 1"));
     }
     check("dt", dt, &[("batch", batch), ("len", len), ("heads", heads)])?;
     check("A", a, &[("heads", heads)])?;
-    let bdims = dims_of("B", b, "batch, len, groups, state")?;
-    let (groups, state) = (bdims[2], bdims[3]);
+    let [_, _, groups, state] = dims("B", b, ["batch", "len", "groups", "state"])?;
     let bc = [("batch", batch), ("len", len), ("groups", groups), ("state", state)];
     check("B", b, &bc)?;
     check("C", c, &bc)?;
@@ -251,14 +247,11 @@ pub fn ssd_state_update(
     c: &Tensor,
     p: &SsdParams,
 ) -> Result<(Tensor, Tensor)> {
-    let (batch, heads, headdim, state) = match dims_of("state", h, "batch, heads, headdim, state")? {
-        &[b, h, p, n] => (b, h, p, n),
-        _ => unreachable!(),
-    };
+    let [batch, heads, headdim, state] = dims("state", h, ["batch", "heads", "headdim", "state"])?;
     check("x", x, &[("batch", batch), ("heads", heads), ("headdim", headdim)])?;
     check("dt", dt, &[("batch", batch), ("heads", heads)])?;
     check("A", a, &[("heads", heads)])?;
-    let groups = dims_of("B", b, "batch, groups, state")?[1];
+    let [_, groups, _] = dims("B", b, ["batch", "groups", "state"])?;
     check("B", b, &[("batch", batch), ("groups", groups), ("state", state)])?;
     check("C", c, &[("batch", batch), ("groups", groups), ("state", state)])?;
     if groups == 0 || heads % groups != 0 {
