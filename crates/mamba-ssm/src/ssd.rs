@@ -88,7 +88,7 @@ fn check_inputs(
 fn effective_dt(dt: &Tensor, p: &SsdParams) -> Result<Tensor> {
     let mut dt = dt.clone();
     if let Some(bias) = p.dt_bias {
-        dt = dt.broadcast_add(bias)?;
+        dt = dt.broadcast_add(&bias.to_dtype(dt.dtype())?)?;
     }
     if p.dt_softplus {
         dt = softplus(&dt)?;

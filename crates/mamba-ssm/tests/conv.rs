@@ -93,3 +93,16 @@ fn bad_shapes_are_named() {
         .to_string();
     assert!(msg.contains("`conv weight`") && msg.contains("width"), "{msg}");
 }
+
+#[test]
+fn half_precision_inputs_accumulate_in_f32() {
+    let [x, w, b, _] = inputs(2, 5, 9, 4, DType::F32);
+    for dt in [DType::BF16, DType::F16] {
+        let [xl, wl, bl] = [&x, &w, &b].map(|t| t.to_dtype(dt).unwrap());
+        let y = causal_conv1d(&xl, &wl, Some(&bl), true).unwrap();
+        assert_eq!(y.dtype(), dt);
+        let [xb, wb, bb] = [&xl, &wl, &bl].map(|t| t.to_dtype(DType::F32).unwrap());
+        let want = causal_conv1d_ref(&xb, &wb, Some(&bb), true).unwrap();
+        assert_close("y", &y.to_dtype(DType::F32).unwrap(), &want, 1e-2);
+    }
+}

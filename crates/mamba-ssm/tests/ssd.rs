@@ -230,3 +230,20 @@ fn bad_shapes_are_named() {
     let msg = err(ssd_chunk_scan(&t[0], &t[1], &t[2], &t[3], &t[4], 8, &SsdParams { d: Some(&d), ..p }, None));
     assert!(msg.contains("`D`") && msg.contains("(heads, headdim) = (4, 3)"), "{msg}");
 }
+
+#[test]
+fn half_precision_inputs_accumulate_in_f32() {
+    let c = Case { h0: false, z: false, d: 0, ..BASE };
+    let t: Vec<Tensor> = leaves(c, 4, DType::F32).iter().map(|v| v.as_tensor().clone()).collect();
+    fn p(t: &[Tensor]) -> SsdParams<'_> {
+        SsdParams { dt_bias: Some(&t[5]), dt_softplus: true, ..Default::default() }
+    }
+    for dt in [DType::BF16, DType::F16] {
+        let low: Vec<Tensor> = t.iter().map(|x| x.to_dtype(dt).unwrap()).collect();
+        let back: Vec<Tensor> = low.iter().map(|x| x.to_dtype(DType::F32).unwrap()).collect();
+        let out = ssd_chunk_scan(&low[0], &low[1], &low[2], &low[3], &low[4], 8, &p(&low), None).unwrap();
+        assert_eq!((out.y.dtype(), out.last_state.dtype()), (dt, dt));
+        let want = ssd_scan_ref(&back[0], &back[1], &back[2], &back[3], &back[4], &p(&back), None).unwrap();
+        assert_close("y", &out.y.to_dtype(DType::F32).unwrap(), &want.y, 1e-2);
+    }
+}
