@@ -12,6 +12,7 @@ pub(crate) struct View3<'a, T> {
     data: &'a [T],
     offset: usize,
     stride: [usize; 3],
+    len: [usize; 3],
 }
 
 impl<'a, T: Real> View3<'a, T> {
@@ -20,15 +21,33 @@ impl<'a, T: Real> View3<'a, T> {
         if stride.len() != 3 {
             candle_core::bail!("expected a 3-d tensor, got shape {:?}", layout.shape());
         }
+        let d = layout.dims();
         Ok(Self {
             data: T::cpu_storage_as_slice(storage)?,
             offset: layout.start_offset(),
             stride: [stride[0], stride[1], stride[2]],
+            len: [d[0], d[1], d[2]],
         })
     }
 
     pub fn from_slice(data: &'a [T], dims: [usize; 3]) -> Self {
-        Self { data, offset: 0, stride: [dims[1] * dims[2], dims[2], 1] }
+        Self { data, offset: 0, stride: [dims[1] * dims[2], dims[2], 1], len: dims }
+    }
+
+    /// Length of the last dimension.
+    pub fn row_len(&self) -> usize {
+        self.len[2]
+    }
+
+    /// Row (i, j, ..) of the last dimension: borrowed when it is contiguous, else gathered into `buf`.
+    pub fn row<'b>(&'b self, i: usize, j: usize, buf: &'b mut Vec<T>) -> &'b [T] {
+        let start = self.offset + i * self.stride[0] + j * self.stride[1];
+        if self.stride[2] == 1 {
+            return &self.data[start..start + self.len[2]];
+        }
+        buf.clear();
+        buf.extend((0..self.len[2]).map(|k| self.data[start + k * self.stride[2]]));
+        buf
     }
 
     #[inline(always)]

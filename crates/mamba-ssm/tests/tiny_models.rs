@@ -74,7 +74,6 @@ impl Mamba1 {
                 x_dbl.narrow(2, r, n).unwrap().transpose(1, 2).unwrap(),
                 x_dbl.narrow(2, r + n, n).unwrap().transpose(1, 2).unwrap(),
             );
-            let z = z.contiguous().unwrap();
             let p = ScanParams {
                 d: Some(self.p(i, "mixer.D")),
                 z: Some(&z),
