@@ -48,7 +48,11 @@ pub fn causal_conv1d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, silu: b
         Some(b) => b.to_dtype(dt)?,
         None => Tensor::zeros(channels, dt, x.device())?,
     };
-    let y = x.to_dtype(dt)?.apply_op3(&w.to_dtype(dt)?.contiguous()?, &bias.contiguous()?, CausalConv { silu })?;
+    let y = x.to_dtype(dt)?.apply_op3(
+        &w.to_dtype(dt)?.contiguous()?,
+        &bias.contiguous()?,
+        CausalConv { silu, width: w.dim(1)? },
+    )?;
     Ok(y.to_dtype(x.dtype())?)
 }
 
@@ -109,6 +113,7 @@ simd_fn! {
 
 struct CausalConv {
     silu: bool,
+    width: usize,
 }
 
 /// Row buffers: the input with width - 1 zeros in front, and the pre-activation.
@@ -127,8 +132,11 @@ fn conv_row<T: Real>(x: &View3<T>, b: usize, c: usize, w: &[T], bias: T, xp: &mu
 
 impl CausalConv {
     fn fwd<T: Real>(&self, x: View3<T>, w: &[T], bias: &[T], (batch, channels, len): (usize, usize, usize)) -> Vec<T> {
-        let width = w.len() / channels;
+        let width = self.width;
         let mut y = vec![T::ZERO; batch * channels * len];
+        if y.is_empty() {
+            return y;
+        }
         y.par_chunks_mut(len).enumerate().for_each_init(Vec::new, |xp, (row, out)| {
             let (b, c) = (row / channels, row % channels);
             conv_row(&x, b, c, &w[c * width..(c + 1) * width], bias[c], xp, out);
@@ -148,11 +156,12 @@ impl CausalConv {
         g: &[T],
         (batch, channels, len): (usize, usize, usize),
     ) -> (Vec<T>, Vec<T>, Vec<T>) {
-        let width = w.len() / channels;
+        let width = self.width;
         let mut dx = vec![T::ZERO; batch * channels * len];
         // Per-row weight and bias gradients, summed over the batch below.
         let mut dwb = vec![T::ZERO; batch * channels * (width + 1)];
-        dx.par_chunks_mut(len).zip(dwb.par_chunks_mut(width + 1)).enumerate().for_each_init(
+        // Rows of length 0 (len 0) have nothing to give; chunking by 0 is not allowed.
+        dx.par_chunks_mut(len.max(1)).zip(dwb.par_chunks_mut(width + 1)).enumerate().for_each_init(
             || (Vec::new(), vec![T::ZERO; len], Vec::new()),
             |(xp, pre, dp), (row, (dx, dwb))| {
                 let (b, c) = (row / channels, row % channels);

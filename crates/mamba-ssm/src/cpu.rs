@@ -138,7 +138,7 @@ pub(crate) fn plan(batch: usize, dim: usize, groups: usize) -> Vec<Item> {
     let per_group = dim / groups;
     let blocks = per_group.div_ceil(LANES);
     let wanted = 4 * rayon::current_num_threads();
-    let parts = wanted.div_ceil(batch * groups).clamp(1, blocks.max(1));
+    let parts = wanted.div_ceil((batch * groups).max(1)).clamp(1, blocks.max(1));
     let mut items = Vec::with_capacity(batch * groups * parts);
     for b in 0..batch {
         for g in 0..groups {

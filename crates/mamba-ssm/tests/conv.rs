@@ -106,3 +106,14 @@ fn half_precision_inputs_accumulate_in_f32() {
         assert_close("y", &y.to_dtype(DType::F32).unwrap(), &want, 1e-2);
     }
 }
+
+#[test]
+fn empty_dimensions_do_not_panic() {
+    for (batch, ch) in [(0, 3), (2, 0)] {
+        let x = var(&Tensor::zeros((batch, ch, 5), DType::F32, &CPU).unwrap()).as_tensor().clone();
+        let w = Tensor::zeros((ch, 4), DType::F32, &CPU).unwrap();
+        let y = causal_conv1d(&x, &w, None, true).unwrap();
+        assert_eq!(y.dims(), &[batch, ch, 5]);
+        assert_eq!(y.sum_all().unwrap().backward().unwrap().get(&x).unwrap().dims(), &[batch, ch, 5]);
+    }
+}

@@ -273,3 +273,19 @@ fn bad_shapes_and_dtypes_are_named() {
     assert!(msg.contains("`u`") && msg.contains("rank 3"), "{msg}");
     assert!(matches!(selective_scan(u, &bad_delta, a, b, cc, &p, None), Err(Error::Shape { tensor: "delta", .. })));
 }
+
+#[test]
+fn empty_dimensions_do_not_panic() {
+    for (batch, dim, state) in [(0, 4, 3), (2, 0, 3), (2, 4, 0)] {
+        let t = |s: &[usize]| Tensor::zeros(s, DType::F32, &CPU).unwrap();
+        let (u, a, b) = (t(&[batch, dim, 5]), t(&[dim, state]), t(&[batch, state, 5]));
+        let out = selective_scan(&u, &u, &a, &b, &b, &ScanParams::default(), None).unwrap();
+        assert_eq!(out.y.dims(), &[batch, dim, 5]);
+        assert_eq!(out.last_state.dims(), &[batch, dim, state]);
+    }
+    let u = Tensor::zeros((1, 2, 0), DType::F32, &CPU).unwrap();
+    let (a, b) =
+        (Tensor::zeros((2, 3), DType::F32, &CPU).unwrap(), Tensor::zeros((1, 3, 0), DType::F32, &CPU).unwrap());
+    let msg = selective_scan(&u, &u, &a, &b, &b, &ScanParams::default(), None).err().unwrap().to_string();
+    assert!(msg.contains("`u`") && msg.contains("length"), "{msg}");
+}

@@ -247,3 +247,11 @@ fn half_precision_inputs_accumulate_in_f32() {
         assert_close("y", &out.y.to_dtype(DType::F32).unwrap(), &want.y, 1e-2);
     }
 }
+
+#[test]
+fn empty_batch_does_not_panic() {
+    let t: Vec<Tensor> =
+        leaves(Case { batch: 0, ..BASE }, 1, DType::F32).iter().map(|v| v.as_tensor().clone()).collect();
+    let out = ssd_chunk_scan(&t[0], &t[1], &t[2], &t[3], &t[4], 8, &SsdParams::default(), None).unwrap();
+    assert_eq!(out.y.dims(), &[0, 29, 4, 3]);
+}
