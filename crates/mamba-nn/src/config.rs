@@ -1,0 +1,216 @@
+//! Model configuration, and reading it from a Hugging Face `config.json` (MambaConfig and
+//! Mamba2Config as transformers writes them).
+
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::path::Path;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MixerKind {
+    Mamba1,
+    Mamba2,
+}
+
+/// The sizes of a stack of Mamba blocks, named as in the papers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackboneConfig {
+    pub kind: MixerKind,
+    pub d_model: usize,
+    pub n_layer: usize,
+    pub d_state: usize,
+    pub d_conv: usize,
+    pub expand: usize,
+    /// Mamba-1: rank of the dt projection.
+    pub dt_rank: usize,
+    /// Mamba-2: channels per head, B/C groups, SSD chunk length, dt clamp after the softplus.
+    pub headdim: usize,
+    pub ngroups: usize,
+    pub chunk_size: usize,
+    pub dt_limit: (f64, f64),
+    pub norm_eps: f64,
+    pub conv_bias: bool,
+    /// Bias on in_proj and out_proj.
+    pub proj_bias: bool,
+}
+
+impl BackboneConfig {
+    pub fn d_inner(&self) -> usize {
+        self.expand * self.d_model
+    }
+
+    /// Mamba-2 heads.
+    pub fn nheads(&self) -> usize {
+        self.d_inner() / self.headdim.max(1)
+    }
+}
+
+/// A causal language model: backbone, vocabulary and whether the head is tied to the embedding.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LmConfig {
+    pub backbone: BackboneConfig,
+    pub vocab_size: usize,
+    pub tie_embeddings: bool,
+}
+
+impl LmConfig {
+    /// Reads a transformers `config.json` (model_type "mamba" or "mamba2").
+    pub fn from_hf_file(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.display().to_string(), source })?;
+        Self::from_hf_json(&text, &path.display().to_string())
+    }
+
+    /// `source` names the file in errors.
+    pub fn from_hf_json(text: &str, source: &str) -> Result<Self> {
+        let err = |message: String| Error::Config { path: source.to_string(), message };
+        // Older Mamba-2 configs write a bare Infinity, which is not JSON.
+        let json: Value = serde_json::from_str(text)
+            .or_else(|_| serde_json::from_str(&quote_bare_infinity(text)))
+            .map_err(|e| err(format!("not valid JSON: {e}")))?;
+        let get = |key: &str| json.get(key).filter(|v| !v.is_null());
+        let int = |key: &str| -> Result<usize> {
+            let v = get(key).ok_or_else(|| err(format!("missing key `{key}`")))?;
+            v.as_u64()
+                .map(|n| n as usize)
+                .ok_or_else(|| err(format!("key `{key}` must be a non-negative integer, got {v}")))
+        };
+        let int_or = |key: &str, default: usize| if get(key).is_some() { int(key) } else { Ok(default) };
+        let flag_or = |key: &str, default: bool| -> Result<bool> {
+            match get(key) {
+                None => Ok(default),
+                Some(v) => v.as_bool().ok_or_else(|| err(format!("key `{key}` must be true or false, got {v}"))),
+            }
+        };
+        let kind = match get("model_type").and_then(Value::as_str) {
+            Some("mamba") => MixerKind::Mamba1,
+            Some("mamba2") => MixerKind::Mamba2,
+            other => return Err(err(format!("key `model_type` must be \"mamba\" or \"mamba2\", got {other:?}"))),
+        };
+        let d_model = int("hidden_size")?;
+        let expand = int_or("expand", 2)?;
+        let d_inner = int_or("intermediate_size", expand * d_model)?;
+        if d_inner != expand * d_model {
+            return Err(err(format!(
+                "`intermediate_size` {d_inner} is not expand ({expand}) x hidden_size ({d_model})"
+            )));
+        }
+        let dt_rank = match get("time_step_rank") {
+            Some(Value::String(s)) if s == "auto" => d_model.div_ceil(16),
+            Some(_) => int("time_step_rank")?,
+            None => d_model.div_ceil(16),
+        };
+        let dt_limit = match get("time_step_limit") {
+            None => (0.0, f64::INFINITY),
+            Some(Value::Array(v)) if v.len() == 2 => match (float(&v[0]), float(&v[1])) {
+                (Some(lo), Some(hi)) => (lo, hi),
+                _ => return Err(err(format!("key `time_step_limit` must hold two numbers, got {v:?}"))),
+            },
+            Some(v) => return Err(err(format!("key `time_step_limit` must be [low, high], got {v}"))),
+        };
+        let norm_eps = match get("layer_norm_epsilon") {
+            None => 1e-5,
+            Some(v) => float(v).ok_or_else(|| err(format!("key `layer_norm_epsilon` must be a number, got {v}")))?,
+        };
+        let (headdim, ngroups) = match kind {
+            MixerKind::Mamba1 => (0, 1),
+            MixerKind::Mamba2 => (int("head_dim")?, int_or("n_groups", 1)?),
+        };
+        let backbone = BackboneConfig {
+            kind,
+            d_model,
+            n_layer: int("num_hidden_layers")?,
+            d_state: int("state_size")?,
+            d_conv: int_or("conv_kernel", 4)?,
+            expand,
+            dt_rank,
+            headdim,
+            ngroups,
+            chunk_size: int_or("chunk_size", 256)?,
+            dt_limit,
+            norm_eps,
+            conv_bias: flag_or("use_conv_bias", true)?,
+            proj_bias: flag_or("use_bias", false)?,
+        };
+        if kind == MixerKind::Mamba2 {
+            let heads = int_or("num_heads", backbone.nheads())?;
+            if headdim == 0 || heads * headdim != d_inner {
+                return Err(err(format!(
+                    "num_heads ({heads}) x head_dim ({headdim}) must equal expand x hidden_size ({d_inner})"
+                )));
+            }
+            if ngroups == 0 || heads % ngroups != 0 {
+                return Err(err(format!("`n_groups` ({ngroups}) must divide num_heads ({heads})")));
+            }
+        }
+        Ok(Self { backbone, vocab_size: int("vocab_size")?, tie_embeddings: flag_or("tie_word_embeddings", true)? })
+    }
+}
+
+/// A JSON number, a string such as "Infinity", or transformers' {"__float__": "Infinity"}.
+fn float(v: &Value) -> Option<f64> {
+    match v {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.parse().ok(),
+        Value::Object(o) => o.get("__float__").and_then(float),
+        _ => None,
+    }
+}
+
+/// Puts quotes around bare Infinity / -Infinity tokens (outside strings).
+fn quote_bare_infinity(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 8);
+    let mut in_string = false;
+    let mut prev = '\0';
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if c == '"' && prev != '\\' {
+            in_string = !in_string;
+        }
+        let token = ["-Infinity", "Infinity"].into_iter().find(|t| !in_string && rest.starts_with(t));
+        if let Some(t) = token {
+            out.push('"');
+            out.push_str(t);
+            out.push('"');
+            rest = &rest[t.len()..];
+            prev = 'y';
+            continue;
+        }
+        out.push(c);
+        prev = c;
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAMBA2: &str = r#"{"model_type": "mamba2", "hidden_size": 64, "num_hidden_layers": 2, "state_size": 16,
+        "head_dim": 16, "num_heads": 8, "n_groups": 1, "expand": 2, "vocab_size": 64, "chunk_size": 8,
+        "time_step_limit": [0.0, LIMIT], "tie_word_embeddings": false}"#;
+
+    #[test]
+    fn reads_every_spelling_of_infinity() {
+        for limit in [r#"{"__float__": "Infinity"}"#, "Infinity", r#""Infinity""#] {
+            let cfg = LmConfig::from_hf_json(&MAMBA2.replace("LIMIT", limit), "config.json").unwrap();
+            assert_eq!(cfg.backbone.dt_limit, (0.0, f64::INFINITY), "{limit}");
+            assert_eq!((cfg.backbone.nheads(), cfg.tie_embeddings), (8, false));
+        }
+    }
+
+    #[test]
+    fn errors_name_file_and_key() {
+        let text = MAMBA2.replace("LIMIT", "1.0").replace(r#""state_size": 16,"#, "");
+        let msg = LmConfig::from_hf_json(&text, "dir/config.json").unwrap_err().to_string();
+        assert!(msg.contains("dir/config.json") && msg.contains("`state_size`"), "{msg}");
+        let text = MAMBA2.replace("LIMIT", "1.0").replace(r#""num_heads": 8"#, r#""num_heads": 7"#);
+        let msg = LmConfig::from_hf_json(&text, "c.json").unwrap_err().to_string();
+        assert!(msg.contains("num_heads (7)"), "{msg}");
+        let msg = LmConfig::from_hf_json(r#"{"model_type": "llama"}"#, "c.json").unwrap_err().to_string();
+        assert!(msg.contains("`model_type`"), "{msg}");
+    }
+}

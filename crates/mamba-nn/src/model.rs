@@ -1,0 +1,291 @@
+//! Residual blocks, the backbone and the causal language model, with loading from Hugging Face
+//! `save_pretrained` directories (one safetensors file or a sharded index).
+
+use crate::{BackboneConfig, Error, LmConfig, Mamba1Mixer, Mamba2Mixer, MixerKind, Result, RmsNorm};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// What a mixer carries from one token to the next.
+#[derive(Debug, Clone)]
+pub struct MixerCache {
+    /// The last d_conv inputs of the conv: (batch, channels, d_conv).
+    pub conv: Tensor,
+    /// The SSM state: (batch, d_inner, d_state) for Mamba-1, (batch, nheads, headdim, d_state) for
+    /// Mamba-2.
+    pub ssm: Tensor,
+}
+
+impl MixerCache {
+    /// The last `width` columns of x (batch, channels, len), zeros in front when len < width.
+    pub(crate) fn last_inputs(x: &Tensor, width: usize) -> Result<Tensor> {
+        let len = x.dim(2)?;
+        let x = if len < width { x.pad_with_zeros(2, width - len, 0)? } else { x.narrow(2, len - width, width)? };
+        Ok(x.contiguous()?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Mixer {
+    Mamba1(Mamba1Mixer),
+    Mamba2(Mamba2Mixer),
+}
+
+impl Mixer {
+    fn forward(&self, x: &Tensor) -> Result<(Tensor, MixerCache)> {
+        match self {
+            Mixer::Mamba1(m) => m.forward(x),
+            Mixer::Mamba2(m) => m.forward(x),
+        }
+    }
+
+    fn step(&self, x: &Tensor, cache: &mut MixerCache) -> Result<Tensor> {
+        match self {
+            Mixer::Mamba1(m) => m.step(x, cache),
+            Mixer::Mamba2(m) => m.step(x, cache),
+        }
+    }
+
+    fn empty_cache(&self, batch: usize) -> Result<MixerCache> {
+        match self {
+            Mixer::Mamba1(m) => m.empty_cache(batch),
+            Mixer::Mamba2(m) => m.empty_cache(batch),
+        }
+    }
+}
+
+/// Pre-norm residual block: h + mixer(norm(h)), the residual stream kept in f32.
+#[derive(Debug, Clone)]
+pub struct Block {
+    norm: RmsNorm,
+    mixer: Mixer,
+}
+
+impl Block {
+    pub fn load(vb: VarBuilder, cfg: &BackboneConfig) -> Result<Self> {
+        let norm = RmsNorm::new(vb.get(cfg.d_model, "norm.weight")?, cfg.norm_eps);
+        let mixer = match cfg.kind {
+            MixerKind::Mamba1 => Mixer::Mamba1(Mamba1Mixer::load(vb.pp("mixer"), cfg)?),
+            MixerKind::Mamba2 => Mixer::Mamba2(Mamba2Mixer::load(vb.pp("mixer"), cfg)?),
+        };
+        Ok(Self { norm, mixer })
+    }
+
+    /// h: (batch, len, d_model) f32.
+    pub fn forward(&self, h: &Tensor) -> Result<(Tensor, MixerCache)> {
+        let (y, cache) = self.mixer.forward(&self.norm.forward(h)?)?;
+        Ok(((h + y.to_dtype(DType::F32)?)?, cache))
+    }
+
+    /// h: (batch, d_model) f32.
+    pub fn step(&self, h: &Tensor, cache: &mut MixerCache) -> Result<Tensor> {
+        let y = self.mixer.step(&self.norm.forward(h)?, cache)?;
+        Ok((h + y.to_dtype(DType::F32)?)?)
+    }
+}
+
+/// Embedding, blocks and the final norm.
+#[derive(Debug, Clone)]
+pub struct Backbone {
+    embeddings: Tensor,
+    layers: Vec<Block>,
+    norm_f: RmsNorm,
+}
+
+impl Backbone {
+    pub fn load(vb: VarBuilder, cfg: &BackboneConfig, vocab_size: usize) -> Result<Self> {
+        let layers = (0..cfg.n_layer).map(|i| Block::load(vb.pp(format!("layers.{i}")), cfg)).collect::<Result<_>>()?;
+        Ok(Self {
+            embeddings: vb.get((vocab_size, cfg.d_model), "embeddings.weight")?,
+            layers,
+            norm_f: RmsNorm::new(vb.get(cfg.d_model, "norm_f.weight")?, cfg.norm_eps),
+        })
+    }
+
+    /// ids: (batch, len) -> hidden states after norm_f (batch, len, d_model), and each layer's cache.
+    pub fn forward(&self, ids: &Tensor) -> Result<(Tensor, Vec<MixerCache>)> {
+        let (batch, len) = ids.dims2()?;
+        let mut h = self.embeddings.embedding(&ids.flatten_all()?)?.reshape((batch, len, ()))?.to_dtype(DType::F32)?;
+        let mut caches = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            let (next, cache) = layer.forward(&h)?;
+            h = next;
+            caches.push(cache);
+        }
+        Ok((self.norm_f.forward(&h)?, caches))
+    }
+
+    /// Caches for `batch` sequences not yet started.
+    pub fn empty_caches(&self, batch: usize) -> Result<Vec<MixerCache>> {
+        self.layers.iter().map(|l| l.mixer.empty_cache(batch)).collect()
+    }
+
+    /// ids: (batch) -> hidden states after norm_f (batch, d_model); advances the caches.
+    pub fn step(&self, ids: &Tensor, caches: &mut [MixerCache]) -> Result<Tensor> {
+        let mut h = self.embeddings.embedding(ids)?.to_dtype(DType::F32)?;
+        for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
+            h = layer.step(&h, cache)?;
+        }
+        self.norm_f.forward(&h)
+    }
+}
+
+/// Backbone plus a language-model head, tied to the embedding or not.
+#[derive(Debug, Clone)]
+pub struct MambaLm {
+    pub config: LmConfig,
+    backbone: Backbone,
+    lm_head: Tensor,
+}
+
+impl MambaLm {
+    pub fn load(vb: VarBuilder, config: LmConfig) -> Result<Self> {
+        let backbone = Backbone::load(vb.pp("backbone"), &config.backbone, config.vocab_size)?;
+        let lm_head = if config.tie_embeddings {
+            backbone.embeddings.clone()
+        } else {
+            vb.get((config.vocab_size, config.backbone.d_model), "lm_head.weight")?
+        };
+        Ok(Self { config, backbone, lm_head })
+    }
+
+    /// A Hugging Face directory: config.json and model.safetensors (or a sharded
+    /// model.safetensors.index.json). Missing, unexpected or mis-shaped tensors are reported
+    /// together in one error.
+    pub fn load_hf(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let config = LmConfig::from_hf_file(&dir.join("config.json"))?;
+        let mut tensors = read_safetensors(dir, device)?;
+        // The original state-spaces checkpoints name the embedding in the singular.
+        if let Some(t) = tensors.remove("backbone.embedding.weight") {
+            tensors.entry("backbone.embeddings.weight".into()).or_insert(t);
+        }
+        check_tensors(&tensors, &expected_tensors(&config), &dir.display().to_string())?;
+        Self::load(VarBuilder::from_tensors(tensors, dtype, device), config)
+    }
+
+    /// ids: (batch, len) -> logits (batch, len, vocab) f32, and the caches after the last token.
+    pub fn forward(&self, ids: &Tensor) -> Result<(Tensor, Vec<MixerCache>)> {
+        let (h, caches) = self.backbone.forward(ids)?;
+        Ok((h.broadcast_matmul(&self.lm_head.to_dtype(DType::F32)?.t()?)?, caches))
+    }
+
+    /// Caches for `batch` sequences not yet started (decoding from the first token).
+    pub fn empty_caches(&self, batch: usize) -> Result<Vec<MixerCache>> {
+        self.backbone.empty_caches(batch)
+    }
+
+    /// Every tensor a checkpoint of `config` holds, with its shape.
+    pub fn tensor_shapes(config: &LmConfig) -> Vec<(String, Vec<usize>)> {
+        expected_tensors(config)
+    }
+
+    /// ids: (batch) -> logits (batch, vocab) f32; advances the caches.
+    pub fn step(&self, ids: &Tensor, caches: &mut [MixerCache]) -> Result<Tensor> {
+        let h = self.backbone.step(ids, caches)?;
+        Ok(h.matmul(&self.lm_head.to_dtype(DType::F32)?.t()?)?)
+    }
+}
+
+/// Every tensor a checkpoint of this configuration holds, with its shape.
+pub(crate) fn expected_tensors(config: &LmConfig) -> Vec<(String, Vec<usize>)> {
+    let c = &config.backbone;
+    let (d, di, n, k) = (c.d_model, c.d_inner(), c.d_state, c.d_conv);
+    let mut out = vec![("backbone.embeddings.weight".to_string(), vec![config.vocab_size, d])];
+    out.push(("backbone.norm_f.weight".into(), vec![d]));
+    if !config.tie_embeddings {
+        out.push(("lm_head.weight".into(), vec![config.vocab_size, d]));
+    }
+    for i in 0..c.n_layer {
+        let p = |name: &str| format!("backbone.layers.{i}.{name}");
+        out.push((p("norm.weight"), vec![d]));
+        let mut mixer: Vec<(&str, Vec<usize>)> = match c.kind {
+            MixerKind::Mamba1 => vec![
+                ("in_proj.weight", vec![2 * di, d]),
+                ("conv1d.weight", vec![di, 1, k]),
+                ("x_proj.weight", vec![c.dt_rank + 2 * n, di]),
+                ("dt_proj.weight", vec![di, c.dt_rank]),
+                ("dt_proj.bias", vec![di]),
+                ("A_log", vec![di, n]),
+                ("D", vec![di]),
+                ("out_proj.weight", vec![d, di]),
+            ],
+            MixerKind::Mamba2 => {
+                let (h, conv) = (c.nheads(), di + 2 * c.ngroups * n);
+                vec![
+                    ("in_proj.weight", vec![di + conv + h, d]),
+                    ("conv1d.weight", vec![conv, 1, k]),
+                    ("dt_bias", vec![h]),
+                    ("A_log", vec![h]),
+                    ("D", vec![h]),
+                    ("norm.weight", vec![di]),
+                    ("out_proj.weight", vec![d, di]),
+                ]
+            }
+        };
+        let conv_channels = mixer[1].1[0];
+        if c.conv_bias {
+            mixer.push(("conv1d.bias", vec![conv_channels]));
+        }
+        if c.proj_bias {
+            let in_out = mixer[0].1[0];
+            mixer.push(("in_proj.bias", vec![in_out]));
+            mixer.push(("out_proj.bias", vec![d]));
+        }
+        out.extend(mixer.into_iter().map(|(name, shape)| (p(&format!("mixer.{name}")), shape)));
+    }
+    out
+}
+
+/// One error listing every missing, unexpected and mis-shaped tensor.
+fn check_tensors(tensors: &HashMap<String, Tensor>, expected: &[(String, Vec<usize>)], path: &str) -> Result<()> {
+    let mut problems = vec![];
+    for (name, shape) in expected {
+        match tensors.get(name) {
+            None => problems.push(format!("missing {name} {shape:?}")),
+            Some(t) if t.dims() != shape.as_slice() => {
+                problems.push(format!("{name}: shape {:?}, expected {shape:?}", t.dims()))
+            }
+            Some(_) => {}
+        }
+    }
+    let known: std::collections::HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+    let mut extra: Vec<&String> = tensors.keys().filter(|k| !known.contains(k.as_str())).collect();
+    extra.sort();
+    // A tied head may still be stored.
+    problems.extend(extra.into_iter().filter(|k| *k != "lm_head.weight").map(|k| format!("unexpected {k}")));
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Checkpoint { path: path.into(), problems: problems.join("\n") })
+    }
+}
+
+/// All tensors of model.safetensors, or of every shard named in model.safetensors.index.json.
+fn read_safetensors(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let single = dir.join("model.safetensors");
+    let files = if single.exists() {
+        vec![single]
+    } else {
+        let index = dir.join("model.safetensors.index.json");
+        let text = std::fs::read_to_string(&index)
+            .map_err(|source| Error::Io { path: index.display().to_string(), source })?;
+        let bad = |message: String| Error::Config { path: index.display().to_string(), message };
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let map =
+            json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| bad("missing key `weight_map`".into()))?;
+        let mut shards: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
+        shards.sort();
+        shards.dedup();
+        shards.into_iter().map(|s| dir.join(s)).collect()
+    };
+    let mut tensors = HashMap::new();
+    for file in files {
+        let loaded = candle_core::safetensors::load(&file, device).map_err(|e| Error::Config {
+            path: file.display().to_string(),
+            message: format!("cannot read safetensors: {e}"),
+        })?;
+        tensors.extend(loaded);
+    }
+    Ok(tensors)
+}

@@ -1,0 +1,137 @@
+//! MambaLm against transformers on the fixtures (logits, prompt cache, cached greedy decoding),
+//! parallel forward against step-by-step decoding for other configurations, and checkpoint errors.
+
+use candle_core::{safetensors, DType, Device, IndexOp, Tensor, D};
+use mamba_nn::{BackboneConfig, LmConfig, MambaLm, MixerCache, MixerKind};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+const CPU: Device = Device::Cpu;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+}
+
+fn check_against_transformers(name: &str) {
+    let model = MambaLm::load_hf(&fixtures().join(name), DType::F32, &CPU).unwrap();
+    let io = safetensors::load(fixtures().join(format!("{name}_io.safetensors")), &CPU).unwrap();
+    let ids = io["input_ids"].to_dtype(DType::U32).unwrap();
+    let (logits, mut caches) = model.forward(&ids).unwrap();
+    let e = max_abs(&logits, &io["logits"]);
+    assert!(e <= 1e-4, "{name} logits: max abs error {e}");
+    for (i, c) in caches.iter().enumerate() {
+        assert!(max_abs(&c.conv, &io[&format!("prompt_cache.conv_state.{i}")]) <= 1e-5, "{name} conv cache {i}");
+        assert!(max_abs(&c.ssm, &io[&format!("prompt_cache.ssm_state.{i}")]) <= 1e-4, "{name} ssm cache {i}");
+    }
+    let want: Vec<i64> = io["decode.new_ids"].flatten_all().unwrap().to_vec1().unwrap();
+    let mut next = logits.i((.., logits.dim(1).unwrap() - 1)).unwrap().argmax(D::Minus1).unwrap();
+    for (k, &id) in want.iter().enumerate() {
+        assert_eq!(next.to_vec1::<u32>().unwrap(), vec![id as u32], "{name}: greedy token {k}");
+        let step = model.step(&next, &mut caches).unwrap();
+        let e = max_abs(&step, &io["decode.step_logits"].i((.., k)).unwrap());
+        assert!(e <= 1e-4, "{name} step {k}: max abs error {e}");
+        next = step.argmax(D::Minus1).unwrap();
+    }
+}
+
+#[test]
+fn mamba_matches_transformers() {
+    check_against_transformers("mamba_tiny");
+}
+
+#[test]
+fn mamba2_matches_transformers() {
+    check_against_transformers("mamba2_tiny");
+}
+
+/// A model of `config` with seeded random weights (A_log > 0 so that A = -exp(A_log) < -1).
+fn random_model(config: LmConfig, seed: u64) -> MambaLm {
+    // A linear congruential generator: reproducible values in [-0.5, 0.5).
+    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut next = move || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    };
+    let mut tensors = HashMap::new();
+    for (name, shape) in MambaLm::tensor_shapes(&config) {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| if name.ends_with("A_log") { next() + 0.6 } else { next() }).collect();
+        tensors.insert(name, Tensor::from_vec(v, shape, &CPU).unwrap());
+    }
+    MambaLm::load(candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &CPU), config).unwrap()
+}
+
+fn config(kind: MixerKind, ngroups: usize, chunk_size: usize) -> LmConfig {
+    let backbone = BackboneConfig {
+        kind,
+        d_model: 24,
+        n_layer: 2,
+        d_state: 6,
+        d_conv: 4,
+        expand: 2,
+        dt_rank: 2,
+        headdim: 8,
+        ngroups,
+        chunk_size,
+        dt_limit: (0.0, f64::INFINITY),
+        norm_eps: 1e-5,
+        conv_bias: true,
+        proj_bias: false,
+    };
+    LmConfig { backbone, vocab_size: 11, tie_embeddings: kind == MixerKind::Mamba1 }
+}
+
+/// The parallel forward and token-by-token steps from an empty cache give the same logits and
+/// the same final caches.
+fn check_parallel_equals_steps(model: &MambaLm, batch: usize, len: usize) {
+    let ids: Vec<u32> = (0..batch * len).map(|i| (i * 7 % 11) as u32).collect();
+    let ids = Tensor::from_vec(ids, (batch, len), &CPU).unwrap();
+    let (logits, caches) = model.forward(&ids).unwrap();
+    let mut step_caches = model.empty_caches(batch).unwrap();
+    for t in 0..len {
+        let step = model.step(&ids.i((.., t)).unwrap(), &mut step_caches).unwrap();
+        let e = max_abs(&step, &logits.i((.., t)).unwrap());
+        assert!(e <= 1e-4, "len {len} step {t}: max abs error {e}");
+    }
+    for (a, b) in caches.iter().zip(&step_caches) {
+        let MixerCache { conv, ssm } = a;
+        assert!(max_abs(conv, &b.conv) <= 1e-6 && max_abs(ssm, &b.ssm) <= 1e-4, "final cache, len {len}");
+    }
+}
+
+#[test]
+fn parallel_forward_equals_step_decoding() {
+    let m1 = random_model(config(MixerKind::Mamba1, 1, 8), 1);
+    // ngroups 2 (6 heads of 8), lengths shorter than the conv, not a multiple of the chunk.
+    let m2 = random_model(config(MixerKind::Mamba2, 2, 8), 2);
+    for model in [&m1, &m2] {
+        for (batch, len) in [(1, 1), (2, 3), (2, 13), (1, 16)] {
+            check_parallel_equals_steps(model, batch, len);
+        }
+    }
+}
+
+#[test]
+fn checkpoint_problems_are_listed_together() {
+    let dir = std::env::temp_dir().join(format!("mamba-nn-bad-ckpt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(fixtures().join("mamba_tiny/config.json"), dir.join("config.json")).unwrap();
+    let mut t = safetensors::load(fixtures().join("mamba_tiny/model.safetensors"), &CPU).unwrap();
+    t.remove("backbone.layers.1.mixer.D");
+    t.insert("backbone.layers.0.mixer.A_log".into(), Tensor::zeros((8, 64), DType::F32, &CPU).unwrap());
+    t.insert("backbone.layers.0.mixer.extra".into(), Tensor::zeros(3, DType::F32, &CPU).unwrap());
+    safetensors::save(&t, dir.join("model.safetensors")).unwrap();
+    let msg = MambaLm::load_hf(&dir, DType::F32, &CPU).unwrap_err().to_string();
+    std::fs::remove_dir_all(&dir).unwrap();
+    for part in [
+        "missing backbone.layers.1.mixer.D",
+        "backbone.layers.0.mixer.A_log: shape [8, 64], expected [64, 8]",
+        "unexpected backbone.layers.0.mixer.extra",
+    ] {
+        assert!(msg.contains(part), "{part} not in: {msg}");
+    }
+}
