@@ -1,0 +1,176 @@
+//! `mamba`: run Mamba language models from Hugging Face directories.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::{Args, Parser, Subcommand};
+use mamba_nn::{LmConfig, MambaLm};
+use mamba_text::{generate, load_tokenizer, Sampling};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(name = "mamba", version, about = "Mamba state-space models: generate, logits, inspect")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate tokens after a prompt: the prompt through the parallel scan, then cached steps.
+    Generate(GenerateArgs),
+    /// Write the logits of a token sequence as the f32 tensor `logits` (1, len, vocab).
+    Logits {
+        #[arg(long)]
+        model: PathBuf,
+        /// Token ids, comma separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        ids: Vec<u32>,
+        /// Output safetensors file.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print a model's configuration, parameter count and tensors.
+    Inspect {
+        #[arg(long)]
+        model: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// A Hugging Face directory (config.json, model.safetensors, tokenizer.json for --prompt).
+    #[arg(long)]
+    model: PathBuf,
+    /// Prompt text (needs tokenizer.json in the model directory).
+    #[arg(long, conflicts_with = "ids", required_unless_present = "ids")]
+    prompt: Option<String>,
+    /// Prompt token ids, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    ids: Option<Vec<u32>>,
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long)]
+    top_p: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop after any of these token ids (comma separated).
+    #[arg(long, value_delimiter = ',')]
+    stop: Vec<u32>,
+}
+
+fn load(dir: &Path) -> Result<MambaLm> {
+    if !dir.join("config.json").exists() {
+        bail!("{}: not a model directory (no config.json)", dir.display());
+    }
+    Ok(MambaLm::load_hf(dir, DType::F32, &Device::Cpu)?)
+}
+
+fn run_generate(a: GenerateArgs) -> Result<()> {
+    let model = load(&a.model)?;
+    let sampling = Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
+    let mut out = std::io::stdout().lock();
+    match (&a.prompt, &a.ids) {
+        (Some(text), _) => {
+            let tok = load_tokenizer(&a.model)?;
+            let enc =
+                tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("cannot tokenize the prompt: {e}"))?;
+            write!(out, "{text}")?;
+            let mut ids: Vec<u32> = vec![];
+            let mut shown = 0;
+            // Decode the whole continuation each time: tokens can split characters.
+            generate(&model, enc.get_ids(), a.max_new_tokens, sampling, &a.stop, |id| {
+                ids.push(id);
+                if let Ok(text) = tok.decode(&ids, true) {
+                    let _ = write!(out, "{}", &text[shown.min(text.len())..]);
+                    let _ = out.flush();
+                    shown = text.len();
+                }
+            })?;
+            writeln!(out)?;
+        }
+        (None, Some(ids)) => {
+            generate(&model, ids, a.max_new_tokens, sampling, &a.stop, |id| {
+                let _ = write!(out, "{id} ");
+                let _ = out.flush();
+            })?;
+            writeln!(out)?;
+        }
+        (None, None) => unreachable!("clap requires --prompt or --ids"),
+    }
+    Ok(())
+}
+
+fn run_logits(model: &Path, ids: &[u32], out: &Path) -> Result<()> {
+    let m = load(model)?;
+    let vocab = m.config.vocab_size;
+    if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+        bail!("token id {bad} is outside the vocabulary (size {vocab})");
+    }
+    let (logits, _) = m.forward(&Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?)?;
+    // Write beside the target and rename, so that a failure never leaves half a file.
+    let tmp = out.with_extension("safetensors.tmp");
+    candle_core::safetensors::save(&std::collections::HashMap::from([("logits".to_string(), logits)]), &tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))?;
+    eprintln!("wrote logits (1, {}, {vocab}) to {}", ids.len(), out.display());
+    Ok(())
+}
+
+fn run_inspect(dir: &Path) -> Result<()> {
+    let config = LmConfig::from_hf_file(&dir.join("config.json"))?;
+    load(dir)?; // checks that the checkpoint fits the configuration
+    let shapes = MambaLm::tensor_shapes(&config);
+    let params: usize = shapes.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+    let b = &config.backbone;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", dir.display())?;
+    writeln!(
+        out,
+        "kind {:?}, d_model {}, n_layer {}, d_state {}, d_conv {}, expand {}",
+        b.kind, b.d_model, b.n_layer, b.d_state, b.d_conv, b.expand
+    )?;
+    match b.kind {
+        mamba_nn::MixerKind::Mamba1 => writeln!(out, "dt_rank {}", b.dt_rank)?,
+        mamba_nn::MixerKind::Mamba2 => writeln!(
+            out,
+            "headdim {}, nheads {}, ngroups {}, chunk_size {}",
+            b.headdim,
+            b.nheads(),
+            b.ngroups,
+            b.chunk_size
+        )?,
+    }
+    writeln!(out, "vocab {}, tied head {}", config.vocab_size, config.tie_embeddings)?;
+    writeln!(out, "parameters: {params} ({:.2} M)", params as f64 / 1e6)?;
+    for (name, shape) in shapes {
+        writeln!(out, "  {name} {shape:?}")?;
+    }
+    Ok(())
+}
+
+fn main() {
+    // candle asks the OS for the core count on every matmul unless this is set.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    let result = match Cli::parse().command {
+        Command::Generate(a) => run_generate(a),
+        Command::Logits { model, ids, out } => run_logits(&model, &ids, &out),
+        Command::Inspect { model } => run_inspect(&model),
+    };
+    if let Err(e) = result {
+        // A reader that stops early (`mamba inspect ... | head`) is not an error.
+        if e.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) {
+            return;
+        }
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,76 @@
+//! The `mamba` binary end to end on the fixtures: logits and greedy generation against
+//! transformers, inspect, and errors.
+
+use candle_core::{safetensors, Device, Tensor};
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn mamba(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mamba")).args(args).output().expect("run mamba")
+}
+
+/// The prompt ids and the fixture tensors of a tiny model.
+fn io(name: &str) -> (String, std::collections::HashMap<String, Tensor>) {
+    let io = safetensors::load(fixtures().join(format!("{name}_io.safetensors")), &Device::Cpu).unwrap();
+    let ids: Vec<i64> = io["input_ids"].flatten_all().unwrap().to_vec1().unwrap();
+    (ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(","), io)
+}
+
+#[test]
+fn logits_match_transformers() {
+    for name in ["mamba_tiny", "mamba2_tiny"] {
+        let (ids, io) = io(name);
+        let out = std::env::temp_dir().join(format!("mamba-cli-logits-{name}-{}.safetensors", std::process::id()));
+        let model = fixtures().join(name);
+        let run = mamba(&["logits", "--model", model.to_str().unwrap(), "--ids", &ids, "--out", out.to_str().unwrap()]);
+        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+        let got = safetensors::load(&out, &Device::Cpu).unwrap().remove("logits").unwrap();
+        std::fs::remove_file(&out).unwrap();
+        let e = (got - &io["logits"]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(e <= 1e-4, "{name}: max abs error {e}");
+    }
+}
+
+#[test]
+fn greedy_generation_matches_transformers() {
+    for name in ["mamba_tiny", "mamba2_tiny"] {
+        let (ids, io) = io(name);
+        let model = fixtures().join(name);
+        let run = mamba(&["generate", "--model", model.to_str().unwrap(), "--ids", &ids, "--max-new-tokens", "8"]);
+        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+        let got: Vec<i64> =
+            String::from_utf8(run.stdout).unwrap().split_whitespace().map(|t| t.parse().unwrap()).collect();
+        let want: Vec<i64> = io["decode.new_ids"].flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(got, want, "{name}");
+    }
+}
+
+#[test]
+fn inspect_counts_the_checkpoint_parameters() {
+    let model = fixtures().join("mamba_tiny");
+    let stored = safetensors::load(model.join("model.safetensors"), &Device::Cpu).unwrap();
+    let count: usize = stored.values().map(|t| t.elem_count()).sum();
+    let run = mamba(&["inspect", "--model", model.to_str().unwrap()]);
+    let text = String::from_utf8(run.stdout).unwrap();
+    assert!(text.contains(&format!("parameters: {count} ")), "{text}");
+    assert!(text.contains("backbone.layers.1.mixer.A_log [64, 8]"), "{text}");
+}
+
+#[test]
+fn bad_input_is_reported() {
+    let run = mamba(&["logits", "--model", "/no/such/model", "--ids", "1", "--out", "/tmp/never.safetensors"]);
+    assert!(!run.status.success());
+    assert!(String::from_utf8_lossy(&run.stderr).contains("/no/such/model"));
+    let model = fixtures().join("mamba_tiny");
+    let run = mamba(&["generate", "--model", model.to_str().unwrap(), "--ids", "1,2", "--temperature=-1"]);
+    assert!(!run.status.success());
+    assert!(String::from_utf8_lossy(&run.stderr).contains("temperature"));
+    let run =
+        mamba(&["logits", "--model", model.to_str().unwrap(), "--ids", "1,99", "--out", "/tmp/never.safetensors"]);
+    assert!(String::from_utf8_lossy(&run.stderr).contains("token id 99"));
+    assert!(!std::path::Path::new("/tmp/never.safetensors").exists());
+}

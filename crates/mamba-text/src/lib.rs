@@ -1,0 +1,201 @@
+//! Text generation with a [`MambaLm`]: the prompt goes through the parallel scan once, then each
+//! new token is one cached step. Greedy decoding, or sampling with temperature, top-k, top-p and
+//! a seed; stop tokens; tokens are handed to a callback as they come (streaming).
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use mamba_nn::MambaLm;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Model(#[from] mamba_nn::Error),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error("{path}: cannot load the tokenizer: {message}")]
+    Tokenizer { path: String, message: String },
+    #[error("invalid sampling setting: {0}")]
+    Sampling(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// How the next token is chosen from the logits.
+#[derive(Debug, Clone, Copy)]
+pub struct Sampling {
+    /// 0 means greedy (argmax); otherwise logits are divided by it before the softmax.
+    pub temperature: f64,
+    /// Keep only the k most likely tokens.
+    pub top_k: Option<usize>,
+    /// Keep the smallest set of most likely tokens whose probability reaches p.
+    pub top_p: Option<f64>,
+    pub seed: u64,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Self { temperature: 0.0, top_k: None, top_p: None, seed: 0 }
+    }
+}
+
+impl Sampling {
+    fn validate(&self) -> Result<()> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(Error::Sampling(format!("temperature must be >= 0, got {}", self.temperature)));
+        }
+        if self.top_k == Some(0) {
+            return Err(Error::Sampling("top-k must be at least 1".into()));
+        }
+        if let Some(p) = self.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(Error::Sampling(format!("top-p must be in (0, 1], got {p}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Chooses a token from one row of logits.
+pub struct Sampler {
+    sampling: Sampling,
+    rng: StdRng,
+}
+
+impl Sampler {
+    pub fn new(sampling: Sampling) -> Result<Self> {
+        sampling.validate()?;
+        Ok(Self { sampling, rng: StdRng::seed_from_u64(sampling.seed) })
+    }
+
+    /// logits: (vocab).
+    pub fn sample(&mut self, logits: &Tensor) -> Result<u32> {
+        let logits: Vec<f32> = logits.to_dtype(DType::F32)?.to_vec1()?;
+        let argmax =
+            || logits.iter().enumerate().fold(0, |best, (i, &v)| if v > logits[best] { i } else { best }) as u32;
+        if self.sampling.temperature == 0.0 {
+            return Ok(argmax());
+        }
+        let t = self.sampling.temperature as f32;
+        let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let mut probs: Vec<(usize, f32)> = logits.iter().map(|&l| ((l - max) / t).exp()).enumerate().collect();
+        probs.sort_by(|a, b| b.1.total_cmp(&a.1));
+        if let Some(k) = self.sampling.top_k {
+            probs.truncate(k);
+        }
+        let total: f32 = probs.iter().map(|p| p.1).sum();
+        if let Some(p) = self.sampling.top_p {
+            let (mut cum, mut keep) = (0.0, probs.len());
+            for (i, &(_, w)) in probs.iter().enumerate() {
+                cum += w / total;
+                if cum >= p as f32 {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            probs.truncate(keep);
+        }
+        let total: f32 = probs.iter().map(|p| p.1).sum();
+        let mut r = self.rng.random::<f32>() * total;
+        for &(i, w) in &probs {
+            if r < w {
+                return Ok(i as u32);
+            }
+            r -= w;
+        }
+        Ok(probs.last().map_or_else(argmax, |p| p.0 as u32))
+    }
+}
+
+/// Generates up to `max_new` tokens after `prompt`, stopping after any token in `stop`.
+/// `on_token` sees each new token as it is chosen. Returns the new tokens.
+pub fn generate(
+    model: &MambaLm,
+    prompt: &[u32],
+    max_new: usize,
+    sampling: Sampling,
+    stop: &[u32],
+    mut on_token: impl FnMut(u32),
+) -> Result<Vec<u32>> {
+    let mut sampler = Sampler::new(sampling)?;
+    if prompt.is_empty() || max_new == 0 {
+        return Ok(vec![]);
+    }
+    let device = Device::Cpu;
+    let ids = Tensor::new(prompt, &device)?.unsqueeze(0)?;
+    let (logits, mut caches) = model.forward(&ids)?;
+    let mut last = logits.i((0, prompt.len() - 1))?;
+    let mut out = Vec::with_capacity(max_new);
+    loop {
+        let next = sampler.sample(&last)?;
+        out.push(next);
+        on_token(next);
+        if out.len() == max_new || stop.contains(&next) {
+            return Ok(out);
+        }
+        last = model.step(&Tensor::new(&[next], &device)?, &mut caches)?.squeeze(0)?;
+    }
+}
+
+/// The tokenizer of a model directory (`tokenizer.json`).
+pub fn load_tokenizer(dir: &Path) -> Result<tokenizers::Tokenizer> {
+    let path = dir.join("tokenizer.json");
+    tokenizers::Tokenizer::from_file(&path)
+        .map_err(|e| Error::Tokenizer { path: path.display().to_string(), message: e.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logits(v: &[f32]) -> Tensor {
+        Tensor::new(v, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn greedy_takes_the_argmax() {
+        let mut s = Sampler::new(Sampling::default()).unwrap();
+        assert_eq!(s.sample(&logits(&[0.1, 3.0, -1.0, 2.9])).unwrap(), 1);
+    }
+
+    #[test]
+    fn top_k_one_is_greedy_and_seeds_repeat() {
+        let l = logits(&[0.5, 0.2, 2.0, 1.9, -3.0]);
+        let mut s = Sampler::new(Sampling { temperature: 1.0, top_k: Some(1), ..Default::default() }).unwrap();
+        assert!((0..20).all(|_| s.sample(&l).unwrap() == 2));
+        let draw = |seed| {
+            let mut s = Sampler::new(Sampling { temperature: 1.0, seed, ..Default::default() }).unwrap();
+            (0..50).map(|_| s.sample(&l).unwrap()).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(7), draw(7));
+        assert_ne!(draw(7), draw(8));
+    }
+
+    #[test]
+    fn sampling_follows_the_softmax_and_top_p_cuts_the_tail() {
+        // Probabilities 0.5, 0.3, 0.2 at temperature 1.
+        let l = logits(&[0.5f32.ln(), 0.3f32.ln(), 0.2f32.ln()]);
+        let mut s = Sampler::new(Sampling { temperature: 1.0, seed: 1, ..Default::default() }).unwrap();
+        let mut counts = [0usize; 3];
+        for _ in 0..20000 {
+            counts[s.sample(&l).unwrap() as usize] += 1;
+        }
+        for (c, p) in counts.iter().zip([0.5, 0.3, 0.2]) {
+            assert!((*c as f64 / 20000.0 - p).abs() < 0.02, "{counts:?}");
+        }
+        let mut s =
+            Sampler::new(Sampling { temperature: 1.0, top_p: Some(0.75), seed: 1, ..Default::default() }).unwrap();
+        assert!((0..2000).all(|_| s.sample(&l).unwrap() != 2));
+    }
+
+    #[test]
+    fn bad_settings_are_errors() {
+        for bad in [
+            Sampling { temperature: -1.0, ..Default::default() },
+            Sampling { top_k: Some(0), ..Default::default() },
+            Sampling { top_p: Some(1.5), ..Default::default() },
+        ] {
+            assert!(Sampler::new(bad).is_err());
+        }
+    }
+}
