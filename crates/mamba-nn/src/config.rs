@@ -37,6 +37,33 @@ pub struct BackboneConfig {
 }
 
 impl BackboneConfig {
+    /// Sizes that cannot build a model, named.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let positive =
+            [("d_model", self.d_model), ("d_state", self.d_state), ("d_conv", self.d_conv), ("expand", self.expand)];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("`{name}` must be at least 1"));
+        }
+        if self.kind == MixerKind::Mamba2 {
+            if self.headdim == 0 || self.d_inner() % self.headdim != 0 {
+                return Err(format!("`headdim` ({}) must divide expand x d_model ({})", self.headdim, self.d_inner()));
+            }
+            if self.ngroups == 0 || self.nheads() % self.ngroups != 0 {
+                return Err(format!(
+                    "`ngroups` ({}) must divide the number of heads ({})",
+                    self.ngroups,
+                    self.nheads()
+                ));
+            }
+            if self.chunk_size == 0 {
+                return Err("`chunk_size` must be at least 1".into());
+            }
+        } else if self.dt_rank == 0 {
+            return Err("`dt_rank` must be at least 1".into());
+        }
+        Ok(())
+    }
+
     pub fn d_inner(&self) -> usize {
         self.expand * self.d_model
     }
@@ -45,6 +72,73 @@ impl BackboneConfig {
     pub fn nheads(&self) -> usize {
         self.d_inner() / self.headdim.max(1)
     }
+}
+
+/// A model file (TOML) as people write it: `[model]` vocabulary and head, `[backbone]` sizes, with
+/// the usual defaults (d_conv 4, expand 2, dt_rank ceil(d_model / 16), headdim 64, ngroups 1,
+/// chunk_size 256, norm_eps 1e-5). Unknown keys are errors.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModelFile {
+    model: ModelSection,
+    backbone: BackboneSection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModelSection {
+    vocab_size: usize,
+    #[serde(default = "yes")]
+    tie_embeddings: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackboneSection {
+    kind: MixerKind,
+    d_model: usize,
+    n_layer: usize,
+    d_state: usize,
+    #[serde(default = "four")]
+    d_conv: usize,
+    #[serde(default = "two")]
+    expand: usize,
+    dt_rank: Option<usize>,
+    #[serde(default = "sixty_four")]
+    headdim: usize,
+    #[serde(default = "one")]
+    ngroups: usize,
+    #[serde(default = "chunk")]
+    chunk_size: usize,
+    dt_limit: Option<(f64, f64)>,
+    #[serde(default = "eps")]
+    norm_eps: f64,
+    #[serde(default = "yes")]
+    conv_bias: bool,
+    #[serde(default)]
+    proj_bias: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+fn one() -> usize {
+    1
+}
+fn two() -> usize {
+    2
+}
+fn four() -> usize {
+    4
+}
+fn sixty_four() -> usize {
+    64
+}
+fn chunk() -> usize {
+    256
+}
+fn eps() -> f64 {
+    1e-5
 }
 
 /// A causal language model: backbone, vocabulary and whether the head is tied to the embedding.
@@ -56,6 +150,38 @@ pub struct LmConfig {
 }
 
 impl LmConfig {
+    /// Reads a model file in this project's TOML format (see `models/`).
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.display().to_string(), source })?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// `source` names the file in errors.
+    pub fn from_toml(text: &str, source: &str) -> Result<Self> {
+        let err = |message: String| Error::Config { path: source.to_string(), message };
+        let file: ModelFile = toml::from_str(text).map_err(|e| err(e.to_string()))?;
+        let b = file.backbone;
+        let backbone = BackboneConfig {
+            kind: b.kind,
+            d_model: b.d_model,
+            n_layer: b.n_layer,
+            d_state: b.d_state,
+            d_conv: b.d_conv,
+            expand: b.expand,
+            dt_rank: b.dt_rank.unwrap_or(b.d_model.div_ceil(16)),
+            headdim: b.headdim,
+            ngroups: b.ngroups,
+            chunk_size: b.chunk_size,
+            dt_limit: b.dt_limit.unwrap_or((0.0, f64::INFINITY)),
+            norm_eps: b.norm_eps,
+            conv_bias: b.conv_bias,
+            proj_bias: b.proj_bias,
+        };
+        backbone.validate().map_err(err)?;
+        Ok(Self { backbone, vocab_size: file.model.vocab_size, tie_embeddings: file.model.tie_embeddings })
+    }
+
     /// Reads a transformers `config.json` (model_type "mamba" or "mamba2").
     pub fn from_hf_file(path: &Path) -> Result<Self> {
         let text =
@@ -145,6 +271,7 @@ impl LmConfig {
                 return Err(err(format!("`n_groups` ({ngroups}) must divide num_heads ({heads})")));
             }
         }
+        backbone.validate().map_err(err)?;
         Ok(Self { backbone, vocab_size: int("vocab_size")?, tie_embeddings: flag_or("tie_word_embeddings", true)? })
     }
 }
@@ -210,7 +337,29 @@ mod tests {
         let text = MAMBA2.replace("LIMIT", "1.0").replace(r#""num_heads": 8"#, r#""num_heads": 7"#);
         let msg = LmConfig::from_hf_json(&text, "c.json").unwrap_err().to_string();
         assert!(msg.contains("num_heads (7)"), "{msg}");
+        let text = MAMBA2.replace("LIMIT", "1.0").replace(r#""n_groups": 1"#, r#""n_groups": 3"#);
+        let msg = LmConfig::from_hf_json(&text, "c.json").unwrap_err().to_string();
+        assert!(msg.contains("`n_groups` (3)"), "{msg}");
         let msg = LmConfig::from_hf_json(r#"{"model_type": "llama"}"#, "c.json").unwrap_err().to_string();
         assert!(msg.contains("`model_type`"), "{msg}");
+    }
+
+    const TOML: &str = "[model]\nvocab_size = 100\n\n[backbone]\nkind = \"mamba2\"\nd_model = 64\nn_layer = 2\nd_state = 16\nheaddim = 32\n";
+
+    #[test]
+    fn toml_defaults_and_unknown_keys() {
+        let cfg = LmConfig::from_toml(TOML, "m.toml").unwrap();
+        assert_eq!(
+            (cfg.backbone.nheads(), cfg.backbone.d_conv, cfg.backbone.chunk_size, cfg.tie_embeddings),
+            (4, 4, 256, true)
+        );
+        assert_eq!(cfg.backbone.dt_limit, (0.0, f64::INFINITY));
+        let msg = LmConfig::from_toml(&TOML.replace("d_state", "dstate"), "dir/m.toml").unwrap_err().to_string();
+        assert!(msg.contains("dir/m.toml") && msg.contains("dstate"), "{msg}");
+        let msg =
+            LmConfig::from_toml(&TOML.replace("n_layer = 2", "n_layer = \"two\""), "m.toml").unwrap_err().to_string();
+        assert!(msg.contains("n_layer"), "{msg}");
+        let msg = LmConfig::from_toml(&TOML.replace("headdim = 32", "headdim = 48"), "m.toml").unwrap_err().to_string();
+        assert!(msg.contains("`headdim` (48)"), "{msg}");
     }
 }
