@@ -1,6 +1,7 @@
 //! Model configuration, and reading it from a Hugging Face `config.json` (MambaConfig and
 //! Mamba2Config as transformers writes them).
 
+use crate::routes::{Merge, Route, RouteParams};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -34,6 +35,11 @@ pub struct BackboneConfig {
     pub conv_bias: bool,
     /// Bias on in_proj and out_proj.
     pub proj_bias: bool,
+    /// Route names (see `Route::by_name`): ["forward"] is causal, ["forward", "reverse"]
+    /// bidirectional.
+    pub routes: Vec<String>,
+    pub route_params: RouteParams,
+    pub merge: Merge,
 }
 
 impl BackboneConfig {
@@ -43,6 +49,15 @@ impl BackboneConfig {
             [("d_model", self.d_model), ("d_state", self.d_state), ("d_conv", self.d_conv), ("expand", self.expand)];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("`{name}` must be at least 1"));
+        }
+        if self.routes.is_empty() {
+            return Err("`routes` must name at least one route".into());
+        }
+        for r in &self.routes {
+            Route::by_name(r).map_err(|e| format!("`routes`: {e}"))?;
+        }
+        if self.kind == MixerKind::Mamba2 && self.routes != causal() {
+            return Err("`routes` other than [\"forward\"] are built for Mamba-1 only so far".into());
         }
         if self.kind == MixerKind::Mamba2 {
             if self.headdim == 0 || self.d_inner() % self.headdim != 0 {
@@ -66,6 +81,11 @@ impl BackboneConfig {
 
     pub fn d_inner(&self) -> usize {
         self.expand * self.d_model
+    }
+
+    /// Whether the mixer reads only the past: one forward route. Only causal mixers can step.
+    pub fn is_causal(&self) -> bool {
+        self.routes == causal()
     }
 
     /// Mamba-2 heads.
@@ -117,6 +137,16 @@ struct BackboneSection {
     conv_bias: bool,
     #[serde(default)]
     proj_bias: bool,
+    #[serde(default = "causal")]
+    routes: Vec<String>,
+    #[serde(default)]
+    route_params: RouteParams,
+    #[serde(default)]
+    merge: Merge,
+}
+
+fn causal() -> Vec<String> {
+    vec!["forward".into()]
 }
 
 fn yes() -> bool {
@@ -177,6 +207,9 @@ impl LmConfig {
             norm_eps: b.norm_eps,
             conv_bias: b.conv_bias,
             proj_bias: b.proj_bias,
+            routes: b.routes,
+            route_params: b.route_params,
+            merge: b.merge,
         };
         backbone.validate().map_err(err)?;
         Ok(Self { backbone, vocab_size: file.model.vocab_size, tie_embeddings: file.model.tie_embeddings })
@@ -259,6 +292,9 @@ impl LmConfig {
             norm_eps,
             conv_bias: flag_or("use_conv_bias", true)?,
             proj_bias: flag_or("use_bias", false)?,
+            routes: causal(),
+            route_params: RouteParams::Shared,
+            merge: Merge::Sum,
         };
         if kind == MixerKind::Mamba2 {
             let heads = int_or("num_heads", backbone.nheads())?;

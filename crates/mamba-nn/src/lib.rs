@@ -12,6 +12,7 @@ mod mamba1;
 mod mamba2;
 mod model;
 mod norm;
+mod routes;
 
 pub use config::{BackboneConfig, LmConfig, MixerKind};
 pub use error::{Error, Result};
@@ -20,3 +21,4 @@ pub use mamba1::Mamba1Mixer;
 pub use mamba2::Mamba2Mixer;
 pub use model::{Backbone, Block, MambaLm, Mixer, MixerCache};
 pub use norm::RmsNorm;
+pub use routes::{gather, inverse, Merge, Route, RouteParams};

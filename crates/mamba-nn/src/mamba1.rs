@@ -1,43 +1,49 @@
 //! The Mamba-1 mixer (selective SSM block): in_proj -> causal depthwise conv + SiLU -> x_proj
 //! (dt, B, C) -> dt_proj -> selective scan with D skip and z gate -> out_proj.
 //! Parameter names and shapes follow transformers' MambaMixer, so `VarBuilder::pp` paths are the
-//! checkpoint keys.
+//! checkpoint keys. Over several routes, in_proj and out_proj are shared and each route either
+//! shares the SSM parameters or has its own (Vim's names: `conv1d_b`, `x_proj_b`, `dt_proj_b`,
+//! `A_b_log`, `D_b` for the second route).
 
 use crate::model::MixerCache;
-use crate::Linear;
-use crate::{BackboneConfig, Result};
+use crate::routes::{gather, inverse, Merge, Route, RouteParams};
+use crate::{BackboneConfig, Error, Linear, Result};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use mamba_ssm::{causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update, ScanParams};
 
+/// The per-route part: conv, x_proj, dt_proj, A, D.
 #[derive(Debug, Clone)]
-pub struct Mamba1Mixer {
-    in_proj: Linear,
+struct Ssm {
     conv_weight: Tensor,
     conv_bias: Option<Tensor>,
     x_proj: Linear,
     dt_proj: Linear,
     a_log: Tensor,
     d: Tensor,
-    out_proj: Linear,
-    d_inner: usize,
     dt_rank: usize,
     d_state: usize,
 }
 
-impl Mamba1Mixer {
-    pub fn load(vb: VarBuilder, cfg: &BackboneConfig) -> Result<Self> {
-        let (d, di, r, n, k) = (cfg.d_model, cfg.d_inner(), cfg.dt_rank, cfg.d_state, cfg.d_conv);
+/// The suffix of route `i`'s own parameters: none for the first, Vim's `_b` for the second.
+fn suffix(i: usize) -> String {
+    match i {
+        0 => String::new(),
+        1 => "_b".into(),
+        i => format!("_r{i}"),
+    }
+}
+
+impl Ssm {
+    fn load(vb: &VarBuilder, cfg: &BackboneConfig, sfx: &str) -> Result<Self> {
+        let (di, r, n, k) = (cfg.d_inner(), cfg.dt_rank, cfg.d_state, cfg.d_conv);
         Ok(Self {
-            in_proj: Linear::load(&vb, "in_proj", (2 * di, d), cfg.proj_bias)?,
-            conv_weight: vb.get((di, 1, k), "conv1d.weight")?,
-            conv_bias: if cfg.conv_bias { Some(vb.get(di, "conv1d.bias")?) } else { None },
-            x_proj: Linear::load(&vb, "x_proj", (r + 2 * n, di), false)?,
-            dt_proj: Linear::load(&vb, "dt_proj", (di, r), true)?,
-            a_log: vb.get((di, n), "A_log")?,
-            d: vb.get(di, "D")?,
-            out_proj: Linear::load(&vb, "out_proj", (d, di), cfg.proj_bias)?,
-            d_inner: di,
+            conv_weight: vb.get((di, 1, k), &format!("conv1d{sfx}.weight"))?,
+            conv_bias: if cfg.conv_bias { Some(vb.get(di, &format!("conv1d{sfx}.bias"))?) } else { None },
+            x_proj: Linear::load(vb, &format!("x_proj{sfx}"), (r + 2 * n, di), false)?,
+            dt_proj: Linear::load(vb, &format!("dt_proj{sfx}"), (di, r), true)?,
+            a_log: vb.get((di, n), &format!("A{sfx}_log"))?,
+            d: vb.get(di, &format!("D{sfx}"))?,
             dt_rank: r,
             d_state: n,
         })
@@ -48,8 +54,8 @@ impl Mamba1Mixer {
         Ok(self.a_log.exp()?.neg()?)
     }
 
-    /// dt (without its bias, which the scan adds before the softplus), B and C from the conv output
-    /// `u`: (..., d_inner) -> (..., d_inner), (..., d_state), (..., d_state).
+    /// dt (without its bias, which the scan adds before the softplus), B and C from the conv
+    /// output `u`: (..., d_inner) -> (..., d_inner), (..., d_state), (..., d_state).
     fn dt_b_c(&self, u: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (r, n) = (self.dt_rank, self.d_state);
         let x_dbl = self.x_proj.forward(u)?;
@@ -62,42 +68,134 @@ impl Mamba1Mixer {
         ScanParams { d: Some(&self.d), z: Some(z), delta_bias: self.dt_proj.bias(), delta_softplus: true }
     }
 
-    /// x: (batch, len, d_model) -> (batch, len, d_model), and the cache after the last token.
-    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, MixerCache)> {
-        let di = self.d_inner;
-        let xz = self.in_proj.forward(x)?;
-        // (batch, len, d_inner) halves viewed as (batch, d_inner, len): the kernels read them in place.
-        let x_in = xz.narrow(2, 0, di)?.transpose(1, 2)?;
-        let z = xz.narrow(2, di, di)?.transpose(1, 2)?;
-        let u = causal_conv1d(&x_in, &self.conv_weight, self.conv_bias.as_ref(), true)?;
+    /// x, z: (batch, len, d_inner) -> y (batch, len, d_inner), and the cache after the last token.
+    fn forward(&self, x: &Tensor, z: &Tensor) -> Result<(Tensor, MixerCache)> {
+        // (batch, len, d_inner) viewed as (batch, d_inner, len): the kernels read it in place.
+        let (x, z) = (x.transpose(1, 2)?, z.transpose(1, 2)?);
+        let u = causal_conv1d(&x, &self.conv_weight, self.conv_bias.as_ref(), true)?;
         let (dt, b, c) = self.dt_b_c(&u.transpose(1, 2)?)?;
         let (dt, b, c) = (dt.transpose(1, 2)?, b.transpose(1, 2)?, c.transpose(1, 2)?);
         let out = selective_scan(&u, &dt, &self.a()?, &b, &c, &self.params(&z), None)?;
-        let y = self.out_proj.forward(&out.y.transpose(1, 2)?)?;
-        let conv = MixerCache::last_inputs(&x_in, self.conv_weight.dim(2)?)?;
-        Ok((y, MixerCache { conv, ssm: out.last_state }))
+        let conv = MixerCache::last_inputs(&x, self.conv_weight.dim(2)?)?;
+        Ok((out.y.transpose(1, 2)?, MixerCache { conv, ssm: out.last_state }))
     }
 
-    /// One token, x: (batch, d_model) -> (batch, d_model); advances the cache.
-    pub fn step(&self, x: &Tensor, cache: &mut MixerCache) -> Result<Tensor> {
+    /// x, z: (batch, d_inner) -> y (batch, d_inner); advances the cache.
+    fn step(&self, x: &Tensor, z: &Tensor, cache: &mut MixerCache) -> Result<Tensor> {
+        let (u, conv) = causal_conv1d_update(&cache.conv, x, &self.conv_weight, self.conv_bias.as_ref(), true)?;
+        let (dt, b, c) = self.dt_b_c(&u)?;
+        let (y, ssm) = selective_state_update(&cache.ssm, &u, &dt, &self.a()?, &b, &c, &self.params(z))?;
+        *cache = MixerCache { conv, ssm };
+        Ok(y)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Mamba1Mixer {
+    in_proj: Linear,
+    /// One for all routes, or one per route.
+    ssms: Vec<Ssm>,
+    routes: Vec<Route>,
+    merge: Merge,
+    out_proj: Linear,
+    d_inner: usize,
+}
+
+impl Mamba1Mixer {
+    pub fn load(vb: VarBuilder, cfg: &BackboneConfig) -> Result<Self> {
+        let (d, di) = (cfg.d_model, cfg.d_inner());
+        let routes = cfg.routes.iter().map(|r| Route::by_name(r)).collect::<Result<Vec<_>>>()?;
+        let n_ssm = if cfg.route_params == RouteParams::PerRoute { routes.len() } else { 1 };
+        Ok(Self {
+            in_proj: Linear::load(&vb, "in_proj", (2 * di, d), cfg.proj_bias)?,
+            ssms: (0..n_ssm).map(|i| Ssm::load(&vb, cfg, &suffix(i))).collect::<Result<_>>()?,
+            routes,
+            merge: cfg.merge,
+            out_proj: Linear::load(&vb, "out_proj", (d, di), cfg.proj_bias)?,
+            d_inner: di,
+        })
+    }
+
+    /// The names and shapes of route `i`'s own SSM parameters.
+    pub(crate) fn ssm_tensors(cfg: &BackboneConfig, i: usize) -> Vec<(String, Vec<usize>)> {
+        let (di, r, n, k) = (cfg.d_inner(), cfg.dt_rank, cfg.d_state, cfg.d_conv);
+        let s = suffix(i);
+        let mut v = vec![
+            (format!("conv1d{s}.weight"), vec![di, 1, k]),
+            (format!("x_proj{s}.weight"), vec![r + 2 * n, di]),
+            (format!("dt_proj{s}.weight"), vec![di, r]),
+            (format!("dt_proj{s}.bias"), vec![di]),
+            (format!("A{s}_log"), vec![di, n]),
+            (format!("D{s}"), vec![di]),
+        ];
+        if cfg.conv_bias {
+            v.push((format!("conv1d{s}.bias"), vec![di]));
+        }
+        v
+    }
+
+    fn ssm(&self, route: usize) -> &Ssm {
+        &self.ssms[route.min(self.ssms.len() - 1)]
+    }
+
+    /// x: (batch, len, d_model) -> (batch, len, d_model), and the cache after the last token of
+    /// the first route.
+    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, MixerCache)> {
         let di = self.d_inner;
         let xz = self.in_proj.forward(x)?;
-        let (x_in, z) = (xz.narrow(1, 0, di)?, xz.narrow(1, di, di)?);
-        let (u, conv) = causal_conv1d_update(&cache.conv, &x_in, &self.conv_weight, self.conv_bias.as_ref(), true)?;
-        let (dt, b, c) = self.dt_b_c(&u)?;
-        let (y, ssm) = selective_state_update(&cache.ssm, &u, &dt, &self.a()?, &b, &c, &self.params(&z))?;
-        *cache = MixerCache { conv, ssm };
+        let len = xz.dim(1)?;
+        let mut merged: Option<Tensor> = None;
+        let mut first_cache = None;
+        for (i, route) in self.routes.iter().enumerate() {
+            // The forward route needs no gather: the tensors are read in place.
+            let order = (!route.is_forward()).then(|| route.order(len)).transpose()?;
+            let xz_r = match &order {
+                Some(o) => gather(&xz, o)?,
+                None => xz.clone(),
+            };
+            let (y, cache) = self.ssm(i).forward(&xz_r.narrow(2, 0, di)?, &xz_r.narrow(2, di, di)?)?;
+            let y = match &order {
+                Some(o) => gather(&y, &inverse(o))?,
+                None => y,
+            };
+            merged = Some(match merged {
+                Some(m) => (m + y)?,
+                None => y,
+            });
+            first_cache.get_or_insert(cache);
+        }
+        let (mut y, cache) = (merged.expect("at least one route"), first_cache.expect("at least one route"));
+        if self.merge == Merge::Mean && self.routes.len() > 1 {
+            y = (y / self.routes.len() as f64)?;
+        }
+        Ok((self.out_proj.forward(&y)?, cache))
+    }
+
+    /// One token, x: (batch, d_model) -> (batch, d_model); advances the cache. Causal mixers
+    /// (one forward route) only.
+    pub fn step(&self, x: &Tensor, cache: &mut MixerCache) -> Result<Tensor> {
+        if self.routes.len() != 1 || !self.routes[0].is_forward() {
+            let names: Vec<_> = self.routes.iter().map(|r| r.name()).collect();
+            return Err(Error::Config {
+                path: "routes".into(),
+                message: format!("step decoding needs one forward route, the mixer has {names:?}"),
+            });
+        }
+        let di = self.d_inner;
+        let xz = self.in_proj.forward(x)?;
+        let y = self.ssm(0).step(&xz.narrow(1, 0, di)?, &xz.narrow(1, di, di)?, cache)?;
         self.out_proj.forward(&y)
     }
 
     /// A cache for a sequence not yet started: zeros. conv (batch, d_inner, d_conv), ssm
     /// (batch, d_inner, d_state).
     pub fn empty_cache(&self, batch: usize) -> Result<MixerCache> {
-        let k = self.conv_weight.dim(2)?;
-        let (dt, dev) = (self.a_log.dtype(), self.a_log.device());
+        let s = self.ssm(0);
+        let k = s.conv_weight.dim(2)?;
+        let (dt, dev) = (s.a_log.dtype(), s.a_log.device());
         Ok(MixerCache {
             conv: Tensor::zeros((batch, self.d_inner, k), dt, dev)?,
-            ssm: Tensor::zeros((batch, self.d_inner, self.d_state), dt, dev)?,
+            ssm: Tensor::zeros((batch, self.d_inner, s.d_state), dt, dev)?,
         })
     }
 }

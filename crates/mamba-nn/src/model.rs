@@ -200,16 +200,7 @@ pub(crate) fn expected_tensors(config: &LmConfig) -> Vec<(String, Vec<usize>)> {
         let p = |name: &str| format!("backbone.layers.{i}.{name}");
         out.push((p("norm.weight"), vec![d]));
         let mut mixer: Vec<(&str, Vec<usize>)> = match c.kind {
-            MixerKind::Mamba1 => vec![
-                ("in_proj.weight", vec![2 * di, d]),
-                ("conv1d.weight", vec![di, 1, k]),
-                ("x_proj.weight", vec![c.dt_rank + 2 * n, di]),
-                ("dt_proj.weight", vec![di, c.dt_rank]),
-                ("dt_proj.bias", vec![di]),
-                ("A_log", vec![di, n]),
-                ("D", vec![di]),
-                ("out_proj.weight", vec![d, di]),
-            ],
+            MixerKind::Mamba1 => vec![("in_proj.weight", vec![2 * di, d]), ("out_proj.weight", vec![d, di])],
             MixerKind::Mamba2 => {
                 let (h, conv) = (c.nheads(), di + 2 * c.ngroups * n);
                 vec![
@@ -223,9 +214,8 @@ pub(crate) fn expected_tensors(config: &LmConfig) -> Vec<(String, Vec<usize>)> {
                 ]
             }
         };
-        let conv_channels = mixer[1].1[0];
-        if c.conv_bias {
-            mixer.push(("conv1d.bias", vec![conv_channels]));
+        if c.conv_bias && c.kind == MixerKind::Mamba2 {
+            mixer.push(("conv1d.bias", vec![di + 2 * c.ngroups * n]));
         }
         if c.proj_bias {
             let in_out = mixer[0].1[0];
@@ -233,6 +223,13 @@ pub(crate) fn expected_tensors(config: &LmConfig) -> Vec<(String, Vec<usize>)> {
             mixer.push(("out_proj.bias", vec![d]));
         }
         out.extend(mixer.into_iter().map(|(name, shape)| (p(&format!("mixer.{name}")), shape)));
+        if c.kind == MixerKind::Mamba1 {
+            let own = if c.route_params == crate::RouteParams::PerRoute { c.routes.len() } else { 1 };
+            for r in 0..own {
+                let ssm = Mamba1Mixer::ssm_tensors(c, r);
+                out.extend(ssm.into_iter().map(|(name, shape)| (p(&format!("mixer.{name}")), shape)));
+            }
+        }
     }
     out
 }

@@ -2,7 +2,7 @@
 //! parallel forward against step-by-step decoding for other configurations, and checkpoint errors.
 
 use candle_core::{safetensors, DType, Device, IndexOp, Tensor, D};
-use mamba_nn::{BackboneConfig, LmConfig, MambaLm, MixerCache, MixerKind};
+use mamba_nn::{BackboneConfig, LmConfig, Mamba1Mixer, MambaLm, Merge, MixerCache, MixerKind, Route, RouteParams};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -48,8 +48,9 @@ fn mamba2_matches_transformers() {
     check_against_transformers("mamba2_tiny");
 }
 
-/// A model of `config` with seeded random weights (A_log > 0 so that A = -exp(A_log) < -1).
-fn random_model(config: LmConfig, seed: u64) -> MambaLm {
+/// Seeded random tensors for every checkpoint tensor of `config` (A_log > 0 so that
+/// A = -exp(A_log) < -1).
+fn random_tensors(config: &LmConfig, seed: u64) -> HashMap<String, Tensor> {
     // A linear congruential generator: reproducible values in [-0.5, 0.5).
     let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     let mut next = move || {
@@ -62,7 +63,55 @@ fn random_model(config: LmConfig, seed: u64) -> MambaLm {
         let v: Vec<f32> = (0..n).map(|_| if name.ends_with("A_log") { next() + 0.6 } else { next() }).collect();
         tensors.insert(name, Tensor::from_vec(v, shape, &CPU).unwrap());
     }
+    tensors
+}
+
+fn random_model(config: LmConfig, seed: u64) -> MambaLm {
+    let tensors = random_tensors(&config, seed);
     MambaLm::load(candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &CPU), config).unwrap()
+}
+
+/// Layer 0's mixer of `config`, from `tensors`.
+fn mixer(config: &LmConfig, tensors: &HashMap<String, Tensor>) -> Mamba1Mixer {
+    let vb = candle_nn::VarBuilder::from_tensors(tensors.clone(), DType::F32, &CPU);
+    Mamba1Mixer::load(vb.pp("backbone.layers.0.mixer"), &config.backbone).unwrap()
+}
+
+#[test]
+fn bidirectional_mixer_equals_both_directions_computed_directly() {
+    let x = Tensor::from_vec((0..2 * 9 * 24).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect(), (2, 9, 24), &CPU)
+        .unwrap();
+    let flip = |t: &Tensor| mamba_nn::gather(t, &Route::reverse().order(9).unwrap()).unwrap();
+    let causal = config(MixerKind::Mamba1, 1, 8);
+    for (params, merge) in [(RouteParams::PerRoute, Merge::Mean), (RouteParams::Shared, Merge::Sum)] {
+        let mut bidir = causal.clone();
+        bidir.backbone.routes = vec!["forward".into(), "reverse".into()];
+        (bidir.backbone.route_params, bidir.backbone.merge) = (params, merge);
+        let tensors = random_tensors(&bidir, 5);
+        let (y, _) = mixer(&bidir, &tensors).forward(&x).unwrap();
+        // The backward direction on its own: a causal mixer over the reversed sequence, with the
+        // second route's parameters (Vim's `_b` names) under the plain names when they are its own.
+        let mut back = tensors.clone();
+        if params == RouteParams::PerRoute {
+            for (k, v) in &tensors {
+                let plain = k.replace("_b.", ".").replace("A_b_log", "A_log").replace("D_b", "D");
+                if plain != *k {
+                    back.insert(plain, v.clone());
+                }
+            }
+        }
+        let (y_f, _) = mixer(&causal, &tensors).forward(&x).unwrap();
+        let (y_b, _) = mixer(&causal, &back).forward(&flip(&x)).unwrap();
+        let mut want = (y_f + flip(&y_b)).unwrap();
+        if merge == Merge::Mean {
+            want = (want / 2.0).unwrap();
+        }
+        let e = max_abs(&y, &want);
+        assert!(e <= 1e-5, "{params:?} {merge:?}: max abs error {e}");
+        assert!(mixer(&bidir, &tensors)
+            .step(&x.narrow(1, 0, 1).unwrap().squeeze(1).unwrap(), &mut mixer(&bidir, &tensors).empty_cache(2).unwrap())
+            .is_err());
+    }
 }
 
 fn config(kind: MixerKind, ngroups: usize, chunk_size: usize) -> LmConfig {
@@ -81,6 +130,9 @@ fn config(kind: MixerKind, ngroups: usize, chunk_size: usize) -> LmConfig {
         norm_eps: 1e-5,
         conv_bias: true,
         proj_bias: false,
+        routes: vec!["forward".into()],
+        route_params: RouteParams::Shared,
+        merge: Merge::Sum,
     };
     LmConfig { backbone, vocab_size: 11, tie_embeddings: kind == MixerKind::Mamba1 }
 }
