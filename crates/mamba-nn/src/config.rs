@@ -229,6 +229,8 @@ impl LmConfig {
         let json: Value = serde_json::from_str(text)
             .or_else(|_| serde_json::from_str(&quote_bare_infinity(text)))
             .map_err(|e| err(format!("not valid JSON: {e}")))?;
+        // The original state-spaces checkpoints: d_model, n_layer, ssm_cfg.
+        let json = if json.get("d_model").is_some() { from_state_spaces(&json).map_err(err)? } else { json };
         let get = |key: &str| json.get(key).filter(|v| !v.is_null());
         let int = |key: &str| -> Result<usize> {
             let v = get(key).ok_or_else(|| err(format!("missing key `{key}`")))?;
@@ -310,6 +312,49 @@ impl LmConfig {
         backbone.validate().map_err(err)?;
         Ok(Self { backbone, vocab_size: int("vocab_size")?, tie_embeddings: flag_or("tie_word_embeddings", true)? })
     }
+}
+
+/// A state-spaces `config.json` (mamba_ssm's MambaConfig) in transformers' keys, with mamba_ssm's
+/// defaults and its vocabulary padding (pad_vocab_size_multiple, 8 by default).
+fn from_state_spaces(json: &Value) -> std::result::Result<Value, String> {
+    let ssm = json.get("ssm_cfg").cloned().unwrap_or_else(|| serde_json::json!({}));
+    let mamba2 = ssm.get("layer").and_then(Value::as_str) == Some("Mamba2");
+    let int = |v: Option<&Value>, key: &str, default: u64| -> std::result::Result<u64, String> {
+        match v {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v.as_u64().ok_or_else(|| format!("key `{key}` must be a non-negative integer, got {v}")),
+        }
+    };
+    let d_model = int(json.get("d_model"), "d_model", 0)?;
+    let expand = int(ssm.get("expand"), "ssm_cfg.expand", 2)?;
+    let headdim = int(ssm.get("headdim"), "ssm_cfg.headdim", 64)?;
+    let vocab = int(json.get("vocab_size"), "vocab_size", 0)?;
+    let pad = int(json.get("pad_vocab_size_multiple"), "pad_vocab_size_multiple", 8)?.max(1);
+    let mut out = serde_json::json!({
+        "model_type": if mamba2 { "mamba2" } else { "mamba" },
+        "hidden_size": d_model,
+        "num_hidden_layers": int(json.get("n_layer"), "n_layer", 0)?,
+        "vocab_size": vocab.div_ceil(pad) * pad,
+        "tie_word_embeddings": json.get("tie_embeddings").and_then(Value::as_bool).unwrap_or(true),
+        "state_size": int(ssm.get("d_state"), "ssm_cfg.d_state", if mamba2 { 128 } else { 16 })?,
+        "conv_kernel": int(ssm.get("d_conv"), "ssm_cfg.d_conv", 4)?,
+        "expand": expand,
+        "time_step_rank": ssm.get("dt_rank").cloned().unwrap_or_else(|| "auto".into()),
+        "use_conv_bias": ssm.get("conv_bias").and_then(Value::as_bool).unwrap_or(true),
+        "use_bias": ssm.get("bias").and_then(Value::as_bool).unwrap_or(false),
+        "layer_norm_epsilon": json.get("norm_epsilon").cloned().unwrap_or_else(|| 1e-5.into()),
+    });
+    if mamba2 {
+        let extra = serde_json::json!({
+            "head_dim": headdim,
+            "num_heads": expand * d_model / headdim.max(1),
+            "n_groups": int(ssm.get("ngroups"), "ssm_cfg.ngroups", 1)?,
+            "chunk_size": int(ssm.get("chunk_size"), "ssm_cfg.chunk_size", 256)?,
+            "time_step_limit": ssm.get("dt_limit").cloned().unwrap_or_else(|| serde_json::json!([0.0, "Infinity"])),
+        });
+        out.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    }
+    Ok(out)
 }
 
 /// A JSON number, a string such as "Infinity", or transformers' {"__float__": "Infinity"}.

@@ -187,3 +187,26 @@ fn checkpoint_problems_are_listed_together() {
         assert!(msg.contains(part), "{part} not in: {msg}");
     }
 }
+
+/// The fixture's Mamba-1 model rewritten in the original state-spaces layout (config with
+/// d_model / n_layer / ssm_cfg, `backbone.embedding.weight`) loads to the same logits.
+#[test]
+fn state_spaces_layout_loads() {
+    let dir = std::env::temp_dir().join(format!("mamba-nn-state-spaces-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = r#"{"d_model": 32, "n_layer": 2, "vocab_size": 60, "pad_vocab_size_multiple": 16,
+        "ssm_cfg": {"d_state": 8, "dt_rank": 2}, "rms_norm": true, "residual_in_fp32": true,
+        "fused_add_norm": true, "tie_embeddings": true}"#;
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    let mut t = safetensors::load(fixtures().join("mamba_tiny/model.safetensors"), &CPU).unwrap();
+    let emb = t.remove("backbone.embeddings.weight").unwrap();
+    t.insert("backbone.embedding.weight".into(), emb);
+    safetensors::save(&t, dir.join("model.safetensors")).unwrap();
+    let model = MambaLm::load_hf(&dir, DType::F32, &CPU);
+    std::fs::remove_dir_all(&dir).unwrap();
+    let model = model.unwrap();
+    assert_eq!(model.config.vocab_size, 64, "60 padded to a multiple of 16");
+    let io = safetensors::load(fixtures().join("mamba_tiny_io.safetensors"), &CPU).unwrap();
+    let (logits, _) = model.forward(&io["input_ids"].to_dtype(DType::U32).unwrap()).unwrap();
+    assert!(max_abs(&logits, &io["logits"]) <= 1e-4);
+}
