@@ -73,23 +73,28 @@ fn load(dir: &Path) -> Result<MambaLm> {
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
     let model = load(&a.model)?;
-    let sampling = Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
+    let mut sampling =
+        Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed, vocab_limit: None };
     let mut out = std::io::stdout().lock();
     match (&a.prompt, &a.ids) {
         (Some(text), _) => {
             let tok = load_tokenizer(&a.model)?;
+            sampling.vocab_limit = Some(tok.get_vocab_size(true));
             let enc =
                 tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("cannot tokenize the prompt: {e}"))?;
             write!(out, "{text}")?;
-            let mut ids: Vec<u32> = vec![];
-            let mut shown = 0;
-            // Decode the whole continuation each time: tokens can split characters.
+            // Print what decoding prompt + continuation adds beyond the decoded prompt: tokens can
+            // split characters, and spacing belongs to the pair, not to a token alone.
+            let mut ids = enc.get_ids().to_vec();
+            let mut shown = tok.decode(&ids, true).map_err(|e| anyhow::anyhow!("cannot decode: {e}"))?.len();
             generate(&model, enc.get_ids(), a.max_new_tokens, sampling, &a.stop, |id| {
                 ids.push(id);
                 if let Ok(text) = tok.decode(&ids, true) {
-                    let _ = write!(out, "{}", &text[shown.min(text.len())..]);
-                    let _ = out.flush();
-                    shown = text.len();
+                    if let Some(new) = text.get(shown..) {
+                        let _ = write!(out, "{new}");
+                        let _ = out.flush();
+                        shown = text.len();
+                    }
                 }
             })?;
             writeln!(out)?;

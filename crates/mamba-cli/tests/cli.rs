@@ -74,3 +74,39 @@ fn bad_input_is_reported() {
     assert!(String::from_utf8_lossy(&run.stderr).contains("token id 99"));
     assert!(!std::path::Path::new("/tmp/never.safetensors").exists());
 }
+
+/// --prompt through a tokenizer.json (a word-level vocabulary of 60 words for the model's 64 rows):
+/// the prompt is echoed, the continuation streams as words, padded rows are never chosen.
+#[test]
+fn prompt_text_through_a_tokenizer() {
+    let dir = std::env::temp_dir().join(format!("mamba-cli-tokenizer-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixtures().join("mamba_tiny").join(f), dir.join(f)).unwrap();
+    }
+    let vocab: Vec<String> = (0..60).map(|i| format!("\"t{i}\": {i}")).collect();
+    let tokenizer = format!(
+        r#"{{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": {{"type": "WhitespaceSplit"}}, "post_processor": null, "decoder": null,
+        "model": {{"type": "WordLevel", "vocab": {{{}}}, "unk_token": "t0"}}}}"#,
+        vocab.join(", ")
+    );
+    std::fs::write(dir.join("tokenizer.json"), tokenizer).unwrap();
+    let d = dir.to_str().unwrap();
+    let text = mamba(&["generate", "--model", d, "--prompt", "t1 t11 t35", "--max-new-tokens", "6"]);
+    let ids = mamba(&["generate", "--model", d, "--ids", "1,11,35", "--max-new-tokens", "6"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(text.status.success(), "{}", String::from_utf8_lossy(&text.stderr));
+    let text = String::from_utf8(text.stdout).unwrap();
+    let words: Vec<&str> = text.split_whitespace().collect();
+    assert_eq!(&words[..3], ["t1", "t11", "t35"], "{text}");
+    let new: Vec<u32> = words[3..].iter().map(|w| w.trim_start_matches('t').parse().unwrap()).collect();
+    assert_eq!(new.len(), 6, "{text}");
+    assert!(new.iter().all(|&i| i < 60), "{text}");
+    // Where the unrestricted greedy choice is inside the vocabulary, both runs agree.
+    let free: Vec<u32> =
+        String::from_utf8(ids.stdout).unwrap().split_whitespace().map(|t| t.parse().unwrap()).collect();
+    if free.iter().all(|&i| i < 60) {
+        assert_eq!(new, free);
+    }
+}

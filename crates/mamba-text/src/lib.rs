@@ -31,11 +31,14 @@ pub struct Sampling {
     /// Keep the smallest set of most likely tokens whose probability reaches p.
     pub top_p: Option<f64>,
     pub seed: u64,
+    /// Only ids below this are chosen: a tokenizer's vocabulary when the model's is padded
+    /// (mamba-130m has 50280 rows for 50277 tokens).
+    pub vocab_limit: Option<usize>,
 }
 
 impl Default for Sampling {
     fn default() -> Self {
-        Self { temperature: 0.0, top_k: None, top_p: None, seed: 0 }
+        Self { temperature: 0.0, top_k: None, top_p: None, seed: 0, vocab_limit: None }
     }
 }
 
@@ -70,7 +73,10 @@ impl Sampler {
 
     /// logits: (vocab).
     pub fn sample(&mut self, logits: &Tensor) -> Result<u32> {
-        let logits: Vec<f32> = logits.to_dtype(DType::F32)?.to_vec1()?;
+        let mut logits: Vec<f32> = logits.to_dtype(DType::F32)?.to_vec1()?;
+        if let Some(limit) = self.sampling.vocab_limit {
+            logits.truncate(limit.max(1));
+        }
         let argmax =
             || logits.iter().enumerate().fold(0, |best, (i, &v)| if v > logits[best] { i } else { best }) as u32;
         if self.sampling.temperature == 0.0 {
@@ -186,6 +192,15 @@ mod tests {
         let mut s =
             Sampler::new(Sampling { temperature: 1.0, top_p: Some(0.75), seed: 1, ..Default::default() }).unwrap();
         assert!((0..2000).all(|_| s.sample(&l).unwrap() != 2));
+    }
+
+    #[test]
+    fn padded_vocabulary_rows_are_never_chosen() {
+        let l = logits(&[0.1, 0.2, 0.3, 9.0]);
+        let mut s = Sampler::new(Sampling { vocab_limit: Some(3), ..Default::default() }).unwrap();
+        assert_eq!(s.sample(&l).unwrap(), 2);
+        let mut s = Sampler::new(Sampling { temperature: 1.0, vocab_limit: Some(3), ..Default::default() }).unwrap();
+        assert!((0..200).all(|_| s.sample(&l).unwrap() < 3));
     }
 
     #[test]
