@@ -215,6 +215,52 @@ impl LmConfig {
         Ok(Self { backbone, vocab_size: file.model.vocab_size, tie_embeddings: file.model.tie_embeddings })
     }
 
+    /// transformers' `config.json` for this model (MambaConfig or Mamba2Config keys). Infinite
+    /// dt limits are written as transformers 5 writes them, {"__float__": "Infinity"}.
+    pub fn to_hf_json(&self) -> Result<String> {
+        let b = &self.backbone;
+        if !b.is_causal() {
+            return Err(Error::Config {
+                path: "config.json".into(),
+                message: format!("routes {:?}: the Hugging Face layout holds causal models only", b.routes),
+            });
+        }
+        let num = |x: f64| {
+            if x.is_finite() {
+                serde_json::json!(x)
+            } else {
+                serde_json::json!({"__float__": if x > 0.0 { "Infinity" } else { "-Infinity" }})
+            }
+        };
+        let mut json = serde_json::json!({
+            "architectures": [if b.kind == MixerKind::Mamba1 { "MambaForCausalLM" } else { "Mamba2ForCausalLM" }],
+            "model_type": if b.kind == MixerKind::Mamba1 { "mamba" } else { "mamba2" },
+            "hidden_size": b.d_model,
+            "num_hidden_layers": b.n_layer,
+            "state_size": b.d_state,
+            "conv_kernel": b.d_conv,
+            "expand": b.expand,
+            "intermediate_size": b.d_inner(),
+            "time_step_rank": b.dt_rank,
+            "layer_norm_epsilon": b.norm_eps,
+            "use_bias": b.proj_bias,
+            "use_conv_bias": b.conv_bias,
+            "vocab_size": self.vocab_size,
+            "tie_word_embeddings": self.tie_embeddings,
+        });
+        if b.kind == MixerKind::Mamba2 {
+            let extra = serde_json::json!({
+                "head_dim": b.headdim,
+                "num_heads": b.nheads(),
+                "n_groups": b.ngroups,
+                "chunk_size": b.chunk_size,
+                "time_step_limit": [num(b.dt_limit.0), num(b.dt_limit.1)],
+            });
+            json.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        }
+        Ok(serde_json::to_string_pretty(&json).expect("a JSON value serialises"))
+    }
+
     /// Reads a transformers `config.json` (model_type "mamba" or "mamba2").
     pub fn from_hf_file(path: &Path) -> Result<Self> {
         let text =

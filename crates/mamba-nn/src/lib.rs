@@ -19,6 +19,6 @@ pub use error::{Error, Result};
 pub use linear::Linear;
 pub use mamba1::Mamba1Mixer;
 pub use mamba2::Mamba2Mixer;
-pub use model::{Backbone, Block, MambaLm, Mixer, MixerCache};
+pub use model::{save_hf, Backbone, Block, MambaLm, Mixer, MixerCache};
 pub use norm::RmsNorm;
 pub use routes::{gather, inverse, Merge, Route, RouteParams};

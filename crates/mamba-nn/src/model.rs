@@ -187,6 +187,28 @@ impl MambaLm {
     }
 }
 
+/// Writes a Hugging Face directory: config.json and model.safetensors, each through a temporary
+/// file and a rename, so a failure never leaves half a file. `tensors` carry the checkpoint names
+/// (those of a VarMap built through this crate's VarBuilder paths) and are checked against the
+/// configuration first.
+pub fn save_hf(dir: &Path, config: &LmConfig, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    check_tensors(tensors, &expected_tensors(config), &dir.display().to_string())?;
+    let io = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| Error::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let (config_path, weights_path) = (dir.join("config.json"), dir.join("model.safetensors"));
+    let tmp = dir.join(".config.json.tmp");
+    std::fs::write(&tmp, config.to_hf_json()?).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &config_path).map_err(io(&config_path))?;
+    let tmp = dir.join(".model.safetensors.tmp");
+    candle_core::safetensors::save(tensors, &tmp)
+        .map_err(|e| Error::Config { path: tmp.display().to_string(), message: format!("cannot write: {e}") })?;
+    std::fs::rename(&tmp, &weights_path).map_err(io(&weights_path))?;
+    Ok(())
+}
+
 /// Every tensor a checkpoint of this configuration holds, with its shape.
 pub(crate) fn expected_tensors(config: &LmConfig) -> Vec<(String, Vec<usize>)> {
     let c = &config.backbone;

@@ -210,3 +210,27 @@ fn state_spaces_layout_loads() {
     let (logits, _) = model.forward(&io["input_ids"].to_dtype(DType::U32).unwrap()).unwrap();
     assert!(max_abs(&logits, &io["logits"]) <= 1e-4);
 }
+
+/// Saving in the Hugging Face layout and loading again gives the same model, for both kinds.
+#[test]
+fn save_then_load_round_trips() {
+    for name in ["mamba_tiny", "mamba2_tiny"] {
+        let src = fixtures().join(name);
+        let config = LmConfig::from_hf_file(&src.join("config.json")).unwrap();
+        let tensors = safetensors::load(src.join("model.safetensors"), &CPU).unwrap();
+        let dir = std::env::temp_dir().join(format!("mamba-nn-save-{name}-{}", std::process::id()));
+        mamba_nn::save_hf(&dir, &config, &tensors).unwrap();
+        let reloaded = MambaLm::load_hf(&dir, DType::F32, &CPU);
+        let saved_config = LmConfig::from_hf_file(&dir.join("config.json"));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(saved_config.unwrap(), config, "{name}");
+        let io = safetensors::load(fixtures().join(format!("{name}_io.safetensors")), &CPU).unwrap();
+        let (logits, _) = reloaded.unwrap().forward(&io["input_ids"].to_dtype(DType::U32).unwrap()).unwrap();
+        assert!(max_abs(&logits, &io["logits"]) <= 1e-4, "{name}");
+    }
+    // A checkpoint that does not fit is refused before anything is written.
+    let config = LmConfig::from_hf_file(&fixtures().join("mamba_tiny/config.json")).unwrap();
+    let dir = std::env::temp_dir().join(format!("mamba-nn-save-bad-{}", std::process::id()));
+    assert!(mamba_nn::save_hf(&dir, &config, &HashMap::new()).is_err());
+    assert!(!dir.exists());
+}
