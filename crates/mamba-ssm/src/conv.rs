@@ -3,7 +3,7 @@
 //!
 //! y[b, c, t] = act(bias[c] + sum_j w[c, j] x[b, c, t + j - (width - 1)]), x = 0 before t = 0.
 
-use crate::cpu::{flat, View3};
+use crate::cpu::{cpu_storages, flat, View3};
 use crate::error::{argument, check, dims, Result};
 use crate::math::{simd_fn, Real};
 use candle_core::backend::BackendStorage;
@@ -246,19 +246,7 @@ impl CustomOp3 for CausalConv {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = g.contiguous()?;
         let dims = x.dims3()?;
-        let (sx, lx) = x.storage_and_layout();
-        let (sw, lw) = w.storage_and_layout();
-        let (sb, lb) = bias.storage_and_layout();
-        let (sg, lg) = g.storage_and_layout();
-        let (
-            candle_core::Storage::Cpu(sx),
-            candle_core::Storage::Cpu(sw),
-            candle_core::Storage::Cpu(sb),
-            candle_core::Storage::Cpu(sg),
-        ) = (&*sx, &*sw, &*sb, &*sg)
-        else {
-            candle_core::bail!("causal-conv1d backward runs on the CPU only");
-        };
+        cpu_storages!("causal-conv1d"; (sx, lx) = x, (sw, lw) = w, (sb, lb) = bias, (sg, lg) = g);
         let dev = x.device();
         macro_rules! grads {
             ($t:ty) => {{

@@ -88,6 +88,18 @@ impl<'a, T: Real> View3<'a, T> {
     }
 }
 
+/// Binds each tensor's CPU storage and layout, `(storage, layout) = tensor`, or fails with a
+/// message naming the op: the custom ops' backward passes run on the CPU only.
+macro_rules! cpu_storages {
+    ($op:expr; $(($s:ident, $l:ident) = $t:expr),+ $(,)?) => {
+        $(let ($s, $l) = $t.storage_and_layout();)+
+        $(let candle_core::Storage::Cpu($s) = &*$s else {
+            candle_core::bail!("{} backward runs on the CPU only", $op);
+        };)+
+    };
+}
+pub(crate) use cpu_storages;
+
 /// A vector of zeros written by all threads: glibc clears large reused blocks on one thread.
 pub(crate) fn zeros<T: Real>(n: usize) -> Vec<T> {
     let mut v = Vec::with_capacity(n);

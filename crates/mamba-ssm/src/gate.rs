@@ -1,7 +1,7 @@
 //! The SiLU gate y * silu(z) of both mixers as one parallel pass with its backward (candle's
 //! element-wise ops run on one core and call libm's exp).
 
-use crate::cpu::{flat, zeros, View3};
+use crate::cpu::{cpu_storages, flat, zeros, View3};
 use crate::error::{Error, Result};
 use crate::math::{simd_fn, Real};
 use candle_core::backend::BackendStorage;
@@ -116,14 +116,7 @@ impl CustomOp2 for SiluGate {
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let g = g.contiguous()?;
-        let (sy, ly) = y.storage_and_layout();
-        let (sz, lz) = z.storage_and_layout();
-        let (sg, lg) = g.storage_and_layout();
-        let (candle_core::Storage::Cpu(sy), candle_core::Storage::Cpu(sz), candle_core::Storage::Cpu(sg)) =
-            (&*sy, &*sz, &*sg)
-        else {
-            candle_core::bail!("silu-gate backward runs on the CPU only");
-        };
+        cpu_storages!("silu-gate"; (sy, ly) = y, (sz, lz) = z, (sg, lg) = g);
         let dev = y.device();
         let (dy, dz) = match sy {
             CpuStorage::F32(_) => {

@@ -4,7 +4,7 @@
 //! Per channel d and state index n, with dt = softplus(delta + delta_bias) (each part optional):
 //!   h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t,    y_t = C_t . h_t + D u_t,    y_t *= silu(z_t)
 
-use crate::cpu::{add_lane_sums, flat, plan, split_items, store_tile, transpose_last, zeros, View3};
+use crate::cpu::{add_lane_sums, cpu_storages, flat, plan, split_items, store_tile, transpose_last, zeros, View3};
 use crate::error::{argument, check, dims, Result};
 use crate::gate::silu_gate;
 use crate::math::{madd, simd_fn, Lanes, Real, LANES};
@@ -768,14 +768,7 @@ fn bwd_tensors<T: Real>(
     pack: &Tensor,
     grad: &Tensor,
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-    let (su, lu) = u.storage_and_layout();
-    let (sd, ld) = delta.storage_and_layout();
-    let (sp, lp) = pack.storage_and_layout();
-    let (sg, lg) = grad.storage_and_layout();
-    use candle_core::Storage::Cpu;
-    let (Cpu(su), Cpu(sd), Cpu(sp), Cpu(sg)) = (&*su, &*sd, &*sp, &*sg) else {
-        candle_core::bail!("selective-scan backward runs on the CPU only");
-    };
+    cpu_storages!("selective-scan"; (su, lu) = u, (sd, ld) = delta, (sp, lp) = pack, (sg, lg) = grad);
     let (du, ddelta, dpack) = op.bwd::<T>(View3::new(su, lu)?, View3::new(sd, ld)?, flat(sp, lp)?, flat(sg, lg)?);
     let Dims { batch, dim, len, .. } = op.dims;
     let dev = u.device();
