@@ -1,12 +1,14 @@
 //! Layers and models on top of `mamba-ssm`: the Mamba-1 and Mamba-2 mixers with their
 //! reference parameterisation, RMSNorm, residual blocks, the backbone and a causal language
-//! model, loaded from Hugging Face `save_pretrained` directories.
+//! model, loaded from Hugging Face `save_pretrained` directories or initialised as the reference
+//! initialises them.
 //!
 //! Every mixer has a parallel `forward` over a sequence, which also returns the inference cache
 //! after its last token, and a single-token `step` that advances that cache.
 
 mod config;
 mod error;
+mod init;
 mod linear;
 mod mamba1;
 mod mamba2;
@@ -16,6 +18,7 @@ mod routes;
 
 pub use config::{BackboneConfig, LmConfig, MixerKind};
 pub use error::{Error, Result};
+pub use init::{init_params, inverse_softplus, InitConfig};
 pub use linear::Linear;
 pub use mamba1::Mamba1Mixer;
 pub use mamba2::Mamba2Mixer;
