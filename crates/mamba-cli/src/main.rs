@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use mamba_nn::{LmConfig, MambaLm};
 use mamba_text::{generate, load_tokenizer, Sampling};
 use std::io::Write;
@@ -29,6 +29,8 @@ enum Command {
         /// Output safetensors file.
         #[arg(long)]
         out: PathBuf,
+        #[arg(long, value_enum, default_value_t = WeightDType::F32)]
+        dtype: WeightDType,
     },
     /// Print a model's configuration, parameter count and tensors.
     Inspect {
@@ -62,17 +64,37 @@ struct GenerateArgs {
     /// Stop after any of these token ids (comma separated).
     #[arg(long, value_delimiter = ',')]
     stop: Vec<u32>,
+    #[arg(long, value_enum, default_value_t = WeightDType::F32)]
+    dtype: WeightDType,
 }
 
-fn load(dir: &Path) -> Result<MambaLm> {
+/// How the projection and embedding matrices are held; everything else computes in f32.
+#[derive(Clone, Copy, ValueEnum)]
+enum WeightDType {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl From<WeightDType> for DType {
+    fn from(d: WeightDType) -> Self {
+        match d {
+            WeightDType::F32 => DType::F32,
+            WeightDType::Bf16 => DType::BF16,
+            WeightDType::F16 => DType::F16,
+        }
+    }
+}
+
+fn load(dir: &Path, dtype: WeightDType) -> Result<MambaLm> {
     if !dir.join("config.json").exists() {
         bail!("{}: not a model directory (no config.json)", dir.display());
     }
-    Ok(MambaLm::load_hf(dir, DType::F32, &Device::Cpu)?)
+    Ok(MambaLm::load_hf(dir, dtype.into(), &Device::Cpu)?)
 }
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
-    let model = load(&a.model)?;
+    let model = load(&a.model, a.dtype)?;
     let mut sampling =
         Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed, vocab_limit: None };
     let mut out = std::io::stdout().lock();
@@ -111,8 +133,8 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_logits(model: &Path, ids: &[u32], out: &Path) -> Result<()> {
-    let m = load(model)?;
+fn run_logits(model: &Path, ids: &[u32], out: &Path, dtype: WeightDType) -> Result<()> {
+    let m = load(model, dtype)?;
     let vocab = m.config.vocab_size;
     if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
         bail!("token id {bad} is outside the vocabulary (size {vocab})");
@@ -129,7 +151,7 @@ fn run_logits(model: &Path, ids: &[u32], out: &Path) -> Result<()> {
 
 fn run_inspect(dir: &Path) -> Result<()> {
     let config = LmConfig::from_hf_file(&dir.join("config.json"))?;
-    load(dir)?; // checks that the checkpoint fits the configuration
+    load(dir, WeightDType::F32)?; // checks that the checkpoint fits the configuration
     let shapes = MambaLm::tensor_shapes(&config);
     let params: usize = shapes.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
     let b = &config.backbone;
@@ -167,7 +189,7 @@ fn main() {
     }
     let result = match Cli::parse().command {
         Command::Generate(a) => run_generate(a),
-        Command::Logits { model, ids, out } => run_logits(&model, &ids, &out),
+        Command::Logits { model, ids, out, dtype } => run_logits(&model, &ids, &out, dtype),
         Command::Inspect { model } => run_inspect(&model),
     };
     if let Err(e) = result {

@@ -19,7 +19,7 @@ mod routes;
 pub use config::{BackboneConfig, LmConfig, MixerKind};
 pub use error::{Error, Result};
 pub use init::{init_params, inverse_softplus, InitConfig};
-pub use linear::Linear;
+pub use linear::{compute_dtype, Linear};
 pub use mamba1::Mamba1Mixer;
 pub use mamba2::Mamba2Mixer;
 pub use model::{save_hf, Backbone, Block, MambaLm, Mixer, MixerCache};

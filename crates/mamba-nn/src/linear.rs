@@ -1,11 +1,21 @@
 //! y = x W^T + b. candle_nn's Linear multiplies a 3-d input by the weight broadcast over the
 //! batch, which candle 0.11.1 computes wrongly when the input is a transposed view (as the
 //! mixers' inputs are): measured 175 % relative error for a (2, 3, 8) view. This one uses
-//! `broadcast_matmul`, which handles any strides.
+//! `broadcast_matmul`, which handles any strides. A weight held in bf16 or f16 multiplies an f32
+//! input through `mamba_ssm::half_weight_matmul` (candle's CPU matmul has no bf16).
 
 use crate::Result;
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
+
+/// The dtype a model computes in when its projections are stored in `weights`: f32 for the half
+/// types (weights are widened on the fly, see `mamba_ssm::half_weight_matmul`), else `weights`.
+pub fn compute_dtype(weights: DType) -> DType {
+    match weights {
+        DType::BF16 | DType::F16 => DType::F32,
+        d => d,
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -19,10 +29,11 @@ impl Linear {
         Self { weight, bias }
     }
 
-    /// `{name}.weight` (out, in) and, with `bias`, `{name}.bias` (out).
+    /// `{name}.weight` (out, in) in the VarBuilder's dtype and, with `bias`, `{name}.bias` (out)
+    /// in the compute dtype (see `compute_dtype`).
     pub fn load(vb: &VarBuilder, name: &str, (out, inp): (usize, usize), bias: bool) -> Result<Self> {
         let vb = vb.pp(name);
-        let b = if bias { Some(vb.get(out, "bias")?) } else { None };
+        let b = if bias { Some(vb.clone().set_dtype(compute_dtype(vb.dtype())).get(out, "bias")?) } else { None };
         Ok(Self::new(vb.get((out, inp), "weight")?, b))
     }
 
@@ -34,9 +45,17 @@ impl Linear {
         self.bias.as_ref()
     }
 
+    /// x W^T without the bias: (..., in) -> (..., out).
+    pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
+        if self.weight.dtype() != x.dtype() && x.dtype() == DType::F32 {
+            return Ok(mamba_ssm::half_weight_matmul(x, &self.weight)?);
+        }
+        Ok(x.broadcast_matmul(&self.weight.t()?)?)
+    }
+
     /// x: (..., in) -> (..., out).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.broadcast_matmul(&self.weight.t()?)?;
+        let y = self.matmul(x)?;
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,

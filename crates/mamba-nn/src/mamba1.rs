@@ -7,7 +7,7 @@
 
 use crate::model::MixerCache;
 use crate::routes::{gather, inverse, Merge, Route, RouteParams};
-use crate::{BackboneConfig, Error, Linear, Result};
+use crate::{compute_dtype, BackboneConfig, Error, Linear, Result};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use mamba_ssm::{causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update, ScanParams};
@@ -37,13 +37,14 @@ fn suffix(i: usize) -> String {
 impl Ssm {
     fn load(vb: &VarBuilder, cfg: &BackboneConfig, sfx: &str) -> Result<Self> {
         let (di, r, n, k) = (cfg.d_inner(), cfg.dt_rank, cfg.d_state, cfg.d_conv);
+        let small = vb.clone().set_dtype(compute_dtype(vb.dtype()));
         Ok(Self {
-            conv_weight: vb.get((di, 1, k), &format!("conv1d{sfx}.weight"))?,
-            conv_bias: if cfg.conv_bias { Some(vb.get(di, &format!("conv1d{sfx}.bias"))?) } else { None },
+            conv_weight: small.get((di, 1, k), &format!("conv1d{sfx}.weight"))?,
+            conv_bias: if cfg.conv_bias { Some(small.get(di, &format!("conv1d{sfx}.bias"))?) } else { None },
             x_proj: Linear::load(vb, &format!("x_proj{sfx}"), (r + 2 * n, di), false)?,
             dt_proj: Linear::load(vb, &format!("dt_proj{sfx}"), (di, r), true)?,
-            a_log: vb.get((di, n), &format!("A{sfx}_log"))?,
-            d: vb.get(di, &format!("D{sfx}"))?,
+            a_log: small.get((di, n), &format!("A{sfx}_log"))?,
+            d: small.get(di, &format!("D{sfx}"))?,
             dt_rank: r,
             d_state: n,
         })
@@ -60,7 +61,7 @@ impl Ssm {
         let (r, n) = (self.dt_rank, self.d_state);
         let x_dbl = self.x_proj.forward(u)?;
         let last = x_dbl.rank() - 1;
-        let dt = x_dbl.narrow(last, 0, r)?.broadcast_matmul(&self.dt_proj.weight().t()?)?;
+        let dt = self.dt_proj.matmul(&x_dbl.narrow(last, 0, r)?)?;
         Ok((dt, x_dbl.narrow(last, r, n)?, x_dbl.narrow(last, r + n, n)?))
     }
 

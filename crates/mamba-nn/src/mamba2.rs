@@ -4,7 +4,7 @@
 
 use crate::model::MixerCache;
 use crate::norm::normalize;
-use crate::Linear;
+use crate::{compute_dtype, Linear};
 use crate::{BackboneConfig, Result};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
@@ -28,15 +28,16 @@ impl Mamba2Mixer {
         let (d, di, h, k) = (cfg.d_model, cfg.d_inner(), cfg.nheads(), cfg.d_conv);
         let conv_dim = di + 2 * cfg.ngroups * cfg.d_state;
         let in_dim = 2 * di + 2 * cfg.ngroups * cfg.d_state + h;
+        let small = vb.clone().set_dtype(compute_dtype(vb.dtype()));
         let lin = |name: &str, shape: (usize, usize)| Linear::load(&vb, name, shape, cfg.proj_bias);
         Ok(Self {
             in_proj: lin("in_proj", (in_dim, d))?,
-            conv_weight: vb.get((conv_dim, 1, k), "conv1d.weight")?,
-            conv_bias: if cfg.conv_bias { Some(vb.get(conv_dim, "conv1d.bias")?) } else { None },
-            dt_bias: vb.get(h, "dt_bias")?,
-            a_log: vb.get(h, "A_log")?,
-            d: vb.get(h, "D")?,
-            norm_weight: vb.get(di, "norm.weight")?,
+            conv_weight: small.get((conv_dim, 1, k), "conv1d.weight")?,
+            conv_bias: if cfg.conv_bias { Some(small.get(conv_dim, "conv1d.bias")?) } else { None },
+            dt_bias: small.get(h, "dt_bias")?,
+            a_log: small.get(h, "A_log")?,
+            d: small.get(h, "D")?,
+            norm_weight: small.get(di, "norm.weight")?,
             out_proj: lin("out_proj", (d, di))?,
             cfg: cfg.clone(),
         })

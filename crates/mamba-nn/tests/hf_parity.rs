@@ -234,3 +234,38 @@ fn save_then_load_round_trips() {
     assert!(mamba_nn::save_hf(&dir, &config, &HashMap::new()).is_err());
     assert!(!dir.exists());
 }
+
+/// With bf16 (or f16) matrices, the model computes exactly what an f32 model computes with those
+/// matrices rounded, stays near transformers' f32 logits, and its steps follow its forward.
+#[test]
+fn half_precision_weights_compute_the_rounded_f32_model() {
+    for name in ["mamba_tiny", "mamba2_tiny"] {
+        let dir = fixtures().join(name);
+        let io = safetensors::load(fixtures().join(format!("{name}_io.safetensors")), &CPU).unwrap();
+        let ids = io["input_ids"].to_dtype(DType::U32).unwrap();
+        for dtype in [DType::BF16, DType::F16] {
+            let half = MambaLm::load_hf(&dir, dtype, &CPU).unwrap();
+            let mut rounded = safetensors::load(dir.join("model.safetensors"), &CPU).unwrap();
+            for (name, t) in rounded.iter_mut() {
+                if name.contains("proj") || name.contains("embeddings") || name == "lm_head.weight" {
+                    *t = t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
+                }
+            }
+            let reference =
+                MambaLm::load(candle_nn::VarBuilder::from_tensors(rounded, DType::F32, &CPU), half.config.clone())
+                    .unwrap();
+            let (got, _) = half.forward(&ids).unwrap();
+            let (want, _) = reference.forward(&ids).unwrap();
+            let e = max_abs(&got, &want);
+            assert!(e <= 1e-4, "{name} {dtype:?}: max abs error {e} vs the rounded f32 model");
+            // bf16 keeps 8 bits of mantissa: about 0.4 % per weight.
+            let scale = io["logits"].abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let e = max_abs(&got, &io["logits"]) / scale;
+            assert!(e <= 1e-2, "{name} {dtype:?}: max error {e} of the largest logit vs transformers (f32)");
+            let (last, _) = half.prefill(&ids).unwrap();
+            let len = ids.dim(1).unwrap();
+            assert!(max_abs(&last, &got.i((.., len - 1)).unwrap()) <= 1e-6, "{name}: prefill = last row");
+            check_parallel_equals_steps(&half, 2, 5);
+        }
+    }
+}

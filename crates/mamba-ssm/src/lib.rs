@@ -11,12 +11,14 @@ mod cpu;
 mod error;
 mod gate;
 mod math;
+mod matmul;
 mod selective_scan;
 mod ssd;
 
 pub use conv::{causal_conv1d, causal_conv1d_ref, causal_conv1d_update};
 pub use error::{Error, Result};
 pub use gate::silu_gate;
+pub use matmul::{half_weight_matmul, half_weight_matmul_ref};
 pub use selective_scan::{selective_scan, selective_scan_ref, selective_state_update, ScanOutput, ScanParams};
 pub use ssd::{ssd_chunk_scan, ssd_quadratic, ssd_scan_ref, ssd_state_update, SsdParams};
 

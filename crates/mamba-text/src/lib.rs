@@ -2,7 +2,7 @@
 //! new token is one cached step. Greedy decoding, or sampling with temperature, top-k, top-p and
 //! a seed; stop tokens; tokens are handed to a callback as they come (streaming).
 
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{DType, Device, Tensor};
 use mamba_nn::MambaLm;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::path::Path;
@@ -129,8 +129,8 @@ pub fn generate(
     }
     let device = Device::Cpu;
     let ids = Tensor::new(prompt, &device)?.unsqueeze(0)?;
-    let (logits, mut caches) = model.forward(&ids)?;
-    let mut last = logits.i((0, prompt.len() - 1))?;
+    let (logits, mut caches) = model.prefill(&ids)?;
+    let mut last = logits.squeeze(0)?;
     let mut out = Vec::with_capacity(max_new);
     loop {
         let next = sampler.sample(&last)?;
