@@ -1,15 +1,15 @@
 //! y = x W^T + b. candle_nn's Linear multiplies a 3-d input by the weight broadcast over the
 //! batch, which candle 0.11.1 computes wrongly when the input is a transposed view (as the
 //! mixers' inputs are): measured 175 % relative error for a (2, 3, 8) view. This one uses
-//! `broadcast_matmul`, which handles any strides. A weight held in bf16 or f16 multiplies an f32
-//! input through `mamba_ssm::half_weight_matmul` (candle's CPU matmul has no bf16).
+//! `mamba_ssm::weight_matmul` (f32 input; f32, bf16 or f16 weight), which handles any strides,
+//! or `broadcast_matmul` for other dtypes.
 
 use crate::Result;
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
 /// The dtype a model computes in when its projections are stored in `weights`: f32 for the half
-/// types (weights are widened on the fly, see `mamba_ssm::half_weight_matmul`), else `weights`.
+/// types (weights are widened on the fly, see `mamba_ssm::weight_matmul`), else `weights`.
 pub fn compute_dtype(weights: DType) -> DType {
     match weights {
         DType::BF16 | DType::F16 => DType::F32,
@@ -47,8 +47,8 @@ impl Linear {
 
     /// x W^T without the bias: (..., in) -> (..., out).
     pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
-        if self.weight.dtype() != x.dtype() && x.dtype() == DType::F32 {
-            return Ok(mamba_ssm::half_weight_matmul(x, &self.weight)?);
+        if x.dtype() == DType::F32 {
+            return Ok(mamba_ssm::weight_matmul(x, &self.weight)?);
         }
         Ok(x.broadcast_matmul(&self.weight.t()?)?)
     }

@@ -1,5 +1,5 @@
 //! Scan kernels against loops over time of candle ops: `candle_steps` is this crate's reference
-//! (`selective_scan_ref`, one `selective_state_update` per step), `candle_transformers_style`
+//! (`selective_scan_ref`, one `selective_state_update_ref` per step), `candle_transformers_style`
 //! the way candle-transformers' Mamba computes the scan.
 //!
 //! `cargo bench -p mamba-ssm --bench scan` (2 threads; see docs/benchmarks.md). Throughput is in

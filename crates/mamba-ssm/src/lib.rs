@@ -14,13 +14,15 @@ mod math;
 mod matmul;
 mod selective_scan;
 mod ssd;
+mod step;
 
 pub use conv::{causal_conv1d, causal_conv1d_ref, causal_conv1d_update};
 pub use error::{Error, Result};
 pub use gate::silu_gate;
-pub use matmul::{half_weight_matmul, half_weight_matmul_ref};
-pub use selective_scan::{selective_scan, selective_scan_ref, selective_state_update, ScanOutput, ScanParams};
-pub use ssd::{ssd_chunk_scan, ssd_quadratic, ssd_scan_ref, ssd_state_update, SsdParams};
+pub use matmul::{weight_matmul, weight_matmul_ref};
+pub use selective_scan::{selective_scan, selective_scan_ref, selective_state_update_ref, ScanOutput, ScanParams};
+pub use ssd::{ssd_chunk_scan, ssd_quadratic, ssd_scan_ref, ssd_state_update_ref, SsdParams};
+pub use step::{selective_state_update, ssd_state_update};
 
 use candle_core::Tensor;
 

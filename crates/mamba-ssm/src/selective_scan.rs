@@ -157,12 +157,9 @@ pub fn selective_scan(
     Ok(ScanOutput { y: y.to_dtype(u.dtype())?, last_state: last_state.to_dtype(u.dtype())? })
 }
 
-/// One decoding step of the scan: returns (y_t (batch, dim), new state (batch, dim, state)).
-///
-/// state: (batch, dim, state); x, delta: (batch, dim); a: (dim, state); b, c: (batch, state) or
-/// (batch, groups, state); z in `p` is (batch, dim). Built from candle ops, so it runs on any device
-/// and is differentiable.
-pub fn selective_state_update(
+/// One decoding step from candle ops, on any device and differentiable: the reference for
+/// [`crate::selective_state_update`] (same arguments) and the step of [`selective_scan_ref`].
+pub fn selective_state_update_ref(
     state: &Tensor,
     x: &Tensor,
     delta: &Tensor,
@@ -171,30 +168,18 @@ pub fn selective_state_update(
     c: &Tensor,
     p: &ScanParams,
 ) -> Result<(Tensor, Tensor)> {
-    let [batch, dim, n] = dims("state", state, ["batch", "dim", "state"])?;
-    let bd = [("batch", batch), ("dim", dim)];
-    check("x", x, &bd)?;
-    check("delta", delta, &bd)?;
-    check("A", a, &[("dim", dim), ("state", n)])?;
+    let (batch, dim, n, _) = check_step(state, x, delta, a, b, c, p)?;
     let (b, c) = if b.rank() == 3 {
         let groups = b.dim(1)?;
-        if groups == 0 || dim % groups != 0 {
-            return Err(argument("B", format!("groups ({groups}) must divide dim ({dim})")));
-        }
-        check("B", b, &[("batch", batch), ("groups", groups), ("state", n)])?;
-        check("C", c, &[("batch", batch), ("groups", groups), ("state", n)])?;
         let per_group = |t: &Tensor| -> Result<Tensor> {
             Ok(t.unsqueeze(2)?.broadcast_as((batch, groups, dim / groups, n))?.reshape((batch, dim, n))?)
         };
         (per_group(b)?, per_group(c)?)
     } else {
-        check("B", b, &[("batch", batch), ("state", n)])?;
-        check("C", c, &[("batch", batch), ("state", n)])?;
         (b.unsqueeze(1)?.broadcast_as((batch, dim, n))?, c.unsqueeze(1)?.broadcast_as((batch, dim, n))?)
     };
     let mut dt = delta.clone();
     if let Some(bias) = p.delta_bias {
-        check("delta_bias", bias, &[("dim", dim)])?;
         dt = dt.broadcast_add(bias)?;
     }
     if p.delta_softplus {
@@ -205,17 +190,55 @@ pub fn selective_state_update(
     let new_state = ((decay * state)? + dt.broadcast_mul(&b)?.broadcast_mul(&x.unsqueeze(2)?)?)?;
     let mut y = (&new_state * c)?.sum(2)?;
     if let Some(d) = p.d {
-        check("D", d, &[("dim", dim)])?;
         y = (y + x.broadcast_mul(d)?)?;
     }
     if let Some(z) = p.z {
-        check("z", z, &bd)?;
         y = (y * z.silu()?)?;
     }
     Ok((y, new_state))
 }
 
-/// The reference scan: [`selective_state_update`] in a loop over time, differentiated by candle.
+/// Checks the inputs of a decoding step: (batch, dim, state, groups), groups 1 for 2-d B and C.
+pub(crate) fn check_step(
+    state: &Tensor,
+    x: &Tensor,
+    delta: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    p: &ScanParams,
+) -> Result<(usize, usize, usize, usize)> {
+    let [batch, dim, n] = dims("state", state, ["batch", "dim", "state"])?;
+    let bd = [("batch", batch), ("dim", dim)];
+    check("x", x, &bd)?;
+    check("delta", delta, &bd)?;
+    check("A", a, &[("dim", dim), ("state", n)])?;
+    let groups = if b.rank() == 3 {
+        let groups = b.dim(1)?;
+        if groups == 0 || dim % groups != 0 {
+            return Err(argument("B", format!("groups ({groups}) must divide dim ({dim})")));
+        }
+        check("B", b, &[("batch", batch), ("groups", groups), ("state", n)])?;
+        check("C", c, &[("batch", batch), ("groups", groups), ("state", n)])?;
+        groups
+    } else {
+        check("B", b, &[("batch", batch), ("state", n)])?;
+        check("C", c, &[("batch", batch), ("state", n)])?;
+        1
+    };
+    if let Some(bias) = p.delta_bias {
+        check("delta_bias", bias, &[("dim", dim)])?;
+    }
+    if let Some(d) = p.d {
+        check("D", d, &[("dim", dim)])?;
+    }
+    if let Some(z) = p.z {
+        check("z", z, &bd)?;
+    }
+    Ok((batch, dim, n, groups))
+}
+
+/// The reference scan: [`selective_state_update_ref`] in a loop over time, differentiated by candle.
 /// Same arguments and results as [`selective_scan`]; slow, and obviously right.
 pub fn selective_scan_ref(
     u: &Tensor,
@@ -236,7 +259,7 @@ pub fn selective_scan_ref(
     let step = ScanParams { z: None, ..*p };
     for t in 0..len {
         let at = |x: &Tensor| x.narrow(x.rank() - 1, t, 1).and_then(|x| x.squeeze(x.rank() - 1));
-        let (y, next) = selective_state_update(&h, &at(u)?, &at(delta)?, a, &at(&b)?, &at(&c)?, &step)?;
+        let (y, next) = selective_state_update_ref(&h, &at(u)?, &at(delta)?, a, &at(&b)?, &at(&c)?, &step)?;
         ys.push(y);
         h = next;
     }

@@ -85,7 +85,7 @@ fn check_inputs(
 }
 
 /// dt after bias, softplus and limits; the heads are the last dimension.
-fn effective_dt(dt: &Tensor, p: &SsdParams) -> Result<Tensor> {
+pub(crate) fn effective_dt(dt: &Tensor, p: &SsdParams) -> Result<Tensor> {
     let mut dt = dt.clone();
     if let Some(bias) = p.dt_bias {
         dt = dt.broadcast_add(&bias.to_dtype(dt.dtype())?)?;
@@ -212,7 +212,7 @@ pub fn ssd_chunk_scan(
 }
 
 /// The D skip and the z gate, shared by every form.
-fn finish(mut y: Tensor, x: &Tensor, p: &SsdParams, ct: DType) -> Result<Tensor> {
+pub(crate) fn finish(mut y: Tensor, x: &Tensor, p: &SsdParams, ct: DType) -> Result<Tensor> {
     if let Some(d) = p.d {
         y = (y + skip(x, &d.to_dtype(ct)?)?)?;
     }
@@ -234,11 +234,9 @@ pub fn ssd_quadratic(x: &Tensor, dt: &Tensor, a: &Tensor, b: &Tensor, c: &Tensor
     finish(y.transpose(1, 2)?, x, p, x.dtype())
 }
 
-/// One decoding step: state (batch, heads, headdim, state), x (batch, heads, headdim),
-/// dt (batch, heads), b and c (batch, groups, state), z in `p` like x.
-/// Returns (y (batch, heads, headdim), new state).
-#[allow(clippy::too_many_arguments)]
-pub fn ssd_state_update(
+/// One decoding step from candle ops, on any device and differentiable: the reference for
+/// [`crate::ssd_state_update`] (same arguments) and the step of [`ssd_scan_ref`].
+pub fn ssd_state_update_ref(
     h: &Tensor,
     x: &Tensor,
     dt: &Tensor,
@@ -247,6 +245,25 @@ pub fn ssd_state_update(
     c: &Tensor,
     p: &SsdParams,
 ) -> Result<(Tensor, Tensor)> {
+    let (batch, heads, ..) = check_ssd_step(h, x, dt, a, b, c)?;
+    let dt = effective_dt(dt, p)?;
+    let decay = dt.broadcast_mul(a)?.exp()?.reshape((batch, heads, 1, 1))?;
+    let (bh, ch) = (per_head(b, 1, heads)?.unsqueeze(2)?, per_head(c, 1, heads)?.unsqueeze(2)?);
+    let input = x.broadcast_mul(&dt.unsqueeze(2)?)?.unsqueeze(3)?.broadcast_mul(&bh)?;
+    let new = (h.broadcast_mul(&decay)? + input)?;
+    let y = new.broadcast_mul(&ch)?.sum(3)?;
+    Ok((finish(y, x, p, x.dtype())?, new))
+}
+
+/// Checks the inputs of a decoding step: (batch, heads, headdim, state, groups).
+pub(crate) fn check_ssd_step(
+    h: &Tensor,
+    x: &Tensor,
+    dt: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+) -> Result<(usize, usize, usize, usize, usize)> {
     let [batch, heads, headdim, state] = dims("state", h, ["batch", "heads", "headdim", "state"])?;
     check("x", x, &[("batch", batch), ("heads", heads), ("headdim", headdim)])?;
     check("dt", dt, &[("batch", batch), ("heads", heads)])?;
@@ -257,16 +274,10 @@ pub fn ssd_state_update(
     if groups == 0 || heads % groups != 0 {
         return Err(argument("B", format!("groups ({groups}) must divide heads ({heads})")));
     }
-    let dt = effective_dt(dt, p)?;
-    let decay = dt.broadcast_mul(a)?.exp()?.reshape((batch, heads, 1, 1))?;
-    let (bh, ch) = (per_head(b, 1, heads)?.unsqueeze(2)?, per_head(c, 1, heads)?.unsqueeze(2)?);
-    let input = x.broadcast_mul(&dt.unsqueeze(2)?)?.unsqueeze(3)?.broadcast_mul(&bh)?;
-    let new = (h.broadcast_mul(&decay)? + input)?;
-    let y = new.broadcast_mul(&ch)?.sum(3)?;
-    Ok((finish(y, x, p, x.dtype())?, new))
+    Ok((batch, heads, headdim, state, groups))
 }
 
-/// The reference: [`ssd_state_update`] in a loop over time, differentiated by candle.
+/// The reference: [`ssd_state_update_ref`] in a loop over time, differentiated by candle.
 #[allow(clippy::too_many_arguments)]
 pub fn ssd_scan_ref(
     x: &Tensor,
@@ -287,7 +298,7 @@ pub fn ssd_scan_ref(
         let at = |v: &Tensor| v.narrow(1, t, 1).and_then(|v| v.squeeze(1));
         let z = p.z.map(at).transpose()?;
         let step = SsdParams { z: z.as_ref(), ..*p };
-        let (y, next) = ssd_state_update(&h, &at(x)?, &at(dt)?, a, &at(b)?, &at(c)?, &step)?;
+        let (y, next) = ssd_state_update_ref(&h, &at(x)?, &at(dt)?, a, &at(b)?, &at(c)?, &step)?;
         ys.push(y);
         h = next;
     }
