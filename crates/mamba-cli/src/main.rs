@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use mamba_nn::{LmConfig, MambaLm};
-use mamba_text::{generate, load_tokenizer, Sampling};
+use mamba_text::{generate, load_tokenizer, Sampling, TextStream};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -105,20 +105,21 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
             let enc =
                 tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("cannot tokenize the prompt: {e}"))?;
             write!(out, "{text}")?;
-            // Print what decoding prompt + continuation adds beyond the decoded prompt: tokens can
-            // split characters, and spacing belongs to the pair, not to a token alone.
-            let mut ids = enc.get_ids().to_vec();
-            let mut shown = tok.decode(&ids, true).map_err(|e| anyhow::anyhow!("cannot decode: {e}"))?.len();
-            generate(&model, enc.get_ids(), a.max_new_tokens, sampling, &a.stop, |id| {
-                ids.push(id);
-                if let Ok(text) = tok.decode(&ids, true) {
-                    if let Some(new) = text.get(shown..) {
-                        let _ = write!(out, "{new}");
-                        let _ = out.flush();
-                        shown = text.len();
-                    }
+            let mut stream = TextStream::new(&tok, enc.get_ids())?;
+            let mut failed = None;
+            generate(&model, enc.get_ids(), a.max_new_tokens, sampling, &a.stop, |id| match stream.push(id) {
+                Ok(piece) => {
+                    let _ = write!(out, "{piece}");
+                    let _ = out.flush();
+                }
+                Err(e) => {
+                    failed.get_or_insert(e);
                 }
             })?;
+            if let Some(e) = failed {
+                return Err(e.into());
+            }
+            write!(out, "{}", stream.finish()?)?;
             writeln!(out)?;
         }
         (None, Some(ids)) => {

@@ -114,3 +114,35 @@ fn prompt_text_through_a_tokenizer() {
         assert_eq!(new, free);
     }
 }
+
+/// A real byte-level BPE tokenizer (GPT-NeoX's kind, trained on Shakespeare:
+/// tests/fixtures/make_bpe_tokenizer.py) on a fresh 512-token model: the prompt, with a dash and
+/// an accent that BPE splits inside their UTF-8 bytes, is echoed exactly, and the streamed
+/// continuation is what the tokenizer decodes from the ids the same run chooses with `--ids`.
+#[test]
+fn prompt_text_through_a_bpe_tokenizer() {
+    let dir = std::env::temp_dir().join(format!("mamba-cli-bpe-{}", std::process::id()));
+    let toml = "[model]\nvocab_size = 512\n[backbone]\nkind = \"mamba1\"\nd_model = 32\nn_layer = 2\nd_state = 4\n";
+    let config = mamba_nn::LmConfig::from_toml(toml, "test").unwrap();
+    let params = mamba_nn::init_params(&config, &mamba_nn::InitConfig::default(), 7).unwrap();
+    mamba_nn::save_hf(&dir, &config, &params).unwrap();
+    let tokenizer_path = fixtures().join("bpe_shakespeare/tokenizer.json");
+    std::fs::copy(&tokenizer_path, dir.join("tokenizer.json")).unwrap();
+    let prompt = "To be, or not to be \u{2014} that is the qu\u{e9}stion.";
+    let tok = tokenizers::Tokenizer::from_file(&tokenizer_path).unwrap();
+    let prompt_ids: Vec<u32> = tok.encode(prompt, false).unwrap().get_ids().to_vec();
+    let ids_arg = prompt_ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+    let d = dir.to_str().unwrap();
+    let sampling = ["--max-new-tokens", "16", "--temperature", "1.0", "--seed", "5"];
+    let text = mamba(&[&["generate", "--model", d, "--prompt", prompt][..], &sampling].concat());
+    let ids = mamba(&[&["generate", "--model", d, "--ids", &ids_arg][..], &sampling].concat());
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(text.status.success(), "{}", String::from_utf8_lossy(&text.stderr));
+    let text = String::from_utf8(text.stdout).unwrap();
+    let new: Vec<u32> = String::from_utf8(ids.stdout).unwrap().split_whitespace().map(|t| t.parse().unwrap()).collect();
+    assert_eq!(new.len(), 16);
+    let all: Vec<u32> = prompt_ids.iter().chain(&new).copied().collect();
+    let want = tok.decode(&all, true).unwrap();
+    assert!(text.starts_with(prompt), "{text:?}");
+    assert_eq!(text.trim_end_matches('\n'), want);
+}

@@ -150,6 +150,54 @@ pub fn load_tokenizer(dir: &Path) -> Result<tokenizers::Tokenizer> {
         .map_err(|e| Error::Tokenizer { path: path.display().to_string(), message: e.to_string() })
 }
 
+/// Turns tokens into text as they come. Byte-level BPE splits characters across tokens, and spaces
+/// belong to pairs of tokens, so the text of a token alone is not its share of the output: each
+/// push decodes everything so far and hands out what is new, holding back a trailing incomplete
+/// character (decoded as U+FFFD) until the tokens that complete it arrive.
+pub struct TextStream<'a> {
+    tokenizer: &'a tokenizers::Tokenizer,
+    ids: Vec<u32>,
+    /// Bytes of the decoded text already handed out.
+    shown: usize,
+}
+
+impl<'a> TextStream<'a> {
+    /// A stream continuing `prompt`, whose text counts as already shown.
+    pub fn new(tokenizer: &'a tokenizers::Tokenizer, prompt: &[u32]) -> Result<Self> {
+        let mut s = Self { tokenizer, ids: prompt.to_vec(), shown: 0 };
+        s.shown = s.decode()?.len();
+        Ok(s)
+    }
+
+    fn decode(&self) -> Result<String> {
+        self.tokenizer
+            .decode(&self.ids, true)
+            .map_err(|e| Error::Tokenizer { path: "tokenizer".into(), message: format!("cannot decode: {e}") })
+    }
+
+    /// The text `id` completes, possibly empty.
+    pub fn push(&mut self, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let text = self.decode()?;
+        if text.ends_with('\u{FFFD}') {
+            return Ok(String::new());
+        }
+        Ok(self.take(&text))
+    }
+
+    /// Whatever is still held back (an incomplete character at the very end).
+    pub fn finish(&mut self) -> Result<String> {
+        let text = self.decode()?;
+        Ok(self.take(&text))
+    }
+
+    fn take(&mut self, text: &str) -> String {
+        let new = text.get(self.shown..).unwrap_or_default().to_string();
+        self.shown = self.shown.max(text.len());
+        new
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,6 +249,27 @@ mod tests {
         assert_eq!(s.sample(&l).unwrap(), 2);
         let mut s = Sampler::new(Sampling { temperature: 1.0, vocab_limit: Some(3), ..Default::default() }).unwrap();
         assert!((0..200).all(|_| s.sample(&l).unwrap() < 3));
+    }
+
+    /// The BPE fixture splits "—" and "é" inside their UTF-8 bytes: pushing the tokens one by one
+    /// hands out exactly the decoded text, never a replacement character for a split one.
+    #[test]
+    fn streamed_text_is_the_decoded_text() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/bpe_shakespeare/tokenizer.json");
+        let tok = tokenizers::Tokenizer::from_file(path).unwrap();
+        let text = "Good morrow \u{2014} caf\u{e9}, fair Ophelia!";
+        let ids = tok.encode(text, false).unwrap().get_ids().to_vec();
+        for split in [0, 1, 5] {
+            let mut stream = TextStream::new(&tok, &ids[..split]).unwrap();
+            let mut out = tok.decode(&ids[..split], true).unwrap();
+            for &id in &ids[split..] {
+                let piece = stream.push(id).unwrap();
+                assert!(!piece.contains('\u{FFFD}'), "{piece:?}");
+                out += &piece;
+            }
+            out += &stream.finish().unwrap();
+            assert_eq!(out, text);
+        }
     }
 
     #[test]
