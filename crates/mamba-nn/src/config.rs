@@ -56,9 +56,6 @@ impl BackboneConfig {
         for r in &self.routes {
             Route::by_name(r).map_err(|e| format!("`routes`: {e}"))?;
         }
-        if self.kind == MixerKind::Mamba2 && self.routes != causal() {
-            return Err("`routes` other than [\"forward\"] are built for Mamba-1 only so far".into());
-        }
         if self.kind == MixerKind::Mamba2 {
             if self.headdim == 0 || self.d_inner() % self.headdim != 0 {
                 return Err(format!("`headdim` ({}) must divide expand x d_model ({})", self.headdim, self.d_inner()));

@@ -69,7 +69,7 @@ pub fn init_params(config: &LmConfig, init: &InitConfig, seed: u64) -> Result<Ha
             uniform(&mut rng, bound)
         } else if leaf.starts_with("dt_proj") && leaf.ends_with(".weight") {
             uniform(&mut rng, init.dt_scale / (b.dt_rank as f64).sqrt())
-        } else if (leaf.starts_with("dt_proj") && leaf.ends_with(".bias")) || leaf == "dt_bias" {
+        } else if (leaf.starts_with("dt_proj") && leaf.ends_with(".bias")) || leaf.starts_with("dt_bias") {
             let (lo, hi) = (init.dt_min.ln(), init.dt_max.ln());
             (0..numel)
                 .map(|_| {

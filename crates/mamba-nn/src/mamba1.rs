@@ -6,8 +6,8 @@
 //! `A_b_log`, `D_b` for the second route).
 
 use crate::model::MixerCache;
-use crate::routes::{gather, inverse, Merge, Route, RouteParams};
-use crate::{compute_dtype, BackboneConfig, Error, Linear, Result};
+use crate::routes::{check_causal, route_suffix, run_routes, Merge, Route, RouteParams};
+use crate::{compute_dtype, BackboneConfig, Linear, Result};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use mamba_ssm::{causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update, ScanParams};
@@ -23,15 +23,6 @@ struct Ssm {
     d: Tensor,
     dt_rank: usize,
     d_state: usize,
-}
-
-/// The suffix of route `i`'s own parameters: none for the first, Vim's `_b` for the second.
-fn suffix(i: usize) -> String {
-    match i {
-        0 => String::new(),
-        1 => "_b".into(),
-        i => format!("_r{i}"),
-    }
 }
 
 impl Ssm {
@@ -109,7 +100,7 @@ impl Mamba1Mixer {
         let n_ssm = if cfg.route_params == RouteParams::PerRoute { routes.len() } else { 1 };
         Ok(Self {
             in_proj: Linear::load(&vb, "in_proj", (2 * di, d), cfg.proj_bias)?,
-            ssms: (0..n_ssm).map(|i| Ssm::load(&vb, cfg, &suffix(i))).collect::<Result<_>>()?,
+            ssms: (0..n_ssm).map(|i| Ssm::load(&vb, cfg, &route_suffix(i))).collect::<Result<_>>()?,
             routes,
             merge: cfg.merge,
             out_proj: Linear::load(&vb, "out_proj", (d, di), cfg.proj_bias)?,
@@ -120,7 +111,7 @@ impl Mamba1Mixer {
     /// The names and shapes of route `i`'s own SSM parameters.
     pub(crate) fn ssm_tensors(cfg: &BackboneConfig, i: usize) -> Vec<(String, Vec<usize>)> {
         let (di, r, n, k) = (cfg.d_inner(), cfg.dt_rank, cfg.d_state, cfg.d_conv);
-        let s = suffix(i);
+        let s = route_suffix(i);
         let mut v = vec![
             (format!("conv1d{s}.weight"), vec![di, 1, k]),
             (format!("x_proj{s}.weight"), vec![r + 2 * n, di]),
@@ -140,48 +131,20 @@ impl Mamba1Mixer {
     }
 
     /// x: (batch, len, d_model) -> (batch, len, d_model), and the cache after the last token of
-    /// the first route.
+    /// the first route. The routes are merged before out_proj.
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, MixerCache)> {
         let di = self.d_inner;
         let xz = self.in_proj.forward(x)?;
-        let len = xz.dim(1)?;
-        let mut merged: Option<Tensor> = None;
-        let mut first_cache = None;
-        for (i, route) in self.routes.iter().enumerate() {
-            // The forward route needs no gather: the tensors are read in place.
-            let order = (!route.is_forward()).then(|| route.order(len)).transpose()?;
-            let xz_r = match &order {
-                Some(o) => gather(&xz, o)?,
-                None => xz.clone(),
-            };
-            let (y, cache) = self.ssm(i).forward(&xz_r.narrow(2, 0, di)?, &xz_r.narrow(2, di, di)?)?;
-            let y = match &order {
-                Some(o) => gather(&y, &inverse(o))?,
-                None => y,
-            };
-            merged = Some(match merged {
-                Some(m) => (m + y)?,
-                None => y,
-            });
-            first_cache.get_or_insert(cache);
-        }
-        let (mut y, cache) = (merged.expect("at least one route"), first_cache.expect("at least one route"));
-        if self.merge == Merge::Mean && self.routes.len() > 1 {
-            y = (y / self.routes.len() as f64)?;
-        }
+        let (y, cache) = run_routes(&self.routes, self.merge, &xz, |i, t| {
+            self.ssm(i).forward(&t.narrow(2, 0, di)?, &t.narrow(2, di, di)?)
+        })?;
         Ok((self.out_proj.forward(&y)?, cache))
     }
 
     /// One token, x: (batch, d_model) -> (batch, d_model); advances the cache. Causal mixers
     /// (one forward route) only.
     pub fn step(&self, x: &Tensor, cache: &mut MixerCache) -> Result<Tensor> {
-        if self.routes.len() != 1 || !self.routes[0].is_forward() {
-            let names: Vec<_> = self.routes.iter().map(|r| r.name()).collect();
-            return Err(Error::Config {
-                path: "routes".into(),
-                message: format!("step decoding needs one forward route, the mixer has {names:?}"),
-            });
-        }
+        check_causal(&self.routes)?;
         let di = self.d_inner;
         let xz = self.in_proj.forward(x)?;
         let y = self.ssm(0).step(&xz.narrow(1, 0, di)?, &xz.narrow(1, di, di)?, cache)?;

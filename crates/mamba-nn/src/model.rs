@@ -234,7 +234,7 @@ pub fn save_hf(dir: &Path, config: &LmConfig, tensors: &HashMap<String, Tensor>)
 /// Every tensor a checkpoint of this configuration holds, with its shape.
 pub(crate) fn expected_tensors(config: &LmConfig) -> Vec<(String, Vec<usize>)> {
     let c = &config.backbone;
-    let (d, di, n, k) = (c.d_model, c.d_inner(), c.d_state, c.d_conv);
+    let (d, di, n) = (c.d_model, c.d_inner(), c.d_state);
     let mut out = vec![("backbone.embeddings.weight".to_string(), vec![config.vocab_size, d])];
     out.push(("backbone.norm_f.weight".into(), vec![d]));
     if !config.tie_embeddings {
@@ -249,30 +249,24 @@ pub(crate) fn expected_tensors(config: &LmConfig) -> Vec<(String, Vec<usize>)> {
                 let (h, conv) = (c.nheads(), di + 2 * c.ngroups * n);
                 vec![
                     ("in_proj.weight", vec![di + conv + h, d]),
-                    ("conv1d.weight", vec![conv, 1, k]),
-                    ("dt_bias", vec![h]),
-                    ("A_log", vec![h]),
-                    ("D", vec![h]),
                     ("norm.weight", vec![di]),
                     ("out_proj.weight", vec![d, di]),
                 ]
             }
         };
-        if c.conv_bias && c.kind == MixerKind::Mamba2 {
-            mixer.push(("conv1d.bias", vec![di + 2 * c.ngroups * n]));
-        }
         if c.proj_bias {
             let in_out = mixer[0].1[0];
             mixer.push(("in_proj.bias", vec![in_out]));
             mixer.push(("out_proj.bias", vec![d]));
         }
         out.extend(mixer.into_iter().map(|(name, shape)| (p(&format!("mixer.{name}")), shape)));
-        if c.kind == MixerKind::Mamba1 {
-            let own = if c.route_params == crate::RouteParams::PerRoute { c.routes.len() } else { 1 };
-            for r in 0..own {
-                let ssm = Mamba1Mixer::ssm_tensors(c, r);
-                out.extend(ssm.into_iter().map(|(name, shape)| (p(&format!("mixer.{name}")), shape)));
-            }
+        let own = if c.route_params == crate::RouteParams::PerRoute { c.routes.len() } else { 1 };
+        for r in 0..own {
+            let ssm = match c.kind {
+                MixerKind::Mamba1 => Mamba1Mixer::ssm_tensors(c, r),
+                MixerKind::Mamba2 => Mamba2Mixer::ssm_tensors(c, r),
+            };
+            out.extend(ssm.into_iter().map(|(name, shape)| (p(&format!("mixer.{name}")), shape)));
         }
     }
     out

@@ -3,6 +3,7 @@
 //! use [`Route::forward`]; bidirectional ones add [`Route::reverse`]; 2-d scan patterns are
 //! routes built from a patch grid.
 
+use crate::model::MixerCache;
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -111,6 +112,64 @@ pub fn inverse(order: &[u32]) -> Vec<u32> {
 pub fn gather(x: &Tensor, order: &[u32]) -> Result<Tensor> {
     let idx = Tensor::new(order, &Device::Cpu)?.to_device(x.device())?;
     Ok(x.contiguous()?.index_select(&idx, 1)?)
+}
+
+/// The suffix of route `i`'s own parameters: none for the first, Vim's `_b` for the second.
+pub(crate) fn route_suffix(i: usize) -> String {
+    match i {
+        0 => String::new(),
+        1 => "_b".into(),
+        i => format!("_r{i}"),
+    }
+}
+
+/// Step decoding reads only the past: one forward route.
+pub(crate) fn check_causal(routes: &[Route]) -> Result<()> {
+    if routes.len() == 1 && routes[0].is_forward() {
+        return Ok(());
+    }
+    let names: Vec<_> = routes.iter().map(|r| r.name()).collect();
+    Err(Error::Config {
+        path: "routes".into(),
+        message: format!("step decoding needs one forward route, the mixer has {names:?}"),
+    })
+}
+
+/// Runs `route_fn(i, input in route i's order)` for every route on input (batch, len, ...),
+/// puts each output (batch, len, ...) back in sequence order and merges them. Returns the merged
+/// output and the cache of the first route.
+pub(crate) fn run_routes(
+    routes: &[Route],
+    merge: Merge,
+    input: &Tensor,
+    route_fn: impl Fn(usize, &Tensor) -> Result<(Tensor, MixerCache)>,
+) -> Result<(Tensor, MixerCache)> {
+    let len = input.dim(1)?;
+    let mut merged: Option<Tensor> = None;
+    let mut first_cache = None;
+    for (i, route) in routes.iter().enumerate() {
+        // The forward route needs no gather: the tensors are read in place.
+        let order = (!route.is_forward()).then(|| route.order(len)).transpose()?;
+        let (y, cache) = match &order {
+            Some(o) => {
+                let (y, cache) = route_fn(i, &gather(input, o)?)?;
+                (gather(&y, &inverse(o))?, cache)
+            }
+            None => route_fn(i, input)?,
+        };
+        merged = Some(match merged {
+            Some(m) => (m + y)?,
+            None => y,
+        });
+        first_cache.get_or_insert(cache);
+    }
+    let (Some(mut y), Some(cache)) = (merged, first_cache) else {
+        return Err(Error::Config { path: "routes".into(), message: "a mixer needs at least one route".into() });
+    };
+    if merge == Merge::Mean && routes.len() > 1 {
+        y = (y / routes.len() as f64)?;
+    }
+    Ok((y, cache))
 }
 
 #[cfg(test)]

@@ -2,7 +2,9 @@
 //! parallel forward against step-by-step decoding for other configurations, and checkpoint errors.
 
 use candle_core::{safetensors, DType, Device, IndexOp, Tensor, D};
-use mamba_nn::{BackboneConfig, LmConfig, Mamba1Mixer, MambaLm, Merge, MixerCache, MixerKind, Route, RouteParams};
+use mamba_nn::{
+    BackboneConfig, LmConfig, Mamba1Mixer, Mamba2Mixer, MambaLm, Merge, MixerCache, MixerKind, Route, RouteParams,
+};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -71,10 +73,22 @@ fn random_model(config: LmConfig, seed: u64) -> MambaLm {
     MambaLm::load(candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &CPU), config).unwrap()
 }
 
-/// Layer 0's mixer of `config`, from `tensors`.
-fn mixer(config: &LmConfig, tensors: &HashMap<String, Tensor>) -> Mamba1Mixer {
-    let vb = candle_nn::VarBuilder::from_tensors(tensors.clone(), DType::F32, &CPU);
-    Mamba1Mixer::load(vb.pp("backbone.layers.0.mixer"), &config.backbone).unwrap()
+/// Layer 0's mixer of `config` from `tensors` over x: its forward output, and whether a step fails.
+fn mixer_forward(config: &LmConfig, tensors: &HashMap<String, Tensor>, x: &Tensor) -> (Tensor, bool) {
+    let vb = candle_nn::VarBuilder::from_tensors(tensors.clone(), DType::F32, &CPU).pp("backbone.layers.0.mixer");
+    let token = x.narrow(1, 0, 1).unwrap().squeeze(1).unwrap();
+    match config.backbone.kind {
+        MixerKind::Mamba1 => {
+            let m = Mamba1Mixer::load(vb, &config.backbone).unwrap();
+            let step_fails = m.step(&token, &mut m.empty_cache(x.dim(0).unwrap()).unwrap()).is_err();
+            (m.forward(x).unwrap().0, step_fails)
+        }
+        MixerKind::Mamba2 => {
+            let m = Mamba2Mixer::load(vb, &config.backbone).unwrap();
+            let step_fails = m.step(&token, &mut m.empty_cache(x.dim(0).unwrap()).unwrap()).is_err();
+            (m.forward(x).unwrap().0, step_fails)
+        }
+    }
 }
 
 #[test]
@@ -82,35 +96,40 @@ fn bidirectional_mixer_equals_both_directions_computed_directly() {
     let x = Tensor::from_vec((0..2 * 9 * 24).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect(), (2, 9, 24), &CPU)
         .unwrap();
     let flip = |t: &Tensor| mamba_nn::gather(t, &Route::reverse().order(9).unwrap()).unwrap();
-    let causal = config(MixerKind::Mamba1, 1, 8);
-    for (params, merge) in [(RouteParams::PerRoute, Merge::Mean), (RouteParams::Shared, Merge::Sum)] {
-        let mut bidir = causal.clone();
-        bidir.backbone.routes = vec!["forward".into(), "reverse".into()];
-        (bidir.backbone.route_params, bidir.backbone.merge) = (params, merge);
-        let tensors = random_tensors(&bidir, 5);
-        let (y, _) = mixer(&bidir, &tensors).forward(&x).unwrap();
-        // The backward direction on its own: a causal mixer over the reversed sequence, with the
-        // second route's parameters (Vim's `_b` names) under the plain names when they are its own.
-        let mut back = tensors.clone();
-        if params == RouteParams::PerRoute {
-            for (k, v) in &tensors {
-                let plain = k.replace("_b.", ".").replace("A_b_log", "A_log").replace("D_b", "D");
-                if plain != *k {
-                    back.insert(plain, v.clone());
+    for kind in [MixerKind::Mamba1, MixerKind::Mamba2] {
+        // Mamba-2: 6 heads in 2 groups, a chunk shorter than the sequence.
+        let causal = config(kind, 2, 4);
+        for (params, merge) in [(RouteParams::PerRoute, Merge::Mean), (RouteParams::Shared, Merge::Sum)] {
+            let mut bidir = causal.clone();
+            bidir.backbone.routes = vec!["forward".into(), "reverse".into()];
+            (bidir.backbone.route_params, bidir.backbone.merge) = (params, merge);
+            let tensors = random_tensors(&bidir, 5);
+            let (y, step_fails) = mixer_forward(&bidir, &tensors, &x);
+            assert!(step_fails, "{kind:?}: a bidirectional mixer cannot step");
+            // The backward direction on its own: a causal mixer over the reversed sequence, with the
+            // second route's parameters (Vim's `_b` names) under the plain names when they are its own.
+            let mut back = tensors.clone();
+            if params == RouteParams::PerRoute {
+                for (k, v) in &tensors {
+                    let plain = k
+                        .replace("_b.", ".")
+                        .replace("A_b_log", "A_log")
+                        .replace("D_b", "D")
+                        .replace("dt_bias_b", "dt_bias");
+                    if plain != *k {
+                        back.insert(plain, v.clone());
+                    }
                 }
             }
+            let (y_f, _) = mixer_forward(&causal, &tensors, &x);
+            let (y_b, _) = mixer_forward(&causal, &back, &flip(&x));
+            let mut want = (y_f + flip(&y_b)).unwrap();
+            if merge == Merge::Mean {
+                want = (want / 2.0).unwrap();
+            }
+            let e = max_abs(&y, &want);
+            assert!(e <= 1e-5, "{kind:?} {params:?} {merge:?}: max abs error {e}");
         }
-        let (y_f, _) = mixer(&causal, &tensors).forward(&x).unwrap();
-        let (y_b, _) = mixer(&causal, &back).forward(&flip(&x)).unwrap();
-        let mut want = (y_f + flip(&y_b)).unwrap();
-        if merge == Merge::Mean {
-            want = (want / 2.0).unwrap();
-        }
-        let e = max_abs(&y, &want);
-        assert!(e <= 1e-5, "{params:?} {merge:?}: max abs error {e}");
-        assert!(mixer(&bidir, &tensors)
-            .step(&x.narrow(1, 0, 1).unwrap().squeeze(1).unwrap(), &mut mixer(&bidir, &tensors).empty_cache(2).unwrap())
-            .is_err());
     }
 }
 
