@@ -1,4 +1,5 @@
-//! `mamba`: run Mamba language models from Hugging Face directories.
+//! `mamba`: run Mamba language models from Hugging Face directories, train and evaluate models
+//! from config files.
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -36,6 +37,28 @@ enum Command {
     Inspect {
         #[arg(long)]
         model: PathBuf,
+    },
+    /// Train from a config file (see models/synthetic/, models/text/): checkpoints `last` and
+    /// `best`, metrics.jsonl and curves.svg under --out.
+    Train {
+        config: PathBuf,
+        /// Output directory (default runs/CONFIG-NAME).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Continue the run in --out from its last checkpoint.
+        #[arg(long)]
+        resume: bool,
+        /// Override a config value: section.key=value (repeatable).
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        sets: Vec<String>,
+    },
+    /// Validation metrics of a checkpoint directory.
+    Eval {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -182,6 +205,28 @@ fn run_inspect(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+fn run_train(config: &Path, out: Option<PathBuf>, resume: bool, sets: &[String]) -> Result<()> {
+    let out = out.unwrap_or_else(|| {
+        PathBuf::from("runs").join(config.file_stem().map_or("run".into(), |s| s.to_string_lossy().into_owned()))
+    });
+    let summary = mamba_train::train_from_config(config, &out, resume, sets)?;
+    println!("validation: {}", mamba_train::summary_line(&summary.validation));
+    println!("checkpoints: {} and {}", summary.last.display(), summary.best.display());
+    Ok(())
+}
+
+fn run_eval(checkpoint: &Path, json: bool) -> Result<()> {
+    let metrics = mamba_train::evaluate_checkpoint(checkpoint)?.means();
+    if json {
+        println!("{}", serde_json::to_string(&metrics)?);
+    } else {
+        for (k, v) in metrics {
+            println!("{k} {v:.6}");
+        }
+    }
+    Ok(())
+}
+
 fn main() {
     // candle asks the OS for the core count on every matmul unless this is set.
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
@@ -192,6 +237,8 @@ fn main() {
         Command::Generate(a) => run_generate(a),
         Command::Logits { model, ids, out, dtype } => run_logits(&model, &ids, &out, dtype),
         Command::Inspect { model } => run_inspect(&model),
+        Command::Train { config, out, resume, sets } => run_train(&config, out, resume, &sets),
+        Command::Eval { checkpoint, json } => run_eval(&checkpoint, json),
     };
     if let Err(e) = result {
         // A reader that stops early (`mamba inspect ... | head`) is not an error.

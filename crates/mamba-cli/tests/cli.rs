@@ -116,7 +116,7 @@ fn prompt_text_through_a_tokenizer() {
 }
 
 /// A real byte-level BPE tokenizer (GPT-NeoX's kind, trained on Shakespeare:
-/// tests/fixtures/make_bpe_tokenizer.py) on a fresh 512-token model: the prompt, with a dash and
+/// examples/data/text/make_tokenizer.py) on a fresh 512-token model: the prompt, with a dash and
 /// an accent that BPE splits inside their UTF-8 bytes, is echoed exactly, and the streamed
 /// continuation is what the tokenizer decodes from the ids the same run chooses with `--ids`.
 #[test]
@@ -126,7 +126,7 @@ fn prompt_text_through_a_bpe_tokenizer() {
     let config = mamba_nn::LmConfig::from_toml(toml, "test").unwrap();
     let params = mamba_nn::init_params(&config, &mamba_nn::InitConfig::default(), 7).unwrap();
     mamba_nn::save_hf(&dir, &config, &params).unwrap();
-    let tokenizer_path = fixtures().join("bpe_shakespeare/tokenizer.json");
+    let tokenizer_path = fixtures().join("../../examples/data/text/tokenizer-bpe512.json");
     std::fs::copy(&tokenizer_path, dir.join("tokenizer.json")).unwrap();
     let prompt = "To be, or not to be \u{2014} that is the qu\u{e9}stion.";
     let tok = tokenizers::Tokenizer::from_file(&tokenizer_path).unwrap();

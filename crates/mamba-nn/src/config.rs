@@ -40,6 +40,10 @@ pub struct BackboneConfig {
     pub routes: Vec<String>,
     pub route_params: RouteParams,
     pub merge: Merge,
+    /// false: the ablation of the paper's Table 1, a time-invariant SSM (Mamba-1 only): dt, B
+    /// and C do not depend on the input (dt = softplus(dt_bias) per channel, B and C learned
+    /// vectors), so the mixer cannot select what to remember.
+    pub selective: bool,
 }
 
 impl BackboneConfig {
@@ -55,6 +59,9 @@ impl BackboneConfig {
         }
         for r in &self.routes {
             Route::by_name(r).map_err(|e| format!("`routes`: {e}"))?;
+        }
+        if self.kind == MixerKind::Mamba2 && !self.selective {
+            return Err("`selective = false` (the time-invariant ablation) is built for Mamba-1 only".into());
         }
         if self.kind == MixerKind::Mamba2 {
             if self.headdim == 0 || self.d_inner() % self.headdim != 0 {
@@ -140,6 +147,8 @@ struct BackboneSection {
     route_params: RouteParams,
     #[serde(default)]
     merge: Merge,
+    #[serde(default = "yes")]
+    selective: bool,
 }
 
 fn causal() -> Vec<String> {
@@ -207,6 +216,7 @@ impl LmConfig {
             routes: b.routes,
             route_params: b.route_params,
             merge: b.merge,
+            selective: b.selective,
         };
         backbone.validate().map_err(err)?;
         Ok(Self { backbone, vocab_size: file.model.vocab_size, tie_embeddings: file.model.tie_embeddings })
@@ -216,6 +226,12 @@ impl LmConfig {
     /// dt limits are written as transformers 5 writes them, {"__float__": "Infinity"}.
     pub fn to_hf_json(&self) -> Result<String> {
         let b = &self.backbone;
+        if !b.selective {
+            return Err(Error::Config {
+                path: "config.json".into(),
+                message: "a time-invariant (selective = false) model has no Hugging Face layout".into(),
+            });
+        }
         if !b.is_causal() {
             return Err(Error::Config {
                 path: "config.json".into(),
@@ -340,6 +356,7 @@ impl LmConfig {
             routes: causal(),
             route_params: RouteParams::Shared,
             merge: Merge::Sum,
+            selective: true,
         };
         if kind == MixerKind::Mamba2 {
             let heads = int_or("num_heads", backbone.nheads())?;

@@ -8,6 +8,7 @@
 //!   starts at that dt.
 //! - A: Mamba-1 S4D-real, A_log[d, n] = log(n + 1); Mamba-2 one A per head, U(a_init_range).
 //! - D and every norm weight one; embeddings (and an untied head) N(0, 0.02).
+//! - The time-invariant ablation (`selective = false`): B ones, C U(±1/sqrt(d_state)).
 
 use crate::model::expected_tensors;
 use crate::{Error, LmConfig, MixerKind, Result};
@@ -77,6 +78,11 @@ pub fn init_params(config: &LmConfig, init: &InitConfig, seed: u64) -> Result<Ha
                     inverse_softplus(dt) as f32
                 })
                 .collect()
+        } else if leaf == "B" || leaf.starts_with("B_") {
+            // The time-invariant ablation's input and output vectors.
+            vec![1.0; numel]
+        } else if leaf == "C" || leaf.starts_with("C_") {
+            uniform(&mut rng, 1.0 / (b.d_state as f64).sqrt())
         } else if leaf.starts_with('A') && leaf.ends_with("_log") {
             match b.kind {
                 MixerKind::Mamba1 => (0..numel).map(|i| ((i % b.d_state + 1) as f32).ln()).collect(),

@@ -12,16 +12,23 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use mamba_ssm::{causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update, ScanParams};
 
-/// The per-route part: conv, x_proj, dt_proj, A, D.
+/// How dt, B and C are made.
+#[derive(Debug, Clone)]
+enum Selection {
+    /// From the input, through x_proj and dt_proj: the selection mechanism.
+    Selective { x_proj: Linear, dt_proj: Linear, dt_rank: usize },
+    /// dt = softplus(dt_bias) per channel, B and C learned vectors: the time-invariant ablation.
+    Fixed { dt_bias: Tensor, b: Tensor, c: Tensor },
+}
+
+/// The per-route part: conv, dt / B / C, A, D.
 #[derive(Debug, Clone)]
 struct Ssm {
     conv_weight: Tensor,
     conv_bias: Option<Tensor>,
-    x_proj: Linear,
-    dt_proj: Linear,
+    selection: Selection,
     a_log: Tensor,
     d: Tensor,
-    dt_rank: usize,
     d_state: usize,
 }
 
@@ -29,14 +36,25 @@ impl Ssm {
     fn load(vb: &VarBuilder, cfg: &BackboneConfig, sfx: &str) -> Result<Self> {
         let (di, r, n, k) = (cfg.d_inner(), cfg.dt_rank, cfg.d_state, cfg.d_conv);
         let small = vb.clone().set_dtype(compute_dtype(vb.dtype()));
+        let selection = if cfg.selective {
+            Selection::Selective {
+                x_proj: Linear::load(vb, &format!("x_proj{sfx}"), (r + 2 * n, di), false)?,
+                dt_proj: Linear::load(vb, &format!("dt_proj{sfx}"), (di, r), true)?,
+                dt_rank: r,
+            }
+        } else {
+            Selection::Fixed {
+                dt_bias: small.get(di, &format!("dt_bias{sfx}"))?,
+                b: small.get(n, &format!("B{sfx}"))?,
+                c: small.get(n, &format!("C{sfx}"))?,
+            }
+        };
         Ok(Self {
             conv_weight: small.get((di, 1, k), &format!("conv1d{sfx}.weight"))?,
             conv_bias: if cfg.conv_bias { Some(small.get(di, &format!("conv1d{sfx}.bias"))?) } else { None },
-            x_proj: Linear::load(vb, &format!("x_proj{sfx}"), (r + 2 * n, di), false)?,
-            dt_proj: Linear::load(vb, &format!("dt_proj{sfx}"), (di, r), true)?,
+            selection,
             a_log: small.get((di, n), &format!("A{sfx}_log"))?,
             d: small.get(di, &format!("D{sfx}"))?,
-            dt_rank: r,
             d_state: n,
         })
     }
@@ -46,18 +64,31 @@ impl Ssm {
         Ok(self.a_log.exp()?.neg()?)
     }
 
-    /// dt (without its bias, which the scan adds before the softplus), B and C from the conv
+    /// dt (without its bias, which the scan adds before the softplus), B and C for the conv
     /// output `u`: (..., d_inner) -> (..., d_inner), (..., d_state), (..., d_state).
     fn dt_b_c(&self, u: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let (r, n) = (self.dt_rank, self.d_state);
-        let x_dbl = self.x_proj.forward(u)?;
-        let last = x_dbl.rank() - 1;
-        let dt = self.dt_proj.matmul(&x_dbl.narrow(last, 0, r)?)?;
-        Ok((dt, x_dbl.narrow(last, r, n)?, x_dbl.narrow(last, r + n, n)?))
+        let n = self.d_state;
+        match &self.selection {
+            Selection::Selective { x_proj, dt_proj, dt_rank: r } => {
+                let x_dbl = x_proj.forward(u)?;
+                let last = x_dbl.rank() - 1;
+                let dt = dt_proj.matmul(&x_dbl.narrow(last, 0, *r)?)?;
+                Ok((dt, x_dbl.narrow(last, *r, n)?, x_dbl.narrow(last, r + n, n)?))
+            }
+            Selection::Fixed { b, c, .. } => {
+                let mut shape = u.dims().to_vec();
+                *shape.last_mut().expect("u has a channel dimension") = n;
+                Ok((u.zeros_like()?, b.broadcast_as(shape.as_slice())?, c.broadcast_as(shape.as_slice())?))
+            }
+        }
     }
 
     fn params<'a>(&'a self, z: &'a Tensor) -> ScanParams<'a> {
-        ScanParams { d: Some(&self.d), z: Some(z), delta_bias: self.dt_proj.bias(), delta_softplus: true }
+        let delta_bias = match &self.selection {
+            Selection::Selective { dt_proj, .. } => dt_proj.bias(),
+            Selection::Fixed { dt_bias, .. } => Some(dt_bias),
+        };
+        ScanParams { d: Some(&self.d), z: Some(z), delta_bias, delta_softplus: true }
     }
 
     /// x, z: (batch, len, d_inner) -> y (batch, len, d_inner), and the cache after the last token.
@@ -114,12 +145,16 @@ impl Mamba1Mixer {
         let s = route_suffix(i);
         let mut v = vec![
             (format!("conv1d{s}.weight"), vec![di, 1, k]),
-            (format!("x_proj{s}.weight"), vec![r + 2 * n, di]),
-            (format!("dt_proj{s}.weight"), vec![di, r]),
-            (format!("dt_proj{s}.bias"), vec![di]),
             (format!("A{s}_log"), vec![di, n]),
             (format!("D{s}"), vec![di]),
         ];
+        if cfg.selective {
+            v.push((format!("x_proj{s}.weight"), vec![r + 2 * n, di]));
+            v.push((format!("dt_proj{s}.weight"), vec![di, r]));
+            v.push((format!("dt_proj{s}.bias"), vec![di]));
+        } else {
+            v.extend([(format!("dt_bias{s}"), vec![di]), (format!("B{s}"), vec![n]), (format!("C{s}"), vec![n])]);
+        }
         if cfg.conv_bias {
             v.push((format!("conv1d{s}.bias"), vec![di]));
         }

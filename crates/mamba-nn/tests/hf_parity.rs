@@ -152,6 +152,7 @@ fn config(kind: MixerKind, ngroups: usize, chunk_size: usize) -> LmConfig {
         routes: vec!["forward".into()],
         route_params: RouteParams::Shared,
         merge: Merge::Sum,
+        selective: true,
     };
     LmConfig { backbone, vocab_size: 11, tie_embeddings: kind == MixerKind::Mamba1 }
 }
@@ -179,7 +180,11 @@ fn parallel_forward_equals_step_decoding() {
     let m1 = random_model(config(MixerKind::Mamba1, 1, 8), 1);
     // ngroups 2 (6 heads of 8), lengths shorter than the conv, not a multiple of the chunk.
     let m2 = random_model(config(MixerKind::Mamba2, 2, 8), 2);
-    for model in [&m1, &m2] {
+    // The time-invariant ablation: dt, B and C from parameters, not from the input.
+    let mut lti = config(MixerKind::Mamba1, 1, 8);
+    lti.backbone.selective = false;
+    let m3 = random_model(lti, 3);
+    for model in [&m1, &m2, &m3] {
         for (batch, len) in [(1, 1), (2, 3), (2, 13), (1, 16)] {
             check_parallel_equals_steps(model, batch, len);
         }

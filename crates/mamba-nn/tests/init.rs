@@ -25,6 +25,7 @@ fn every_tensor_is_initialised_in_the_reference_ranges() {
         config("mamba1", ""),
         config("mamba1", "routes = [\"forward\", \"reverse\"]\nroute_params = \"per_route\"\nproj_bias = true"),
         config("mamba2", "ngroups = 2"),
+        config("mamba1", "selective = false"),
         config("mamba2", "routes = [\"forward\", \"reverse\"]\nroute_params = \"per_route\""),
     ] {
         let p = init_params(&cfg, &init, 0).unwrap();

@@ -255,7 +255,7 @@ mod tests {
     /// hands out exactly the decoded text, never a replacement character for a split one.
     #[test]
     fn streamed_text_is_the_decoded_text() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/bpe_shakespeare/tokenizer.json");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/data/text/tokenizer-bpe512.json");
         let tok = tokenizers::Tokenizer::from_file(path).unwrap();
         let text = "Good morrow \u{2014} caf\u{e9}, fair Ophelia!";
         let ids = tok.encode(text, false).unwrap().get_ids().to_vec();

@@ -1,0 +1,173 @@
+//! `mamba train` and `mamba eval` end to end: a killed run resumes to the weights of an
+//! uninterrupted one, and bad configs stop before training with the file and key named.
+
+use candle_core::{safetensors, Device};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+fn mamba(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mamba")).args(args).output().expect("run mamba")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("mamba-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A selective-copying run small enough for a test: 2 epochs of 48 steps, a checkpoint every 4.
+const TINY: &str = r#"
+[task]
+kind = "selective_copying"
+seq_len = 24
+tokens = 4
+train_examples = 192
+validation_examples = 32
+
+[model]
+vocab_size = 8
+
+[backbone]
+kind = "mamba1"
+d_model = 16
+n_layer = 2
+d_state = 4
+
+[train]
+epochs = 2
+batch_size = 4
+seed = 3
+log_every = 4
+checkpoint_every = 4
+
+[optim]
+lr = 1e-2
+warmup_steps = 5
+ema = 0.9
+"#;
+
+fn write_config(dir: &Path, text: &str) -> PathBuf {
+    let path = dir.join("config.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let mut t: Vec<_> = safetensors::load(dir.join("model.safetensors"), &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect();
+    t.sort_by(|a, b| a.0.cmp(&b.0));
+    t
+}
+
+fn trainer_state(run: &Path) -> Option<serde_json::Value> {
+    serde_json::from_str(&std::fs::read_to_string(run.join("last/trainer.json")).ok()?).ok()
+}
+
+#[test]
+fn a_killed_run_resumes_to_the_uninterrupted_weights() {
+    let dir = scratch("resume");
+    let config = write_config(&dir, TINY);
+    let (whole, killed) = (dir.join("whole"), dir.join("killed"));
+    let cfg = config.to_str().unwrap();
+    let run = mamba(&["train", cfg, "--out", whole.to_str().unwrap()]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+
+    // Kill the second run as soon as it has a checkpoint in the middle of the first epoch.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mamba"))
+        .args(["train", cfg, "--out", killed.to_str().unwrap()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let at_kill = loop {
+        if let Some(s) = trainer_state(&killed) {
+            if s["step"].as_u64() >= Some(8) {
+                child.kill().unwrap();
+                break s;
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "no checkpoint appeared");
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    child.wait().unwrap();
+    let state = trainer_state(&killed).expect("the checkpoint survives the kill");
+    assert!(state["step"].as_u64() < Some(96), "the run finished before it was killed: {state}");
+    assert_eq!(at_kill["epoch"], 0, "killed mid-epoch: {at_kill}");
+
+    let resumed = mamba(&["train", cfg, "--out", killed.to_str().unwrap(), "--resume"]);
+    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    for which in ["last", "best"] {
+        assert_eq!(weights(&whole.join(which)), weights(&killed.join(which)), "{which}");
+    }
+    let log = std::fs::read_to_string(killed.join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("\"train\""))
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=24).map(|i| i * 4).collect::<Vec<_>>(), "each logging step once");
+    assert!(killed.join("curves.svg").exists());
+
+    // A fresh run into a used directory is refused; eval reads the checkpoint.
+    let again = mamba(&["train", cfg, "--out", killed.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"));
+    let eval = mamba(&["eval", "--checkpoint", killed.join("best").to_str().unwrap(), "--json"]);
+    assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
+    let metrics: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
+    assert!(metrics["accuracy"].as_f64().is_some() && metrics["loss"].as_f64().is_some(), "{metrics}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_configs_stop_before_training_naming_file_and_key() {
+    let dir = scratch("bad");
+    let cases: [(&str, String, &[&str]); 5] = [
+        ("unknown key", TINY.replace("epochs = 2", "epochs = 2\nepochz = 3"), &["epochz", "config.toml"]),
+        ("wrong type", TINY.replace("batch_size = 4", "batch_size = \"four\""), &["batch_size", "config.toml"]),
+        ("unknown task", TINY.replace("selective_copying", "telepathy"), &["telepathy", "config.toml"]),
+        (
+            "missing file",
+            TINY.replace(
+                "kind = \"selective_copying\"\nseq_len = 24\ntokens = 4\ntrain_examples = 192\nvalidation_examples = 32",
+                "kind = \"text\"\ndata = \"nowhere.txt\"\ntokenizer = \"tokenizer.json\"\ncontext = 8",
+            ),
+            &["nowhere.txt", "config.toml"],
+        ),
+        ("bad model", TINY.replace("d_state = 4", "d_state = 0"), &["d_state", "config.toml"]),
+    ];
+    for (what, text, needles) in cases {
+        let config = write_config(&dir, &text);
+        let out = dir.join(what.replace(' ', "-"));
+        let run = mamba(&["train", config.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert!(!run.status.success(), "{what}: succeeded");
+        for n in needles {
+            assert!(err.contains(n), "{what}: {n:?} not in {err}");
+        }
+        assert!(!out.join("last").exists(), "{what}: trained anyway");
+    }
+    let config = write_config(&dir, TINY);
+    let run = mamba(&["train", config.to_str().unwrap(), "--set", "train.epochz=1"]);
+    assert!(String::from_utf8_lossy(&run.stderr).contains("epochz"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_diverging_loss_stops_with_the_last_good_checkpoint_intact() {
+    let dir = scratch("nan");
+    let config = write_config(&dir, &TINY.replace("checkpoint_every = 4", "checkpoint_every = 1"));
+    let out = dir.join("run");
+    let run = mamba(&["train", config.to_str().unwrap(), "--out", out.to_str().unwrap(), "--set", "optim.lr=1e30"]);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success());
+    assert!(err.contains("the loss is") && err.contains("last good checkpoint"), "{err}");
+    let state = trainer_state(&out).expect("a checkpoint from before the divergence");
+    assert!(state["step"].as_u64() >= Some(1));
+    assert!(weights(&out.join("last")).iter().all(|(_, v)| v.iter().all(|x| x.is_finite())));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

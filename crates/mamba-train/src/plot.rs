@@ -1,0 +1,79 @@
+//! The curves of a run, drawn from its metrics.jsonl: training and validation loss by step, and
+//! every other validation metric, one panel each, as SVG.
+
+use crate::{Error, Result};
+use plotters::prelude::*;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// (step, value) series by name: `train loss`, `validation loss`, `validation accuracy`, ...
+fn series(metrics: &Path) -> Result<BTreeMap<String, Vec<(f64, f64)>>> {
+    let text =
+        std::fs::read_to_string(metrics).map_err(|source| Error::Io { path: metrics.display().to_string(), source })?;
+    let mut out: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let (Some(step), Some(split)) = (v["step"].as_f64(), v["split"].as_str()) else { continue };
+        let Some(fields) = v.as_object() else { continue };
+        for (k, x) in fields {
+            let skip = ["step", "epoch", "split", "lr", "grad_norm", "examples_per_s"].contains(&k.as_str());
+            if let (false, Some(x)) = (skip, x.as_f64()) {
+                if split == "validation" || k == "loss" {
+                    out.entry(format!("{split} {k}")).or_default().push((step, x));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Writes the curves of `metrics` (a metrics.jsonl) to `out` (SVG).
+pub fn plot_metrics(metrics: &Path, out: &Path) -> Result<()> {
+    let all = series(metrics)?;
+    let mut panels: Vec<(String, Vec<(&String, &Vec<(f64, f64)>)>)> =
+        vec![("loss".into(), all.iter().filter(|(k, _)| k.ends_with(" loss")).collect())];
+    for (k, v) in &all {
+        if !k.ends_with(" loss") {
+            panels.push((k.clone(), vec![(k, v)]));
+        }
+    }
+    panels.retain(|(_, s)| s.iter().any(|(_, v)| !v.is_empty()));
+    let fail = |e: String| Error::Io { path: out.display().to_string(), source: std::io::Error::other(e) };
+    let root = SVGBackend::new(out, (640, 320 * panels.len().max(1) as u32)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
+    for ((title, lines), area) in panels.iter().zip(root.split_evenly((panels.len().max(1), 1))) {
+        let points = lines.iter().flat_map(|(_, v)| v.iter());
+        let (mut x1, mut y0, mut y1) = (1f64, f64::INFINITY, f64::NEG_INFINITY);
+        for &(x, y) in points.filter(|(_, y)| y.is_finite()) {
+            (x1, y0, y1) = (x1.max(x), y0.min(y), y1.max(y));
+        }
+        if !y0.is_finite() {
+            continue;
+        }
+        let pad = ((y1 - y0) * 0.05).max(1e-6);
+        let mut chart = ChartBuilder::on(&area)
+            .caption(title, ("sans-serif", 18))
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0f64..x1, (y0 - pad)..(y1 + pad))
+            .map_err(|e| fail(e.to_string()))?;
+        chart.configure_mesh().x_desc("step").draw().map_err(|e| fail(e.to_string()))?;
+        for (i, (name, v)) in lines.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            chart
+                .draw_series(LineSeries::new(v.iter().copied(), color.stroke_width(2)))
+                .map_err(|e| fail(e.to_string()))?
+                .label(name.as_str())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+        }
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE)
+            .draw()
+            .map_err(|e| fail(e.to_string()))?;
+    }
+    root.present().map_err(|e| fail(e.to_string()))?;
+    Ok(())
+}

@@ -1,0 +1,161 @@
+//! Training configs (TOML): `[task]` (its `kind` picks the task), `[model]` and `[backbone]` (as
+//! in `models/*.toml`), `[train]` and `[optim]`. `--set section.key=value` overrides apply before
+//! anything is read; unknown keys, wrong types and missing files stop the run before it starts,
+//! naming the file and the key.
+
+use crate::optim::OptimConfig;
+use crate::tasks::{LmTask, Source, TextData};
+use crate::trainer::{evaluate, train, Summary, TrainConfig};
+use crate::Result;
+use crate::{Error, Metrics, Task};
+use candle_core::Device;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunFile {
+    task: TaskSection,
+    model: toml::Table,
+    backbone: toml::Table,
+    train: TrainConfig,
+    optim: OptimConfig,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+enum TaskSection {
+    SelectiveCopying {
+        seq_len: usize,
+        #[serde(default = "sixteen")]
+        tokens: usize,
+        train_examples: usize,
+        validation_examples: usize,
+        #[serde(default)]
+        label_smoothing: f64,
+    },
+    InductionHeads {
+        seq_len: usize,
+        train_examples: usize,
+        validation_examples: usize,
+        #[serde(default)]
+        label_smoothing: f64,
+    },
+    Text {
+        /// Paths relative to the config file.
+        data: PathBuf,
+        tokenizer: PathBuf,
+        context: usize,
+        #[serde(default = "tenth")]
+        validation_fraction: f64,
+        #[serde(default)]
+        label_smoothing: f64,
+    },
+}
+
+fn sixteen() -> usize {
+    16
+}
+fn tenth() -> f64 {
+    0.1
+}
+
+/// A parsed training config, its text (with overrides and resolved paths) and its task.
+pub struct RunConfig {
+    pub text: String,
+    pub train: TrainConfig,
+    pub optim: OptimConfig,
+    pub task: LmTask,
+}
+
+impl RunConfig {
+    /// Reads `path`, applies `sets` ("section.key=value", the value in TOML syntax or a bare
+    /// string) and builds the task (reading its data).
+    pub fn load(path: &Path, sets: &[String]) -> Result<Self> {
+        let source = path.display().to_string();
+        let err = |message: String| Error::Config { path: source.clone(), message };
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: source.clone(), source: e })?;
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| err(e.to_string()))?;
+        for set in sets {
+            let (key, value) =
+                set.split_once('=').ok_or_else(|| err(format!("--set {set}: expected section.key=value")))?;
+            let (section, field) =
+                key.split_once('.').ok_or_else(|| err(format!("--set {set}: expected section.key=value")))?;
+            let value: toml::Value = format!("v = {value}")
+                .parse::<toml::Table>()
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(value.to_string()));
+            let Some(toml::Value::Table(s)) = table.get_mut(section) else {
+                return Err(err(format!("--set {set}: there is no [{section}] section")));
+            };
+            s.insert(field.to_string(), value);
+        }
+        // Data paths are relative to the config file; the saved config holds them resolved.
+        let base = path.parent().unwrap_or(Path::new("."));
+        if let Some(toml::Value::Table(task)) = table.get_mut("task") {
+            for key in ["data", "tokenizer"] {
+                if let Some(toml::Value::String(p)) = task.get(key) {
+                    let resolved = base.join(p);
+                    if !resolved.exists() {
+                        return Err(err(format!("[task] {key} = {p:?}: no such file ({})", resolved.display())));
+                    }
+                    let resolved = resolved.canonicalize().unwrap_or(resolved);
+                    task.insert(key.into(), toml::Value::String(resolved.display().to_string()));
+                }
+            }
+        }
+        let text = toml::to_string(&table).map_err(|e| err(e.to_string()))?;
+        let file: RunFile = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        let model_text = toml::to_string(&toml::Table::from_iter([
+            ("model".to_string(), toml::Value::Table(file.model)),
+            ("backbone".to_string(), toml::Value::Table(file.backbone)),
+        ]))
+        .map_err(|e| err(e.to_string()))?;
+        let config = mamba_nn::LmConfig::from_toml(&model_text, &source)?;
+        let vocab = config.vocab_size;
+        let (source_kind, label_smoothing) = match file.task {
+            TaskSection::SelectiveCopying { seq_len, tokens, train_examples, validation_examples, label_smoothing } => {
+                if vocab < 3 || tokens == 0 || tokens > seq_len {
+                    return Err(err(format!(
+                        "[task] selective copying needs vocab_size >= 3 and 1 <= tokens <= seq_len (vocab {vocab}, tokens {tokens}, seq_len {seq_len})"
+                    )));
+                }
+                let examples = [train_examples, validation_examples];
+                (Source::SelectiveCopying { seq_len, tokens, vocab, examples }, label_smoothing)
+            }
+            TaskSection::InductionHeads { seq_len, train_examples, validation_examples, label_smoothing } => {
+                if vocab < 3 || seq_len < 3 {
+                    return Err(err("[task] induction heads needs vocab_size >= 3 and seq_len >= 3".into()));
+                }
+                let examples = [train_examples, validation_examples];
+                (Source::InductionHeads { seq_len, vocab, examples }, label_smoothing)
+            }
+            TaskSection::Text { data, tokenizer, context, validation_fraction, label_smoothing } => {
+                let t = TextData::load(&data, &tokenizer, context, validation_fraction)?;
+                (Source::Text(t), label_smoothing)
+            }
+        };
+        let task = LmTask { config, source: source_kind, label_smoothing, seed: file.train.seed };
+        Ok(Self { text, train: file.train, optim: file.optim, task })
+    }
+}
+
+/// `mamba train`: trains the config at `path` into `out`.
+pub fn train_from_config(path: &Path, out: &Path, resume: bool, sets: &[String]) -> Result<Summary> {
+    let run = RunConfig::load(path, sets)?;
+    let (train_config, optim) = (run.train.clone(), run.optim.clone());
+    train(Arc::new(run.task), &train_config, &optim, &run.text, out, resume)
+}
+
+/// `mamba eval`: the validation metrics of a checkpoint directory (its train.toml and weights).
+pub fn evaluate_checkpoint(dir: &Path) -> Result<Metrics> {
+    let run = RunConfig::load(&dir.join("train.toml"), &[])?;
+    let weights = dir.join("model.safetensors");
+    let tensors = candle_core::safetensors::load(&weights, &Device::Cpu)
+        .map_err(|e| Error::Checkpoint { path: weights.display().to_string(), message: e.to_string() })?;
+    let model =
+        run.task.build_model(candle_nn::VarBuilder::from_tensors(tensors, candle_core::DType::F32, &Device::Cpu))?;
+    evaluate(&run.task, &model)
+}

@@ -1,0 +1,70 @@
+//! What the training loop knows of a task: how to make its parameters and its model, how many
+//! examples each split has, how to build a batch (on the prefetch thread), and the loss and
+//! metrics of a batch.
+
+use crate::Result;
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+use std::collections::{BTreeMap, HashMap};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Validation,
+}
+
+pub trait Task: Send + Sync + 'static {
+    type Model;
+    type Batch: Send + 'static;
+
+    /// Fresh parameters by checkpoint name.
+    fn init_params(&self, seed: u64) -> Result<HashMap<String, Tensor>>;
+    /// The model over parameters held by `vb` (whose tensors are the trainer's variables).
+    fn build_model(&self, vb: VarBuilder) -> Result<Self::Model>;
+    /// Examples in a split (one epoch of training).
+    fn len(&self, split: Split) -> usize;
+    /// The batch of examples `indices`. `epoch` lets tasks that generate data draw fresh examples
+    /// every epoch; the same arguments always give the same batch.
+    fn batch(&self, split: Split, epoch: usize, indices: &[usize]) -> Result<Self::Batch>;
+    /// The mean loss of a batch (a scalar the parameters' gradients flow from) and its metrics.
+    fn forward(&self, model: &Self::Model, batch: &Self::Batch, train: bool) -> Result<(Tensor, Metrics)>;
+    /// Files a checkpoint carries besides the weights and the training config, e.g. a Hugging
+    /// Face config.json and tokenizer.json that make it a model directory for `mamba generate`.
+    fn checkpoint_files(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        Ok(vec![])
+    }
+    /// The metric that decides the best checkpoint, and whether higher is better.
+    fn best_metric(&self) -> (&'static str, bool) {
+        ("loss", false)
+    }
+}
+
+/// Sums and counts of named quantities, so that batches of different sizes average right.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Metrics {
+    totals: BTreeMap<String, (f64, f64)>,
+}
+
+impl Metrics {
+    /// Adds `sum` over `count` items to the metric `name`.
+    pub fn add(&mut self, name: &str, sum: f64, count: f64) {
+        let e = self.totals.entry(name.to_string()).or_insert((0.0, 0.0));
+        e.0 += sum;
+        e.1 += count;
+    }
+
+    pub fn merge(&mut self, other: &Metrics) {
+        for (name, (s, c)) in &other.totals {
+            self.add(name, *s, *c);
+        }
+    }
+
+    /// Each metric's mean.
+    pub fn means(&self) -> BTreeMap<String, f64> {
+        self.totals.iter().map(|(n, (s, c))| (n.clone(), if *c > 0.0 { s / c } else { f64::NAN })).collect()
+    }
+
+    pub fn mean(&self, name: &str) -> Option<f64> {
+        self.totals.get(name).map(|(s, c)| s / c)
+    }
+}

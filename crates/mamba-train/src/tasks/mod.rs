@@ -1,0 +1,212 @@
+//! Built-in tasks: causal language modelling over a token source, with the loss on chosen
+//! positions. Sources: the Mamba paper's synthetic tasks (selective copying, induction heads),
+//! generated afresh from (seed, split, epoch, index), and text through a tokenizer.
+
+use crate::task::{Metrics, Split, Task};
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarBuilder;
+use mamba_nn::{init_params, InitConfig, LmConfig, MambaLm};
+use rand::{rngs::StdRng, seq::index::sample, Rng, SeedableRng};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Token ids, targets and a loss mask for a batch of sequences of one length.
+pub struct LmBatch {
+    pub inputs: Tensor,
+    pub targets: Tensor,
+    pub mask: Tensor,
+}
+
+/// Where sequences come from.
+pub enum Source {
+    /// `tokens` data tokens (ids 2..vocab) at random places among `seq_len` noise tokens (id 0),
+    /// then `tokens` markers (id 1): at the markers, the data tokens in order.
+    SelectiveCopying { seq_len: usize, tokens: usize, vocab: usize, examples: [usize; 2] },
+    /// Random tokens (ids 1..vocab) with a trigger (id 0) once, followed by the answer; the
+    /// sequence ends with the trigger: the answer is the last target.
+    InductionHeads { seq_len: usize, vocab: usize, examples: [usize; 2] },
+    /// Windows of `context` + 1 tokens of a tokenised text; the last `validation_fraction` of the
+    /// tokens is held out.
+    Text(TextData),
+}
+
+pub struct TextData {
+    tokens: [Vec<u32>; 2],
+    context: usize,
+    /// Validation tokens per character, to report nats per character.
+    tokens_per_char: f64,
+    tokenizer_json: Vec<u8>,
+}
+
+impl TextData {
+    /// Tokenises `text_path` with `tokenizer_path` and splits it.
+    pub fn load(text_path: &Path, tokenizer_path: &Path, context: usize, validation_fraction: f64) -> Result<Self> {
+        let io = |p: &Path| {
+            let path = p.display().to_string();
+            move |source| Error::Io { path, source }
+        };
+        let text = std::fs::read_to_string(text_path).map_err(io(text_path))?;
+        let tokenizer_json = std::fs::read(tokenizer_path).map_err(io(tokenizer_path))?;
+        let bad = |message: String| Error::Config { path: tokenizer_path.display().to_string(), message };
+        let tok = tokenizers::Tokenizer::from_bytes(&tokenizer_json).map_err(|e| bad(e.to_string()))?;
+        if !(0.0..1.0).contains(&validation_fraction) || context == 0 {
+            return Err(Error::Config {
+                path: "[task]".into(),
+                message: "validation_fraction must be in [0, 1) and context at least 1".into(),
+            });
+        }
+        let split_char = text.char_indices().nth((text.chars().count() as f64 * (1.0 - validation_fraction)) as usize);
+        let (train, val) = text.split_at(split_char.map_or(text.len(), |(i, _)| i));
+        let encode = |t: &str| -> Result<Vec<u32>> {
+            Ok(tok.encode(t, false).map_err(|e| bad(e.to_string()))?.get_ids().to_vec())
+        };
+        let tokens = [encode(train)?, encode(val)?];
+        let tokens_per_char = tokens[1].len() as f64 / val.chars().count().max(1) as f64;
+        Ok(Self { tokens, context, tokens_per_char, tokenizer_json })
+    }
+
+    fn windows(&self, split: Split) -> usize {
+        self.tokens[split as usize].len().saturating_sub(1) / self.context
+    }
+}
+
+pub struct LmTask {
+    pub config: LmConfig,
+    pub source: Source,
+    pub label_smoothing: f64,
+    pub seed: u64,
+}
+
+/// A seed for example `index` of `split` in `epoch` (validation examples do not change).
+fn example_seed(seed: u64, split: Split, epoch: usize, index: usize) -> u64 {
+    let epoch = if split == Split::Validation { u64::MAX } else { epoch as u64 };
+    let mut h = seed ^ 0x243F_6A88_85A3_08D3;
+    for v in [split as u64, epoch, index as u64] {
+        h = (h ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29);
+    }
+    h
+}
+
+impl LmTask {
+    /// One sequence: (inputs, targets, mask), all of one length.
+    fn example(&self, split: Split, epoch: usize, index: usize) -> (Vec<u32>, Vec<u32>, Vec<f32>) {
+        let mut rng = StdRng::seed_from_u64(example_seed(self.seed, split, epoch, index));
+        match &self.source {
+            Source::SelectiveCopying { seq_len, tokens, vocab, .. } => {
+                let data: Vec<u32> = (0..*tokens).map(|_| rng.random_range(2..*vocab as u32)).collect();
+                let mut places = sample(&mut rng, *seq_len, *tokens).into_vec();
+                places.sort_unstable();
+                let mut inputs = vec![0u32; seq_len + tokens];
+                for (&p, &t) in places.iter().zip(&data) {
+                    inputs[p] = t;
+                }
+                inputs[*seq_len..].fill(1);
+                let mut targets = vec![0u32; inputs.len()];
+                targets[*seq_len..].copy_from_slice(&data);
+                let mut mask = vec![0f32; inputs.len()];
+                mask[*seq_len..].fill(1.0);
+                (inputs, targets, mask)
+            }
+            Source::InductionHeads { seq_len, vocab, .. } => {
+                let mut inputs: Vec<u32> = (0..*seq_len).map(|_| rng.random_range(1..*vocab as u32)).collect();
+                let at = rng.random_range(0..seq_len - 2);
+                inputs[at] = 0;
+                inputs[seq_len - 1] = 0;
+                let mut targets = vec![0u32; *seq_len];
+                targets[seq_len - 1] = inputs[at + 1];
+                let mut mask = vec![0f32; *seq_len];
+                mask[seq_len - 1] = 1.0;
+                (inputs, targets, mask)
+            }
+            Source::Text(t) => {
+                let start = index * t.context;
+                let w = &t.tokens[split as usize][start..start + t.context + 1];
+                (w[..t.context].to_vec(), w[1..].to_vec(), vec![1.0; t.context])
+            }
+        }
+    }
+}
+
+impl Task for LmTask {
+    type Model = MambaLm;
+    type Batch = LmBatch;
+
+    fn init_params(&self, seed: u64) -> Result<HashMap<String, Tensor>> {
+        Ok(init_params(&self.config, &InitConfig::default(), seed)?)
+    }
+
+    fn build_model(&self, vb: VarBuilder) -> Result<MambaLm> {
+        Ok(MambaLm::load(vb, self.config.clone())?)
+    }
+
+    fn len(&self, split: Split) -> usize {
+        match &self.source {
+            Source::SelectiveCopying { examples, .. } | Source::InductionHeads { examples, .. } => {
+                examples[split as usize]
+            }
+            Source::Text(t) => t.windows(split),
+        }
+    }
+
+    fn batch(&self, split: Split, epoch: usize, indices: &[usize]) -> Result<LmBatch> {
+        let (mut inputs, mut targets, mut mask) = (vec![], vec![], vec![]);
+        let mut len = 0;
+        for &i in indices {
+            let (x, y, m) = self.example(split, epoch, i);
+            len = x.len();
+            inputs.extend(x);
+            targets.extend(y);
+            mask.extend(m);
+        }
+        let shape = (indices.len(), len);
+        Ok(LmBatch {
+            inputs: Tensor::from_vec(inputs, shape, &Device::Cpu)?,
+            targets: Tensor::from_vec(targets, shape, &Device::Cpu)?,
+            mask: Tensor::from_vec(mask, shape, &Device::Cpu)?,
+        })
+    }
+
+    fn forward(&self, model: &MambaLm, batch: &LmBatch, _train: bool) -> Result<(Tensor, Metrics)> {
+        let (logits, _) = model.forward(&batch.inputs)?;
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let nll = logp.gather(&batch.targets.unsqueeze(2)?, 2)?.squeeze(2)?.neg()?;
+        let per_token = if self.label_smoothing > 0.0 {
+            let uniform = logp.mean(D::Minus1)?.neg()?;
+            ((&nll * (1.0 - self.label_smoothing))? + (uniform * self.label_smoothing)?)?
+        } else {
+            nll.clone()
+        };
+        let count = batch.mask.sum_all()?.to_scalar::<f32>()? as f64;
+        let loss = ((per_token * &batch.mask)?.sum_all()? / count.max(1.0))?;
+        let mut m = Metrics::default();
+        m.add("loss", loss.to_scalar::<f32>()? as f64 * count, count);
+        let right = logits.argmax(D::Minus1)?.eq(&batch.targets)?.to_dtype(DType::F32)?;
+        m.add("accuracy", (right * &batch.mask)?.sum_all()?.to_scalar::<f32>()? as f64, count);
+        if let Source::Text(t) = &self.source {
+            let nats = (nll * &batch.mask)?.sum_all()?.to_scalar::<f32>()? as f64;
+            m.add("nats_per_char", nats * t.tokens_per_char, count);
+        }
+        Ok((loss, m))
+    }
+
+    fn checkpoint_files(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        // A model with a Hugging Face layout gets its config.json: the checkpoint is then a model
+        // directory for `mamba generate`.
+        let mut files = vec![];
+        if let Ok(json) = self.config.to_hf_json() {
+            files.push(("config.json".to_string(), json.into_bytes()));
+        }
+        if let Source::Text(t) = &self.source {
+            files.push(("tokenizer.json".into(), t.tokenizer_json.clone()));
+        }
+        Ok(files)
+    }
+
+    fn best_metric(&self) -> (&'static str, bool) {
+        match self.source {
+            Source::Text(_) => ("loss", false),
+            _ => ("accuracy", true),
+        }
+    }
+}
