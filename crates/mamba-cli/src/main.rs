@@ -52,6 +52,16 @@ enum Command {
         #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
         sets: Vec<String>,
     },
+    /// Greedy continuations of inputs by a trained language model: text when the checkpoint has
+    /// a tokenizer.json, else comma-separated token ids. One line per input.
+    Predict {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long, default_value_t = 32)]
+        max_new_tokens: usize,
+        #[arg(required = true)]
+        inputs: Vec<String>,
+    },
     /// Validation metrics of a checkpoint directory.
     Eval {
         #[arg(long)]
@@ -215,6 +225,37 @@ fn run_train(config: &Path, out: Option<PathBuf>, resume: bool, sets: &[String])
     Ok(())
 }
 
+fn run_predict(dir: &Path, max_new: usize, inputs: &[String]) -> Result<()> {
+    let model = load(dir, WeightDType::F32)?;
+    let tok = dir.join("tokenizer.json").exists().then(|| load_tokenizer(dir)).transpose()?;
+    let mut out = std::io::stdout().lock();
+    for input in inputs {
+        let prompt: Vec<u32> = match &tok {
+            Some(t) => t
+                .encode(input.as_str(), false)
+                .map_err(|e| anyhow::anyhow!("cannot tokenize {input:?}: {e}"))?
+                .get_ids()
+                .to_vec(),
+            None => input
+                .split(',')
+                .map(|v| v.trim().parse::<u32>().with_context(|| format!("{input:?}: not comma-separated token ids")))
+                .collect::<Result<_>>()?,
+        };
+        if let Some(bad) = prompt.iter().find(|&&i| i as usize >= model.config.vocab_size) {
+            bail!("token id {bad} is outside the vocabulary (size {})", model.config.vocab_size);
+        }
+        let new = generate(&model, &prompt, max_new, Sampling::default(), &[], |_| {})?;
+        match &tok {
+            Some(t) => {
+                let all: Vec<u32> = prompt.iter().chain(&new).copied().collect();
+                writeln!(out, "{}", t.decode(&all, true).map_err(|e| anyhow::anyhow!("cannot decode: {e}"))?)?
+            }
+            None => writeln!(out, "{}", new.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(","))?,
+        }
+    }
+    Ok(())
+}
+
 fn run_eval(checkpoint: &Path, json: bool) -> Result<()> {
     let metrics = mamba_train::evaluate_checkpoint(checkpoint)?.means();
     if json {
@@ -239,6 +280,7 @@ fn main() {
         Command::Inspect { model } => run_inspect(&model),
         Command::Train { config, out, resume, sets } => run_train(&config, out, resume, &sets),
         Command::Eval { checkpoint, json } => run_eval(&checkpoint, json),
+        Command::Predict { checkpoint, max_new_tokens, inputs } => run_predict(&checkpoint, max_new_tokens, &inputs),
     };
     if let Err(e) = result {
         // A reader that stops early (`mamba inspect ... | head`) is not an error.

@@ -120,6 +120,17 @@ fn a_killed_run_resumes_to_the_uninterrupted_weights() {
     assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
     let metrics: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
     assert!(metrics["accuracy"].as_f64().is_some() && metrics["loss"].as_f64().is_some(), "{metrics}");
+    // predict: greedy continuations of token ids (no tokenizer in a synthetic task's checkpoint).
+    let best = killed.join("best");
+    let predict =
+        mamba(&["predict", "--checkpoint", best.to_str().unwrap(), "--max-new-tokens", "4", "2,0,0,3,1", "5,1"]);
+    assert!(predict.status.success(), "{}", String::from_utf8_lossy(&predict.stderr));
+    let lines: Vec<Vec<u32>> = String::from_utf8(predict.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| l.split(',').map(|v| v.parse().unwrap()).collect())
+        .collect();
+    assert!(lines.len() == 2 && lines.iter().all(|l| l.len() == 4 && l.iter().all(|&i| i < 8)), "{lines:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
