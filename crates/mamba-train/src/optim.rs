@@ -183,6 +183,11 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    /// The defaults of a config file that sets only `lr`.
+    fn config(lr: f64) -> OptimConfig {
+        toml::from_str(&format!("lr = {lr:?}")).unwrap()
+    }
+
     #[test]
     fn weight_decay_skips_the_reference_exemptions() {
         for name in ["backbone.layers.0.mixer.in_proj.weight", "lm_head.weight", "backbone.embeddings.weight"] {
@@ -206,16 +211,7 @@ mod tests {
 
     #[test]
     fn schedule_warms_up_then_follows_the_cosine() {
-        let c = OptimConfig {
-            lr: 1.0,
-            weight_decay: 0.0,
-            betas: (0.9, 0.999),
-            eps: 1e-8,
-            warmup_steps: 4,
-            min_lr: 0.1,
-            clip_grad_norm: 0.0,
-            ema: 0.0,
-        };
+        let c = OptimConfig { warmup_steps: 4, min_lr: 0.1, clip_grad_norm: 0.0, ..config(1.0) };
         let lrs: Vec<f64> = (0..14).map(|s| learning_rate(&c, s, 14)).collect();
         assert_eq!(&lrs[..4], &[0.25, 0.5, 0.75, 1.0]);
         assert!((lrs[9] - 0.55).abs() < 1e-12, "{lrs:?}"); // halfway through the decay
@@ -228,16 +224,7 @@ mod tests {
     fn one_step_follows_the_formulas() {
         let p = Var::new(&[2.0f64], &Device::Cpu).unwrap();
         let params: Params = [("w.weight".to_string(), p.clone())].into();
-        let c = OptimConfig {
-            lr: 0.1,
-            weight_decay: 0.5,
-            betas: (0.9, 0.99),
-            eps: 1e-8,
-            warmup_steps: 0,
-            min_lr: 0.0,
-            clip_grad_norm: 1.0,
-            ema: 0.0,
-        };
+        let c = OptimConfig { weight_decay: 0.5, betas: (0.9, 0.99), ..config(0.1) };
         let mut opt = AdamW::new(c, &params).unwrap();
         let grads = [("w.weight".to_string(), Tensor::new(&[4.0f64], &Device::Cpu).unwrap())].into();
         let norm = opt.update(&params, &grads, 0.1).unwrap();
