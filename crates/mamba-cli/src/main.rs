@@ -257,7 +257,10 @@ fn run_predict(dir: &Path, max_new: usize, inputs: &[String]) -> Result<()> {
 }
 
 fn run_eval(checkpoint: &Path, json: bool) -> Result<()> {
-    let metrics = mamba_train::evaluate_checkpoint(checkpoint)?.means();
+    let mut metrics = mamba_train::evaluate_checkpoint(checkpoint)?.means();
+    if let Some(loss) = metrics.get("loss").copied() {
+        metrics.insert("perplexity".into(), loss.exp());
+    }
     if json {
         println!("{}", serde_json::to_string(&metrics)?);
     } else {

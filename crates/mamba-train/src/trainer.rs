@@ -186,7 +186,14 @@ pub fn train<T: Task>(
             }
         }
         bar.finish_and_clear();
-        validation = evaluate(task.as_ref(), &model)?;
+        // With a moving average, the averaged weights are the ones validated and kept as `best`.
+        validation = match opt.ema() {
+            Some(ema) => {
+                let vb = VarBuilder::from_tensors(ema.clone(), DType::F32, &Device::Cpu);
+                evaluate(task.as_ref(), &task.build_model(vb)?)?
+            }
+            None => evaluate(task.as_ref(), &model)?,
+        };
         let mut line = serde_json::json!({ "step": state.step, "epoch": epoch, "split": "validation" });
         for (k, v) in validation.means() {
             line[k] = v.into();
