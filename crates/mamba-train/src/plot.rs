@@ -6,11 +6,17 @@ use plotters::prelude::*;
 use std::collections::BTreeMap;
 use std::path::Path;
 
+/// (step, value) points.
+type Series = Vec<(f64, f64)>;
+
+/// A panel: its title and its named series.
+type Panel<'a> = (String, Vec<(&'a String, &'a Series)>);
+
 /// (step, value) series by name: `train loss`, `validation loss`, `validation accuracy`, ...
-fn series(metrics: &Path) -> Result<BTreeMap<String, Vec<(f64, f64)>>> {
+fn series(metrics: &Path) -> Result<BTreeMap<String, Series>> {
     let text =
         std::fs::read_to_string(metrics).map_err(|source| Error::Io { path: metrics.display().to_string(), source })?;
-    let mut out: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    let mut out: BTreeMap<String, Series> = BTreeMap::new();
     for line in text.lines() {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
         let (Some(step), Some(split)) = (v["step"].as_f64(), v["split"].as_str()) else { continue };
@@ -30,8 +36,7 @@ fn series(metrics: &Path) -> Result<BTreeMap<String, Vec<(f64, f64)>>> {
 /// Writes the curves of `metrics` (a metrics.jsonl) to `out` (SVG).
 pub fn plot_metrics(metrics: &Path, out: &Path) -> Result<()> {
     let all = series(metrics)?;
-    let mut panels: Vec<(String, Vec<(&String, &Vec<(f64, f64)>)>)> =
-        vec![("loss".into(), all.iter().filter(|(k, _)| k.ends_with(" loss")).collect())];
+    let mut panels: Vec<Panel> = vec![("loss".into(), all.iter().filter(|(k, _)| k.ends_with(" loss")).collect())];
     for (k, v) in &all {
         if !k.ends_with(" loss") {
             panels.push((k.clone(), vec![(k, v)]));
