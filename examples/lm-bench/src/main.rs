@@ -127,15 +127,12 @@ fn ct_mamba2(dir: &Path, cfg: &LmConfig, chunked: bool) -> Result<Measured> {
     Ok(Measured { prefill_s, decode_s: t.elapsed().as_secs_f64(), logits: logits.flatten_all()?.to_vec1()? })
 }
 
-/// Peak and current resident memory of this process, in MiB.
-fn memory_mib() -> Result<(f64, f64)> {
+/// Peak resident memory of this process (VmHWM), in MiB.
+fn peak_memory_mib() -> Result<f64> {
     let status = std::fs::read_to_string("/proc/self/status")?;
-    let field = |key: &str| -> Result<f64> {
-        let line = status.lines().find(|l| l.starts_with(key)).with_context(|| format!("no {key}"))?;
-        let kib: f64 = line.split_whitespace().nth(1).context("no value")?.parse()?;
-        Ok(kib / 1024.0)
-    };
-    Ok((field("VmHWM:")?, field("VmRSS:")?))
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).context("no VmHWM in /proc/self/status")?;
+    let kib: f64 = line.split_whitespace().nth(1).context("no VmHWM value")?.parse()?;
+    Ok(kib / 1024.0)
 }
 
 /// Child: one case, its results as one JSON line on stdout and its logits in `logits_out`.
@@ -149,14 +146,14 @@ fn run_case(kind: &str, imp: &str, dir: &Path, logits_out: &Path) -> Result<()> 
         ("mamba2", "candle-transformers-prefill") => ct_mamba2(dir, &cfg, true)?,
         _ => bail!("unknown case {kind} {imp}"),
     };
-    let (peak, rss) = memory_mib()?;
+    let peak = peak_memory_mib()?;
     let bytes: Vec<u8> = m.logits.iter().flat_map(|x| x.to_le_bytes()).collect();
     std::fs::write(logits_out, bytes)?;
     println!(
         "{}",
         serde_json::json!({
             "prefill_tok_s": PROMPT as f64 / m.prefill_s, "decode_tok_s": DECODE as f64 / m.decode_s,
-            "peak_mib": peak, "rss_mib": rss,
+            "peak_mib": peak,
         })
     );
     Ok(())
