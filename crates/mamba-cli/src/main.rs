@@ -167,12 +167,19 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_logits(model: &Path, ids: &[u32], out: &Path, dtype: WeightDType) -> Result<()> {
-    let m = load(model, dtype)?;
-    let vocab = m.config.vocab_size;
+/// Token ids given on the command line must index the model's vocabulary.
+fn check_ids(model: &MambaLm, ids: &[u32]) -> Result<()> {
+    let vocab = model.config.vocab_size;
     if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
         bail!("token id {bad} is outside the vocabulary (size {vocab})");
     }
+    Ok(())
+}
+
+fn run_logits(model: &Path, ids: &[u32], out: &Path, dtype: WeightDType) -> Result<()> {
+    let m = load(model, dtype)?;
+    check_ids(&m, ids)?;
+    let vocab = m.config.vocab_size;
     let (logits, _) = m.forward(&Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?)?;
     // Write beside the target and rename, so that a failure never leaves half a file.
     let tmp = out.with_extension("safetensors.tmp");
@@ -241,9 +248,7 @@ fn run_predict(dir: &Path, max_new: usize, inputs: &[String]) -> Result<()> {
                 .map(|v| v.trim().parse::<u32>().with_context(|| format!("{input:?}: not comma-separated token ids")))
                 .collect::<Result<_>>()?,
         };
-        if let Some(bad) = prompt.iter().find(|&&i| i as usize >= model.config.vocab_size) {
-            bail!("token id {bad} is outside the vocabulary (size {})", model.config.vocab_size);
-        }
+        check_ids(&model, &prompt)?;
         let new = generate(&model, &prompt, max_new, Sampling::default(), &[], |_| {})?;
         match &tok {
             Some(t) => {

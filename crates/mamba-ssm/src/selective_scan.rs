@@ -178,6 +178,14 @@ pub fn selective_state_update_ref(
     } else {
         (b.unsqueeze(1)?.broadcast_as((batch, dim, n))?, c.unsqueeze(1)?.broadcast_as((batch, dim, n))?)
     };
+    let dt = step_delta(delta, p)?.unsqueeze(2)?;
+    let decay = dt.broadcast_mul(a)?.exp()?;
+    let new_state = ((decay * state)? + dt.broadcast_mul(&b)?.broadcast_mul(&x.unsqueeze(2)?)?)?;
+    Ok((finish_step((&new_state * c)?.sum(2)?, x, p)?, new_state))
+}
+
+/// The dt of a decoding step: delta (+ delta_bias), through softplus when asked. (batch, dim).
+pub(crate) fn step_delta(delta: &Tensor, p: &ScanParams) -> Result<Tensor> {
     let mut dt = delta.clone();
     if let Some(bias) = p.delta_bias {
         dt = dt.broadcast_add(bias)?;
@@ -185,17 +193,18 @@ pub fn selective_state_update_ref(
     if p.delta_softplus {
         dt = softplus(&dt)?;
     }
-    let dt = dt.unsqueeze(2)?;
-    let decay = dt.broadcast_mul(a)?.exp()?;
-    let new_state = ((decay * state)? + dt.broadcast_mul(&b)?.broadcast_mul(&x.unsqueeze(2)?)?)?;
-    let mut y = (&new_state * c)?.sum(2)?;
+    Ok(dt)
+}
+
+/// The output of a decoding step from C h: + D x, then * silu(z). (batch, dim).
+pub(crate) fn finish_step(mut y: Tensor, x: &Tensor, p: &ScanParams) -> Result<Tensor> {
     if let Some(d) = p.d {
         y = (y + x.broadcast_mul(d)?)?;
     }
     if let Some(z) = p.z {
         y = (y * z.silu()?)?;
     }
-    Ok((y, new_state))
+    Ok(y)
 }
 
 /// Checks the inputs of a decoding step: (batch, dim, state, groups), groups 1 for 2-d B and C.

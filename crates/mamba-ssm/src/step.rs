@@ -6,8 +6,7 @@
 
 use crate::error::Result;
 use crate::math::{madd, simd_fn, Real};
-use crate::selective_scan::{check_step, selective_state_update_ref, ScanParams};
-use crate::softplus;
+use crate::selective_scan::{check_step, finish_step, selective_state_update_ref, step_delta, ScanParams};
 use crate::ssd::{check_ssd_step, effective_dt, finish, ssd_state_update_ref, SsdParams};
 use candle_core::{DType, Tensor, WithDType};
 use rayon::prelude::*;
@@ -81,13 +80,7 @@ fn selective_step<T: Real>(
     p: &ScanParams,
 ) -> Result<(Tensor, Tensor)> {
     let (batch, dim, n, groups) = check_step(state, x, delta, a, b, c, p)?;
-    let mut dt = delta.clone();
-    if let Some(bias) = p.delta_bias {
-        dt = dt.broadcast_add(bias)?;
-    }
-    if p.delta_softplus {
-        dt = softplus(&dt)?;
-    }
+    let dt = step_delta(delta, p)?;
     let (h, x_v, dt_v, a_v) = (data::<T>(state)?, data::<T>(x)?, data::<T>(&dt)?, data::<T>(a)?);
     let (b_v, c_v) = (data::<T>(b)?, data::<T>(c)?);
     let mut new = vec![T::ZERO; h.len()];
@@ -101,13 +94,7 @@ fn selective_step<T: Real>(
         step_row(&h[row * n..(row + 1) * n], new, y, xdt, dt, a_row, T::ZERO, &b_v[bc.clone()], &c_v[bc]);
     });
     let dev = state.device();
-    let mut y = Tensor::from_vec(y, (batch, dim), dev)?;
-    if let Some(d) = p.d {
-        y = (y + x.broadcast_mul(d)?)?;
-    }
-    if let Some(z) = p.z {
-        y = (y * z.silu()?)?;
-    }
+    let y = finish_step(Tensor::from_vec(y, (batch, dim), dev)?, x, p)?;
     Ok((y, Tensor::from_vec(new, (batch, dim, n), dev)?))
 }
 

@@ -271,7 +271,8 @@ fn progress_bar(len: u64, epoch: usize, epochs: usize) -> ProgressBar {
     bar
 }
 
-fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+/// Maps an I/O error to one naming `path`.
+pub(crate) fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
     move |source| Error::Io { path: path.display().to_string(), source }
 }
 

@@ -3,6 +3,7 @@
 //! generated afresh from (seed, split, epoch, index), and text through a tokenizer.
 
 use crate::task::{Metrics, Split, Task};
+use crate::trainer::io;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
@@ -42,10 +43,6 @@ pub struct TextData {
 impl TextData {
     /// Tokenises `text_path` with `tokenizer_path` and splits it.
     pub fn load(text_path: &Path, tokenizer_path: &Path, context: usize, validation_fraction: f64) -> Result<Self> {
-        let io = |p: &Path| {
-            let path = p.display().to_string();
-            move |source| Error::Io { path, source }
-        };
         let text = std::fs::read_to_string(text_path).map_err(io(text_path))?;
         let tokenizer_json = std::fs::read(tokenizer_path).map_err(io(tokenizer_path))?;
         let bad = |message: String| Error::Config { path: tokenizer_path.display().to_string(), message };
