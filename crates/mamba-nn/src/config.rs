@@ -54,11 +54,10 @@ impl BackboneConfig {
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("`{name}` must be at least 1"));
         }
+        // The names are checked where routes are made: `Route::by_name` for sequences, a patch
+        // grid's patterns for images.
         if self.routes.is_empty() {
             return Err("`routes` must name at least one route".into());
-        }
-        for r in &self.routes {
-            Route::by_name(r).map_err(|e| format!("`routes`: {e}"))?;
         }
         if self.kind == MixerKind::Mamba2 && !self.selective {
             return Err("`selective = false` (the time-invariant ablation) is built for Mamba-1 only".into());
@@ -81,6 +80,39 @@ impl BackboneConfig {
             return Err("`dt_rank` must be at least 1".into());
         }
         Ok(())
+    }
+
+    /// A `[backbone]` table as model files write it (defaults filled in, unknown keys refused);
+    /// `source` names the file in errors. Route names are not checked here (see `validate`).
+    pub fn from_toml_table(table: toml::Table, source: &str) -> Result<Self> {
+        let section = BackboneSection::deserialize(table)
+            .map_err(|e| Error::Config { path: source.to_string(), message: format!("[backbone] {e}") })?;
+        Self::from_section(section, source)
+    }
+
+    fn from_section(b: BackboneSection, source: &str) -> Result<Self> {
+        let backbone = BackboneConfig {
+            kind: b.kind,
+            d_model: b.d_model,
+            n_layer: b.n_layer,
+            d_state: b.d_state,
+            d_conv: b.d_conv,
+            expand: b.expand,
+            dt_rank: b.dt_rank.unwrap_or(b.d_model.div_ceil(16)),
+            headdim: b.headdim,
+            ngroups: b.ngroups,
+            chunk_size: b.chunk_size,
+            dt_limit: b.dt_limit.unwrap_or((0.0, f64::INFINITY)),
+            norm_eps: b.norm_eps,
+            conv_bias: b.conv_bias,
+            proj_bias: b.proj_bias,
+            routes: b.routes,
+            route_params: b.route_params,
+            merge: b.merge,
+            selective: b.selective,
+        };
+        backbone.validate().map_err(|message| Error::Config { path: source.to_string(), message })?;
+        Ok(backbone)
     }
 
     pub fn d_inner(&self) -> usize {
@@ -197,28 +229,10 @@ impl LmConfig {
     pub fn from_toml(text: &str, source: &str) -> Result<Self> {
         let err = |message: String| Error::Config { path: source.to_string(), message };
         let file: ModelFile = toml::from_str(text).map_err(|e| err(e.to_string()))?;
-        let b = file.backbone;
-        let backbone = BackboneConfig {
-            kind: b.kind,
-            d_model: b.d_model,
-            n_layer: b.n_layer,
-            d_state: b.d_state,
-            d_conv: b.d_conv,
-            expand: b.expand,
-            dt_rank: b.dt_rank.unwrap_or(b.d_model.div_ceil(16)),
-            headdim: b.headdim,
-            ngroups: b.ngroups,
-            chunk_size: b.chunk_size,
-            dt_limit: b.dt_limit.unwrap_or((0.0, f64::INFINITY)),
-            norm_eps: b.norm_eps,
-            conv_bias: b.conv_bias,
-            proj_bias: b.proj_bias,
-            routes: b.routes,
-            route_params: b.route_params,
-            merge: b.merge,
-            selective: b.selective,
-        };
-        backbone.validate().map_err(err)?;
+        let backbone = BackboneConfig::from_section(file.backbone, source)?;
+        for r in &backbone.routes {
+            Route::by_name(r).map_err(|e| err(format!("`routes`: {e}")))?;
+        }
         Ok(Self { backbone, vocab_size: file.model.vocab_size, tie_embeddings: file.model.tie_embeddings })
     }
 

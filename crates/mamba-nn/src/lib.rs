@@ -18,7 +18,7 @@ mod routes;
 
 pub use config::{BackboneConfig, LmConfig, MixerKind};
 pub use error::{Error, Result};
-pub use init::{init_params, inverse_softplus, InitConfig};
+pub use init::{dt_biases, init_params, init_tensor, inverse_softplus, InitConfig};
 pub use linear::{compute_dtype, Linear};
 pub use mamba1::Mamba1Mixer;
 pub use mamba2::Mamba2Mixer;

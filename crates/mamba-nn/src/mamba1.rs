@@ -126,8 +126,14 @@ pub struct Mamba1Mixer {
 
 impl Mamba1Mixer {
     pub fn load(vb: VarBuilder, cfg: &BackboneConfig) -> Result<Self> {
-        let (d, di) = (cfg.d_model, cfg.d_inner());
         let routes = cfg.routes.iter().map(|r| Route::by_name(r)).collect::<Result<Vec<_>>>()?;
+        Self::load_routed(vb, cfg, routes)
+    }
+
+    /// With routes made elsewhere (e.g. 2-d scan patterns over a patch grid), one per name in
+    /// `cfg.routes`.
+    pub fn load_routed(vb: VarBuilder, cfg: &BackboneConfig, routes: Vec<Route>) -> Result<Self> {
+        let (d, di) = (cfg.d_model, cfg.d_inner());
         let n_ssm = if cfg.route_params == RouteParams::PerRoute { routes.len() } else { 1 };
         Ok(Self {
             in_proj: Linear::load(&vb, "in_proj", (2 * di, d), cfg.proj_bias)?,

@@ -59,9 +59,15 @@ pub struct Mamba2Mixer {
 
 impl Mamba2Mixer {
     pub fn load(vb: VarBuilder, cfg: &BackboneConfig) -> Result<Self> {
+        let routes = cfg.routes.iter().map(|r| Route::by_name(r)).collect::<Result<Vec<_>>>()?;
+        Self::load_routed(vb, cfg, routes)
+    }
+
+    /// With routes made elsewhere (e.g. 2-d scan patterns over a patch grid), one per name in
+    /// `cfg.routes`.
+    pub fn load_routed(vb: VarBuilder, cfg: &BackboneConfig, routes: Vec<Route>) -> Result<Self> {
         let (d, di, h) = (cfg.d_model, cfg.d_inner(), cfg.nheads());
         let in_dim = 2 * di + 2 * cfg.ngroups * cfg.d_state + h;
-        let routes = cfg.routes.iter().map(|r| Route::by_name(r)).collect::<Result<Vec<_>>>()?;
         let n_ssm = if cfg.route_params == RouteParams::PerRoute { routes.len() } else { 1 };
         let small = vb.clone().set_dtype(compute_dtype(vb.dtype()));
         Ok(Self {

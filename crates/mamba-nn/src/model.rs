@@ -2,7 +2,7 @@
 //! `save_pretrained` directories (one safetensors file or a sharded index).
 
 use crate::{
-    compute_dtype, BackboneConfig, Error, Linear, LmConfig, Mamba1Mixer, Mamba2Mixer, MixerKind, Result, RmsNorm,
+    compute_dtype, Route, BackboneConfig, Error, Linear, LmConfig, Mamba1Mixer, Mamba2Mixer, MixerKind, Result, RmsNorm,
 };
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -66,11 +66,17 @@ pub struct Block {
 
 impl Block {
     pub fn load(vb: VarBuilder, cfg: &BackboneConfig) -> Result<Self> {
+        let routes = cfg.routes.iter().map(|r| Route::by_name(r)).collect::<Result<Vec<_>>>()?;
+        Self::load_routed(vb, cfg, routes)
+    }
+
+    /// With routes made elsewhere (e.g. 2-d scan patterns over a patch grid).
+    pub fn load_routed(vb: VarBuilder, cfg: &BackboneConfig, routes: Vec<Route>) -> Result<Self> {
         let small = vb.clone().set_dtype(compute_dtype(vb.dtype()));
         let norm = RmsNorm::new(small.get(cfg.d_model, "norm.weight")?, cfg.norm_eps);
         let mixer = match cfg.kind {
-            MixerKind::Mamba1 => Mixer::Mamba1(Mamba1Mixer::load(vb.pp("mixer"), cfg)?),
-            MixerKind::Mamba2 => Mixer::Mamba2(Mamba2Mixer::load(vb.pp("mixer"), cfg)?),
+            MixerKind::Mamba1 => Mixer::Mamba1(Mamba1Mixer::load_routed(vb.pp("mixer"), cfg, routes)?),
+            MixerKind::Mamba2 => Mixer::Mamba2(Mamba2Mixer::load_routed(vb.pp("mixer"), cfg, routes)?),
         };
         Ok(Self { norm, mixer })
     }
@@ -79,6 +85,44 @@ impl Block {
     pub fn forward(&self, h: &Tensor) -> Result<(Tensor, MixerCache)> {
         let (y, cache) = self.mixer.forward(&self.norm.forward(h)?)?;
         Ok(((h + y.to_dtype(DType::F32)?)?, cache))
+    }
+
+    /// The residual branch alone, mixer(norm(h)) in f32, for models that scale or drop it
+    /// (drop-path) before adding it to h.
+    pub fn branch(&self, h: &Tensor) -> Result<Tensor> {
+        Ok(self.mixer.forward(&self.norm.forward(h)?)?.0.to_dtype(DType::F32)?)
+    }
+
+    /// The names (under the block's path) and shapes of a block's tensors.
+    pub fn tensor_shapes(c: &BackboneConfig) -> Vec<(String, Vec<usize>)> {
+        let (d, di, n) = (c.d_model, c.d_inner(), c.d_state);
+        let mut out = vec![("norm.weight".to_string(), vec![d])];
+        let mut mixer: Vec<(&str, Vec<usize>)> = match c.kind {
+            MixerKind::Mamba1 => vec![("in_proj.weight", vec![2 * di, d]), ("out_proj.weight", vec![d, di])],
+            MixerKind::Mamba2 => {
+                let (h, conv) = (c.nheads(), di + 2 * c.ngroups * n);
+                vec![
+                    ("in_proj.weight", vec![di + conv + h, d]),
+                    ("norm.weight", vec![di]),
+                    ("out_proj.weight", vec![d, di]),
+                ]
+            }
+        };
+        if c.proj_bias {
+            let in_out = mixer[0].1[0];
+            mixer.push(("in_proj.bias", vec![in_out]));
+            mixer.push(("out_proj.bias", vec![d]));
+        }
+        out.extend(mixer.into_iter().map(|(name, shape)| (format!("mixer.{name}"), shape)));
+        let own = if c.route_params == crate::RouteParams::PerRoute { c.routes.len() } else { 1 };
+        for r in 0..own {
+            let ssm = match c.kind {
+                MixerKind::Mamba1 => Mamba1Mixer::ssm_tensors(c, r),
+                MixerKind::Mamba2 => Mamba2Mixer::ssm_tensors(c, r),
+            };
+            out.extend(ssm.into_iter().map(|(name, shape)| (format!("mixer.{name}"), shape)));
+        }
+        out
     }
 
     /// h: (batch, d_model) f32.
@@ -234,40 +278,13 @@ pub fn save_hf(dir: &Path, config: &LmConfig, tensors: &HashMap<String, Tensor>)
 /// Every tensor a checkpoint of this configuration holds, with its shape.
 pub(crate) fn expected_tensors(config: &LmConfig) -> Vec<(String, Vec<usize>)> {
     let c = &config.backbone;
-    let (d, di, n) = (c.d_model, c.d_inner(), c.d_state);
-    let mut out = vec![("backbone.embeddings.weight".to_string(), vec![config.vocab_size, d])];
-    out.push(("backbone.norm_f.weight".into(), vec![d]));
+    let mut out = vec![("backbone.embeddings.weight".to_string(), vec![config.vocab_size, c.d_model])];
+    out.push(("backbone.norm_f.weight".into(), vec![c.d_model]));
     if !config.tie_embeddings {
-        out.push(("lm_head.weight".into(), vec![config.vocab_size, d]));
+        out.push(("lm_head.weight".into(), vec![config.vocab_size, c.d_model]));
     }
     for i in 0..c.n_layer {
-        let p = |name: &str| format!("backbone.layers.{i}.{name}");
-        out.push((p("norm.weight"), vec![d]));
-        let mut mixer: Vec<(&str, Vec<usize>)> = match c.kind {
-            MixerKind::Mamba1 => vec![("in_proj.weight", vec![2 * di, d]), ("out_proj.weight", vec![d, di])],
-            MixerKind::Mamba2 => {
-                let (h, conv) = (c.nheads(), di + 2 * c.ngroups * n);
-                vec![
-                    ("in_proj.weight", vec![di + conv + h, d]),
-                    ("norm.weight", vec![di]),
-                    ("out_proj.weight", vec![d, di]),
-                ]
-            }
-        };
-        if c.proj_bias {
-            let in_out = mixer[0].1[0];
-            mixer.push(("in_proj.bias", vec![in_out]));
-            mixer.push(("out_proj.bias", vec![d]));
-        }
-        out.extend(mixer.into_iter().map(|(name, shape)| (p(&format!("mixer.{name}")), shape)));
-        let own = if c.route_params == crate::RouteParams::PerRoute { c.routes.len() } else { 1 };
-        for r in 0..own {
-            let ssm = match c.kind {
-                MixerKind::Mamba1 => Mamba1Mixer::ssm_tensors(c, r),
-                MixerKind::Mamba2 => Mamba2Mixer::ssm_tensors(c, r),
-            };
-            out.extend(ssm.into_iter().map(|(name, shape)| (p(&format!("mixer.{name}")), shape)));
-        }
+        out.extend(Block::tensor_shapes(c).into_iter().map(|(name, shape)| (format!("backbone.layers.{i}.{name}"), shape)));
     }
     out
 }

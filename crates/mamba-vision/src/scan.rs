@@ -93,11 +93,58 @@ pub fn pattern(name: &str, grid: Grid) -> Result<Vec<u32>> {
     })
 }
 
-/// The named pattern as a mixer route over a grid of `grid.rows * grid.cols` tokens.
-pub fn route(name: &str, grid: Grid) -> Result<Route> {
-    let order = pattern(name, grid)?;
+/// Where a model puts its class token in the token sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClassToken {
+    /// First (ViT, DeiT).
+    Head,
+    /// Between the first and second half of the patches (Vim): position `patches / 2`.
+    #[default]
+    Middle,
+    /// No class token: the classifier mean-pools the patch tokens.
+    None,
+}
+
+impl ClassToken {
+    /// Where the class token sits in a sequence of `patches` patch tokens plus it, if present.
+    pub fn position(self, patches: usize) -> Option<usize> {
+        match self {
+            ClassToken::Head => Some(0),
+            ClassToken::Middle => Some(patches / 2),
+            ClassToken::None => None,
+        }
+    }
+
+    /// Tokens in the sequence of `patches` patches.
+    pub fn tokens(self, patches: usize) -> usize {
+        patches + usize::from(self != ClassToken::None)
+    }
+}
+
+/// The named pattern as a mixer route over the token sequence of `grid`: the patches in raster
+/// order with the class token (if any) at `cls.position`. The route visits the patches in the
+/// pattern's order and the class token at the same point of the visit as its place in the
+/// sequence (first for `Head`, half-way for `Middle`), so that `raster` is the identity.
+/// `reverse_NAME` is the exact reverse of NAME's route: Vim's backward scan.
+pub fn route(name: &str, grid: Grid, cls: ClassToken) -> Result<Route> {
+    let order = token_order(name, grid, cls)?;
     // The grid fixes the length: over any other, `Route::order` reports a non-permutation.
     Ok(Route::new(name, move |_| order.clone()))
+}
+
+fn token_order(name: &str, grid: Grid, cls: ClassToken) -> Result<Vec<u32>> {
+    if let Some(inner) = name.strip_prefix("reverse_") {
+        let mut order = token_order(inner, grid, cls)?;
+        order.reverse();
+        return Ok(order);
+    }
+    let patches = pattern(name, grid)?;
+    let Some(at) = cls.position(patches.len()) else { return Ok(patches) };
+    // Patch p sits at sequence position p, or p + 1 from the class token on.
+    let mut order: Vec<u32> = patches.iter().map(|&p| if p as usize >= at { p + 1 } else { p }).collect();
+    order.insert(at, at as u32);
+    Ok(order)
 }
 
 /// Windows of k x k (smaller at the right and bottom edges), in raster order, raster inside each.

@@ -1,6 +1,6 @@
 //! Every scan pattern is a permutation of any grid; the continuous ones step to neighbours.
 
-use mamba_vision::{pattern, route, Grid};
+use mamba_vision::{pattern, route, ClassToken, Grid};
 
 const GRIDS: [(usize, usize); 10] = [(1, 1), (1, 7), (7, 1), (2, 3), (3, 5), (5, 3), (4, 4), (8, 8), (6, 10), (14, 14)];
 const NAMES: [&str; 11] = [
@@ -33,8 +33,32 @@ fn every_pattern_is_a_permutation_and_reverse_reverses_it() {
             let mut reversed = pattern(&format!("reverse_{name}"), grid).unwrap();
             reversed.reverse();
             assert_eq!(reversed, order, "reverse_{name}");
-            assert_eq!(route(name, grid).unwrap().order(rows * cols).unwrap(), order);
+            assert_eq!(route(name, grid, ClassToken::None).unwrap().order(rows * cols).unwrap(), order);
+            // With a class token: a permutation of one more position, the patches in the
+            // pattern's order, the class token where it sits in the sequence.
+            for cls in [ClassToken::Head, ClassToken::Middle] {
+                let at = cls.position(rows * cols).unwrap() as u32;
+                let with = route(name, grid, cls).unwrap().order(rows * cols + 1).unwrap();
+                assert_eq!(with[at as usize], at, "{name} {cls:?}");
+                let patches: Vec<u32> =
+                    with.iter().filter(|&&p| p != at).map(|&p| if p > at { p - 1 } else { p }).collect();
+                assert_eq!(patches, order, "{name} {cls:?}");
+            }
         }
+    }
+}
+
+#[test]
+fn vim_routes_are_the_sequence_and_its_reverse() {
+    // 7 x 7 patches with the class token in the middle (position 24): Vim's forward scan reads the
+    // sequence as it is, its backward scan reads it reversed, whatever the grid's parity.
+    for (rows, cols) in [(7, 7), (2, 3), (1, 1)] {
+        let n = rows * cols + 1;
+        let grid = Grid::new(rows, cols);
+        let forward = route("raster", grid, ClassToken::Middle).unwrap().order(n).unwrap();
+        assert_eq!(forward, (0..n as u32).collect::<Vec<_>>());
+        let backward = route("reverse_raster", grid, ClassToken::Middle).unwrap().order(n).unwrap();
+        assert_eq!(backward, (0..n as u32).rev().collect::<Vec<_>>());
     }
 }
 
@@ -80,5 +104,5 @@ fn unknown_patterns_are_named() {
         assert!(msg.contains("unknown pattern") && msg.contains("raster"), "{bad}: {msg}");
     }
     // A route over a grid refuses another length.
-    assert!(route("raster", Grid::new(2, 2)).unwrap().order(5).is_err());
+    assert!(route("raster", Grid::new(2, 2), ClassToken::None).unwrap().order(5).is_err());
 }

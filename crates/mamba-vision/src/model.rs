@@ -1,0 +1,348 @@
+//! Vision models from config: `[model] kind = "vim"` (with a `[backbone]` of Mamba blocks) or
+//! `kind = "vmamba"`; their tensors, their initialisation, and one `forward` for both.
+
+use crate::scan::{pattern, ClassToken, Grid};
+use crate::vim::{Vim, VimConfig};
+use crate::vmamba::{Downsample, VMamba, VMambaConfig};
+use candle_core::{Device, Tensor};
+use candle_nn::VarBuilder;
+use mamba_nn::{dt_biases, init_tensor, BackboneConfig, Error, InitConfig, Result};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, Normal};
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// What the data fixes: square image side, channels and classes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageShape {
+    pub image_size: usize,
+    pub channels: usize,
+    pub num_classes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum VisionConfig {
+    Vim(VimConfig),
+    VMamba(VMambaConfig),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+enum ModelSection {
+    Vim {
+        image_size: Option<usize>,
+        channels: Option<usize>,
+        num_classes: Option<usize>,
+        patch_size: usize,
+        #[serde(default)]
+        class_token: ClassToken,
+        #[serde(default = "yes")]
+        pos_embed: bool,
+        #[serde(default)]
+        drop_path: f64,
+        #[serde(default = "vim_scan")]
+        scan: Vec<String>,
+    },
+    Vmamba {
+        image_size: Option<usize>,
+        channels: Option<usize>,
+        num_classes: Option<usize>,
+        #[serde(default = "four")]
+        patch_size: usize,
+        dims: Vec<usize>,
+        depths: Vec<usize>,
+        #[serde(default = "one")]
+        d_state: usize,
+        #[serde(default = "one_f")]
+        ssm_ratio: f64,
+        #[serde(default)]
+        dt_rank: usize,
+        #[serde(default = "three")]
+        d_conv: usize,
+        #[serde(default)]
+        conv_bias: bool,
+        #[serde(default)]
+        gate: bool,
+        #[serde(default = "four_f")]
+        mlp_ratio: f64,
+        #[serde(default)]
+        downsample: Downsample,
+        #[serde(default)]
+        drop_path: f64,
+        #[serde(default = "cross_scan")]
+        scan: Vec<String>,
+        #[serde(default = "eps")]
+        norm_eps: f64,
+    },
+}
+
+fn yes() -> bool {
+    true
+}
+fn one() -> usize {
+    1
+}
+fn three() -> usize {
+    3
+}
+fn four() -> usize {
+    4
+}
+fn one_f() -> f64 {
+    1.0
+}
+fn four_f() -> f64 {
+    4.0
+}
+fn eps() -> f64 {
+    1e-5
+}
+fn vim_scan() -> Vec<String> {
+    vec!["raster".into(), "reverse_raster".into()]
+}
+fn cross_scan() -> Vec<String> {
+    ["raster", "column", "reverse_raster", "reverse_column"].map(String::from).to_vec()
+}
+
+impl VisionConfig {
+    /// A model file (`models/vision/*.toml`): `[model]` and, for Vim, `[backbone]`.
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let source = path.display().to_string();
+        let text =
+            std::fs::read_to_string(path).map_err(|e| Error::Io { path: source.clone(), source: e })?;
+        let mut table: toml::Table =
+            text.parse().map_err(|e: toml::de::Error| Error::Config { path: source.clone(), message: e.to_string() })?;
+        let model = match table.remove("model") {
+            Some(toml::Value::Table(t)) => t,
+            _ => return Err(Error::Config { path: source, message: "missing [model] section".into() }),
+        };
+        let backbone = match table.remove("backbone") {
+            Some(toml::Value::Table(t)) => Some(t),
+            _ => None,
+        };
+        Self::from_tables(model, backbone, &source, None)
+    }
+
+    /// `[model]` and `[backbone]` tables; `data`, when training, fills in (and must agree with)
+    /// the image size, channels and classes. `source` names the file in errors.
+    pub fn from_tables(
+        model: toml::Table,
+        backbone: Option<toml::Table>,
+        source: &str,
+        data: Option<ImageShape>,
+    ) -> Result<Self> {
+        let err = |message: String| Error::Config { path: source.to_string(), message };
+        let section = ModelSection::deserialize(model).map_err(|e| err(format!("[model] {e}")))?;
+        let shape = |image_size: Option<usize>, channels: Option<usize>, num_classes: Option<usize>| {
+            let pick = |name: &str, given: Option<usize>, from_data: Option<usize>| match (given, from_data) {
+                (Some(g), Some(d)) if g != d => {
+                    Err(err(format!("[model] {name} = {g}, but the data set has {d}")))
+                }
+                (Some(v), _) | (None, Some(v)) if v > 0 => Ok(v),
+                _ => Err(err(format!("[model] `{name}` must be set (at least 1)"))),
+            };
+            Ok::<_, Error>(ImageShape {
+                image_size: pick("image_size", image_size, data.map(|d| d.image_size))?,
+                channels: pick("channels", channels, data.map(|d| d.channels))?,
+                num_classes: pick("num_classes", num_classes, data.map(|d| d.num_classes))?,
+            })
+        };
+        let config = match section {
+            ModelSection::Vim { image_size, channels, num_classes, patch_size, class_token, pos_embed, drop_path, scan } => {
+                let ImageShape { image_size, channels, num_classes } = shape(image_size, channels, num_classes)?;
+                let mut b = backbone.ok_or_else(|| err("a Vim model needs a [backbone] section".into()))?;
+                if b.contains_key("routes") {
+                    return Err(err("[backbone] routes: a vision model's routes are its [model] scan patterns".into()));
+                }
+                b.insert("routes".into(), toml::Value::Array(scan.iter().cloned().map(toml::Value::String).collect()));
+                // Vim's bidirectional blocks: each route its own SSM, the outputs averaged.
+                b.entry("route_params").or_insert_with(|| "per_route".into());
+                b.entry("merge").or_insert_with(|| "mean".into());
+                let backbone = BackboneConfig::from_toml_table(b, source)?;
+                VisionConfig::Vim(VimConfig {
+                    image_size,
+                    channels,
+                    num_classes,
+                    patch_size,
+                    class_token,
+                    pos_embed,
+                    drop_path,
+                    backbone,
+                })
+            }
+            ModelSection::Vmamba {
+                image_size,
+                channels,
+                num_classes,
+                patch_size,
+                dims,
+                depths,
+                d_state,
+                ssm_ratio,
+                dt_rank,
+                d_conv,
+                conv_bias,
+                gate,
+                mlp_ratio,
+                downsample,
+                drop_path,
+                scan,
+                norm_eps,
+            } => {
+                if backbone.is_some() {
+                    return Err(err("a VMamba model takes its sizes from [model]; remove [backbone]".into()));
+                }
+                let ImageShape { image_size, channels, num_classes } = shape(image_size, channels, num_classes)?;
+                if dims.is_empty() || dims.len() != depths.len() || dims.contains(&0) {
+                    return Err(err(format!("[model] dims {dims:?} and depths {depths:?}: one positive size per stage")));
+                }
+                if d_conv % 2 == 0 || d_state == 0 || ssm_ratio <= 0.0 {
+                    return Err(err("[model] d_conv must be odd, d_state and ssm_ratio positive".into()));
+                }
+                VisionConfig::VMamba(VMambaConfig {
+                    image_size,
+                    channels,
+                    num_classes,
+                    patch_size,
+                    dims,
+                    depths,
+                    d_state,
+                    ssm_ratio,
+                    dt_rank,
+                    d_conv,
+                    conv_bias,
+                    gate,
+                    mlp_ratio,
+                    downsample,
+                    drop_path,
+                    scan,
+                    norm_eps,
+                })
+            }
+        };
+        // Every pattern must be known and the first grid non-empty.
+        let (size, patch, scan) = config.grid_inputs();
+        if patch == 0 || size < patch {
+            return Err(err(format!("[model] patch_size {patch} must be between 1 and image_size {size}")));
+        }
+        if scan.is_empty() {
+            return Err(err("[model] scan must name at least one pattern".into()));
+        }
+        for name in scan {
+            pattern(name, Grid::new(size / patch, size / patch)).map_err(|e| err(format!("[model] scan: {e}")))?;
+        }
+        Ok(config)
+    }
+
+    fn grid_inputs(&self) -> (usize, usize, &[String]) {
+        match self {
+            VisionConfig::Vim(c) => (c.image_size, c.patch_size, &c.backbone.routes),
+            VisionConfig::VMamba(c) => (c.image_size, c.patch_size, &c.scan),
+        }
+    }
+
+    pub fn shape(&self) -> ImageShape {
+        match self {
+            VisionConfig::Vim(c) => ImageShape { image_size: c.image_size, channels: c.channels, num_classes: c.num_classes },
+            VisionConfig::VMamba(c) => {
+                ImageShape { image_size: c.image_size, channels: c.channels, num_classes: c.num_classes }
+            }
+        }
+    }
+
+    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        match self {
+            VisionConfig::Vim(c) => c.tensor_shapes(),
+            VisionConfig::VMamba(c) => c.tensor_shapes(),
+        }
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.tensor_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+    }
+
+    /// Fresh parameters, seeded. Mamba blocks as mamba_ssm initialises them (`init_tensor`);
+    /// around them as the Vim and VMamba code does: class token, position embedding, head and
+    /// (VMamba) every linear layer N(0, 0.02) with zero biases, LayerNorms one and zero, convs
+    /// PyTorch's U(±1/sqrt(fan_in)); SS2D's dt, A and D as Mamba's.
+    pub fn init_params(&self, seed: u64) -> Result<HashMap<String, Tensor>> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let init = InitConfig::default();
+        let mut out = HashMap::new();
+        for (name, shape) in self.tensor_shapes() {
+            let numel: usize = shape.iter().product();
+            let fan_in = shape[1..].iter().product::<usize>().max(1) as f64;
+            let uniform = |rng: &mut StdRng, bound: f64| -> Vec<f32> {
+                (0..numel).map(|_| rng.random_range(-bound..=bound) as f32).collect()
+            };
+            let normal = |rng: &mut StdRng| -> Vec<f32> {
+                let n = Normal::new(0.0, 0.02).expect("a valid normal");
+                (0..numel).map(|_| n.sample(rng) as f32).collect()
+            };
+            let values = match self {
+                VisionConfig::Vim(c) if name.starts_with("layers.") => {
+                    out.insert(name.clone(), init_tensor(&name, &shape, &c.backbone, &init, &mut rng)?);
+                    continue;
+                }
+                _ if name == "norm_f.weight" || (name.contains("norm") && name.ends_with(".weight")) => {
+                    vec![1.0; numel]
+                }
+                _ if name.contains("norm") && name.ends_with(".bias") => vec![0.0; numel],
+                _ if name == "cls_token" || name == "pos_embed" => normal(&mut rng),
+                _ if name.starts_with("patch_embed.proj") || name.contains("conv") => {
+                    // A conv bias's fan-in is its weight's.
+                    let fan_in = if name.ends_with(".bias") { conv_fan_in(self, &name) } else { fan_in };
+                    uniform(&mut rng, 1.0 / fan_in.sqrt())
+                }
+                _ if name.ends_with("x_proj_weight") => uniform(&mut rng, 1.0 / (shape[2] as f64).sqrt()),
+                _ if name.ends_with("dt_projs_weight") => uniform(&mut rng, 1.0 / (shape[2] as f64).sqrt()),
+                _ if name.ends_with("dt_projs_bias") => dt_biases(numel, &init, &mut rng),
+                _ if name.ends_with("A_logs") => (0..numel).map(|i| ((i % shape[1] + 1) as f32).ln()).collect(),
+                _ if name.ends_with("Ds") => vec![1.0; numel],
+                _ if name.ends_with(".bias") => vec![0.0; numel],
+                _ if name.ends_with(".weight") => normal(&mut rng),
+                _ => return Err(Error::Config { path: name, message: "no initialisation rule".into() }),
+            };
+            out.insert(name, Tensor::from_vec(values, shape, &Device::Cpu)?);
+        }
+        Ok(out)
+    }
+}
+
+/// The fan-in of the conv whose bias is `bias_name`.
+fn conv_fan_in(config: &VisionConfig, bias_name: &str) -> f64 {
+    let weight = bias_name.replace(".bias", ".weight");
+    config
+        .tensor_shapes()
+        .into_iter()
+        .find(|(n, _)| *n == weight)
+        .map(|(_, s)| s[1..].iter().product::<usize>() as f64)
+        .unwrap_or(1.0)
+}
+
+/// A Vim or VMamba classifier.
+#[derive(Debug, Clone)]
+pub enum VisionModel {
+    Vim(Vim),
+    VMamba(VMamba),
+}
+
+impl VisionModel {
+    pub fn load(vb: VarBuilder, config: &VisionConfig) -> Result<Self> {
+        Ok(match config {
+            VisionConfig::Vim(c) => VisionModel::Vim(Vim::load(vb, c)?),
+            VisionConfig::VMamba(c) => VisionModel::VMamba(VMamba::load(vb, c)?),
+        })
+    }
+
+    /// images (batch, channels, size, size) -> logits (batch, classes). `rng`: training
+    /// (drop-path on).
+    pub fn forward(&self, images: &Tensor, rng: Option<&mut StdRng>) -> Result<Tensor> {
+        match self {
+            VisionModel::Vim(m) => m.forward(images, rng),
+            VisionModel::VMamba(m) => m.forward(images, rng),
+        }
+    }
+}
