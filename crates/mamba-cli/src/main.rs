@@ -1,16 +1,22 @@
-//! `mamba`: run Mamba language models from Hugging Face directories, train and evaluate models
-//! from config files.
+//! `mamba`: run Mamba language models from Hugging Face directories, train, evaluate and run
+//! models from config files (language, image), draw 2-d scan patterns.
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use mamba_nn::{LmConfig, MambaLm};
 use mamba_text::{generate, load_tokenizer, Sampling, TextStream};
+use mamba_train::tasks::image::{classify, load_classifier};
+use mamba_vision::{Grid, VisionConfig};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
-#[command(name = "mamba", version, about = "Mamba state-space models: generate, logits, inspect")]
+#[command(
+    name = "mamba",
+    version,
+    about = "Mamba state-space models: generate, train, eval, predict, inspect, scan patterns"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -33,10 +39,16 @@ enum Command {
         #[arg(long, value_enum, default_value_t = WeightDType::F32)]
         dtype: WeightDType,
     },
-    /// Print a model's configuration, parameter count and tensors.
+    /// Print a model's configuration, parameter count and tensors: a Hugging Face directory, or
+    /// a vision model file (models/vision/*.toml).
     Inspect {
         #[arg(long)]
         model: PathBuf,
+    },
+    /// 2-d scan patterns.
+    Scan {
+        #[command(subcommand)]
+        command: ScanCommand,
     },
     /// Train from a config file (see models/synthetic/, models/text/): checkpoints `last` and
     /// `best`, metrics.jsonl and curves.svg under --out.
@@ -52,13 +64,17 @@ enum Command {
         #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
         sets: Vec<String>,
     },
-    /// Greedy continuations of inputs by a trained language model: text when the checkpoint has
-    /// a tokenizer.json, else comma-separated token ids. One line per input.
+    /// Predictions of a trained checkpoint, one line per input. Image classifiers: INPUTS are
+    /// image files, printed with their top classes and probabilities. Language models: greedy
+    /// continuations, text when the checkpoint has a tokenizer.json, else comma-separated ids.
     Predict {
         #[arg(long)]
         checkpoint: PathBuf,
         #[arg(long, default_value_t = 32)]
         max_new_tokens: usize,
+        /// Classes shown per image.
+        #[arg(long, default_value_t = 3)]
+        top: usize,
         #[arg(required = true)]
         inputs: Vec<String>,
     },
@@ -69,6 +85,25 @@ enum Command {
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ScanCommand {
+    /// Draw the order in which a pattern visits a grid as a PNG.
+    Show {
+        /// A pattern name: raster, column, snake, snake_column, hilbert, diagonal, spiral,
+        /// windowK, atrousK, or reverse_ of any.
+        #[arg(long)]
+        pattern: String,
+        /// ROWSxCOLS, e.g. 14x14.
+        #[arg(long)]
+        grid: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Pixels per cell.
+        #[arg(long, default_value_t = 32)]
+        cell: u32,
     },
 }
 
@@ -191,6 +226,9 @@ fn run_logits(model: &Path, ids: &[u32], out: &Path, dtype: WeightDType) -> Resu
 }
 
 fn run_inspect(dir: &Path) -> Result<()> {
+    if dir.extension().is_some_and(|e| e == "toml") {
+        return inspect_vision(dir);
+    }
     let config = LmConfig::from_hf_file(&dir.join("config.json"))?;
     load(dir, WeightDType::F32)?; // checks that the checkpoint fits the configuration
     let shapes = MambaLm::tensor_shapes(&config);
@@ -222,6 +260,48 @@ fn run_inspect(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+fn inspect_vision(path: &Path) -> Result<()> {
+    let config = VisionConfig::from_toml_file(path)?;
+    let shapes = config.tensor_shapes();
+    let params = config.num_params();
+    let mut out = std::io::stdout().lock();
+    let kind = match &config {
+        VisionConfig::Vim(c) => format!(
+            "Vim: {} tokens, d_model {}, {} layers, routes {:?}",
+            c.tokens(),
+            c.backbone.d_model,
+            c.backbone.n_layer,
+            c.backbone.routes
+        ),
+        VisionConfig::VMamba(c) => {
+            format!("VMamba: dims {:?}, depths {:?}, grids {:?}, scan {:?}", c.dims, c.depths, c.grids(), c.scan)
+        }
+    };
+    writeln!(out, "{}\n{kind}", path.display())?;
+    writeln!(out, "parameters: {params} ({:.2} M)", params as f64 / 1e6)?;
+    for (name, shape) in shapes {
+        writeln!(out, "  {name} {shape:?}")?;
+    }
+    Ok(())
+}
+
+fn run_scan_show(pattern: &str, grid: &str, out: &Path, cell: u32) -> Result<()> {
+    let (rows, cols) = grid
+        .split_once('x')
+        .and_then(|(r, c)| Some((r.parse::<usize>().ok()?, c.parse::<usize>().ok()?)))
+        .filter(|&(r, c)| r > 0 && c > 0)
+        .with_context(|| format!("--grid {grid}: expected ROWSxCOLS, e.g. 14x14"))?;
+    let grid = Grid::new(rows, cols);
+    let order = mamba_vision::pattern(pattern, grid)?;
+    let img = mamba_vision::draw_order(&order, grid, cell.max(4));
+    // Written beside the target and renamed: never half a file.
+    let tmp = out.with_extension("png.tmp");
+    img.save_with_format(&tmp, image::ImageFormat::Png).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))?;
+    println!("{}: {pattern} over {rows}x{cols}", out.display());
+    Ok(())
+}
+
 fn run_train(config: &Path, out: Option<PathBuf>, resume: bool, sets: &[String]) -> Result<()> {
     let out = out.unwrap_or_else(|| {
         PathBuf::from("runs").join(config.file_stem().map_or("run".into(), |s| s.to_string_lossy().into_owned()))
@@ -232,7 +312,17 @@ fn run_train(config: &Path, out: Option<PathBuf>, resume: bool, sets: &[String])
     Ok(())
 }
 
-fn run_predict(dir: &Path, max_new: usize, inputs: &[String]) -> Result<()> {
+fn run_predict(dir: &Path, max_new: usize, top: usize, inputs: &[String]) -> Result<()> {
+    if dir.join("image.json").exists() {
+        let (model, meta) = load_classifier(dir)?;
+        let paths: Vec<PathBuf> = inputs.iter().map(PathBuf::from).collect();
+        let mut out = std::io::stdout().lock();
+        for (path, ranked) in paths.iter().zip(classify(&model, &meta, &paths)?) {
+            let shown: Vec<String> = ranked.iter().take(top.max(1)).map(|(c, p)| format!("{c} {p:.4}")).collect();
+            writeln!(out, "{}: {}", path.display(), shown.join(", "))?;
+        }
+        return Ok(());
+    }
     let model = load(dir, WeightDType::F32)?;
     let tok = dir.join("tokenizer.json").exists().then(|| load_tokenizer(dir)).transpose()?;
     let mut out = std::io::stdout().lock();
@@ -262,18 +352,45 @@ fn run_predict(dir: &Path, max_new: usize, inputs: &[String]) -> Result<()> {
 }
 
 fn run_eval(checkpoint: &Path, json: bool) -> Result<()> {
-    let mut metrics = mamba_train::evaluate_checkpoint(checkpoint)?.means();
-    if let Some(loss) = metrics.get("loss").copied() {
+    let evaluation = mamba_train::evaluate_checkpoint(checkpoint)?;
+    let mut metrics = evaluation.metrics.means();
+    if let (Some(loss), None) = (metrics.get("loss").copied(), &evaluation.confusion) {
         metrics.insert("perplexity".into(), loss.exp());
     }
     if json {
-        println!("{}", serde_json::to_string(&metrics)?);
-    } else {
-        for (k, v) in metrics {
-            println!("{k} {v:.6}");
+        let mut value = serde_json::to_value(&metrics)?;
+        if let Some((classes, matrix)) = &evaluation.confusion {
+            value["classes"] = serde_json::to_value(classes)?;
+            value["confusion"] = serde_json::to_value(matrix)?;
         }
+        println!("{value}");
+        return Ok(());
+    }
+    for (k, v) in metrics {
+        println!("{k} {v:.6}");
+    }
+    if let Some((classes, matrix)) = &evaluation.confusion {
+        print_confusion(classes, matrix);
     }
     Ok(())
+}
+
+/// Per-class accuracy and the confusion matrix (rows: true class, columns: predicted).
+fn print_confusion(classes: &[String], matrix: &[Vec<usize>]) {
+    let width = classes.iter().map(|c| c.len()).max().unwrap_or(1).max(5);
+    println!("\nper class (accuracy, images):");
+    for (i, (c, row)) in classes.iter().zip(matrix).enumerate() {
+        let (right, total) = (row[i], row.iter().sum::<usize>());
+        println!("  {c:>width$} {:.4} {total}", right as f64 / total.max(1) as f64);
+    }
+    println!("\nconfusion (rows: true, columns: predicted):");
+    let cell = matrix.iter().flatten().max().map_or(1, |m| m.to_string().len()).max(3);
+    let head: Vec<String> = (0..classes.len()).map(|j| format!("{j:>cell$}")).collect();
+    println!("  {:>width$} {}", "", head.join(" "));
+    for (i, (c, row)) in classes.iter().zip(matrix).enumerate() {
+        let cells: Vec<String> = row.iter().map(|v| format!("{v:>cell$}")).collect();
+        println!("  {:>width$} {} ({i})", c, cells.join(" "));
+    }
 }
 
 fn main() {
@@ -288,7 +405,12 @@ fn main() {
         Command::Inspect { model } => run_inspect(&model),
         Command::Train { config, out, resume, sets } => run_train(&config, out, resume, &sets),
         Command::Eval { checkpoint, json } => run_eval(&checkpoint, json),
-        Command::Predict { checkpoint, max_new_tokens, inputs } => run_predict(&checkpoint, max_new_tokens, &inputs),
+        Command::Predict { checkpoint, max_new_tokens, top, inputs } => {
+            run_predict(&checkpoint, max_new_tokens, top, &inputs)
+        }
+        Command::Scan { command: ScanCommand::Show { pattern, grid, out, cell } } => {
+            run_scan_show(&pattern, &grid, &out, cell)
+        }
     };
     if let Err(e) = result {
         // A reader that stops early (`mamba inspect ... | head`) is not an error.

@@ -2,7 +2,7 @@
 //! `save_pretrained` directories (one safetensors file or a sharded index).
 
 use crate::{
-    compute_dtype, Route, BackboneConfig, Error, Linear, LmConfig, Mamba1Mixer, Mamba2Mixer, MixerKind, Result, RmsNorm,
+    compute_dtype, BackboneConfig, Error, Linear, LmConfig, Mamba1Mixer, Mamba2Mixer, MixerKind, Result, RmsNorm, Route,
 };
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -284,7 +284,9 @@ pub(crate) fn expected_tensors(config: &LmConfig) -> Vec<(String, Vec<usize>)> {
         out.push(("lm_head.weight".into(), vec![config.vocab_size, c.d_model]));
     }
     for i in 0..c.n_layer {
-        out.extend(Block::tensor_shapes(c).into_iter().map(|(name, shape)| (format!("backbone.layers.{i}.{name}"), shape)));
+        out.extend(
+            Block::tensor_shapes(c).into_iter().map(|(name, shape)| (format!("backbone.layers.{i}.{name}"), shape)),
+        );
     }
     out
 }

@@ -44,7 +44,8 @@ pub struct OptimConfig {
     /// Clip the gradient's global L2 norm to this; 0 turns clipping off.
     #[serde(default = "default_clip")]
     pub clip_grad_norm: f64,
-    /// Decay of the weights' moving average; 0 turns it off.
+    /// Decay of the weights' moving average (at step t at most (1 + t) / (10 + t)); 0 turns it
+    /// off.
     #[serde(default)]
     pub ema: f64,
 }
@@ -128,8 +129,11 @@ impl AdamW {
             self.v.insert(name.clone(), v);
         }
         if c.ema > 0.0 {
+            // Warmed up as TensorFlow's ExponentialMovingAverage with num_updates: early on the
+            // average follows the weights, so the random initialisation does not linger in it.
+            let decay = c.ema.min((1.0 + self.step as f64) / (10.0 + self.step as f64));
             for (name, p) in params {
-                let avg = ((&self.ema[name] * c.ema)? + (p.as_tensor() * (1.0 - c.ema))?)?;
+                let avg = ((&self.ema[name] * decay)? + (p.as_tensor() * (1.0 - decay))?)?;
                 self.ema.insert(name.clone(), avg);
             }
         }

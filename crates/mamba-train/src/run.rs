@@ -4,11 +4,13 @@
 //! naming the file and the key.
 
 use crate::optim::OptimConfig;
+use crate::tasks::image::{ImageData, ImageTask};
 use crate::tasks::{LmTask, Source, TextData};
 use crate::trainer::{evaluate, train, Summary, TrainConfig};
 use crate::Result;
 use crate::{Error, Metrics, Task};
 use candle_core::Device;
+use mamba_vision::BadImages;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,7 +20,7 @@ use std::sync::Arc;
 struct RunFile {
     task: TaskSection,
     model: toml::Table,
-    backbone: toml::Table,
+    backbone: Option<toml::Table>,
     train: TrainConfig,
     optim: OptimConfig,
 }
@@ -52,6 +54,41 @@ enum TaskSection {
         #[serde(default)]
         label_smoothing: f64,
     },
+    /// ImageFolder directories (paths relative to the config file).
+    ImageClassification {
+        train: PathBuf,
+        validation: Option<PathBuf>,
+        #[serde(default = "tenth")]
+        validation_fraction: f64,
+        /// The square crop the model sees.
+        image_size: usize,
+        /// The shorter side before cropping (default: image_size).
+        resize: Option<usize>,
+        #[serde(default = "three")]
+        channels: usize,
+        #[serde(default)]
+        hflip: f64,
+        /// Per channel; measured on the training images when left out.
+        mean: Option<Vec<f32>>,
+        std: Option<Vec<f32>>,
+        /// "fail" (default) or "skip" images that cannot be read.
+        #[serde(default)]
+        bad_images: BadImagesChoice,
+        #[serde(default)]
+        label_smoothing: f64,
+    },
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum BadImagesChoice {
+    #[default]
+    Fail,
+    Skip,
+}
+
+fn three() -> usize {
+    3
 }
 
 fn sixteen() -> usize {
@@ -61,12 +98,18 @@ fn tenth() -> f64 {
     0.1
 }
 
+/// The task of a run, with its data read.
+pub enum AnyTask {
+    Lm(LmTask),
+    Image(ImageTask),
+}
+
 /// A parsed training config, its text (with overrides and resolved paths) and its task.
 pub struct RunConfig {
     pub text: String,
     pub train: TrainConfig,
     pub optim: OptimConfig,
-    pub task: LmTask,
+    pub task: AnyTask,
 }
 
 impl RunConfig {
@@ -95,7 +138,7 @@ impl RunConfig {
         // Data paths are relative to the config file; the saved config holds them resolved.
         let base = path.parent().unwrap_or(Path::new("."));
         if let Some(toml::Value::Table(task)) = table.get_mut("task") {
-            for key in ["data", "tokenizer"] {
+            for key in ["data", "tokenizer", "train", "validation"] {
                 if let Some(toml::Value::String(p)) = task.get(key) {
                     let resolved = base.join(p);
                     if !resolved.exists() {
@@ -108,54 +151,126 @@ impl RunConfig {
         }
         let text = toml::to_string(&table).map_err(|e| err(e.to_string()))?;
         let file: RunFile = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
-        let model_text = toml::to_string(&toml::Table::from_iter([
-            ("model".to_string(), toml::Value::Table(file.model)),
-            ("backbone".to_string(), toml::Value::Table(file.backbone)),
-        ]))
-        .map_err(|e| err(e.to_string()))?;
-        let config = mamba_nn::LmConfig::from_toml(&model_text, &source)?;
-        let vocab = config.vocab_size;
-        let (source_kind, label_smoothing) = match file.task {
-            TaskSection::SelectiveCopying { seq_len, tokens, train_examples, validation_examples, label_smoothing } => {
-                if vocab < 3 || tokens == 0 || tokens > seq_len {
-                    return Err(err(format!(
-                        "[task] selective copying needs vocab_size >= 3 and 1 <= tokens <= seq_len (vocab {vocab}, tokens {tokens}, seq_len {seq_len})"
-                    )));
-                }
-                let examples = [train_examples, validation_examples];
-                (Source::SelectiveCopying { seq_len, tokens, vocab, examples }, label_smoothing)
+        let seed = file.train.seed;
+        let task = match file.task {
+            TaskSection::ImageClassification {
+                train,
+                validation,
+                validation_fraction,
+                image_size,
+                resize,
+                channels,
+                hflip,
+                mean,
+                std,
+                bad_images,
+                label_smoothing,
+            } => {
+                let bad_images = match bad_images {
+                    BadImagesChoice::Fail => BadImages::Fail,
+                    BadImagesChoice::Skip => BadImages::Skip,
+                };
+                let data = ImageData {
+                    train: &train,
+                    validation: validation.as_deref(),
+                    validation_fraction,
+                    image_size,
+                    resize,
+                    channels,
+                    hflip,
+                    mean,
+                    std,
+                    bad_images,
+                    label_smoothing,
+                };
+                AnyTask::Image(ImageTask::load(data, file.model, file.backbone, &source, seed)?)
             }
-            TaskSection::InductionHeads { seq_len, train_examples, validation_examples, label_smoothing } => {
-                if vocab < 3 || seq_len < 3 {
-                    return Err(err("[task] induction heads needs vocab_size >= 3 and seq_len >= 3".into()));
-                }
-                let examples = [train_examples, validation_examples];
-                (Source::InductionHeads { seq_len, vocab, examples }, label_smoothing)
-            }
-            TaskSection::Text { data, tokenizer, context, validation_fraction, label_smoothing } => {
-                let t = TextData::load(&data, &tokenizer, context, validation_fraction)?;
-                (Source::Text(t), label_smoothing)
-            }
+            lm => AnyTask::Lm(lm_task(lm, file.model, file.backbone, &source, seed)?),
         };
-        let task = LmTask { config, source: source_kind, label_smoothing, seed: file.train.seed };
         Ok(Self { text, train: file.train, optim: file.optim, task })
     }
+}
+
+/// A language-model task: `[model]` and `[backbone]` as in `models/*.toml`.
+fn lm_task(
+    section: TaskSection,
+    model: toml::Table,
+    backbone: Option<toml::Table>,
+    source: &str,
+    seed: u64,
+) -> Result<LmTask> {
+    let err = |message: String| Error::Config { path: source.to_string(), message };
+    let backbone = backbone.ok_or_else(|| err("missing [backbone] section".into()))?;
+    let model_text = toml::to_string(&toml::Table::from_iter([
+        ("model".to_string(), toml::Value::Table(model)),
+        ("backbone".to_string(), toml::Value::Table(backbone)),
+    ]))
+    .map_err(|e| err(e.to_string()))?;
+    let config = mamba_nn::LmConfig::from_toml(&model_text, source)?;
+    let vocab = config.vocab_size;
+    let (source_kind, label_smoothing) = match section {
+        TaskSection::SelectiveCopying { seq_len, tokens, train_examples, validation_examples, label_smoothing } => {
+            if vocab < 3 || tokens == 0 || tokens > seq_len {
+                return Err(err(format!(
+                    "[task] selective copying needs vocab_size >= 3 and 1 <= tokens <= seq_len (vocab {vocab}, tokens {tokens}, seq_len {seq_len})"
+                )));
+            }
+            let examples = [train_examples, validation_examples];
+            (Source::SelectiveCopying { seq_len, tokens, vocab, examples }, label_smoothing)
+        }
+        TaskSection::InductionHeads { seq_len, train_examples, validation_examples, label_smoothing } => {
+            if vocab < 3 || seq_len < 3 {
+                return Err(err("[task] induction heads needs vocab_size >= 3 and seq_len >= 3".into()));
+            }
+            let examples = [train_examples, validation_examples];
+            (Source::InductionHeads { seq_len, vocab, examples }, label_smoothing)
+        }
+        TaskSection::Text { data, tokenizer, context, validation_fraction, label_smoothing } => {
+            let t = TextData::load(&data, &tokenizer, context, validation_fraction)?;
+            (Source::Text(t), label_smoothing)
+        }
+        TaskSection::ImageClassification { .. } => {
+            return Err(err("[task] an image task has no language model".into()))
+        }
+    };
+    Ok(LmTask { config, source: source_kind, label_smoothing, seed })
 }
 
 /// `mamba train`: trains the config at `path` into `out`.
 pub fn train_from_config(path: &Path, out: &Path, resume: bool, sets: &[String]) -> Result<Summary> {
     let run = RunConfig::load(path, sets)?;
     let (train_config, optim) = (run.train.clone(), run.optim.clone());
-    train(Arc::new(run.task), &train_config, &optim, &run.text, out, resume)
+    match run.task {
+        AnyTask::Lm(t) => train(Arc::new(t), &train_config, &optim, &run.text, out, resume),
+        AnyTask::Image(t) => train(Arc::new(t), &train_config, &optim, &run.text, out, resume),
+    }
+}
+
+/// What `mamba eval` reports: the validation metrics and, for classifiers, the class names and
+/// the confusion matrix (`[true][predicted]`).
+pub struct Evaluation {
+    pub metrics: Metrics,
+    pub confusion: Option<(Vec<String>, Vec<Vec<usize>>)>,
 }
 
 /// `mamba eval`: the validation metrics of a checkpoint directory (its train.toml and weights).
-pub fn evaluate_checkpoint(dir: &Path) -> Result<Metrics> {
+pub fn evaluate_checkpoint(dir: &Path) -> Result<Evaluation> {
     let run = RunConfig::load(&dir.join("train.toml"), &[])?;
+    let vb = checkpoint_weights(dir)?;
+    Ok(match &run.task {
+        AnyTask::Lm(t) => Evaluation { metrics: evaluate(t, &t.build_model(vb)?)?, confusion: None },
+        AnyTask::Image(t) => {
+            let model = t.build_model(vb)?;
+            let confusion = Some((t.meta.classes.clone(), t.confusion(&model)?));
+            Evaluation { metrics: evaluate(t, &model)?, confusion }
+        }
+    })
+}
+
+/// A checkpoint's model.safetensors as a VarBuilder (f32, CPU).
+pub fn checkpoint_weights(dir: &Path) -> Result<candle_nn::VarBuilder<'static>> {
     let weights = dir.join("model.safetensors");
     let tensors = candle_core::safetensors::load(&weights, &Device::Cpu)
         .map_err(|e| Error::Checkpoint { path: weights.display().to_string(), message: e.to_string() })?;
-    let model =
-        run.task.build_model(candle_nn::VarBuilder::from_tensors(tensors, candle_core::DType::F32, &Device::Cpu))?;
-    evaluate(&run.task, &model)
+    Ok(candle_nn::VarBuilder::from_tensors(tensors, candle_core::DType::F32, &Device::Cpu))
 }

@@ -12,6 +12,6 @@ mod vmamba;
 pub use data::{BadImages, DataError, ImageFolder, Transform};
 pub use layers::{depthwise_conv2d, drop_path, patchify, resize_grid, LayerNorm, PatchEmbed};
 pub use model::{ImageShape, VisionConfig, VisionModel};
-pub use scan::{pattern, pattern_names, route, ClassToken, Grid};
+pub use scan::{draw_order, pattern, pattern_names, route, ClassToken, Grid};
 pub use vim::{resize_pos_embed, Vim, VimConfig};
 pub use vmamba::{Downsample, Ss2d, VMamba, VMambaConfig};

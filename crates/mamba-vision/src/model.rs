@@ -110,10 +110,10 @@ impl VisionConfig {
     /// A model file (`models/vision/*.toml`): `[model]` and, for Vim, `[backbone]`.
     pub fn from_toml_file(path: &Path) -> Result<Self> {
         let source = path.display().to_string();
-        let text =
-            std::fs::read_to_string(path).map_err(|e| Error::Io { path: source.clone(), source: e })?;
-        let mut table: toml::Table =
-            text.parse().map_err(|e: toml::de::Error| Error::Config { path: source.clone(), message: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: source.clone(), source: e })?;
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| Error::Config { path: source.clone(), message: e.to_string() })?;
         let model = match table.remove("model") {
             Some(toml::Value::Table(t)) => t,
             _ => return Err(Error::Config { path: source, message: "missing [model] section".into() }),
@@ -137,9 +137,7 @@ impl VisionConfig {
         let section = ModelSection::deserialize(model).map_err(|e| err(format!("[model] {e}")))?;
         let shape = |image_size: Option<usize>, channels: Option<usize>, num_classes: Option<usize>| {
             let pick = |name: &str, given: Option<usize>, from_data: Option<usize>| match (given, from_data) {
-                (Some(g), Some(d)) if g != d => {
-                    Err(err(format!("[model] {name} = {g}, but the data set has {d}")))
-                }
+                (Some(g), Some(d)) if g != d => Err(err(format!("[model] {name} = {g}, but the data set has {d}"))),
                 (Some(v), _) | (None, Some(v)) if v > 0 => Ok(v),
                 _ => Err(err(format!("[model] `{name}` must be set (at least 1)"))),
             };
@@ -150,7 +148,16 @@ impl VisionConfig {
             })
         };
         let config = match section {
-            ModelSection::Vim { image_size, channels, num_classes, patch_size, class_token, pos_embed, drop_path, scan } => {
+            ModelSection::Vim {
+                image_size,
+                channels,
+                num_classes,
+                patch_size,
+                class_token,
+                pos_embed,
+                drop_path,
+                scan,
+            } => {
                 let ImageShape { image_size, channels, num_classes } = shape(image_size, channels, num_classes)?;
                 let mut b = backbone.ok_or_else(|| err("a Vim model needs a [backbone] section".into()))?;
                 if b.contains_key("routes") {
@@ -196,7 +203,9 @@ impl VisionConfig {
                 }
                 let ImageShape { image_size, channels, num_classes } = shape(image_size, channels, num_classes)?;
                 if dims.is_empty() || dims.len() != depths.len() || dims.contains(&0) {
-                    return Err(err(format!("[model] dims {dims:?} and depths {depths:?}: one positive size per stage")));
+                    return Err(err(format!(
+                        "[model] dims {dims:?} and depths {depths:?}: one positive size per stage"
+                    )));
                 }
                 if d_conv % 2 == 0 || d_state == 0 || ssm_ratio <= 0.0 {
                     return Err(err("[model] d_conv must be odd, d_state and ssm_ratio positive".into()));
@@ -245,7 +254,9 @@ impl VisionConfig {
 
     pub fn shape(&self) -> ImageShape {
         match self {
-            VisionConfig::Vim(c) => ImageShape { image_size: c.image_size, channels: c.channels, num_classes: c.num_classes },
+            VisionConfig::Vim(c) => {
+                ImageShape { image_size: c.image_size, channels: c.channels, num_classes: c.num_classes }
+            }
             VisionConfig::VMamba(c) => {
                 ImageShape { image_size: c.image_size, channels: c.channels, num_classes: c.num_classes }
             }

@@ -231,3 +231,65 @@ fn fill(visit: &mut impl FnMut(i64, i64), p: (i64, i64), a: (i64, i64), b: (i64,
         fill(visit, end, (-b2.0, -b2.1), (-(a.0 - a2.0), -(a.1 - a2.1)));
     }
 }
+
+/// A picture of the order in which `order` visits `grid`: each cell coloured by its step (dark
+/// blue first, through green, to yellow last), the path drawn through the cell centres, the
+/// first cell marked with a white square and the last with a black one. `cell` pixels a side.
+pub fn draw_order(order: &[u32], grid: Grid, cell: u32) -> image::RgbImage {
+    let (w, h) = (grid.cols as u32 * cell, grid.rows as u32 * cell);
+    let mut img = image::RgbImage::new(w.max(1), h.max(1));
+    let n = order.len().max(2) as f32 - 1.0;
+    let centre = |p: u32| {
+        let (r, c) = (p as usize / grid.cols.max(1), p as usize % grid.cols.max(1));
+        ((c as f32 + 0.5) * cell as f32, (r as f32 + 0.5) * cell as f32)
+    };
+    for (step, &p) in order.iter().enumerate() {
+        let colour = ramp(step as f32 / n);
+        let (cx, cy) = centre(p);
+        let (x0, y0) = ((cx - cell as f32 / 2.0) as u32, (cy - cell as f32 / 2.0) as u32);
+        for y in y0..(y0 + cell).min(h) {
+            for x in x0..(x0 + cell).min(w) {
+                // A one-pixel grey border between cells.
+                let edge = x == x0 || y == y0;
+                img.put_pixel(x, y, if edge { image::Rgb([200, 200, 200]) } else { colour });
+            }
+        }
+    }
+    for pair in order.windows(2) {
+        let ((x0, y0), (x1, y1)) = (centre(pair[0]), centre(pair[1]));
+        let steps = (x1 - x0).abs().max((y1 - y0).abs()).ceil().max(1.0) as usize;
+        for s in 0..=steps {
+            let t = s as f32 / steps as f32;
+            let (x, y) = (x0 + t * (x1 - x0), y0 + t * (y1 - y0));
+            for (dx, dy) in [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0)] {
+                let (px, py) = ((x + dx - 0.5) as u32, (y + dy - 0.5) as u32);
+                if px < w && py < h {
+                    img.put_pixel(px, py, image::Rgb([20, 20, 20]));
+                }
+            }
+        }
+    }
+    let ends = [(order.first(), [255, 255, 255]), (order.last(), [0, 0, 0])];
+    for (p, fill) in ends.into_iter().filter_map(|(p, fill)| Some((*p?, fill))) {
+        let (cx, cy) = centre(p);
+        let r = (cell / 5).max(1) as f32;
+        for y in (cy - r) as u32..(cy + r) as u32 {
+            for x in (cx - r) as u32..(cx + r) as u32 {
+                if x < w && y < h {
+                    img.put_pixel(x, y, image::Rgb(fill));
+                }
+            }
+        }
+    }
+    img
+}
+
+/// A blue-green-yellow colour ramp (close to viridis) for t in [0, 1].
+fn ramp(t: f32) -> image::Rgb<u8> {
+    let stops =
+        [[68.0, 1.0, 84.0], [59.0, 82.0, 139.0], [33.0, 145.0, 140.0], [94.0, 201.0, 98.0], [253.0, 231.0, 37.0]];
+    let x = t.clamp(0.0, 1.0) * (stops.len() - 1) as f32;
+    let (i, f) = ((x.floor() as usize).min(stops.len() - 2), x - x.floor().min((stops.len() - 2) as f32));
+    let mix = |k: usize| (stops[i][k] + f * (stops[i + 1][k] - stops[i][k])) as u8;
+    image::Rgb([mix(0), mix(1), mix(2)])
+}

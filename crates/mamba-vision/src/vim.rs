@@ -99,7 +99,10 @@ impl Vim {
             pos_embed: if cfg.pos_embed { Some(vb.get((1, cfg.tokens(), d), "pos_embed")?) } else { None },
             layers,
             norm_f: RmsNorm::new(vb.get(d, "norm_f.weight")?, cfg.backbone.norm_eps),
-            head: Linear::new(vb.get((cfg.num_classes, d), "head.weight")?, Some(vb.get(cfg.num_classes, "head.bias")?)),
+            head: Linear::new(
+                vb.get((cfg.num_classes, d), "head.weight")?,
+                Some(vb.get(cfg.num_classes, "head.bias")?),
+            ),
             cfg: cfg.clone(),
         })
     }
@@ -171,10 +174,9 @@ pub fn resize_pos_embed(pos: &Tensor, from: &VimConfig, to: &VimConfig) -> Resul
     let pos = pos.squeeze(0)?;
     let (nf, nt) = (gf.rows * gf.cols, gt.rows * gt.cols);
     let (patches, cls) = match from.class_token.position(nf) {
-        Some(at) => (
-            Tensor::cat(&[&pos.narrow(0, 0, at)?, &pos.narrow(0, at + 1, nf - at)?], 0)?,
-            Some(pos.narrow(0, at, 1)?),
-        ),
+        Some(at) => {
+            (Tensor::cat(&[&pos.narrow(0, 0, at)?, &pos.narrow(0, at + 1, nf - at)?], 0)?, Some(pos.narrow(0, at, 1)?))
+        }
         None => (pos, None),
     };
     let patches = resize_grid(&patches, gf, gt)?;

@@ -6,8 +6,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 use mamba_nn::{gather, inverse, BackboneConfig, Mamba1Mixer, RmsNorm};
 use mamba_vision::{
-    depthwise_conv2d, drop_path, resize_grid, resize_pos_embed, route, ClassToken, Grid, ImageShape,
-    PatchEmbed, Ss2d, VisionConfig, VisionModel,
+    depthwise_conv2d, drop_path, resize_grid, resize_pos_embed, route, ClassToken, Grid, ImageShape, PatchEmbed, Ss2d,
+    VisionConfig, VisionModel,
 };
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -161,7 +161,11 @@ fn patch_embedding_and_depthwise_conv_match_candles_convs() {
     assert!(max_diff(&tokens, &conv.flatten_from(2).unwrap().transpose(1, 2).unwrap()) < 1e-5);
 
     let dw = images(3, 1, 3, 10);
-    let reference = x.conv2d(&dw, 1, 1, 1, 3).unwrap().broadcast_add(&bias.narrow(0, 0, 3).unwrap().reshape((1, 3, 1, 1)).unwrap()).unwrap();
+    let reference = x
+        .conv2d(&dw, 1, 1, 1, 3)
+        .unwrap()
+        .broadcast_add(&bias.narrow(0, 0, 3).unwrap().reshape((1, 3, 1, 1)).unwrap())
+        .unwrap();
     let ours = depthwise_conv2d(&x, &dw, Some(&bias.narrow(0, 0, 3).unwrap())).unwrap();
     assert!(max_diff(&ours, &reference) < 1e-5);
 }
@@ -223,12 +227,16 @@ fn position_embeddings_follow_the_image_size() {
     // A Vim model for 8 x 8 images loads a pos_embed made for 16 x 16: the class token's entry
     // moves with the middle of the sequence.
     let shape = |s| ImageShape { image_size: s, channels: 1, num_classes: 2 };
-    let (VisionConfig::Vim(small), VisionConfig::Vim(big)) = (config(SMALL_VIM, shape(8)), config(SMALL_VIM, shape(16)))
+    let (VisionConfig::Vim(small), VisionConfig::Vim(big)) =
+        (config(SMALL_VIM, shape(8)), config(SMALL_VIM, shape(16)))
     else {
         panic!()
     };
     let pos = Tensor::arange(0f32, 17.0 * 16.0, &Device::Cpu).unwrap().reshape((1, 17, 16)).unwrap();
     let resized = resize_pos_embed(&pos, &big, &small).unwrap();
     assert_eq!(resized.dims(), &[1, 5, 16]);
-    assert_eq!(resized.get(0).unwrap().get(2).unwrap().to_vec1::<f32>().unwrap(), pos.get(0).unwrap().get(8).unwrap().to_vec1::<f32>().unwrap());
+    assert_eq!(
+        resized.get(0).unwrap().get(2).unwrap().to_vec1::<f32>().unwrap(),
+        pos.get(0).unwrap().get(8).unwrap().to_vec1::<f32>().unwrap()
+    );
 }

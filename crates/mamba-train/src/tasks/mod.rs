@@ -1,6 +1,9 @@
 //! Built-in tasks: causal language modelling over a token source, with the loss on chosen
-//! positions. Sources: the Mamba paper's synthetic tasks (selective copying, induction heads),
-//! generated afresh from (seed, split, epoch, index), and text through a tokenizer.
+//! positions (sources: the Mamba paper's synthetic tasks, selective copying and induction heads,
+//! generated afresh from (seed, split, epoch, index), and text through a tokenizer); image
+//! classification (`image`).
+
+pub mod image;
 
 use crate::task::{Metrics, Split, Task};
 use crate::trainer::io;
@@ -76,7 +79,7 @@ pub struct LmTask {
 }
 
 /// A seed for example `index` of `split` in `epoch` (validation examples do not change).
-fn example_seed(seed: u64, split: Split, epoch: usize, index: usize) -> u64 {
+pub(crate) fn example_seed(seed: u64, split: Split, epoch: usize, index: usize) -> u64 {
     let epoch = if split == Split::Validation { u64::MAX } else { epoch as u64 };
     let mut h = seed ^ 0x243F_6A88_85A3_08D3;
     for v in [split as u64, epoch, index as u64] {
