@@ -10,7 +10,6 @@ use crate::trainer::{evaluate, train, Summary, TrainConfig};
 use crate::Result;
 use crate::{Error, Metrics, Task};
 use candle_core::Device;
-use mamba_vision::BadImages;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -54,41 +53,8 @@ enum TaskSection {
         #[serde(default)]
         label_smoothing: f64,
     },
-    /// ImageFolder directories (paths relative to the config file).
-    ImageClassification {
-        train: PathBuf,
-        validation: Option<PathBuf>,
-        #[serde(default = "tenth")]
-        validation_fraction: f64,
-        /// The square crop the model sees.
-        image_size: usize,
-        /// The shorter side before cropping (default: image_size).
-        resize: Option<usize>,
-        #[serde(default = "three")]
-        channels: usize,
-        #[serde(default)]
-        hflip: f64,
-        /// Per channel; measured on the training images when left out.
-        mean: Option<Vec<f32>>,
-        std: Option<Vec<f32>>,
-        /// "fail" (default) or "skip" images that cannot be read.
-        #[serde(default)]
-        bad_images: BadImagesChoice,
-        #[serde(default)]
-        label_smoothing: f64,
-    },
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum BadImagesChoice {
-    #[default]
-    Fail,
-    Skip,
-}
-
-fn three() -> usize {
-    3
+    /// ImageFolder directories (paths relative to the config file) and transforms.
+    ImageClassification(ImageData),
 }
 
 fn sixteen() -> usize {
@@ -153,36 +119,7 @@ impl RunConfig {
         let file: RunFile = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
         let seed = file.train.seed;
         let task = match file.task {
-            TaskSection::ImageClassification {
-                train,
-                validation,
-                validation_fraction,
-                image_size,
-                resize,
-                channels,
-                hflip,
-                mean,
-                std,
-                bad_images,
-                label_smoothing,
-            } => {
-                let bad_images = match bad_images {
-                    BadImagesChoice::Fail => BadImages::Fail,
-                    BadImagesChoice::Skip => BadImages::Skip,
-                };
-                let data = ImageData {
-                    train: &train,
-                    validation: validation.as_deref(),
-                    validation_fraction,
-                    image_size,
-                    resize,
-                    channels,
-                    hflip,
-                    mean,
-                    std,
-                    bad_images,
-                    label_smoothing,
-                };
+            TaskSection::ImageClassification(data) => {
                 AnyTask::Image(ImageTask::load(data, file.model, file.backbone, &source, seed)?)
             }
             lm => AnyTask::Lm(lm_task(lm, file.model, file.backbone, &source, seed)?),

@@ -20,9 +20,11 @@ pub enum DataError {
 pub type Result<T> = std::result::Result<T, DataError>;
 
 /// What to do with an image that cannot be read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum BadImages {
     /// Stop with an error naming the file.
+    #[default]
     Fail,
     /// Leave it out, and report it in `ImageFolder::skipped`.
     Skip,
@@ -92,7 +94,7 @@ impl ImageFolder {
 /// shorter side is `resize`, cropped to `crop` x `crop` (centre, or random when training),
 /// flipped left-right with probability `hflip` when training, then (x / 255 - mean) / std per
 /// channel.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Transform {
     pub channels: usize,
     pub resize: u32,

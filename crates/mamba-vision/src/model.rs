@@ -3,7 +3,7 @@
 
 use crate::scan::{pattern, ClassToken, Grid};
 use crate::vim::{Vim, VimConfig};
-use crate::vmamba::{Downsample, VMamba, VMambaConfig};
+use crate::vmamba::{VMamba, VMambaConfig};
 use candle_core::{Device, Tensor};
 use candle_nn::VarBuilder;
 use mamba_nn::{dt_biases, init_tensor, BackboneConfig, Error, InitConfig, Result};
@@ -45,65 +45,15 @@ enum ModelSection {
         #[serde(default = "vim_scan")]
         scan: Vec<String>,
     },
-    Vmamba {
-        image_size: Option<usize>,
-        channels: Option<usize>,
-        num_classes: Option<usize>,
-        #[serde(default = "four")]
-        patch_size: usize,
-        dims: Vec<usize>,
-        depths: Vec<usize>,
-        #[serde(default = "one")]
-        d_state: usize,
-        #[serde(default = "one_f")]
-        ssm_ratio: f64,
-        #[serde(default)]
-        dt_rank: usize,
-        #[serde(default = "three")]
-        d_conv: usize,
-        #[serde(default)]
-        conv_bias: bool,
-        #[serde(default)]
-        gate: bool,
-        #[serde(default = "four_f")]
-        mlp_ratio: f64,
-        #[serde(default)]
-        downsample: Downsample,
-        #[serde(default)]
-        drop_path: f64,
-        #[serde(default = "cross_scan")]
-        scan: Vec<String>,
-        #[serde(default = "eps")]
-        norm_eps: f64,
-    },
+    /// Image size, channels and classes left at 0 are taken from the data.
+    Vmamba(VMambaConfig),
 }
 
 fn yes() -> bool {
     true
 }
-fn one() -> usize {
-    1
-}
-fn three() -> usize {
-    3
-}
-fn four() -> usize {
-    4
-}
-fn one_f() -> f64 {
-    1.0
-}
-fn four_f() -> f64 {
-    4.0
-}
-fn eps() -> f64 {
-    1e-5
-}
 fn vim_scan() -> Vec<String> {
     vec!["raster".into(), "reverse_raster".into()]
-}
-fn cross_scan() -> Vec<String> {
-    ["raster", "column", "reverse_raster", "reverse_column"].map(String::from).to_vec()
 }
 
 impl VisionConfig {
@@ -179,56 +129,24 @@ impl VisionConfig {
                     backbone,
                 })
             }
-            ModelSection::Vmamba {
-                image_size,
-                channels,
-                num_classes,
-                patch_size,
-                dims,
-                depths,
-                d_state,
-                ssm_ratio,
-                dt_rank,
-                d_conv,
-                conv_bias,
-                gate,
-                mlp_ratio,
-                downsample,
-                drop_path,
-                scan,
-                norm_eps,
-            } => {
+            ModelSection::Vmamba(mut c) => {
                 if backbone.is_some() {
                     return Err(err("a VMamba model takes its sizes from [model]; remove [backbone]".into()));
                 }
-                let ImageShape { image_size, channels, num_classes } = shape(image_size, channels, num_classes)?;
-                if dims.is_empty() || dims.len() != depths.len() || dims.contains(&0) {
+                let given = |v: usize| (v > 0).then_some(v);
+                let ImageShape { image_size, channels, num_classes } =
+                    shape(given(c.image_size), given(c.channels), given(c.num_classes))?;
+                (c.image_size, c.channels, c.num_classes) = (image_size, channels, num_classes);
+                if c.dims.is_empty() || c.dims.len() != c.depths.len() || c.dims.contains(&0) {
+                    let (dims, depths) = (&c.dims, &c.depths);
                     return Err(err(format!(
                         "[model] dims {dims:?} and depths {depths:?}: one positive size per stage"
                     )));
                 }
-                if d_conv % 2 == 0 || d_state == 0 || ssm_ratio <= 0.0 {
+                if c.d_conv % 2 == 0 || c.d_state == 0 || c.ssm_ratio <= 0.0 {
                     return Err(err("[model] d_conv must be odd, d_state and ssm_ratio positive".into()));
                 }
-                VisionConfig::VMamba(VMambaConfig {
-                    image_size,
-                    channels,
-                    num_classes,
-                    patch_size,
-                    dims,
-                    depths,
-                    d_state,
-                    ssm_ratio,
-                    dt_rank,
-                    d_conv,
-                    conv_bias,
-                    gate,
-                    mlp_ratio,
-                    downsample,
-                    drop_path,
-                    scan,
-                    norm_eps,
-                })
+                VisionConfig::VMamba(c)
             }
         };
         // Every pattern must be known and the first grid non-empty.

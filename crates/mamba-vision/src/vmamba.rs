@@ -30,32 +30,71 @@ pub enum Downsample {
     Merge,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// The `[model]` of `kind = "vmamba"`, with VMamba-T v2's choices as defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VMambaConfig {
+    #[serde(default)]
     pub image_size: usize,
+    #[serde(default)]
     pub channels: usize,
+    #[serde(default)]
     pub num_classes: usize,
+    #[serde(default = "four")]
     pub patch_size: usize,
     /// Channels and blocks of each stage.
     pub dims: Vec<usize>,
     pub depths: Vec<usize>,
+    #[serde(default = "one")]
     pub d_state: usize,
     /// SS2D inner channels = round(ssm_ratio x channels).
+    #[serde(default = "one_f")]
     pub ssm_ratio: f64,
     /// 0: ceil(channels / 16) per stage.
+    #[serde(default)]
     pub dt_rank: usize,
     /// The depthwise conv's kernel size (odd).
+    #[serde(default = "three")]
     pub d_conv: usize,
+    #[serde(default)]
     pub conv_bias: bool,
     /// Gate the SS2D output with SiLU(z) (VMamba v0); VMamba-T v2 has no gate.
+    #[serde(default)]
     pub gate: bool,
     /// MLP hidden = mlp_ratio x channels; 0 for no MLP.
+    #[serde(default = "four_f")]
     pub mlp_ratio: f64,
+    #[serde(default)]
     pub downsample: Downsample,
+    #[serde(default)]
     pub drop_path: f64,
     /// The cross-scan's patterns, one route each.
+    #[serde(default = "cross_scan")]
     pub scan: Vec<String>,
+    #[serde(default = "eps")]
     pub norm_eps: f64,
+}
+
+fn one() -> usize {
+    1
+}
+fn three() -> usize {
+    3
+}
+fn four() -> usize {
+    4
+}
+fn one_f() -> f64 {
+    1.0
+}
+fn four_f() -> f64 {
+    4.0
+}
+fn eps() -> f64 {
+    1e-5
+}
+fn cross_scan() -> Vec<String> {
+    ["raster", "column", "reverse_raster", "reverse_column"].map(String::from).to_vec()
 }
 
 impl VMambaConfig {

@@ -19,30 +19,7 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ImageMeta {
     pub classes: Vec<String>,
-    pub transform: TransformMeta,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TransformMeta {
-    pub channels: usize,
-    pub resize: u32,
-    pub crop: u32,
-    pub hflip: f64,
-    pub mean: Vec<f32>,
-    pub std: Vec<f32>,
-}
-
-impl TransformMeta {
-    pub fn transform(&self) -> Transform {
-        Transform {
-            channels: self.channels,
-            resize: self.resize,
-            crop: self.crop,
-            hflip: self.hflip,
-            mean: self.mean.clone(),
-            std: self.std.clone(),
-        }
-    }
+    pub transform: Transform,
 }
 
 pub struct ImageBatch {
@@ -62,18 +39,38 @@ pub struct ImageTask {
 }
 
 /// The `[task]` keys of an image classification run.
-pub struct ImageData<'a> {
-    pub train: &'a Path,
-    pub validation: Option<&'a Path>,
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageData {
+    /// ImageFolder roots.
+    pub train: PathBuf,
+    pub validation: Option<PathBuf>,
+    /// Used when there is no validation root.
+    #[serde(default = "tenth")]
     pub validation_fraction: f64,
+    /// The square crop the model sees.
     pub image_size: usize,
+    /// The shorter side before cropping (default: image_size).
     pub resize: Option<usize>,
+    #[serde(default = "three")]
     pub channels: usize,
+    #[serde(default)]
     pub hflip: f64,
+    /// Per channel; measured on the training images when left out.
     pub mean: Option<Vec<f32>>,
     pub std: Option<Vec<f32>>,
+    /// Images that cannot be read: "fail" (default) or "skip".
+    #[serde(default)]
     pub bad_images: BadImages,
+    #[serde(default)]
     pub label_smoothing: f64,
+}
+
+fn tenth() -> f64 {
+    0.1
+}
+fn three() -> usize {
+    3
 }
 
 fn data_error(e: mamba_vision::DataError) -> Error {
@@ -95,9 +92,9 @@ impl ImageTask {
         if d.channels != 1 && d.channels != 3 {
             return Err(err(format!("[task] channels = {}: 1 (grayscale) or 3 (RGB)", d.channels)));
         }
-        let train = ImageFolder::open(d.train, d.bad_images).map_err(data_error)?;
+        let train = ImageFolder::open(&d.train, d.bad_images).map_err(data_error)?;
         report_skipped(&train);
-        let (train_items, val_items) = match d.validation {
+        let (train_items, val_items) = match &d.validation {
             Some(root) => {
                 let val = ImageFolder::open(root, d.bad_images).map_err(data_error)?;
                 report_skipped(&val);
@@ -127,7 +124,7 @@ impl ImageTask {
             return Err(err("[task] both the training and the validation split need images".into()));
         }
         let resize = d.resize.unwrap_or(d.image_size) as u32;
-        let mut transform = TransformMeta {
+        let mut transform = Transform {
             channels: d.channels,
             resize,
             crop: d.image_size as u32,
@@ -137,7 +134,7 @@ impl ImageTask {
         };
         let (mean, std) = match (d.mean, d.std) {
             (Some(m), Some(s)) => (m, s),
-            (None, None) => channel_stats(&transform.transform(), &train_items, seed)?,
+            (None, None) => channel_stats(&transform, &train_items, seed)?,
             _ => return Err(err("[task] give both mean and std, or neither (then they are measured)".into())),
         };
         if mean.len() != d.channels || std.len() != d.channels || std.iter().any(|&s| s <= 0.0) {
@@ -216,7 +213,7 @@ impl Task for ImageTask {
     }
 
     fn batch(&self, split: Split, epoch: usize, indices: &[usize]) -> Result<ImageBatch> {
-        let transform = self.meta.transform.transform();
+        let transform = &self.meta.transform;
         let mut images = Vec::with_capacity(indices.len());
         let mut labels = Vec::with_capacity(indices.len());
         for &i in indices {
@@ -297,7 +294,7 @@ pub fn load_classifier(dir: &Path) -> Result<(VisionModel, ImageMeta)> {
 
 /// Class probabilities of each image at `paths`, highest first.
 pub fn classify(model: &VisionModel, meta: &ImageMeta, paths: &[PathBuf]) -> Result<Vec<Vec<(String, f32)>>> {
-    let transform = meta.transform.transform();
+    let transform = &meta.transform;
     let mut out = Vec::with_capacity(paths.len());
     for chunk in paths.chunks(32) {
         let images = chunk
