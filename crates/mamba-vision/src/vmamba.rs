@@ -280,7 +280,10 @@ impl Ss2d {
                 None => back,
             });
         }
-        Ok(merged.expect("SS2D has at least one route"))
+        merged.ok_or_else(|| mamba_nn::Error::Config {
+            path: "scan".into(),
+            message: "SS2D needs at least one route".into(),
+        })
     }
 
     /// x: (batch, rows * cols, channels) -> (batch, rows * cols, channels).
