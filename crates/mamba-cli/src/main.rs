@@ -78,13 +78,17 @@ enum Command {
         #[arg(required = true)]
         inputs: Vec<String>,
     },
-    /// Validation metrics of a checkpoint directory.
+    /// Validation metrics of a checkpoint directory; for classifiers also per-class accuracy
+    /// and the confusion matrix.
     Eval {
         #[arg(long)]
         checkpoint: PathBuf,
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
+        /// Classifiers: also draw the confusion matrix to this SVG file.
+        #[arg(long)]
+        confusion: Option<PathBuf>,
     },
 }
 
@@ -351,8 +355,14 @@ fn run_predict(dir: &Path, max_new: usize, top: usize, inputs: &[String]) -> Res
     Ok(())
 }
 
-fn run_eval(checkpoint: &Path, json: bool) -> Result<()> {
+fn run_eval(checkpoint: &Path, json: bool, confusion_svg: Option<&Path>) -> Result<()> {
     let evaluation = mamba_train::evaluate_checkpoint(checkpoint)?;
+    if let Some(svg) = confusion_svg {
+        let Some((classes, matrix)) = &evaluation.confusion else {
+            bail!("--confusion: {} is not a classifier", checkpoint.display());
+        };
+        mamba_train::plot_confusion(classes, matrix, svg)?;
+    }
     let mut metrics = evaluation.metrics.means();
     if let (Some(loss), None) = (metrics.get("loss").copied(), &evaluation.confusion) {
         metrics.insert("perplexity".into(), loss.exp());
@@ -404,7 +414,7 @@ fn main() {
         Command::Logits { model, ids, out, dtype } => run_logits(&model, &ids, &out, dtype),
         Command::Inspect { model } => run_inspect(&model),
         Command::Train { config, out, resume, sets } => run_train(&config, out, resume, &sets),
-        Command::Eval { checkpoint, json } => run_eval(&checkpoint, json),
+        Command::Eval { checkpoint, json, confusion } => run_eval(&checkpoint, json, confusion.as_deref()),
         Command::Predict { checkpoint, max_new_tokens, top, inputs } => {
             run_predict(&checkpoint, max_new_tokens, top, &inputs)
         }

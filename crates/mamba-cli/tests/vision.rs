@@ -111,8 +111,12 @@ fn any_image_folder_trains_evaluates_and_predicts() {
         let o = mamba(&["train", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()]);
         assert!(o.status.success(), "{name}: {}", text(&o));
 
-        let o = mamba(&["eval", "--checkpoint", out.join("best").to_str().unwrap()]);
+        let svg = dir.join(format!("confusion-{name}.svg"));
+        let o =
+            mamba(&["eval", "--checkpoint", out.join("best").to_str().unwrap(), "--confusion", svg.to_str().unwrap()]);
         let report = text(&o);
+        let drawn = std::fs::read_to_string(&svg).unwrap();
+        assert!(drawn.contains("<svg") && drawn.contains("colour5") && drawn.contains("predicted"));
         assert!(o.status.success(), "{report}");
         let accuracy: f64 = report
             .lines()

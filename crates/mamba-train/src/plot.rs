@@ -3,6 +3,7 @@
 
 use crate::{Error, Result};
 use plotters::prelude::*;
+use plotters::style::text_anchor;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -81,4 +82,48 @@ pub fn plot_metrics(metrics: &Path, out: &Path) -> Result<()> {
     }
     root.present().map_err(|e| fail(e.to_string()))?;
     Ok(())
+}
+
+/// Writes a confusion matrix (`matrix[true][predicted]` counts) to `out` (SVG): each cell shaded
+/// by its share of the true class's images, with its count; rows true classes, columns
+/// predictions. Written beside `out` and renamed, so a failure leaves no half file.
+pub fn plot_confusion(classes: &[String], matrix: &[Vec<usize>], out: &Path) -> Result<()> {
+    let fail = |e: String| Error::Io { path: out.display().to_string(), source: std::io::Error::other(e) };
+    let k = classes.len().max(1) as i32;
+    let (cell, margin) = (36i32, 110i32);
+    let side = (margin + k * cell + 20) as u32;
+    let tmp = out.with_extension("svg.tmp");
+    {
+        let root = SVGBackend::new(&tmp, (side, side)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
+        let text = |s: &str, x: i32, y: i32, size: i32, colour: &RGBColor| {
+            let style = ("sans-serif", size)
+                .into_font()
+                .color(colour)
+                .pos(text_anchor::Pos::new(text_anchor::HPos::Center, text_anchor::VPos::Center));
+            root.draw(&Text::new(s.to_string(), (x, y), style)).map_err(|e| fail(e.to_string()))
+        };
+        text("predicted", margin + k * cell / 2, 14, 14, &BLACK)?;
+        for (i, (name, row)) in classes.iter().zip(matrix).enumerate() {
+            let total = row.iter().sum::<usize>().max(1) as f64;
+            let y = margin + i as i32 * cell;
+            text(name, margin / 2, y + cell / 2, 12, &BLACK)?;
+            text(name, margin + i as i32 * cell + cell / 2, margin - 12, 12, &BLACK)?;
+            for (j, &count) in row.iter().enumerate() {
+                let share = count as f64 / total;
+                // White to dark blue by share.
+                let shade = |full: u8| (255.0 - share * (255.0 - full as f64)) as u8;
+                let fill = RGBColor(shade(8), shade(48), shade(107));
+                let x = margin + j as i32 * cell;
+                root.draw(&Rectangle::new([(x, y), (x + cell, y + cell)], fill.filled()))
+                    .map_err(|e| fail(e.to_string()))?;
+                root.draw(&Rectangle::new([(x, y), (x + cell, y + cell)], RGBColor(200, 200, 200)))
+                    .map_err(|e| fail(e.to_string()))?;
+                let ink = if share > 0.5 { WHITE } else { BLACK };
+                text(&count.to_string(), x + cell / 2, y + cell / 2, 11, &ink)?;
+            }
+        }
+        root.present().map_err(|e| fail(e.to_string()))?;
+    }
+    std::fs::rename(&tmp, out).map_err(|source| Error::Io { path: out.display().to_string(), source })
 }
