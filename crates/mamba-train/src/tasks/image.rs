@@ -2,7 +2,7 @@
 //! crops and flips for training, centre crops for validation, cross-entropy with optional label
 //! smoothing, accuracy and top-5; a confusion matrix for `mamba eval`.
 
-use super::example_seed;
+use super::{example_seed, smoothed};
 use crate::task::{Metrics, Split, Task};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, D};
@@ -235,13 +235,7 @@ impl Task for ImageTask {
         let logits = model.forward(&batch.images, train.then_some(&mut rng))?;
         let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let nll = logp.gather(&batch.labels.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
-        let per_example = if self.label_smoothing > 0.0 {
-            let uniform = logp.mean(D::Minus1)?.neg()?;
-            ((&nll * (1.0 - self.label_smoothing))? + (uniform * self.label_smoothing)?)?
-        } else {
-            nll
-        };
-        let loss = per_example.mean_all()?;
+        let loss = smoothed(&nll, &logp, self.label_smoothing)?.mean_all()?;
         let n = batch.labels.dim(0)? as f64;
         let mut m = Metrics::default();
         m.add("loss", loss.to_scalar::<f32>()? as f64 * n, n);

@@ -78,6 +78,15 @@ pub struct LmTask {
     pub seed: u64,
 }
 
+/// Cross-entropy with label smoothing `eps` from the negative log-likelihood of the targets and
+/// the log-probabilities (last dimension: classes): (1 - eps) nll + eps mean(-log p).
+pub(crate) fn smoothed(nll: &Tensor, logp: &Tensor, eps: f64) -> Result<Tensor> {
+    if eps == 0.0 {
+        return Ok(nll.clone());
+    }
+    Ok(((nll * (1.0 - eps))? + (logp.mean(D::Minus1)?.neg()? * eps)?)?)
+}
+
 /// A seed for example `index` of `split` in `epoch` (validation examples do not change).
 pub(crate) fn example_seed(seed: u64, split: Split, epoch: usize, index: usize) -> u64 {
     let epoch = if split == Split::Validation { u64::MAX } else { epoch as u64 };
@@ -171,12 +180,7 @@ impl Task for LmTask {
         let (logits, _) = model.forward(&batch.inputs)?;
         let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let nll = logp.gather(&batch.targets.unsqueeze(2)?, 2)?.squeeze(2)?.neg()?;
-        let per_token = if self.label_smoothing > 0.0 {
-            let uniform = logp.mean(D::Minus1)?.neg()?;
-            ((&nll * (1.0 - self.label_smoothing))? + (uniform * self.label_smoothing)?)?
-        } else {
-            nll.clone()
-        };
+        let per_token = smoothed(&nll, &logp, self.label_smoothing)?;
         let count = batch.mask.sum_all()?.to_scalar::<f32>()? as f64;
         let loss = ((per_token * &batch.mask)?.sum_all()? / count.max(1.0))?;
         let mut m = Metrics::default();
