@@ -166,6 +166,8 @@ fn bad_vision_configs_name_the_key() {
         (VIM.replace("patch_size = 4", "patch_size = 40"), "patch_size"),
         (VIM.replace("[model]", "[model]\nnum_classes = 10"), "num_classes"),
         (VMAMBA.replace("depths = [1, 1]", "depths = [1]"), "depths"),
+        (VIM.replace("patch_size = 4", "patch_size = 4\npatch_szie = 4"), "patch_szie"),
+        (VMAMBA.replace("d_state = 2", "d_state = 2\nmlp = 2"), "mlp"),
         (VIM.replace("d_state = 8", "d_state = 8\nroutes = [\"forward\"]"), "routes"),
     ] {
         let cfg = dir.join("bad.toml");

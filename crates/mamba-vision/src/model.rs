@@ -29,24 +29,29 @@ pub enum VisionConfig {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+#[serde(tag = "kind", rename_all = "lowercase")]
 enum ModelSection {
-    Vim {
-        image_size: Option<usize>,
-        channels: Option<usize>,
-        num_classes: Option<usize>,
-        patch_size: usize,
-        #[serde(default)]
-        class_token: ClassToken,
-        #[serde(default = "yes")]
-        pos_embed: bool,
-        #[serde(default)]
-        drop_path: f64,
-        #[serde(default = "vim_scan")]
-        scan: Vec<String>,
-    },
+    Vim(VimSection),
     /// Image size, channels and classes left at 0 are taken from the data.
     Vmamba(VMambaConfig),
+}
+
+/// The `[model]` of `kind = "vim"`; the blocks are in `[backbone]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VimSection {
+    image_size: Option<usize>,
+    channels: Option<usize>,
+    num_classes: Option<usize>,
+    patch_size: usize,
+    #[serde(default)]
+    class_token: ClassToken,
+    #[serde(default = "yes")]
+    pos_embed: bool,
+    #[serde(default)]
+    drop_path: f64,
+    #[serde(default = "vim_scan")]
+    scan: Vec<String>,
 }
 
 fn yes() -> bool {
@@ -98,22 +103,13 @@ impl VisionConfig {
             })
         };
         let config = match section {
-            ModelSection::Vim {
-                image_size,
-                channels,
-                num_classes,
-                patch_size,
-                class_token,
-                pos_embed,
-                drop_path,
-                scan,
-            } => {
-                let ImageShape { image_size, channels, num_classes } = shape(image_size, channels, num_classes)?;
+            ModelSection::Vim(v) => {
+                let ImageShape { image_size, channels, num_classes } = shape(v.image_size, v.channels, v.num_classes)?;
                 let mut b = backbone.ok_or_else(|| err("a Vim model needs a [backbone] section".into()))?;
                 if b.contains_key("routes") {
                     return Err(err("[backbone] routes: a vision model's routes are its [model] scan patterns".into()));
                 }
-                b.insert("routes".into(), toml::Value::Array(scan.iter().cloned().map(toml::Value::String).collect()));
+                b.insert("routes".into(), toml::Value::Array(v.scan.into_iter().map(toml::Value::String).collect()));
                 // Vim's bidirectional blocks: each route its own SSM, the outputs averaged.
                 b.entry("route_params").or_insert_with(|| "per_route".into());
                 b.entry("merge").or_insert_with(|| "mean".into());
@@ -122,10 +118,10 @@ impl VisionConfig {
                     image_size,
                     channels,
                     num_classes,
-                    patch_size,
-                    class_token,
-                    pos_embed,
-                    drop_path,
+                    patch_size: v.patch_size,
+                    class_token: v.class_token,
+                    pos_embed: v.pos_embed,
+                    drop_path: v.drop_path,
                     backbone,
                 })
             }
