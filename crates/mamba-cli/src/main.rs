@@ -75,6 +75,10 @@ enum Command {
         /// Classes shown per image.
         #[arg(long, default_value_t = 3)]
         top: usize,
+        /// Image classifiers: run at this image size instead of the training size (Vim's
+        /// position embedding is interpolated to the new patch grid).
+        #[arg(long)]
+        image_size: Option<usize>,
         #[arg(required = true)]
         inputs: Vec<String>,
     },
@@ -316,9 +320,9 @@ fn run_train(config: &Path, out: Option<PathBuf>, resume: bool, sets: &[String])
     Ok(())
 }
 
-fn run_predict(dir: &Path, max_new: usize, top: usize, inputs: &[String]) -> Result<()> {
+fn run_predict(dir: &Path, max_new: usize, top: usize, image_size: Option<usize>, inputs: &[String]) -> Result<()> {
     if dir.join("image.json").exists() {
-        let (model, meta) = load_classifier(dir)?;
+        let (model, meta) = load_classifier(dir, image_size)?;
         let paths: Vec<PathBuf> = inputs.iter().map(PathBuf::from).collect();
         let mut out = std::io::stdout().lock();
         for (path, ranked) in paths.iter().zip(classify(&model, &meta, &paths)?) {
@@ -415,8 +419,8 @@ fn main() {
         Command::Inspect { model } => run_inspect(&model),
         Command::Train { config, out, resume, sets } => run_train(&config, out, resume, &sets),
         Command::Eval { checkpoint, json, confusion } => run_eval(&checkpoint, json, confusion.as_deref()),
-        Command::Predict { checkpoint, max_new_tokens, top, inputs } => {
-            run_predict(&checkpoint, max_new_tokens, top, &inputs)
+        Command::Predict { checkpoint, max_new_tokens, top, image_size, inputs } => {
+            run_predict(&checkpoint, max_new_tokens, top, image_size, &inputs)
         }
         Command::Scan { command: ScanCommand::Show { pattern, grid, out, cell } } => {
             run_scan_show(&pattern, &grid, &out, cell)

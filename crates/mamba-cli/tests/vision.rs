@@ -132,6 +132,13 @@ fn any_image_folder_trains_evaluates_and_predicts() {
         let o = mamba(&["predict", "--checkpoint", out.join("best").to_str().unwrap(), img.to_str().unwrap()]);
         let line = text(&o);
         assert!(o.status.success() && line.contains(": colour2 "), "{name}: {line}");
+        // At another image size (16 instead of 12: a 4 x 4 patch grid instead of 3 x 3, Vim's
+        // position embedding interpolated), the colour is still told.
+        let best = out.join("best");
+        let o =
+            mamba(&["predict", "--checkpoint", best.to_str().unwrap(), "--image-size", "16", img.to_str().unwrap()]);
+        let line = text(&o);
+        assert!(o.status.success() && line.contains(": colour2 "), "{name} at 16 x 16: {line}");
     }
 }
 

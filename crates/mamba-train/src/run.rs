@@ -206,8 +206,12 @@ pub fn evaluate_checkpoint(dir: &Path) -> Result<Evaluation> {
 
 /// A checkpoint's model.safetensors as a VarBuilder (f32, CPU).
 pub fn checkpoint_weights(dir: &Path) -> Result<candle_nn::VarBuilder<'static>> {
+    Ok(candle_nn::VarBuilder::from_tensors(checkpoint_tensors(dir)?, candle_core::DType::F32, &Device::Cpu))
+}
+
+/// A checkpoint's model.safetensors by name (CPU).
+pub fn checkpoint_tensors(dir: &Path) -> Result<std::collections::HashMap<String, candle_core::Tensor>> {
     let weights = dir.join("model.safetensors");
-    let tensors = candle_core::safetensors::load(&weights, &Device::Cpu)
-        .map_err(|e| Error::Checkpoint { path: weights.display().to_string(), message: e.to_string() })?;
-    Ok(candle_nn::VarBuilder::from_tensors(tensors, candle_core::DType::F32, &Device::Cpu))
+    candle_core::safetensors::load(&weights, &Device::Cpu)
+        .map_err(|e| Error::Checkpoint { path: weights.display().to_string(), message: e.to_string() })
 }

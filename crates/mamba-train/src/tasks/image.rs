@@ -7,7 +7,7 @@ use crate::task::{Metrics, Split, Task};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
-use mamba_vision::{BadImages, ImageFolder, ImageShape, Transform, VisionConfig, VisionModel};
+use mamba_vision::{resize_pos_embed, BadImages, ImageFolder, ImageShape, Transform, VisionConfig, VisionModel};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -261,10 +261,12 @@ impl Task for ImageTask {
 }
 
 /// A trained classifier from a checkpoint directory: its train.toml's `[model]` (and
-/// `[backbone]`), image.json and weights. The training data is not read.
-pub fn load_classifier(dir: &Path) -> Result<(VisionModel, ImageMeta)> {
+/// `[backbone]`), image.json and weights. The training data is not read. With `image_size`, the
+/// model runs at another size than it was trained at: Vim's position embedding is resized over
+/// the new patch grid (VMamba has none), and the transform's crop and resize scale with it.
+pub fn load_classifier(dir: &Path, image_size: Option<usize>) -> Result<(VisionModel, ImageMeta)> {
     let meta_path = dir.join("image.json");
-    let meta: ImageMeta =
+    let mut meta: ImageMeta =
         serde_json::from_slice(&std::fs::read(&meta_path).map_err(crate::trainer::io(&meta_path))?)
             .map_err(|e| Error::Checkpoint { path: meta_path.display().to_string(), message: e.to_string() })?;
     let config_path = dir.join("train.toml");
@@ -280,10 +282,29 @@ pub fn load_classifier(dir: &Path) -> Result<(VisionModel, ImageMeta)> {
         .ok_or_else(|| Error::Config { path: source.clone(), message: "missing [model] section".into() })?;
     let backbone = section(&mut table, "backbone");
     let t = &meta.transform;
-    let shape = ImageShape { image_size: t.crop as usize, channels: t.channels, num_classes: meta.classes.len() };
-    let config = VisionConfig::from_tables(model, backbone, &source, Some(shape))?;
-    let model = VisionModel::load(crate::run::checkpoint_weights(dir)?, &config)?;
-    Ok((model, meta))
+    let trained_shape =
+        ImageShape { image_size: t.crop as usize, channels: t.channels, num_classes: meta.classes.len() };
+    let trained = VisionConfig::from_tables(model.clone(), backbone.clone(), &source, Some(trained_shape))?;
+    let mut tensors = crate::run::checkpoint_tensors(dir)?;
+    let config = match image_size {
+        Some(size) if size != trained_shape.image_size => {
+            let shape = ImageShape { image_size: size, ..trained_shape };
+            let config = VisionConfig::from_tables(model, backbone, &source, Some(shape))?;
+            if let (VisionConfig::Vim(from), VisionConfig::Vim(to), Some(pos)) =
+                (&trained, &config, tensors.get("pos_embed"))
+            {
+                let resized = resize_pos_embed(pos, from, to)?;
+                tensors.insert("pos_embed".into(), resized);
+            }
+            let t = &mut meta.transform;
+            t.resize = (t.resize as f64 * size as f64 / t.crop as f64).round() as u32;
+            t.crop = size as u32;
+            config
+        }
+        _ => trained,
+    };
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+    Ok((VisionModel::load(vb, &config)?, meta))
 }
 
 /// Class probabilities of each image at `paths`, highest first.
