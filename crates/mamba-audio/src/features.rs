@@ -43,27 +43,6 @@ pub struct MelConfig {
     pub top_db: Option<f64>,
 }
 
-impl MelConfig {
-    /// Speech models' usual front end at `sample_rate`: 25 ms windows, 10 ms hop, 512-point FFT
-    /// at 16 kHz, 64 mel bands, librosa's defaults otherwise.
-    pub fn speech(sample_rate: u32, n_mels: usize) -> Self {
-        let ms = |t: f64| (sample_rate as f64 * t).round() as usize;
-        Self {
-            sample_rate,
-            n_fft: ms(0.025).next_power_of_two(),
-            win_length: ms(0.025),
-            hop_length: ms(0.010),
-            n_mels,
-            f_min: 0.0,
-            f_max: None,
-            scale: MelScale::Slaney,
-            slaney_norm: true,
-            center: Some(Padding::Zeros),
-            top_db: Some(80.0),
-        }
-    }
-}
-
 fn hz_to_mel(f: f64, scale: MelScale) -> f64 {
     match scale {
         MelScale::Htk => 2595.0 * (1.0 + f / 700.0).log10(),

@@ -230,9 +230,7 @@ impl LmConfig {
         let err = |message: String| Error::Config { path: source.to_string(), message };
         let file: ModelFile = toml::from_str(text).map_err(|e| err(e.to_string()))?;
         let backbone = BackboneConfig::from_section(file.backbone, source)?;
-        for r in &backbone.routes {
-            Route::by_name(r).map_err(|e| err(format!("`routes`: {e}")))?;
-        }
+        Route::by_names(&backbone.routes).map_err(|e| err(format!("`routes`: {e}")))?;
         Ok(Self { backbone, vocab_size: file.model.vocab_size, tie_embeddings: file.model.tie_embeddings })
     }
 

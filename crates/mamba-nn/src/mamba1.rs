@@ -126,8 +126,7 @@ pub struct Mamba1Mixer {
 
 impl Mamba1Mixer {
     pub fn load(vb: VarBuilder, cfg: &BackboneConfig) -> Result<Self> {
-        let routes = cfg.routes.iter().map(|r| Route::by_name(r)).collect::<Result<Vec<_>>>()?;
-        Self::load_routed(vb, cfg, routes)
+        Self::load_routed(vb, cfg, Route::by_names(&cfg.routes)?)
     }
 
     /// With routes made elsewhere (e.g. 2-d scan patterns over a patch grid), one per name in

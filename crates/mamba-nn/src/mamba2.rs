@@ -59,8 +59,7 @@ pub struct Mamba2Mixer {
 
 impl Mamba2Mixer {
     pub fn load(vb: VarBuilder, cfg: &BackboneConfig) -> Result<Self> {
-        let routes = cfg.routes.iter().map(|r| Route::by_name(r)).collect::<Result<Vec<_>>>()?;
-        Self::load_routed(vb, cfg, routes)
+        Self::load_routed(vb, cfg, Route::by_names(&cfg.routes)?)
     }
 
     /// With routes made elsewhere (e.g. 2-d scan patterns over a patch grid), one per name in

@@ -66,8 +66,7 @@ pub struct Block {
 
 impl Block {
     pub fn load(vb: VarBuilder, cfg: &BackboneConfig) -> Result<Self> {
-        let routes = cfg.routes.iter().map(|r| Route::by_name(r)).collect::<Result<Vec<_>>>()?;
-        Self::load_routed(vb, cfg, routes)
+        Self::load_routed(vb, cfg, Route::by_names(&cfg.routes)?)
     }
 
     /// With routes made elsewhere (e.g. 2-d scan patterns over a patch grid).

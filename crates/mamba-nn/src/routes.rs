@@ -50,6 +50,11 @@ impl Route {
         }
     }
 
+    /// The routes of config names, in order.
+    pub fn by_names(names: &[String]) -> Result<Vec<Self>> {
+        names.iter().map(|n| Self::by_name(n)).collect()
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

@@ -197,9 +197,8 @@ pub fn evaluate_checkpoint(dir: &Path) -> Result<Evaluation> {
     Ok(match &run.task {
         AnyTask::Lm(t) => Evaluation { metrics: evaluate(t, &t.build_model(vb)?)?, confusion: None },
         AnyTask::Image(t) => {
-            let model = t.build_model(vb)?;
-            let confusion = Some((t.meta.classes.clone(), t.confusion(&model)?));
-            Evaluation { metrics: evaluate(t, &model)?, confusion }
+            let (metrics, matrix) = t.evaluate_with_confusion(&t.build_model(vb)?)?;
+            Evaluation { metrics, confusion: Some((t.meta.classes.clone(), matrix)) }
         }
     })
 }

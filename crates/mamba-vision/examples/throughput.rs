@@ -9,7 +9,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
-use mamba_vision::{VisionConfig, VisionModel};
+use mamba_vision::{ImageShape, VisionConfig, VisionModel};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -64,14 +64,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// A model file, or a training config whose data would fix the image shape (MNIST: 28 x 28, one
 /// channel, ten classes).
 fn load(path: &Path) -> Result<VisionConfig, Box<dyn std::error::Error>> {
-    let mut table: toml::Table = std::fs::read_to_string(path)?.parse()?;
-    let section = |t: &mut toml::Table, name: &str| match t.remove(name) {
-        Some(toml::Value::Table(s)) => Some(s),
-        _ => None,
-    };
-    let model = section(&mut table, "model").ok_or("no [model]")?;
-    let backbone = section(&mut table, "backbone");
-    let data =
-        table.contains_key("task").then_some(mamba_vision::ImageShape { image_size: 28, channels: 1, num_classes: 10 });
-    Ok(VisionConfig::from_tables(model, backbone, &path.display().to_string(), data)?)
+    let table: toml::Table = std::fs::read_to_string(path)?.parse()?;
+    let data = table.contains_key("task").then_some(ImageShape { image_size: 28, channels: 1, num_classes: 10 });
+    Ok(VisionConfig::from_file_table(table, &path.display().to_string(), data)?)
 }

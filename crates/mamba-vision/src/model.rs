@@ -66,18 +66,22 @@ impl VisionConfig {
     pub fn from_toml_file(path: &Path) -> Result<Self> {
         let source = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: source.clone(), source: e })?;
-        let mut table: toml::Table = text
+        let table: toml::Table = text
             .parse()
             .map_err(|e: toml::de::Error| Error::Config { path: source.clone(), message: e.to_string() })?;
-        let model = match table.remove("model") {
-            Some(toml::Value::Table(t)) => t,
-            _ => return Err(Error::Config { path: source, message: "missing [model] section".into() }),
-        };
-        let backbone = match table.remove("backbone") {
+        Self::from_file_table(table, &source, None)
+    }
+
+    /// A whole config file's table (a model file, or a training config whose other sections
+    /// are ignored): its `[model]` and `[backbone]` through `from_tables`.
+    pub fn from_file_table(mut table: toml::Table, source: &str, data: Option<ImageShape>) -> Result<Self> {
+        let mut section = |name: &str| match table.remove(name) {
             Some(toml::Value::Table(t)) => Some(t),
             _ => None,
         };
-        Self::from_tables(model, backbone, &source, None)
+        let model = section("model")
+            .ok_or_else(|| Error::Config { path: source.to_string(), message: "missing [model] section".into() })?;
+        Self::from_tables(model, section("backbone"), source, data)
     }
 
     /// `[model]` and `[backbone]` tables; `data`, when training, fills in (and must agree with)
@@ -195,10 +199,13 @@ impl VisionConfig {
     pub fn init_params(&self, seed: u64) -> Result<HashMap<String, Tensor>> {
         let mut rng = StdRng::seed_from_u64(seed);
         let init = InitConfig::default();
+        let shapes = self.tensor_shapes();
+        // A conv bias's fan-in is its weight's.
+        let fan_ins: HashMap<&str, f64> =
+            shapes.iter().map(|(n, s)| (n.as_str(), s[1..].iter().product::<usize>().max(1) as f64)).collect();
         let mut out = HashMap::new();
-        for (name, shape) in self.tensor_shapes() {
+        for (name, shape) in shapes.iter().cloned() {
             let numel: usize = shape.iter().product();
-            let fan_in = shape[1..].iter().product::<usize>().max(1) as f64;
             let uniform = |rng: &mut StdRng, bound: f64| -> Vec<f32> {
                 (0..numel).map(|_| rng.random_range(-bound..=bound) as f32).collect()
             };
@@ -211,15 +218,12 @@ impl VisionConfig {
                     out.insert(name.clone(), init_tensor(&name, &shape, &c.backbone, &init, &mut rng)?);
                     continue;
                 }
-                _ if name == "norm_f.weight" || (name.contains("norm") && name.ends_with(".weight")) => {
-                    vec![1.0; numel]
-                }
+                _ if name.contains("norm") && name.ends_with(".weight") => vec![1.0; numel],
                 _ if name.contains("norm") && name.ends_with(".bias") => vec![0.0; numel],
                 _ if name == "cls_token" || name == "pos_embed" => normal(&mut rng),
                 _ if name.starts_with("patch_embed.proj") || name.contains("conv") => {
-                    // A conv bias's fan-in is its weight's.
-                    let fan_in = if name.ends_with(".bias") { conv_fan_in(self, &name) } else { fan_in };
-                    uniform(&mut rng, 1.0 / fan_in.sqrt())
+                    let weight = name.replace(".bias", ".weight");
+                    uniform(&mut rng, 1.0 / fan_ins.get(weight.as_str()).copied().unwrap_or(1.0).sqrt())
                 }
                 _ if name.ends_with("x_proj_weight") => uniform(&mut rng, 1.0 / (shape[2] as f64).sqrt()),
                 _ if name.ends_with("dt_projs_weight") => uniform(&mut rng, 1.0 / (shape[2] as f64).sqrt()),
@@ -234,17 +238,6 @@ impl VisionConfig {
         }
         Ok(out)
     }
-}
-
-/// The fan-in of the conv whose bias is `bias_name`.
-fn conv_fan_in(config: &VisionConfig, bias_name: &str) -> f64 {
-    let weight = bias_name.replace(".bias", ".weight");
-    config
-        .tensor_shapes()
-        .into_iter()
-        .find(|(n, _)| *n == weight)
-        .map(|(_, s)| s[1..].iter().product::<usize>() as f64)
-        .unwrap_or(1.0)
 }
 
 /// A Vim or VMamba classifier.

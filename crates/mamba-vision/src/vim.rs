@@ -75,17 +75,15 @@ pub struct Vim {
 impl Vim {
     pub fn load(vb: VarBuilder, cfg: &VimConfig) -> Result<Self> {
         let (d, p, c) = (cfg.backbone.d_model, cfg.patch_size, cfg.channels);
-        let grid = cfg.grid();
+        // One set of routes over the grid, shared by every layer.
+        let routes = cfg
+            .backbone
+            .routes
+            .iter()
+            .map(|name| route(name, cfg.grid(), cfg.class_token))
+            .collect::<Result<Vec<_>>>()?;
         let layers = (0..cfg.backbone.n_layer)
-            .map(|i| {
-                let routes = cfg
-                    .backbone
-                    .routes
-                    .iter()
-                    .map(|name| route(name, grid, cfg.class_token))
-                    .collect::<Result<Vec<_>>>()?;
-                Block::load_routed(vb.pp(format!("layers.{i}")), &cfg.backbone, routes)
-            })
+            .map(|i| Block::load_routed(vb.pp(format!("layers.{i}")), &cfg.backbone, routes.clone()))
             .collect::<Result<_>>()?;
         Ok(Self {
             patch_embed: PatchEmbed::new(

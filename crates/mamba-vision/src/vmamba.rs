@@ -204,8 +204,8 @@ pub struct Ss2d {
     out_proj: Linear,
     gate: bool,
     grid: Grid,
-    /// Each route's order over the grid.
-    orders: Vec<Vec<u32>>,
+    /// Each route's order over the grid and its inverse, as index tensors (made once, at load).
+    orders: Vec<(Tensor, Tensor)>,
 }
 
 impl Ss2d {
@@ -226,7 +226,15 @@ impl Ss2d {
             out_proj: Linear::load(&vb, "out_proj", (dim, di), false)?,
             gate: cfg.gate,
             grid,
-            orders: cfg.scan.iter().map(|name| pattern(name, grid)).collect::<Result<_>>()?,
+            orders: cfg
+                .scan
+                .iter()
+                .map(|name| {
+                    let order = pattern(name, grid)?;
+                    let index = |o: &[u32]| Tensor::new(o, &Device::Cpu)?.to_device(vb.device());
+                    Ok((index(&order)?, index(&inverse(&order))?))
+                })
+                .collect::<Result<_>>()?,
         })
     }
 
@@ -252,8 +260,7 @@ impl Ss2d {
         let (k, r) = (self.orders.len(), self.dt_proj.dim(2)?);
         let n = self.a_log.dim(1)?;
         let u = u.contiguous()?;
-        let index = |o: &[u32]| Tensor::new(o, &Device::Cpu)?.to_device(u.device());
-        let xs = self.orders.iter().map(|o| u.index_select(&index(o)?, 2)).collect::<candle_core::Result<Vec<_>>>()?;
+        let xs = self.orders.iter().map(|(o, _)| u.index_select(o, 2)).collect::<candle_core::Result<Vec<_>>>()?;
         let xs = Tensor::stack(&xs, 1)?; // (batch, k, d_inner, len)
         let x_dbl = self.x_proj.unsqueeze(0)?.broadcast_matmul(&xs)?; // (batch, k, r + 2n, len)
         let dt = self.dt_proj.unsqueeze(0)?.broadcast_matmul(&x_dbl.narrow(2, 0, r)?)?;
@@ -273,8 +280,8 @@ impl Ss2d {
         .y
         .reshape((batch, k, di, len))?;
         let mut merged: Option<Tensor> = None;
-        for (i, o) in self.orders.iter().enumerate() {
-            let back = y.narrow(1, i, 1)?.squeeze(1)?.contiguous()?.index_select(&index(&inverse(o))?, 2)?;
+        for (i, (_, back_order)) in self.orders.iter().enumerate() {
+            let back = y.narrow(1, i, 1)?.squeeze(1)?.contiguous()?.index_select(back_order, 2)?;
             merged = Some(match merged {
                 Some(m) => (m + back)?,
                 None => back,

@@ -152,19 +152,41 @@ impl ImageTask {
         })
     }
 
-    /// The validation split's confusion matrix: `[true class][predicted class]` counts.
-    pub fn confusion(&self, model: &VisionModel) -> Result<Vec<Vec<usize>>> {
+    /// A batch's logits, mean loss and metrics (loss, accuracy, top-5 past five classes).
+    fn scored(&self, model: &VisionModel, batch: &ImageBatch, train: bool) -> Result<(Tensor, Tensor, Metrics)> {
+        let mut rng = StdRng::seed_from_u64(batch.seed);
+        let logits = model.forward(&batch.images, train.then_some(&mut rng))?;
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let nll = logp.gather(&batch.labels.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
+        let loss = smoothed(&nll, &logp, self.label_smoothing)?.mean_all()?;
+        let n = batch.labels.dim(0)? as f64;
+        let mut m = Metrics::default();
+        m.add("loss", loss.to_scalar::<f32>()? as f64 * n, n);
+        // Rank of the true class: how many classes score higher.
+        let true_logit = logits.gather(&batch.labels.unsqueeze(1)?, 1)?;
+        let rank = logits.broadcast_gt(&true_logit)?.to_dtype(DType::F32)?.sum(D::Minus1)?.to_vec1::<f32>()?;
+        m.add("accuracy", rank.iter().filter(|&&r| r < 1.0).count() as f64, n);
+        if self.meta.classes.len() > 5 {
+            m.add("top5", rank.iter().filter(|&&r| r < 5.0).count() as f64, n);
+        }
+        Ok((logits, loss, m))
+    }
+
+    /// The validation split's metrics (as `trainer::evaluate` gives them) and its confusion
+    /// matrix, `[true class][predicted class]` counts, in one pass over the images.
+    pub fn evaluate_with_confusion(&self, model: &VisionModel) -> Result<(Metrics, Vec<Vec<usize>>)> {
         let k = self.meta.classes.len();
-        let mut m = vec![vec![0; k]; k];
+        let (mut total, mut confusion) = (Metrics::default(), vec![vec![0; k]; k]);
         let indices: Vec<usize> = (0..self.len(Split::Validation)).collect();
         for chunk in indices.chunks(64) {
             let batch = self.batch(Split::Validation, 0, chunk)?;
-            let pred = model.forward(&batch.images, None)?.argmax(D::Minus1)?.to_vec1::<u32>()?;
-            for (&i, p) in chunk.iter().zip(pred) {
-                m[self.items[1][i].1][p as usize] += 1;
+            let (logits, _, m) = self.scored(model, &batch, false)?;
+            total.merge(&m);
+            for (&i, p) in chunk.iter().zip(logits.argmax(D::Minus1)?.to_vec1::<u32>()?) {
+                confusion[self.items[1][i].1][p as usize] += 1;
             }
         }
-        Ok(m)
+        Ok((total, confusion))
     }
 }
 
@@ -231,21 +253,7 @@ impl Task for ImageTask {
     }
 
     fn forward(&self, model: &VisionModel, batch: &ImageBatch, train: bool) -> Result<(Tensor, Metrics)> {
-        let mut rng = StdRng::seed_from_u64(batch.seed);
-        let logits = model.forward(&batch.images, train.then_some(&mut rng))?;
-        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let nll = logp.gather(&batch.labels.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
-        let loss = smoothed(&nll, &logp, self.label_smoothing)?.mean_all()?;
-        let n = batch.labels.dim(0)? as f64;
-        let mut m = Metrics::default();
-        m.add("loss", loss.to_scalar::<f32>()? as f64 * n, n);
-        // Rank of the true class: how many classes score higher.
-        let true_logit = logits.gather(&batch.labels.unsqueeze(1)?, 1)?;
-        let rank = logits.broadcast_gt(&true_logit)?.to_dtype(DType::F32)?.sum(D::Minus1)?.to_vec1::<f32>()?;
-        m.add("accuracy", rank.iter().filter(|&&r| r < 1.0).count() as f64, n);
-        if self.meta.classes.len() > 5 {
-            m.add("top5", rank.iter().filter(|&&r| r < 5.0).count() as f64, n);
-        }
+        let (_, loss, m) = self.scored(model, batch, train)?;
         Ok((loss, m))
     }
 
@@ -272,24 +280,17 @@ pub fn load_classifier(dir: &Path, image_size: Option<usize>) -> Result<(VisionM
     let config_path = dir.join("train.toml");
     let source = config_path.display().to_string();
     let text = std::fs::read_to_string(&config_path).map_err(crate::trainer::io(&config_path))?;
-    let mut table: toml::Table =
+    let table: toml::Table =
         text.parse().map_err(|e: toml::de::Error| Error::Config { path: source.clone(), message: e.to_string() })?;
-    let section = |table: &mut toml::Table, name: &str| match table.remove(name) {
-        Some(toml::Value::Table(t)) => Some(t),
-        _ => None,
-    };
-    let model = section(&mut table, "model")
-        .ok_or_else(|| Error::Config { path: source.clone(), message: "missing [model] section".into() })?;
-    let backbone = section(&mut table, "backbone");
     let t = &meta.transform;
     let trained_shape =
         ImageShape { image_size: t.crop as usize, channels: t.channels, num_classes: meta.classes.len() };
-    let trained = VisionConfig::from_tables(model.clone(), backbone.clone(), &source, Some(trained_shape))?;
+    let trained = VisionConfig::from_file_table(table.clone(), &source, Some(trained_shape))?;
     let mut tensors = crate::run::checkpoint_tensors(dir)?;
     let config = match image_size {
         Some(size) if size != trained_shape.image_size => {
             let shape = ImageShape { image_size: size, ..trained_shape };
-            let config = VisionConfig::from_tables(model, backbone, &source, Some(shape))?;
+            let config = VisionConfig::from_file_table(table, &source, Some(shape))?;
             if let (VisionConfig::Vim(from), VisionConfig::Vim(to), Some(pos)) =
                 (&trained, &config, tensors.get("pos_embed"))
             {
