@@ -9,7 +9,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
-use mamba_vision::{ImageShape, VisionConfig, VisionModel};
+use mamba_vision::{ImageShape, Size2d, VisionConfig, VisionModel};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -33,7 +33,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let tensors = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
         let model = VisionModel::load(VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu), &config)?;
         let s = shape.image_size;
-        let images = Tensor::randn(0f32, 1.0, (batch, shape.channels, s, s), &Device::Cpu)?;
+        let images = Tensor::randn(0f32, 1.0, (batch, shape.channels, s.height, s.width), &Device::Cpu)?;
         let time = |f: &dyn Fn() -> Result<(), Box<dyn std::error::Error>>| -> Result<f64, Box<dyn std::error::Error>> {
             f()?; // warm-up
             let (start, reps) = (Instant::now(), 3);
@@ -65,6 +65,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// channel, ten classes).
 fn load(path: &Path) -> Result<VisionConfig, Box<dyn std::error::Error>> {
     let table: toml::Table = std::fs::read_to_string(path)?.parse()?;
-    let data = table.contains_key("task").then_some(ImageShape { image_size: 28, channels: 1, num_classes: 10 });
+    let data = table.contains_key("task").then_some(ImageShape {
+        image_size: Size2d::square(28),
+        channels: 1,
+        num_classes: 10,
+    });
     Ok(VisionConfig::from_file_table(table, &path.display().to_string(), data)?)
 }

@@ -8,42 +8,114 @@ use mamba_nn::{Error, Linear, Result};
 use rand::rngs::StdRng;
 use rand::Rng;
 
-/// Non-overlapping patches: (batch, channels, height, width) -> (batch, rows * cols, channels *
-/// p * p), rows and cols = height / p and width / p (a remainder is cropped, as a stride-p conv
-/// does), each patch flattened as a conv kernel (channels, p, p) is. A conv with kernel and
-/// stride p is then a matmul with its weight viewed as (out, channels * p * p).
-pub fn patchify(x: &Tensor, p: usize) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    let (rows, cols) = (h / p, w / p);
-    if rows == 0 || cols == 0 {
-        return Err(Error::Config {
-            path: "image".into(),
-            message: format!("{h}x{w} is smaller than one {p}x{p} patch"),
-        });
-    }
-    let x = x.narrow(2, 0, rows * p)?.narrow(3, 0, cols * p)?;
-    let x = x.reshape((b, c, rows, p, cols, p))?.permute((0, 2, 4, 1, 3, 5))?;
-    Ok(x.contiguous()?.reshape((b, rows * cols, c * p * p))?)
+/// A height x width pair: `28` (square) or `[64, 101]` (height, width) in config files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Size2d {
+    pub height: usize,
+    pub width: usize,
 }
 
-/// A patch embedding: a conv with kernel and stride `p`, weight (dim, channels, p, p) and bias.
+impl Size2d {
+    pub fn new(height: usize, width: usize) -> Self {
+        Self { height, width }
+    }
+
+    pub fn square(side: usize) -> Self {
+        Self::new(side, side)
+    }
+
+    pub fn is_zero(&self) -> bool {
+        self.height == 0 || self.width == 0
+    }
+}
+
+impl std::fmt::Display for Size2d {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}", self.height, self.width)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Size2d {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged, expecting = "a size: one integer, or [height, width]")]
+        enum Given {
+            Side(usize),
+            Pair([usize; 2]),
+        }
+        Ok(match Given::deserialize(d)? {
+            Given::Side(s) => Self::square(s),
+            Given::Pair([h, w]) => Self::new(h, w),
+        })
+    }
+}
+
+impl serde::Serialize for Size2d {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        if self.height == self.width {
+            s.serialize_u64(self.height as u64)
+        } else {
+            [self.height, self.width].serialize(s)
+        }
+    }
+}
+
+/// The patch grid a conv with kernel `patch` and stride `stride` leaves of an image of `size`
+/// (no padding; a remainder is cropped). Empty when the image is smaller than one patch.
+pub fn patch_grid(size: Size2d, patch: Size2d, stride: Size2d) -> Grid {
+    let n = |len: usize, p: usize, s: usize| if len < p || s == 0 { 0 } else { (len - p) / s + 1 };
+    Grid::new(n(size.height, patch.height, stride.height), n(size.width, patch.width, stride.width))
+}
+
+/// Patches: (batch, channels, height, width) -> (batch, rows * cols, channels * ph * pw), the
+/// patch at (r, c) covering rows r * sh .. r * sh + ph and columns c * sw .. c * sw + pw, each
+/// flattened as a conv kernel (channels, ph, pw) is. A conv with that kernel and stride is then
+/// a matmul with its weight viewed as (out, channels * ph * pw). Overlapping patches (stride <
+/// patch, as AST's spectrogram patches) are gathered by index, which candle differentiates.
+pub fn patchify(x: &Tensor, patch: Size2d, stride: Size2d) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let grid = patch_grid(Size2d::new(h, w), patch, stride);
+    let (ph, pw) = (patch.height, patch.width);
+    if grid.rows == 0 || grid.cols == 0 {
+        return Err(Error::Config {
+            path: "image".into(),
+            message: format!("{h}x{w} is smaller than one {patch} patch (or the stride is 0)"),
+        });
+    }
+    // Each patch's rows (then columns) laid out one after another: r * ph + i -> r * sh + i.
+    let take = |x: &Tensor, dim: usize, n: usize, p: usize, s: usize| -> Result<Tensor> {
+        if s == p {
+            return Ok(x.narrow(dim, 0, n * p)?);
+        }
+        let idx: Vec<u32> = (0..n).flat_map(|r| (0..p).map(move |i| (r * s + i) as u32)).collect();
+        Ok(x.contiguous()?.index_select(&Tensor::new(idx, x.device())?, dim)?)
+    };
+    let x = take(x, 2, grid.rows, ph, stride.height)?;
+    let x = take(&x, 3, grid.cols, pw, stride.width)?;
+    let x = x.reshape((b, c, grid.rows, ph, grid.cols, pw))?.permute((0, 2, 4, 1, 3, 5))?;
+    Ok(x.contiguous()?.reshape((b, grid.rows * grid.cols, c * ph * pw))?)
+}
+
+/// A patch embedding: a conv with weight (dim, channels, ph, pw), bias, and a stride.
 #[derive(Debug, Clone)]
 pub struct PatchEmbed {
     proj: Linear,
-    patch: usize,
+    patch: Size2d,
+    stride: Size2d,
 }
 
 impl PatchEmbed {
-    pub fn new(weight: &Tensor, bias: Tensor) -> Result<Self> {
-        let (dim, c, p, _) = weight.dims4()?;
-        Ok(Self { proj: Linear::new(weight.reshape((dim, c * p * p))?, Some(bias)), patch: p })
+    pub fn new(weight: &Tensor, bias: Tensor, stride: Size2d) -> Result<Self> {
+        let (dim, c, ph, pw) = weight.dims4()?;
+        let proj = Linear::new(weight.reshape((dim, c * ph * pw))?, Some(bias));
+        Ok(Self { proj, patch: Size2d::new(ph, pw), stride })
     }
 
     /// images (batch, channels, height, width) -> tokens (batch, rows * cols, dim) and the grid.
     pub fn forward(&self, images: &Tensor) -> Result<(Tensor, Grid)> {
         let (_, _, h, w) = images.dims4()?;
-        let grid = Grid::new(h / self.patch, w / self.patch);
-        Ok((self.proj.forward(&patchify(images, self.patch)?)?, grid))
+        let grid = patch_grid(Size2d::new(h, w), self.patch, self.stride);
+        Ok((self.proj.forward(&patchify(images, self.patch, self.stride)?)?, grid))
     }
 }
 

@@ -1,7 +1,8 @@
 //! Vision models from config: `[model] kind = "vim"` (with a `[backbone]` of Mamba blocks) or
 //! `kind = "vmamba"`; their tensors, their initialisation, and one `forward` for both.
 
-use crate::scan::{pattern, ClassToken, Grid};
+use crate::layers::{patch_grid, Size2d};
+use crate::scan::{pattern, ClassToken};
 use crate::vim::{Vim, VimConfig};
 use crate::vmamba::{VMamba, VMambaConfig};
 use candle_core::{Device, Tensor};
@@ -14,10 +15,10 @@ use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::Path;
 
-/// What the data fixes: square image side, channels and classes.
+/// What the data fixes: image size, channels and classes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ImageShape {
-    pub image_size: usize,
+    pub image_size: Size2d,
     pub channels: usize,
     pub num_classes: usize,
 }
@@ -40,10 +41,12 @@ enum ModelSection {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct VimSection {
-    image_size: Option<usize>,
+    image_size: Option<Size2d>,
     channels: Option<usize>,
     num_classes: Option<usize>,
-    patch_size: usize,
+    patch_size: Size2d,
+    /// Default: the patch size (non-overlapping patches).
+    patch_stride: Option<Size2d>,
     #[serde(default)]
     class_token: ClassToken,
     #[serde(default = "yes")]
@@ -94,16 +97,27 @@ impl VisionConfig {
     ) -> Result<Self> {
         let err = |message: String| Error::Config { path: source.to_string(), message };
         let section = ModelSection::deserialize(model).map_err(|e| err(format!("[model] {e}")))?;
-        let shape = |image_size: Option<usize>, channels: Option<usize>, num_classes: Option<usize>| {
-            let pick = |name: &str, given: Option<usize>, from_data: Option<usize>| match (given, from_data) {
-                (Some(g), Some(d)) if g != d => Err(err(format!("[model] {name} = {g}, but the data set has {d}"))),
-                (Some(v), _) | (None, Some(v)) if v > 0 => Ok(v),
-                _ => Err(err(format!("[model] `{name}` must be set (at least 1)"))),
+        let shape = |image_size: Option<Size2d>, channels: Option<usize>, num_classes: Option<usize>| {
+            fn pick<T: PartialEq + std::fmt::Display + Copy>(
+                name: &str,
+                given: Option<T>,
+                from_data: Option<T>,
+                positive: impl Fn(&T) -> bool,
+            ) -> std::result::Result<T, String> {
+                match (given, from_data) {
+                    (Some(g), Some(d)) if g != d => Err(format!("[model] {name} = {g}, but the data set has {d}")),
+                    (Some(v), _) | (None, Some(v)) if positive(&v) => Ok(v),
+                    _ => Err(format!("[model] `{name}` must be set (at least 1)")),
+                }
+            }
+            let count = |name: &str, given: Option<usize>, from_data: Option<usize>| {
+                pick(name, given, from_data, |&v| v > 0).map_err(err)
             };
             Ok::<_, Error>(ImageShape {
-                image_size: pick("image_size", image_size, data.map(|d| d.image_size))?,
-                channels: pick("channels", channels, data.map(|d| d.channels))?,
-                num_classes: pick("num_classes", num_classes, data.map(|d| d.num_classes))?,
+                image_size: pick("image_size", image_size, data.map(|d| d.image_size), |s| !s.is_zero())
+                    .map_err(err)?,
+                channels: count("channels", channels, data.map(|d| d.channels))?,
+                num_classes: count("num_classes", num_classes, data.map(|d| d.num_classes))?,
             })
         };
         let config = match section {
@@ -123,6 +137,7 @@ impl VisionConfig {
                     channels,
                     num_classes,
                     patch_size: v.patch_size,
+                    patch_stride: v.patch_stride.unwrap_or(v.patch_size),
                     class_token: v.class_token,
                     pos_embed: v.pos_embed,
                     drop_path: v.drop_path,
@@ -134,8 +149,9 @@ impl VisionConfig {
                     return Err(err("a VMamba model takes its sizes from [model]; remove [backbone]".into()));
                 }
                 let given = |v: usize| (v > 0).then_some(v);
+                let size = (!c.image_size.is_zero()).then_some(c.image_size);
                 let ImageShape { image_size, channels, num_classes } =
-                    shape(given(c.image_size), given(c.channels), given(c.num_classes))?;
+                    shape(size, given(c.channels), given(c.num_classes))?;
                 (c.image_size, c.channels, c.num_classes) = (image_size, channels, num_classes);
                 if c.dims.is_empty() || c.dims.len() != c.depths.len() || c.dims.contains(&0) {
                     let (dims, depths) = (&c.dims, &c.depths);
@@ -150,23 +166,29 @@ impl VisionConfig {
             }
         };
         // Every pattern must be known and the first grid non-empty.
-        let (size, patch, scan) = config.grid_inputs();
-        if patch == 0 || size < patch {
-            return Err(err(format!("[model] patch_size {patch} must be between 1 and image_size {size}")));
+        let (size, patch, stride, scan) = config.grid_inputs();
+        if patch.is_zero() || stride.is_zero() || patch.height > size.height || patch.width > size.width {
+            return Err(err(format!(
+                "[model] patch_size {patch} (stride {stride}) must be at least 1 and fit in image_size {size}"
+            )));
         }
         if scan.is_empty() {
             return Err(err("[model] scan must name at least one pattern".into()));
         }
         for name in scan {
-            pattern(name, Grid::new(size / patch, size / patch)).map_err(|e| err(format!("[model] scan: {e}")))?;
+            pattern(name, patch_grid(size, patch, stride)).map_err(|e| err(format!("[model] scan: {e}")))?;
         }
         Ok(config)
     }
 
-    fn grid_inputs(&self) -> (usize, usize, &[String]) {
+    /// Image size, patch size, patch stride and scan patterns.
+    fn grid_inputs(&self) -> (Size2d, Size2d, Size2d, &[String]) {
         match self {
-            VisionConfig::Vim(c) => (c.image_size, c.patch_size, &c.backbone.routes),
-            VisionConfig::VMamba(c) => (c.image_size, c.patch_size, &c.scan),
+            VisionConfig::Vim(c) => (c.image_size, c.patch_size, c.patch_stride, &c.backbone.routes),
+            VisionConfig::VMamba(c) => {
+                let p = Size2d::square(c.patch_size);
+                (c.image_size, p, p, &c.scan)
+            }
         }
     }
 
@@ -255,7 +277,7 @@ impl VisionModel {
         })
     }
 
-    /// images (batch, channels, size, size) -> logits (batch, classes). `rng`: training
+    /// images (batch, channels, height, width) -> logits (batch, classes). `rng`: training
     /// (drop-path on).
     pub fn forward(&self, images: &Tensor, rng: Option<&mut StdRng>) -> Result<Tensor> {
         match self {

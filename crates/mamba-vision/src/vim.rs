@@ -6,7 +6,7 @@
 //! Tensor names follow the Vim code: `patch_embed.proj`, `cls_token`, `pos_embed`,
 //! `layers.{i}.norm`, `layers.{i}.mixer.*` (with `_b` for the backward route), `norm_f`, `head`.
 
-use crate::layers::{drop_path, resize_grid, PatchEmbed};
+use crate::layers::{drop_path, patch_grid, resize_grid, PatchEmbed, Size2d};
 use crate::scan::{route, ClassToken, Grid};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
@@ -15,10 +15,12 @@ use rand::rngs::StdRng;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct VimConfig {
-    pub image_size: usize,
+    pub image_size: Size2d,
     pub channels: usize,
     pub num_classes: usize,
-    pub patch_size: usize,
+    pub patch_size: Size2d,
+    /// Patch stride: the patch size for non-overlapping patches, less for overlapping ones.
+    pub patch_stride: Size2d,
     pub class_token: ClassToken,
     pub pos_embed: bool,
     /// Stochastic depth: the rate rises linearly from 0 at the first block to this at the last.
@@ -29,8 +31,7 @@ pub struct VimConfig {
 
 impl VimConfig {
     pub fn grid(&self) -> Grid {
-        let g = self.image_size / self.patch_size;
-        Grid::new(g, g)
+        patch_grid(self.image_size, self.patch_size, self.patch_stride)
     }
 
     /// Tokens per image: the patches and the class token.
@@ -42,7 +43,7 @@ impl VimConfig {
     pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
         let (d, p, c) = (self.backbone.d_model, self.patch_size, self.channels);
         let mut out = vec![
-            ("patch_embed.proj.weight".to_string(), vec![d, c, p, p]),
+            ("patch_embed.proj.weight".to_string(), vec![d, c, p.height, p.width]),
             ("patch_embed.proj.bias".to_string(), vec![d]),
             ("norm_f.weight".to_string(), vec![d]),
             ("head.weight".to_string(), vec![self.num_classes, d]),
@@ -87,8 +88,9 @@ impl Vim {
             .collect::<Result<_>>()?;
         Ok(Self {
             patch_embed: PatchEmbed::new(
-                &vb.get((d, c, p, p), "patch_embed.proj.weight")?,
+                &vb.get((d, c, p.height, p.width), "patch_embed.proj.weight")?,
                 vb.get(d, "patch_embed.proj.bias")?,
+                cfg.patch_stride,
             )?,
             cls_token: match cfg.class_token {
                 ClassToken::None => None,
@@ -114,8 +116,8 @@ impl Vim {
             return Err(Error::Config {
                 path: "images".into(),
                 message: format!(
-                    "{h}x{w} images give a {}x{} patch grid; the model is built for {}x{} images",
-                    grid.rows, grid.cols, self.cfg.image_size, self.cfg.image_size
+                    "{h}x{w} images give a {}x{} patch grid; the model is built for {} images",
+                    grid.rows, grid.cols, self.cfg.image_size
                 ),
             });
         }
@@ -145,7 +147,7 @@ impl Vim {
         self.norm_f.forward(&h)
     }
 
-    /// images (batch, channels, size, size) -> logits (batch, classes).
+    /// images (batch, channels, height, width) -> logits (batch, classes).
     pub fn forward(&self, images: &Tensor, rng: Option<&mut StdRng>) -> Result<Tensor> {
         let h = self.features(images, rng)?;
         let g = self.cfg.grid();

@@ -9,7 +9,7 @@
 //! out_proj. All routes run as one selective scan over route-stacked channels, B and C grouped
 //! per route, as the reference CUDA code does.
 
-use crate::layers::{depthwise_conv2d, drop_path, LayerNorm, PatchEmbed};
+use crate::layers::{depthwise_conv2d, drop_path, patch_grid, LayerNorm, PatchEmbed, Size2d};
 use crate::scan::{pattern, Grid};
 use candle_core::{Device, Tensor};
 use candle_nn::VarBuilder;
@@ -35,7 +35,7 @@ pub enum Downsample {
 #[serde(deny_unknown_fields)]
 pub struct VMambaConfig {
     #[serde(default)]
-    pub image_size: usize,
+    pub image_size: Size2d,
     #[serde(default)]
     pub channels: usize,
     #[serde(default)]
@@ -100,11 +100,12 @@ fn cross_scan() -> Vec<String> {
 impl VMambaConfig {
     /// The patch grid of each stage.
     pub fn grids(&self) -> Vec<Grid> {
-        let mut g = self.image_size / self.patch_size;
+        let p = Size2d::square(self.patch_size);
+        let mut g = patch_grid(self.image_size, p, p);
         (0..self.dims.len())
             .map(|_| {
-                let grid = Grid::new(g, g);
-                g = g.div_ceil(2);
+                let grid = g;
+                g = Grid::new(g.rows.div_ceil(2), g.cols.div_ceil(2));
                 grid
             })
             .collect()
@@ -430,6 +431,7 @@ impl VMamba {
             patch_embed: PatchEmbed::new(
                 &vb.get((c0, cfg.channels, p, p), "patch_embed.proj.weight")?,
                 vb.get(c0, "patch_embed.proj.bias")?,
+                Size2d::square(p),
             )?,
             stem_norm: layer_norm(&vb, "patch_embed.norm", c0, eps)?,
             stages,
@@ -439,7 +441,7 @@ impl VMamba {
         })
     }
 
-    /// images (batch, channels, size, size) -> logits (batch, classes). With `rng` (training),
+    /// images (batch, channels, height, width) -> logits (batch, classes). With `rng` (training),
     /// drop-path is on.
     pub fn forward(&self, images: &Tensor, mut rng: Option<&mut StdRng>) -> Result<Tensor> {
         let (x, grid) = self.patch_embed.forward(images)?;
@@ -448,7 +450,7 @@ impl VMamba {
             let (_, _, h, w) = images.dims4()?;
             return Err(mamba_nn::Error::Config {
                 path: "images".into(),
-                message: format!("{h}x{w} images; the model is built for {0}x{0}", self.cfg.image_size),
+                message: format!("{h}x{w} images; the model is built for {}", self.cfg.image_size),
             });
         }
         let mut h = self.stem_norm.forward(&x)?;

@@ -6,8 +6,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 use mamba_nn::{gather, inverse, BackboneConfig, Mamba1Mixer, RmsNorm};
 use mamba_vision::{
-    depthwise_conv2d, drop_path, resize_grid, resize_pos_embed, route, ClassToken, Grid, ImageShape, PatchEmbed, Ss2d,
-    VisionConfig, VisionModel,
+    depthwise_conv2d, drop_path, resize_grid, resize_pos_embed, route, ClassToken, Grid, ImageShape, PatchEmbed,
+    Size2d, Ss2d, VisionConfig, VisionModel,
 };
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -59,7 +59,7 @@ fn published_sizes_have_the_papers_parameter_counts() {
 fn vim_with_a_middle_class_token_matches_a_direct_computation() {
     // 9 x 9 images, 4 x 4 patches: a 2 x 2 grid (the remainder cropped), 5 tokens, the class
     // token at position 2. Batch 2.
-    let shape = ImageShape { image_size: 9, channels: 3, num_classes: 5 };
+    let shape = ImageShape { image_size: Size2d::square(9), channels: 3, num_classes: 5 };
     let cfg = config(SMALL_VIM, shape);
     let VisionConfig::Vim(vim_cfg) = &cfg else { panic!("a Vim config") };
     let params = cfg.init_params(7).unwrap();
@@ -121,7 +121,7 @@ ssm_ratio = 2.0
 gate = true
 "#;
     // 10 x 14 images would not be square; 10 x 10 with patch 2: a 5 x 5 grid, then 3 x 3.
-    let cfg = config(text, ImageShape { image_size: 10, channels: 1, num_classes: 3 });
+    let cfg = config(text, ImageShape { image_size: Size2d::square(10), channels: 1, num_classes: 3 });
     let params = cfg.init_params(3).unwrap();
     let vb = VarBuilder::from_tensors(params, DType::F32, &Device::Cpu);
     let VisionConfig::VMamba(c) = &cfg else { panic!() };
@@ -155,10 +155,25 @@ fn patch_embedding_and_depthwise_conv_match_candles_convs() {
     let x = images(2, 3, 11, 8);
     let w = images(5, 3, 3, 9); // (dim 5, channels 3, 3, 3)
     let bias = Tensor::new(&[0.1f32, -0.2, 0.3, 0.0, 0.5], &Device::Cpu).unwrap();
-    let (tokens, grid) = PatchEmbed::new(&w, bias.clone()).unwrap().forward(&x).unwrap();
+    let (tokens, grid) = PatchEmbed::new(&w, bias.clone(), Size2d::square(3)).unwrap().forward(&x).unwrap();
     assert_eq!(grid, Grid::new(3, 3));
     let conv = x.conv2d(&w, 0, 3, 1, 1).unwrap().broadcast_add(&bias.reshape((1, 5, 1, 1)).unwrap()).unwrap();
     assert!(max_diff(&tokens, &conv.flatten_from(2).unwrap().transpose(1, 2).unwrap()) < 1e-5);
+
+    // Rectangular and overlapping patches (kernel 3 x 2, stride 2; kernel 2 x 2, stride 1).
+    let images_hw = |h: usize, w: usize| images(2, 3, h.max(w), 11).narrow(2, 0, h).unwrap().narrow(3, 0, w).unwrap();
+    for (x, kernel, stride, grid) in
+        [(images_hw(9, 12), (3, 2), 2, Grid::new(4, 6)), (images_hw(5, 4), (2, 2), 1, Grid::new(4, 3))]
+    {
+        let w =
+            images(5, 3, 3, 12).narrow(2, 0, kernel.0).unwrap().narrow(3, 0, kernel.1).unwrap().contiguous().unwrap();
+        let embed = PatchEmbed::new(&w, bias.clone(), Size2d::square(stride)).unwrap();
+        let (tokens, g) = embed.forward(&x.contiguous().unwrap()).unwrap();
+        assert_eq!(g, grid);
+        let conv = x.contiguous().unwrap().conv2d(&w, 0, stride, 1, 1).unwrap();
+        let conv = conv.broadcast_add(&bias.reshape((1, 5, 1, 1)).unwrap()).unwrap();
+        assert!(max_diff(&tokens, &conv.flatten_from(2).unwrap().transpose(1, 2).unwrap()) < 1e-5, "{kernel:?}");
+    }
 
     let dw = images(3, 1, 3, 10);
     let reference = x
@@ -181,19 +196,26 @@ depths = [1, 1]
 downsample = "merge"
 drop_path = 0.5
 "#;
-    let shape = ImageShape { image_size: 8, channels: 3, num_classes: 4 };
-    for cfg in [config(SMALL_VIM, shape), config(vmamba, shape)] {
+    // Frame tokens as an audio model uses them: full-height patches two frames wide, overlapping.
+    let frames = SMALL_VIM.replace("patch_size = 4", "patch_size = [8, 2]\npatch_stride = [8, 1]");
+    let square = ImageShape { image_size: Size2d::square(8), channels: 3, num_classes: 4 };
+    let wide = ImageShape { image_size: Size2d::new(8, 12), ..square };
+    let cases = [(SMALL_VIM, square), (vmamba, square), (SMALL_VIM, wide), (frames.as_str(), wide), (vmamba, wide)];
+    for (text, shape) in cases {
+        let cfg = config(text, shape);
         let vars: HashMap<String, Var> =
             cfg.init_params(1).unwrap().into_iter().map(|(n, t)| (n, Var::from_tensor(&t).unwrap())).collect();
         let tensors = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
         let model = VisionModel::load(VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu), &cfg).unwrap();
         let mut rng = StdRng::seed_from_u64(0);
-        let loss = model.forward(&images(3, 3, 8, 2), Some(&mut rng)).unwrap().sqr().unwrap().mean_all().unwrap();
+        let (h, w) = (shape.image_size.height, shape.image_size.width);
+        let x = images(3, 3, w, 2).narrow(2, 0, h).unwrap().contiguous().unwrap();
+        let loss = model.forward(&x, Some(&mut rng)).unwrap().sqr().unwrap().mean_all().unwrap();
         let grads = loss.backward().unwrap();
         for (name, var) in &vars {
-            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
+            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient ({})", shape.image_size));
             let finite = g.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| v.is_finite());
-            assert!(finite, "{name}");
+            assert!(finite, "{name} in {text} at {}", shape.image_size);
         }
     }
 }
@@ -226,7 +248,7 @@ fn position_embeddings_follow_the_image_size() {
     }
     // A Vim model for 8 x 8 images loads a pos_embed made for 16 x 16: the class token's entry
     // moves with the middle of the sequence.
-    let shape = |s| ImageShape { image_size: s, channels: 1, num_classes: 2 };
+    let shape = |s| ImageShape { image_size: Size2d::square(s), channels: 1, num_classes: 2 };
     let (VisionConfig::Vim(small), VisionConfig::Vim(big)) =
         (config(SMALL_VIM, shape(8)), config(SMALL_VIM, shape(16)))
     else {

@@ -7,7 +7,9 @@ use crate::task::{Metrics, Split, Task};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
-use mamba_vision::{resize_pos_embed, BadImages, ImageFolder, ImageShape, Transform, VisionConfig, VisionModel};
+use mamba_vision::{
+    resize_pos_embed, BadImages, ImageFolder, ImageShape, Size2d, Transform, VisionConfig, VisionModel,
+};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -141,7 +143,11 @@ impl ImageTask {
             return Err(err(format!("[task] mean and std need {} values each, std positive", d.channels)));
         }
         (transform.mean, transform.std) = (mean, std);
-        let shape = ImageShape { image_size: d.image_size, channels: d.channels, num_classes: train.classes.len() };
+        let shape = ImageShape {
+            image_size: Size2d::square(d.image_size),
+            channels: d.channels,
+            num_classes: train.classes.len(),
+        };
         let config = VisionConfig::from_tables(model, backbone, source, Some(shape))?;
         Ok(Self {
             config,
@@ -283,13 +289,16 @@ pub fn load_classifier(dir: &Path, image_size: Option<usize>) -> Result<(VisionM
     let table: toml::Table =
         text.parse().map_err(|e: toml::de::Error| Error::Config { path: source.clone(), message: e.to_string() })?;
     let t = &meta.transform;
-    let trained_shape =
-        ImageShape { image_size: t.crop as usize, channels: t.channels, num_classes: meta.classes.len() };
+    let trained_shape = ImageShape {
+        image_size: Size2d::square(t.crop as usize),
+        channels: t.channels,
+        num_classes: meta.classes.len(),
+    };
     let trained = VisionConfig::from_file_table(table.clone(), &source, Some(trained_shape))?;
     let mut tensors = crate::run::checkpoint_tensors(dir)?;
     let config = match image_size {
-        Some(size) if size != trained_shape.image_size => {
-            let shape = ImageShape { image_size: size, ..trained_shape };
+        Some(size) if Size2d::square(size) != trained_shape.image_size => {
+            let shape = ImageShape { image_size: Size2d::square(size), ..trained_shape };
             let config = VisionConfig::from_file_table(table, &source, Some(shape))?;
             if let (VisionConfig::Vim(from), VisionConfig::Vim(to), Some(pos)) =
                 (&trained, &config, tensors.get("pos_embed"))
