@@ -8,9 +8,11 @@
 //! - MFCC as `librosa.feature.mfcc`: DCT-II with orthonormal scaling of the dB mel spectrogram.
 
 use realfft::RealFftPlanner;
+use serde::{Deserialize, Serialize};
 use std::f64::consts::PI;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum MelScale {
     /// 2595 log10(1 + f / 700).
     Htk,
@@ -19,13 +21,19 @@ pub enum MelScale {
 }
 
 /// How a centred STFT pads the signal's ends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Padding {
     Zeros,
     Reflect,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// Log-mel parameters. In config files every key is optional: the defaults are librosa's except
+/// the frame sizes, which are speech's usual 25 ms windows every 10 ms at 16 kHz (n_fft 512,
+/// win_length 400, hop_length 160), and 64 mel bands. `center = "none"` frames without padding;
+/// `top_db = inf` keeps the whole dB range.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct MelConfig {
     pub sample_rate: u32,
     pub n_fft: usize,
@@ -38,9 +46,77 @@ pub struct MelConfig {
     pub scale: MelScale,
     /// Divide each triangle by its width in Hz (Slaney's "area" normalisation).
     pub slaney_norm: bool,
+    #[serde(with = "centre")]
     pub center: Option<Padding>,
     /// `power_to_db`'s floor below the peak, dB; None keeps everything.
     pub top_db: Option<f64>,
+}
+
+impl Default for MelConfig {
+    fn default() -> Self {
+        Self {
+            sample_rate: 16_000,
+            n_fft: 512,
+            win_length: 400,
+            hop_length: 160,
+            n_mels: 64,
+            f_min: 0.0,
+            f_max: None,
+            scale: MelScale::Slaney,
+            slaney_norm: true,
+            center: Some(Padding::Zeros),
+            top_db: Some(80.0),
+        }
+    }
+}
+
+impl MelConfig {
+    /// Why these parameters cannot make a spectrogram, if they cannot.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        let nyquist = self.sample_rate as f64 / 2.0;
+        let f_max = self.f_max.unwrap_or(nyquist);
+        if self.sample_rate == 0 || self.n_fft < 2 || self.hop_length == 0 || self.n_mels == 0 {
+            return Err("sample_rate, n_fft (>= 2), hop_length and n_mels must be positive".into());
+        }
+        if self.win_length == 0 || self.win_length > self.n_fft {
+            return Err(format!("win_length {} must be between 1 and n_fft {}", self.win_length, self.n_fft));
+        }
+        if !(0.0 <= self.f_min && self.f_min < f_max && f_max <= nyquist) {
+            return Err(format!("need 0 <= f_min ({}) < f_max ({f_max}) <= sample_rate / 2", self.f_min));
+        }
+        Ok(())
+    }
+
+    /// Frames of a clip of `samples` samples.
+    pub fn frames(&self, samples: usize) -> usize {
+        match self.center {
+            Some(_) => 1 + samples / self.hop_length,
+            None if samples >= self.n_fft => 1 + (samples - self.n_fft) / self.hop_length,
+            None => 0,
+        }
+    }
+}
+
+/// `center` in config files: "zeros", "reflect" or "none".
+mod centre {
+    use super::Padding;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(c: &Option<Padding>, s: S) -> Result<S::Ok, S::Error> {
+        match c {
+            Some(p) => p.serialize(s),
+            None => s.serialize_str("none"),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Padding>, D::Error> {
+        match String::deserialize(d)?.as_str() {
+            "zeros" => Ok(Some(Padding::Zeros)),
+            "reflect" => Ok(Some(Padding::Reflect)),
+            "none" => Ok(None),
+            other => Err(serde::de::Error::custom(format!("center = {other:?}: \"zeros\", \"reflect\" or \"none\""))),
+        }
+    }
 }
 
 fn hz_to_mel(f: f64, scale: MelScale) -> f64 {

@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use mamba_nn::{LmConfig, MambaLm};
 use mamba_text::{generate, load_tokenizer, Sampling, TextStream};
+use mamba_train::tasks::audio::{classify_clips, load_audio_classifier};
 use mamba_train::tasks::image::{classify, load_classifier};
 use mamba_vision::{Grid, VisionConfig};
 use std::io::Write;
@@ -64,15 +65,15 @@ enum Command {
         #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
         sets: Vec<String>,
     },
-    /// Predictions of a trained checkpoint, one line per input. Image classifiers: INPUTS are
-    /// image files, printed with their top classes and probabilities. Language models: greedy
+    /// Predictions of a trained checkpoint, one line per input. Classifiers: INPUTS are image
+    /// or WAV files, printed with their top classes and probabilities. Language models: greedy
     /// continuations, text when the checkpoint has a tokenizer.json, else comma-separated ids.
     Predict {
         #[arg(long)]
         checkpoint: PathBuf,
         #[arg(long, default_value_t = 32)]
         max_new_tokens: usize,
-        /// Classes shown per image.
+        /// Classes shown per input.
         #[arg(long, default_value_t = 3)]
         top: usize,
         /// Image classifiers: run at this image size instead of the training size (Vim's
@@ -321,11 +322,19 @@ fn run_train(config: &Path, out: Option<PathBuf>, resume: bool, sets: &[String])
 }
 
 fn run_predict(dir: &Path, max_new: usize, top: usize, image_size: Option<usize>, inputs: &[String]) -> Result<()> {
-    if dir.join("image.json").exists() {
+    let paths: Vec<PathBuf> = inputs.iter().map(PathBuf::from).collect();
+    let ranked = if dir.join("image.json").exists() {
         let (model, meta) = load_classifier(dir, image_size)?;
-        let paths: Vec<PathBuf> = inputs.iter().map(PathBuf::from).collect();
+        Some(classify(&model, &meta, &paths)?)
+    } else if dir.join("audio.json").exists() {
+        let (model, meta) = load_audio_classifier(dir)?;
+        Some(classify_clips(&model, &meta, &paths)?)
+    } else {
+        None
+    };
+    if let Some(ranked) = ranked {
         let mut out = std::io::stdout().lock();
-        for (path, ranked) in paths.iter().zip(classify(&model, &meta, &paths)?) {
+        for (path, ranked) in paths.iter().zip(ranked) {
             let shown: Vec<String> = ranked.iter().take(top.max(1)).map(|(c, p)| format!("{c} {p:.4}")).collect();
             writeln!(out, "{}: {}", path.display(), shown.join(", "))?;
         }

@@ -41,7 +41,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let start = Instant::now();
         for chunk in (0..n).collect::<Vec<_>>().chunks(64) {
             let batch = task.batch(Split::Validation, 0, chunk)?;
-            model.forward(&batch.images, None)?;
+            model.forward(&batch.inputs, None)?;
         }
         let infer_rate = n as f64 / start.elapsed().as_secs_f64();
         println!("{name}: accuracy {accuracy:.4}, train {train_rate:.0} images/s, inference {infer_rate:.0} images/s");

@@ -19,6 +19,8 @@ pub enum Error {
     #[error(transparent)]
     Model(#[from] mamba_nn::Error),
     #[error(transparent)]
+    Audio(#[from] mamba_audio::AudioError),
+    #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
 

@@ -90,7 +90,7 @@ impl AdamW {
             params.iter().map(|(n, p)| Ok((n.clone(), p.zeros_like()?))).collect()
         };
         let ema = if config.ema > 0.0 {
-            params.iter().map(|(n, p)| Ok((n.clone(), p.as_tensor().copy()?))).collect::<Result<_>>()?
+            params.iter().map(|(n, p)| Ok((n.clone(), p.as_tensor().detach().copy()?))).collect::<Result<_>>()?
         } else {
             HashMap::new()
         };
@@ -119,12 +119,12 @@ impl AdamW {
         let (fix1, fix2) = (1.0 - b1.powi(self.step as i32), 1.0 - b2.powi(self.step as i32));
         for (name, p) in params {
             let Some(g) = grads.get(name) else { continue };
-            let g = (g * scale)?;
+            let g = (g.detach() * scale)?;
             let m = ((&self.m[name] * b1)? + (&g * (1.0 - b1))?)?;
             let v = ((&self.v[name] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let step = ((&m / fix1)? / ((&v / fix2)?.sqrt()? + c.eps)?)?;
             let decay = if decays(name) { 1.0 - lr * c.weight_decay } else { 1.0 };
-            p.set(&((p.as_tensor() * decay)? - (step * lr)?)?)?;
+            p.set(&((p.as_tensor().detach() * decay)? - (step * lr)?)?)?;
             self.m.insert(name.clone(), m);
             self.v.insert(name.clone(), v);
         }
@@ -133,7 +133,9 @@ impl AdamW {
             // average follows the weights, so the random initialisation does not linger in it.
             let decay = c.ema.min((1.0 + self.step as f64) / (10.0 + self.step as f64));
             for (name, p) in params {
-                let avg = ((&self.ema[name] * decay)? + (p.as_tensor() * (1.0 - decay))?)?;
+                // Detached: an op on a Var is recorded, and each average would hold the previous
+                // one through its graph, every step's average kept alive to the end of the run.
+                let avg = ((&self.ema[name] * decay)? + (p.as_tensor().detach() * (1.0 - decay))?)?;
                 self.ema.insert(name.clone(), avg);
             }
         }
@@ -237,5 +239,22 @@ mod tests {
         let want = 2.0 * (1.0 - 0.1 * 0.5) - 0.1 * (1.0 / (1.0 + 1e-8));
         let got = p.as_tensor().to_vec1::<f64>().unwrap()[0];
         assert!((got - want).abs() < 1e-12, "{got} vs {want}");
+    }
+
+    /// The optimizer's state must not record ops: a recorded average holds the previous one, and
+    /// a run's memory grows every step (it did, by megabytes a step, before the fix).
+    #[test]
+    fn the_state_holds_no_graph() {
+        let p = Var::new(&[2.0f32, 1.0], &Device::Cpu).unwrap();
+        let params: Params = [("w.weight".to_string(), p.clone())].into();
+        let mut opt = AdamW::new(OptimConfig { ema: 0.9, ..config(0.1) }, &params).unwrap();
+        // A gradient that is itself the result of ops on the parameter, as backward's can be.
+        let grads = [("w.weight".to_string(), (p.as_tensor() * 2.0).unwrap())].into();
+        for _ in 0..3 {
+            opt.update(&params, &grads, 0.1).unwrap();
+        }
+        for (name, t) in opt.state() {
+            assert!(!t.track_op(), "{name} records ops");
+        }
     }
 }

@@ -4,7 +4,9 @@
 //! naming the file and the key.
 
 use crate::optim::OptimConfig;
-use crate::tasks::image::{ImageData, ImageTask};
+use crate::tasks::audio::{AudioData, AudioExamples, AudioTask};
+use crate::tasks::classify::{Classify, Examples};
+use crate::tasks::image::{ImageData, ImageExamples, ImageTask};
 use crate::tasks::{LmTask, Source, TextData};
 use crate::trainer::{evaluate, train, Summary, TrainConfig};
 use crate::Result;
@@ -55,6 +57,8 @@ enum TaskSection {
     },
     /// ImageFolder directories (paths relative to the config file) and transforms.
     ImageClassification(ImageData),
+    /// An AudioFolder (path relative to the config file), its split, features and augmentation.
+    AudioClassification(AudioData),
 }
 
 fn sixteen() -> usize {
@@ -68,6 +72,7 @@ fn tenth() -> f64 {
 pub enum AnyTask {
     Lm(LmTask),
     Image(ImageTask),
+    Audio(AudioTask),
 }
 
 /// A parsed training config, its text (with overrides and resolved paths) and its task.
@@ -104,7 +109,7 @@ impl RunConfig {
         // Data paths are relative to the config file; the saved config holds them resolved.
         let base = path.parent().unwrap_or(Path::new("."));
         if let Some(toml::Value::Table(task)) = table.get_mut("task") {
-            for key in ["data", "tokenizer", "train", "validation"] {
+            for key in ["data", "tokenizer", "train", "validation", "validation_list"] {
                 if let Some(toml::Value::String(p)) = task.get(key) {
                     let resolved = base.join(p);
                     if !resolved.exists() {
@@ -120,7 +125,10 @@ impl RunConfig {
         let seed = file.train.seed;
         let task = match file.task {
             TaskSection::ImageClassification(data) => {
-                AnyTask::Image(ImageTask::load(data, file.model, file.backbone, &source, seed)?)
+                AnyTask::Image(ImageExamples::load(data, file.model, file.backbone, &source, seed)?)
+            }
+            TaskSection::AudioClassification(data) => {
+                AnyTask::Audio(AudioExamples::load(data, file.model, file.backbone, &source, seed)?)
             }
             lm => AnyTask::Lm(lm_task(lm, file.model, file.backbone, &source, seed)?),
         };
@@ -166,8 +174,8 @@ fn lm_task(
             let t = TextData::load(&data, &tokenizer, context, validation_fraction)?;
             (Source::Text(t), label_smoothing)
         }
-        TaskSection::ImageClassification { .. } => {
-            return Err(err("[task] an image task has no language model".into()))
+        TaskSection::ImageClassification(_) | TaskSection::AudioClassification(_) => {
+            return Err(err("[task] a classification task has no language model".into()))
         }
     };
     Ok(LmTask { config, source: source_kind, label_smoothing, seed })
@@ -180,6 +188,7 @@ pub fn train_from_config(path: &Path, out: &Path, resume: bool, sets: &[String])
     match run.task {
         AnyTask::Lm(t) => train(Arc::new(t), &train_config, &optim, &run.text, out, resume),
         AnyTask::Image(t) => train(Arc::new(t), &train_config, &optim, &run.text, out, resume),
+        AnyTask::Audio(t) => train(Arc::new(t), &train_config, &optim, &run.text, out, resume),
     }
 }
 
@@ -196,11 +205,14 @@ pub fn evaluate_checkpoint(dir: &Path) -> Result<Evaluation> {
     let vb = checkpoint_weights(dir)?;
     Ok(match &run.task {
         AnyTask::Lm(t) => Evaluation { metrics: evaluate(t, &t.build_model(vb)?)?, confusion: None },
-        AnyTask::Image(t) => {
-            let (metrics, matrix) = t.evaluate_with_confusion(&t.build_model(vb)?)?;
-            Evaluation { metrics, confusion: Some((t.meta.classes.clone(), matrix)) }
-        }
+        AnyTask::Image(t) => classifier_evaluation(t, vb)?,
+        AnyTask::Audio(t) => classifier_evaluation(t, vb)?,
     })
+}
+
+fn classifier_evaluation<E: Examples>(task: &Classify<E>, vb: candle_nn::VarBuilder) -> Result<Evaluation> {
+    let (metrics, matrix) = task.evaluate_with_confusion(&task.build_model(vb)?)?;
+    Ok(Evaluation { metrics, confusion: Some((task.examples.classes().to_vec(), matrix)) })
 }
 
 /// A checkpoint's model.safetensors as a VarBuilder (f32, CPU).

@@ -53,7 +53,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         })?;
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         println!(
-            "| {name} | {:.2} M | {s} x {s} x {} | {batch} | {infer:.1} | {train:.1} |",
+            "| {name} | {:.2} M | {s} x {} | {batch} | {infer:.1} | {train:.1} |",
             config.num_params() as f64 / 1e6,
             shape.channels
         );

@@ -1,11 +1,11 @@
 //! Image classification over ImageFolder directories with a Vim or VMamba model: seeded random
-//! crops and flips for training, centre crops for validation, cross-entropy with optional label
-//! smoothing, accuracy and top-5; a confusion matrix for `mamba eval`.
+//! crops and flips for training, centre crops for validation (the loss, metrics and confusion
+//! matrix are `classify`'s).
 
-use super::{example_seed, smoothed};
-use crate::task::{Metrics, Split, Task};
+use super::classify::{rank_classes, read_meta, read_train_config, Classify, Examples};
+use crate::task::Split;
 use crate::{Error, Result};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use mamba_vision::{
     resize_pos_embed, BadImages, ImageFolder, ImageShape, Size2d, Transform, VisionConfig, VisionModel,
@@ -14,7 +14,6 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// What a checkpoint needs to classify new images without the training data: `image.json`.
@@ -24,21 +23,14 @@ pub struct ImageMeta {
     pub transform: Transform,
 }
 
-pub struct ImageBatch {
-    pub images: Tensor,
-    pub labels: Tensor,
-    /// Seeds drop-path when training.
-    pub seed: u64,
-}
-
-pub struct ImageTask {
-    pub config: VisionConfig,
+/// The images of both splits, and how they load.
+pub struct ImageExamples {
     pub meta: ImageMeta,
     /// (file, class) per split.
     items: [Vec<(PathBuf, usize)>; 2],
-    label_smoothing: f64,
-    seed: u64,
 }
+
+pub type ImageTask = Classify<ImageExamples>;
 
 /// The `[task]` keys of an image classification run.
 #[derive(Debug, Deserialize)]
@@ -79,7 +71,7 @@ fn data_error(e: mamba_vision::DataError) -> Error {
     Error::Config { path: "[task]".into(), message: e.to_string() }
 }
 
-impl ImageTask {
+impl ImageExamples {
     /// Opens the folders (every image decoded once: a corrupt one fails here or is skipped and
     /// listed), splits off validation if no folder is given, measures mean and std if not given,
     /// and builds the model config (image size, channels and classes from the data).
@@ -89,7 +81,7 @@ impl ImageTask {
         backbone: Option<toml::Table>,
         source: &str,
         seed: u64,
-    ) -> Result<Self> {
+    ) -> Result<ImageTask> {
         let err = |message: String| Error::Config { path: source.to_string(), message };
         if d.channels != 1 && d.channels != 3 {
             return Err(err(format!("[task] channels = {}: 1 (grayscale) or 3 (RGB)", d.channels)));
@@ -122,9 +114,6 @@ impl ImageTask {
                 (items, val)
             }
         };
-        if train_items.is_empty() || val_items.is_empty() {
-            return Err(err("[task] both the training and the validation split need images".into()));
-        }
         let resize = d.resize.unwrap_or(d.image_size) as u32;
         let mut transform = Transform {
             channels: d.channels,
@@ -148,51 +137,9 @@ impl ImageTask {
             channels: d.channels,
             num_classes: train.classes.len(),
         };
-        let config = VisionConfig::from_tables(model, backbone, source, Some(shape))?;
-        Ok(Self {
-            config,
-            meta: ImageMeta { classes: train.classes, transform },
-            items: [train_items, val_items],
-            label_smoothing: d.label_smoothing,
-            seed,
-        })
-    }
-
-    /// A batch's logits, mean loss and metrics (loss, accuracy, top-5 past five classes).
-    fn scored(&self, model: &VisionModel, batch: &ImageBatch, train: bool) -> Result<(Tensor, Tensor, Metrics)> {
-        let mut rng = StdRng::seed_from_u64(batch.seed);
-        let logits = model.forward(&batch.images, train.then_some(&mut rng))?;
-        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let nll = logp.gather(&batch.labels.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
-        let loss = smoothed(&nll, &logp, self.label_smoothing)?.mean_all()?;
-        let n = batch.labels.dim(0)? as f64;
-        let mut m = Metrics::default();
-        m.add("loss", loss.to_scalar::<f32>()? as f64 * n, n);
-        // Rank of the true class: how many classes score higher.
-        let true_logit = logits.gather(&batch.labels.unsqueeze(1)?, 1)?;
-        let rank = logits.broadcast_gt(&true_logit)?.to_dtype(DType::F32)?.sum(D::Minus1)?.to_vec1::<f32>()?;
-        m.add("accuracy", rank.iter().filter(|&&r| r < 1.0).count() as f64, n);
-        if self.meta.classes.len() > 5 {
-            m.add("top5", rank.iter().filter(|&&r| r < 5.0).count() as f64, n);
-        }
-        Ok((logits, loss, m))
-    }
-
-    /// The validation split's metrics (as `trainer::evaluate` gives them) and its confusion
-    /// matrix, `[true class][predicted class]` counts, in one pass over the images.
-    pub fn evaluate_with_confusion(&self, model: &VisionModel) -> Result<(Metrics, Vec<Vec<usize>>)> {
-        let k = self.meta.classes.len();
-        let (mut total, mut confusion) = (Metrics::default(), vec![vec![0; k]; k]);
-        let indices: Vec<usize> = (0..self.len(Split::Validation)).collect();
-        for chunk in indices.chunks(64) {
-            let batch = self.batch(Split::Validation, 0, chunk)?;
-            let (logits, _, m) = self.scored(model, &batch, false)?;
-            total.merge(&m);
-            for (&i, p) in chunk.iter().zip(logits.argmax(D::Minus1)?.to_vec1::<u32>()?) {
-                confusion[self.items[1][i].1][p as usize] += 1;
-            }
-        }
-        Ok((total, confusion))
+        let examples =
+            ImageExamples { meta: ImageMeta { classes: train.classes, transform }, items: [train_items, val_items] };
+        Classify::new(examples, shape, (model, backbone), source, d.label_smoothing, seed)
     }
 }
 
@@ -224,53 +171,24 @@ fn channel_stats(t: &Transform, items: &[(PathBuf, usize)], seed: u64) -> Result
     Ok((mean, std))
 }
 
-impl Task for ImageTask {
-    type Model = VisionModel;
-    type Batch = ImageBatch;
-
-    fn init_params(&self, seed: u64) -> Result<HashMap<String, Tensor>> {
-        Ok(self.config.init_params(seed)?)
-    }
-
-    fn build_model(&self, vb: VarBuilder) -> Result<VisionModel> {
-        Ok(VisionModel::load(vb, &self.config)?)
+impl Examples for ImageExamples {
+    fn classes(&self) -> &[String] {
+        &self.meta.classes
     }
 
     fn len(&self, split: Split) -> usize {
         self.items[split as usize].len()
     }
 
-    fn batch(&self, split: Split, epoch: usize, indices: &[usize]) -> Result<ImageBatch> {
-        let transform = &self.meta.transform;
-        let mut images = Vec::with_capacity(indices.len());
-        let mut labels = Vec::with_capacity(indices.len());
-        for &i in indices {
-            let (path, class) = &self.items[split as usize][i];
-            let mut rng = StdRng::seed_from_u64(example_seed(self.seed, split, epoch, i));
-            let rng = (split == Split::Train).then_some(&mut rng);
-            images.push(transform.load(path, rng).map_err(data_error)?);
-            labels.push(*class as u32);
-        }
-        Ok(ImageBatch {
-            images: Tensor::stack(&images, 0)?,
-            labels: Tensor::new(labels, &Device::Cpu)?,
-            seed: example_seed(self.seed ^ 0xD0_D0, split, epoch, indices.first().copied().unwrap_or(0)),
-        })
+    fn example(&self, split: Split, index: usize, rng: Option<&mut StdRng>) -> Result<(Tensor, usize)> {
+        let (path, class) = &self.items[split as usize][index];
+        Ok((self.meta.transform.load(path, rng).map_err(data_error)?, *class))
     }
 
-    fn forward(&self, model: &VisionModel, batch: &ImageBatch, train: bool) -> Result<(Tensor, Metrics)> {
-        let (_, loss, m) = self.scored(model, batch, train)?;
-        Ok((loss, m))
-    }
-
-    fn checkpoint_files(&self) -> Result<Vec<(String, Vec<u8>)>> {
+    fn meta_file(&self) -> Result<(String, Vec<u8>)> {
         let json = serde_json::to_vec_pretty(&self.meta)
             .map_err(|e| Error::Config { path: "image.json".into(), message: e.to_string() })?;
-        Ok(vec![("image.json".into(), json)])
-    }
-
-    fn best_metric(&self) -> (&'static str, bool) {
-        ("accuracy", true)
+        Ok(("image.json".into(), json))
     }
 }
 
@@ -279,15 +197,8 @@ impl Task for ImageTask {
 /// model runs at another size than it was trained at: Vim's position embedding is resized over
 /// the new patch grid (VMamba has none), and the transform's crop and resize scale with it.
 pub fn load_classifier(dir: &Path, image_size: Option<usize>) -> Result<(VisionModel, ImageMeta)> {
-    let meta_path = dir.join("image.json");
-    let mut meta: ImageMeta =
-        serde_json::from_slice(&std::fs::read(&meta_path).map_err(crate::trainer::io(&meta_path))?)
-            .map_err(|e| Error::Checkpoint { path: meta_path.display().to_string(), message: e.to_string() })?;
-    let config_path = dir.join("train.toml");
-    let source = config_path.display().to_string();
-    let text = std::fs::read_to_string(&config_path).map_err(crate::trainer::io(&config_path))?;
-    let table: toml::Table =
-        text.parse().map_err(|e: toml::de::Error| Error::Config { path: source.clone(), message: e.to_string() })?;
+    let mut meta: ImageMeta = read_meta(dir, "image.json")?;
+    let (table, source) = read_train_config(dir)?;
     let t = &meta.transform;
     let trained_shape = ImageShape {
         image_size: Size2d::square(t.crop as usize),
@@ -319,19 +230,9 @@ pub fn load_classifier(dir: &Path, image_size: Option<usize>) -> Result<(VisionM
 
 /// Class probabilities of each image at `paths`, highest first.
 pub fn classify(model: &VisionModel, meta: &ImageMeta, paths: &[PathBuf]) -> Result<Vec<Vec<(String, f32)>>> {
-    let transform = &meta.transform;
-    let mut out = Vec::with_capacity(paths.len());
-    for chunk in paths.chunks(32) {
-        let images = chunk
-            .iter()
-            .map(|p| transform.load(p, None::<&mut StdRng>).map_err(data_error))
-            .collect::<Result<Vec<_>>>()?;
-        let probs = candle_nn::ops::softmax(&model.forward(&Tensor::stack(&images, 0)?, None)?, D::Minus1)?;
-        for row in probs.to_vec2::<f32>()? {
-            let mut ranked: Vec<(String, f32)> = meta.classes.iter().cloned().zip(row).collect();
-            ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
-            out.push(ranked);
-        }
-    }
-    Ok(out)
+    let images = paths
+        .iter()
+        .map(|p| meta.transform.load(p, None::<&mut StdRng>).map_err(data_error))
+        .collect::<Result<Vec<_>>>()?;
+    rank_classes(model, &meta.classes, images)
 }

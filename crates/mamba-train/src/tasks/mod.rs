@@ -1,8 +1,10 @@
 //! Built-in tasks: causal language modelling over a token source, with the loss on chosen
 //! positions (sources: the Mamba paper's synthetic tasks, selective copying and induction heads,
-//! generated afresh from (seed, split, epoch, index), and text through a tokenizer); image
-//! classification (`image`).
+//! generated afresh from (seed, split, epoch, index), and text through a tokenizer);
+//! classification (`classify`) of images (`image`) and audio clips (`audio`).
 
+pub mod audio;
+pub mod classify;
 pub mod image;
 
 use crate::task::{Metrics, Split, Task};

@@ -1,0 +1,164 @@
+//! Audio classification (keyword spotting, sound events) over an AudioFolder: each clip's
+//! normalised log-mel spectrogram is a one-channel image (mel bins x frames) for a Vim or VMamba
+//! backbone, the Audio Mamba recipe: patches or frame tokens, bidirectional routes. Validation
+//! clips are held-out speakers, a Speech Commands list, or a seeded fraction.
+
+use super::classify::{rank_classes, read_meta, read_train_config, Classify, Examples};
+use crate::task::Split;
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use mamba_audio::{AudioFolder, Augment, Clips, Frontend, MelConfig};
+use mamba_vision::{ImageShape, Size2d, VisionConfig, VisionModel};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// What a checkpoint needs to classify new clips without the training data: `audio.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AudioMeta {
+    pub classes: Vec<String>,
+    pub frontend: Frontend,
+}
+
+/// The `[task]` keys of an audio classification run.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AudioData {
+    /// An AudioFolder root: `LABEL/*.wav`.
+    pub data: PathBuf,
+    /// Validation is one of: the clips whose file name contains one of these strings (speakers
+    /// held out from training), ...
+    #[serde(default)]
+    pub held_out: Vec<String>,
+    /// ... the clips listed in this file (`LABEL/FILE.wav` per line, Speech Commands'
+    /// validation_list.txt), or a seeded fraction of the clips.
+    pub validation_list: Option<PathBuf>,
+    pub validation_fraction: Option<f64>,
+    /// Seconds per clip (cropped or padded).
+    #[serde(default = "one")]
+    pub duration: f64,
+    #[serde(default)]
+    pub features: MelConfig,
+    #[serde(default)]
+    pub augment: Augment,
+    /// Log-mel normalisation (dB); measured on the training clips when left out.
+    pub mean: Option<f32>,
+    pub std: Option<f32>,
+    /// Subtract each mel bin's mean over the clip first.
+    #[serde(default)]
+    pub bin_mean: bool,
+    #[serde(default)]
+    pub label_smoothing: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// The clips of both splits, and how they become spectrograms.
+pub struct AudioExamples {
+    pub meta: AudioMeta,
+    items: [Clips; 2],
+}
+
+pub type AudioTask = Classify<AudioExamples>;
+
+impl AudioExamples {
+    /// Opens the folder (every file's WAV header read), splits it, measures the normalisation
+    /// if not given, and builds the model config (mel bins x frames, one channel, the classes).
+    pub fn load(
+        d: AudioData,
+        model: toml::Table,
+        backbone: Option<toml::Table>,
+        source: &str,
+        seed: u64,
+    ) -> Result<AudioTask> {
+        let err = |message: String| Error::Config { path: source.to_string(), message };
+        d.features.check().map_err(|m| err(format!("[task.features] {m}")))?;
+        if d.duration.is_nan() || d.duration <= 0.0 {
+            return Err(err(format!("[task] duration = {}: a clip needs a positive length", d.duration)));
+        }
+        let folder = AudioFolder::open(&d.data)?;
+        let (train, validation) = match (&d.held_out[..], &d.validation_list, d.validation_fraction) {
+            ([_, ..], None, None) => folder.split_where(|p| {
+                let name = p.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+                d.held_out.iter().any(|s| name.contains(s.as_str()))
+            }),
+            ([], Some(list), None) => folder.split_by_list(list)?,
+            ([], None, fraction) => {
+                let fraction = fraction.unwrap_or(0.1);
+                if !(0.0..1.0).contains(&fraction) {
+                    return Err(err("[task] validation_fraction must be in [0, 1)".into()));
+                }
+                let mut items = folder.items.clone();
+                items.shuffle(&mut StdRng::seed_from_u64(seed));
+                let held = items.split_off(items.len() - (items.len() as f64 * fraction).round() as usize);
+                (items, held)
+            }
+            _ => return Err(err("[task] give one of held_out, validation_list and validation_fraction".into())),
+        };
+        let mut frontend = Frontend::new(d.features, d.duration, d.augment);
+        frontend.bin_mean = d.bin_mean;
+        match (d.mean, d.std) {
+            (Some(mean), Some(std)) if std > 0.0 => (frontend.mean, frontend.std) = (mean, std),
+            (None, None) => frontend.measure(train.iter().map(|(p, _)| p.as_path()))?,
+            _ => return Err(err("[task] give mean and std (positive), or neither (then they are measured)".into())),
+        }
+        let (bins, frames) = frontend.shape();
+        let shape =
+            ImageShape { image_size: Size2d::new(bins, frames), channels: 1, num_classes: folder.classes.len() };
+        let examples =
+            AudioExamples { meta: AudioMeta { classes: folder.classes, frontend }, items: [train, validation] };
+        Classify::new(examples, shape, (model, backbone), source, d.label_smoothing, seed)
+    }
+}
+
+impl AudioMeta {
+    /// A clip's model input, (1, mel bins, frames).
+    fn input(&self, path: &Path, rng: Option<&mut StdRng>) -> Result<Tensor> {
+        let (bins, frames) = self.frontend.shape();
+        Ok(Tensor::from_vec(self.frontend.load(path, rng)?, (1, bins, frames), &Device::Cpu)?)
+    }
+}
+
+impl Examples for AudioExamples {
+    fn classes(&self) -> &[String] {
+        &self.meta.classes
+    }
+
+    fn len(&self, split: Split) -> usize {
+        self.items[split as usize].len()
+    }
+
+    fn example(&self, split: Split, index: usize, rng: Option<&mut StdRng>) -> Result<(Tensor, usize)> {
+        let (path, class) = &self.items[split as usize][index];
+        Ok((self.meta.input(path, rng)?, *class))
+    }
+
+    fn meta_file(&self) -> Result<(String, Vec<u8>)> {
+        let json = serde_json::to_vec_pretty(&self.meta)
+            .map_err(|e| Error::Config { path: "audio.json".into(), message: e.to_string() })?;
+        Ok(("audio.json".into(), json))
+    }
+}
+
+/// A trained audio classifier from a checkpoint directory: its train.toml's `[model]` (and
+/// `[backbone]`), audio.json and weights. The training data is not read.
+pub fn load_audio_classifier(dir: &Path) -> Result<(VisionModel, AudioMeta)> {
+    let meta: AudioMeta = read_meta(dir, "audio.json")?;
+    let (table, source) = read_train_config(dir)?;
+    let (bins, frames) = meta.frontend.shape();
+    let shape = ImageShape { image_size: Size2d::new(bins, frames), channels: 1, num_classes: meta.classes.len() };
+    let config = VisionConfig::from_file_table(table, &source, Some(shape))?;
+    let vb = VarBuilder::from_tensors(crate::run::checkpoint_tensors(dir)?, DType::F32, &Device::Cpu);
+    Ok((VisionModel::load(vb, &config)?, meta))
+}
+
+/// Class probabilities of each WAV file at `paths`, highest first.
+pub fn classify_clips(model: &VisionModel, meta: &AudioMeta, paths: &[PathBuf]) -> Result<Vec<Vec<(String, f32)>>> {
+    let inputs = paths.iter().map(|p| meta.input(p, None)).collect::<Result<Vec<_>>>()?;
+    rank_classes(model, &meta.classes, inputs)
+}

@@ -1,0 +1,175 @@
+//! Classification with a vision-model backbone (Vim or VMamba) over any labelled examples that
+//! load as (channels, height, width) tensors: images, and spectrograms of audio clips.
+//! Cross-entropy with optional label smoothing, accuracy and top-5; a confusion matrix for
+//! `mamba eval`; checkpoints that classify new inputs without the training data.
+
+use super::{example_seed, smoothed};
+use crate::task::{Metrics, Split, Task};
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarBuilder;
+use mamba_vision::{ImageShape, VisionConfig, VisionModel};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// A labelled data set split in two.
+pub trait Examples: Send + Sync + 'static {
+    fn classes(&self) -> &[String];
+    fn len(&self, split: Split) -> usize;
+    /// Example `index` of `split` as (channels, height, width) and its class; with `rng`
+    /// (training), augmented.
+    fn example(&self, split: Split, index: usize, rng: Option<&mut StdRng>) -> Result<(Tensor, usize)>;
+    /// The file a checkpoint carries to turn new inputs into examples (`image.json`, ...).
+    fn meta_file(&self) -> Result<(String, Vec<u8>)>;
+}
+
+pub struct ClassifyBatch {
+    pub inputs: Tensor,
+    pub labels: Tensor,
+    /// Seeds drop-path when training.
+    pub seed: u64,
+}
+
+pub struct Classify<E> {
+    pub config: VisionConfig,
+    pub examples: E,
+    pub label_smoothing: f64,
+    pub seed: u64,
+}
+
+impl<E: Examples> Classify<E> {
+    /// The model config from `[model]` and `[backbone]`, with the input size, channels and
+    /// classes the examples have.
+    pub fn new(
+        examples: E,
+        shape: ImageShape,
+        (model, backbone): (toml::Table, Option<toml::Table>),
+        source: &str,
+        label_smoothing: f64,
+        seed: u64,
+    ) -> Result<Self> {
+        if examples.len(Split::Train) == 0 || examples.len(Split::Validation) == 0 {
+            let message = "[task] both the training and the validation split need examples".into();
+            return Err(Error::Config { path: source.to_string(), message });
+        }
+        let config = VisionConfig::from_tables(model, backbone, source, Some(shape))?;
+        Ok(Self { config, examples, label_smoothing, seed })
+    }
+
+    /// A batch's logits, mean loss and metrics (loss, accuracy, top-5 past five classes).
+    fn scored(&self, model: &VisionModel, batch: &ClassifyBatch, train: bool) -> Result<(Tensor, Tensor, Metrics)> {
+        let mut rng = StdRng::seed_from_u64(batch.seed);
+        let logits = model.forward(&batch.inputs, train.then_some(&mut rng))?;
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let nll = logp.gather(&batch.labels.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
+        let loss = smoothed(&nll, &logp, self.label_smoothing)?.mean_all()?;
+        let n = batch.labels.dim(0)? as f64;
+        let mut m = Metrics::default();
+        m.add("loss", loss.to_scalar::<f32>()? as f64 * n, n);
+        // Rank of the true class: how many classes score higher.
+        let true_logit = logits.gather(&batch.labels.unsqueeze(1)?, 1)?;
+        let rank = logits.broadcast_gt(&true_logit)?.to_dtype(DType::F32)?.sum(D::Minus1)?.to_vec1::<f32>()?;
+        m.add("accuracy", rank.iter().filter(|&&r| r < 1.0).count() as f64, n);
+        if self.examples.classes().len() > 5 {
+            m.add("top5", rank.iter().filter(|&&r| r < 5.0).count() as f64, n);
+        }
+        Ok((logits, loss, m))
+    }
+
+    /// The validation split's metrics (as `trainer::evaluate` gives them) and its confusion
+    /// matrix, `[true class][predicted class]` counts, in one pass.
+    pub fn evaluate_with_confusion(&self, model: &VisionModel) -> Result<(Metrics, Vec<Vec<usize>>)> {
+        let k = self.examples.classes().len();
+        let (mut total, mut confusion) = (Metrics::default(), vec![vec![0; k]; k]);
+        let indices: Vec<usize> = (0..self.len(Split::Validation)).collect();
+        for chunk in indices.chunks(64) {
+            let batch = self.batch(Split::Validation, 0, chunk)?;
+            let (logits, _, m) = self.scored(model, &batch, false)?;
+            total.merge(&m);
+            let truth = batch.labels.to_vec1::<u32>()?;
+            for (t, p) in truth.into_iter().zip(logits.argmax(D::Minus1)?.to_vec1::<u32>()?) {
+                confusion[t as usize][p as usize] += 1;
+            }
+        }
+        Ok((total, confusion))
+    }
+}
+
+impl<E: Examples> Task for Classify<E> {
+    type Model = VisionModel;
+    type Batch = ClassifyBatch;
+
+    fn init_params(&self, seed: u64) -> Result<HashMap<String, Tensor>> {
+        Ok(self.config.init_params(seed)?)
+    }
+
+    fn build_model(&self, vb: VarBuilder) -> Result<VisionModel> {
+        Ok(VisionModel::load(vb, &self.config)?)
+    }
+
+    fn len(&self, split: Split) -> usize {
+        self.examples.len(split)
+    }
+
+    fn batch(&self, split: Split, epoch: usize, indices: &[usize]) -> Result<ClassifyBatch> {
+        let mut inputs = Vec::with_capacity(indices.len());
+        let mut labels = Vec::with_capacity(indices.len());
+        for &i in indices {
+            let mut rng = StdRng::seed_from_u64(example_seed(self.seed, split, epoch, i));
+            let (x, class) = self.examples.example(split, i, (split == Split::Train).then_some(&mut rng))?;
+            inputs.push(x);
+            labels.push(class as u32);
+        }
+        Ok(ClassifyBatch {
+            inputs: Tensor::stack(&inputs, 0)?,
+            labels: Tensor::new(labels, &Device::Cpu)?,
+            seed: example_seed(self.seed ^ 0xD0_D0, split, epoch, indices.first().copied().unwrap_or(0)),
+        })
+    }
+
+    fn forward(&self, model: &VisionModel, batch: &ClassifyBatch, train: bool) -> Result<(Tensor, Metrics)> {
+        let (_, loss, m) = self.scored(model, batch, train)?;
+        Ok((loss, m))
+    }
+
+    fn checkpoint_files(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        Ok(vec![self.examples.meta_file()?])
+    }
+
+    fn best_metric(&self) -> (&'static str, bool) {
+        ("accuracy", true)
+    }
+}
+
+/// A checkpoint's meta file (`image.json`, `audio.json`), parsed.
+pub fn read_meta<T: serde::de::DeserializeOwned>(dir: &Path, name: &str) -> Result<T> {
+    let path = dir.join(name);
+    serde_json::from_slice(&std::fs::read(&path).map_err(crate::trainer::io(&path))?)
+        .map_err(|e| Error::Checkpoint { path: path.display().to_string(), message: e.to_string() })
+}
+
+/// A checkpoint's train.toml as a table, and the file's name for errors.
+pub fn read_train_config(dir: &Path) -> Result<(toml::Table, String)> {
+    let path = dir.join("train.toml");
+    let source = path.display().to_string();
+    let text = std::fs::read_to_string(&path).map_err(crate::trainer::io(&path))?;
+    let table =
+        text.parse().map_err(|e: toml::de::Error| Error::Config { path: source.clone(), message: e.to_string() })?;
+    Ok((table, source))
+}
+
+/// Class probabilities of each input (channels, height, width), highest first.
+pub fn rank_classes(model: &VisionModel, classes: &[String], inputs: Vec<Tensor>) -> Result<Vec<Vec<(String, f32)>>> {
+    let mut out = Vec::with_capacity(inputs.len());
+    for chunk in inputs.chunks(32) {
+        let probs = candle_nn::ops::softmax(&model.forward(&Tensor::stack(chunk, 0)?, None)?, D::Minus1)?;
+        for row in probs.to_vec2::<f32>()? {
+            let mut ranked: Vec<(String, f32)> = classes.iter().cloned().zip(row).collect();
+            ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+            out.push(ranked);
+        }
+    }
+    Ok(out)
+}
