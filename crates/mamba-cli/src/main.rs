@@ -6,8 +6,9 @@ use candle_core::{DType, Device, Tensor};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use mamba_nn::{LmConfig, MambaLm};
 use mamba_text::{generate, load_tokenizer, Sampling, TextStream};
-use mamba_train::tasks::audio::{classify_clips, load_audio_classifier};
-use mamba_train::tasks::image::{classify, load_classifier};
+use mamba_train::tasks::audio::load_audio_classifier;
+use mamba_train::tasks::classify::classify_files;
+use mamba_train::tasks::image::load_classifier;
 use mamba_vision::{Grid, VisionConfig};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -325,10 +326,10 @@ fn run_predict(dir: &Path, max_new: usize, top: usize, image_size: Option<usize>
     let paths: Vec<PathBuf> = inputs.iter().map(PathBuf::from).collect();
     let ranked = if dir.join("image.json").exists() {
         let (model, meta) = load_classifier(dir, image_size)?;
-        Some(classify(&model, &meta, &paths)?)
+        Some(classify_files(&model, &meta, &paths)?)
     } else if dir.join("audio.json").exists() {
         let (model, meta) = load_audio_classifier(dir)?;
-        Some(classify_clips(&model, &meta, &paths)?)
+        Some(classify_files(&model, &meta, &paths)?)
     } else {
         None
     };

@@ -4,9 +4,9 @@
 //! naming the file and the key.
 
 use crate::optim::OptimConfig;
-use crate::tasks::audio::{AudioData, AudioExamples, AudioTask};
+use crate::tasks::audio::{AudioData, AudioTask};
 use crate::tasks::classify::{Classify, Examples};
-use crate::tasks::image::{ImageData, ImageExamples, ImageTask};
+use crate::tasks::image::{ImageData, ImageTask};
 use crate::tasks::{LmTask, Source, TextData};
 use crate::trainer::{evaluate, train, Summary, TrainConfig};
 use crate::Result;
@@ -125,10 +125,10 @@ impl RunConfig {
         let seed = file.train.seed;
         let task = match file.task {
             TaskSection::ImageClassification(data) => {
-                AnyTask::Image(ImageExamples::load(data, file.model, file.backbone, &source, seed)?)
+                AnyTask::Image(data.task(file.model, file.backbone, &source, seed)?)
             }
             TaskSection::AudioClassification(data) => {
-                AnyTask::Audio(AudioExamples::load(data, file.model, file.backbone, &source, seed)?)
+                AnyTask::Audio(data.task(file.model, file.backbone, &source, seed)?)
             }
             lm => AnyTask::Lm(lm_task(lm, file.model, file.backbone, &source, seed)?),
         };

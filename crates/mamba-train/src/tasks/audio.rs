@@ -3,12 +3,11 @@
 //! backbone, the Audio Mamba recipe: patches or frame tokens, bidirectional routes. Validation
 //! clips are held-out speakers, a Speech Commands list, or a seeded fraction.
 
-use super::classify::{rank_classes, read_meta, read_train_config, Classify, Examples};
-use crate::task::Split;
+use super::classify::{read_meta, read_train_config, Classify, Files, InputMeta};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use mamba_audio::{AudioFolder, Augment, Clips, Frontend, MelConfig};
+use mamba_audio::{AudioFolder, Augment, Frontend, MelConfig};
 use mamba_vision::{ImageShape, Size2d, VisionConfig, VisionModel};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -58,24 +57,13 @@ fn one() -> f64 {
     1.0
 }
 
-/// The clips of both splits, and how they become spectrograms.
-pub struct AudioExamples {
-    pub meta: AudioMeta,
-    items: [Clips; 2],
-}
+pub type AudioTask = Classify<Files<AudioMeta>>;
 
-pub type AudioTask = Classify<AudioExamples>;
-
-impl AudioExamples {
-    /// Opens the folder (every file's WAV header read), splits it, measures the normalisation
+impl AudioData {
+    /// The task: opens the folder (every file's WAV header read), splits it, measures the normalisation
     /// if not given, and builds the model config (mel bins x frames, one channel, the classes).
-    pub fn load(
-        d: AudioData,
-        model: toml::Table,
-        backbone: Option<toml::Table>,
-        source: &str,
-        seed: u64,
-    ) -> Result<AudioTask> {
+    pub fn task(self, model: toml::Table, backbone: Option<toml::Table>, source: &str, seed: u64) -> Result<AudioTask> {
+        let d = self;
         let err = |message: String| Error::Config { path: source.to_string(), message };
         d.features.check().map_err(|m| err(format!("[task.features] {m}")))?;
         if d.duration.is_nan() || d.duration <= 0.0 {
@@ -110,55 +98,33 @@ impl AudioExamples {
         let (bins, frames) = frontend.shape();
         let shape =
             ImageShape { image_size: Size2d::new(bins, frames), channels: 1, num_classes: folder.classes.len() };
-        let examples =
-            AudioExamples { meta: AudioMeta { classes: folder.classes, frontend }, items: [train, validation] };
+        let examples = Files { meta: AudioMeta { classes: folder.classes, frontend }, items: [train, validation] };
         Classify::new(examples, shape, (model, backbone), source, d.label_smoothing, seed)
     }
 }
 
-impl AudioMeta {
-    /// A clip's model input, (1, mel bins, frames).
+impl InputMeta for AudioMeta {
+    const FILE: &'static str = "audio.json";
+
+    fn classes(&self) -> &[String] {
+        &self.classes
+    }
+
+    /// A clip's normalised log-mel, (1, mel bins, frames).
     fn input(&self, path: &Path, rng: Option<&mut StdRng>) -> Result<Tensor> {
         let (bins, frames) = self.frontend.shape();
         Ok(Tensor::from_vec(self.frontend.load(path, rng)?, (1, bins, frames), &Device::Cpu)?)
     }
 }
 
-impl Examples for AudioExamples {
-    fn classes(&self) -> &[String] {
-        &self.meta.classes
-    }
-
-    fn len(&self, split: Split) -> usize {
-        self.items[split as usize].len()
-    }
-
-    fn example(&self, split: Split, index: usize, rng: Option<&mut StdRng>) -> Result<(Tensor, usize)> {
-        let (path, class) = &self.items[split as usize][index];
-        Ok((self.meta.input(path, rng)?, *class))
-    }
-
-    fn meta_file(&self) -> Result<(String, Vec<u8>)> {
-        let json = serde_json::to_vec_pretty(&self.meta)
-            .map_err(|e| Error::Config { path: "audio.json".into(), message: e.to_string() })?;
-        Ok(("audio.json".into(), json))
-    }
-}
-
 /// A trained audio classifier from a checkpoint directory: its train.toml's `[model]` (and
 /// `[backbone]`), audio.json and weights. The training data is not read.
 pub fn load_audio_classifier(dir: &Path) -> Result<(VisionModel, AudioMeta)> {
-    let meta: AudioMeta = read_meta(dir, "audio.json")?;
+    let meta: AudioMeta = read_meta(dir)?;
     let (table, source) = read_train_config(dir)?;
     let (bins, frames) = meta.frontend.shape();
     let shape = ImageShape { image_size: Size2d::new(bins, frames), channels: 1, num_classes: meta.classes.len() };
     let config = VisionConfig::from_file_table(table, &source, Some(shape))?;
     let vb = VarBuilder::from_tensors(crate::run::checkpoint_tensors(dir)?, DType::F32, &Device::Cpu);
     Ok((VisionModel::load(vb, &config)?, meta))
-}
-
-/// Class probabilities of each WAV file at `paths`, highest first.
-pub fn classify_clips(model: &VisionModel, meta: &AudioMeta, paths: &[PathBuf]) -> Result<Vec<Vec<(String, f32)>>> {
-    let inputs = paths.iter().map(|p| meta.input(p, None)).collect::<Result<Vec<_>>>()?;
-    rank_classes(model, &meta.classes, inputs)
 }

@@ -12,7 +12,7 @@ use mamba_vision::{ImageShape, VisionConfig, VisionModel};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// A labelled data set split in two.
 pub trait Examples: Send + Sync + 'static {
@@ -23,6 +23,43 @@ pub trait Examples: Send + Sync + 'static {
     fn example(&self, split: Split, index: usize, rng: Option<&mut StdRng>) -> Result<(Tensor, usize)>;
     /// The file a checkpoint carries to turn new inputs into examples (`image.json`, ...).
     fn meta_file(&self) -> Result<(String, Vec<u8>)>;
+}
+
+/// What turns a file into a model input, as a checkpoint carries it (`image.json`, `audio.json`),
+/// so that new files can be classified without the training data.
+pub trait InputMeta: serde::Serialize + serde::de::DeserializeOwned + Send + Sync + 'static {
+    /// The checkpoint file it is saved as.
+    const FILE: &'static str;
+    fn classes(&self) -> &[String];
+    /// The input (channels, height, width) of the file at `path`; with `rng`, augmented.
+    fn input(&self, path: &Path, rng: Option<&mut StdRng>) -> Result<Tensor>;
+}
+
+/// Labelled files, (path, class) per split, and how they load.
+pub struct Files<M> {
+    pub meta: M,
+    pub items: [Vec<(PathBuf, usize)>; 2],
+}
+
+impl<M: InputMeta> Examples for Files<M> {
+    fn classes(&self) -> &[String] {
+        self.meta.classes()
+    }
+
+    fn len(&self, split: Split) -> usize {
+        self.items[split as usize].len()
+    }
+
+    fn example(&self, split: Split, index: usize, rng: Option<&mut StdRng>) -> Result<(Tensor, usize)> {
+        let (path, class) = &self.items[split as usize][index];
+        Ok((self.meta.input(path, rng)?, *class))
+    }
+
+    fn meta_file(&self) -> Result<(String, Vec<u8>)> {
+        let json = serde_json::to_vec_pretty(&self.meta)
+            .map_err(|e| Error::Config { path: M::FILE.into(), message: e.to_string() })?;
+        Ok((M::FILE.into(), json))
+    }
 }
 
 pub struct ClassifyBatch {
@@ -143,9 +180,9 @@ impl<E: Examples> Task for Classify<E> {
     }
 }
 
-/// A checkpoint's meta file (`image.json`, `audio.json`), parsed.
-pub fn read_meta<T: serde::de::DeserializeOwned>(dir: &Path, name: &str) -> Result<T> {
-    let path = dir.join(name);
+/// A checkpoint's meta file (`M::FILE`), parsed.
+pub fn read_meta<M: InputMeta>(dir: &Path) -> Result<M> {
+    let path = dir.join(M::FILE);
     serde_json::from_slice(&std::fs::read(&path).map_err(crate::trainer::io(&path))?)
         .map_err(|e| Error::Checkpoint { path: path.display().to_string(), message: e.to_string() })
 }
@@ -160,13 +197,18 @@ pub fn read_train_config(dir: &Path) -> Result<(toml::Table, String)> {
     Ok((table, source))
 }
 
-/// Class probabilities of each input (channels, height, width), highest first.
-pub fn rank_classes(model: &VisionModel, classes: &[String], inputs: Vec<Tensor>) -> Result<Vec<Vec<(String, f32)>>> {
-    let mut out = Vec::with_capacity(inputs.len());
-    for chunk in inputs.chunks(32) {
-        let probs = candle_nn::ops::softmax(&model.forward(&Tensor::stack(chunk, 0)?, None)?, D::Minus1)?;
+/// Class probabilities of each file at `paths`, highest first.
+pub fn classify_files<M: InputMeta>(
+    model: &VisionModel,
+    meta: &M,
+    paths: &[PathBuf],
+) -> Result<Vec<Vec<(String, f32)>>> {
+    let mut out = Vec::with_capacity(paths.len());
+    for chunk in paths.chunks(32) {
+        let inputs = chunk.iter().map(|p| meta.input(p, None)).collect::<Result<Vec<_>>>()?;
+        let probs = candle_nn::ops::softmax(&model.forward(&Tensor::stack(&inputs, 0)?, None)?, D::Minus1)?;
         for row in probs.to_vec2::<f32>()? {
-            let mut ranked: Vec<(String, f32)> = classes.iter().cloned().zip(row).collect();
+            let mut ranked: Vec<(String, f32)> = meta.classes().iter().cloned().zip(row).collect();
             ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
             out.push(ranked);
         }

@@ -2,8 +2,7 @@
 //! crops and flips for training, centre crops for validation (the loss, metrics and confusion
 //! matrix are `classify`'s).
 
-use super::classify::{rank_classes, read_meta, read_train_config, Classify, Examples};
-use crate::task::Split;
+use super::classify::{read_meta, read_train_config, Classify, Files, InputMeta};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -23,14 +22,19 @@ pub struct ImageMeta {
     pub transform: Transform,
 }
 
-/// The images of both splits, and how they load.
-pub struct ImageExamples {
-    pub meta: ImageMeta,
-    /// (file, class) per split.
-    items: [Vec<(PathBuf, usize)>; 2],
+impl InputMeta for ImageMeta {
+    const FILE: &'static str = "image.json";
+
+    fn classes(&self) -> &[String] {
+        &self.classes
+    }
+
+    fn input(&self, path: &Path, rng: Option<&mut StdRng>) -> Result<Tensor> {
+        self.transform.load(path, rng).map_err(data_error)
+    }
 }
 
-pub type ImageTask = Classify<ImageExamples>;
+pub type ImageTask = Classify<Files<ImageMeta>>;
 
 /// The `[task]` keys of an image classification run.
 #[derive(Debug, Deserialize)]
@@ -71,17 +75,12 @@ fn data_error(e: mamba_vision::DataError) -> Error {
     Error::Config { path: "[task]".into(), message: e.to_string() }
 }
 
-impl ImageExamples {
-    /// Opens the folders (every image decoded once: a corrupt one fails here or is skipped and
+impl ImageData {
+    /// The task: opens the folders (every image decoded once: a corrupt one fails here or is skipped and
     /// listed), splits off validation if no folder is given, measures mean and std if not given,
     /// and builds the model config (image size, channels and classes from the data).
-    pub fn load(
-        d: ImageData,
-        model: toml::Table,
-        backbone: Option<toml::Table>,
-        source: &str,
-        seed: u64,
-    ) -> Result<ImageTask> {
+    pub fn task(self, model: toml::Table, backbone: Option<toml::Table>, source: &str, seed: u64) -> Result<ImageTask> {
+        let d = self;
         let err = |message: String| Error::Config { path: source.to_string(), message };
         if d.channels != 1 && d.channels != 3 {
             return Err(err(format!("[task] channels = {}: 1 (grayscale) or 3 (RGB)", d.channels)));
@@ -137,8 +136,7 @@ impl ImageExamples {
             channels: d.channels,
             num_classes: train.classes.len(),
         };
-        let examples =
-            ImageExamples { meta: ImageMeta { classes: train.classes, transform }, items: [train_items, val_items] };
+        let examples = Files { meta: ImageMeta { classes: train.classes, transform }, items: [train_items, val_items] };
         Classify::new(examples, shape, (model, backbone), source, d.label_smoothing, seed)
     }
 }
@@ -171,33 +169,12 @@ fn channel_stats(t: &Transform, items: &[(PathBuf, usize)], seed: u64) -> Result
     Ok((mean, std))
 }
 
-impl Examples for ImageExamples {
-    fn classes(&self) -> &[String] {
-        &self.meta.classes
-    }
-
-    fn len(&self, split: Split) -> usize {
-        self.items[split as usize].len()
-    }
-
-    fn example(&self, split: Split, index: usize, rng: Option<&mut StdRng>) -> Result<(Tensor, usize)> {
-        let (path, class) = &self.items[split as usize][index];
-        Ok((self.meta.transform.load(path, rng).map_err(data_error)?, *class))
-    }
-
-    fn meta_file(&self) -> Result<(String, Vec<u8>)> {
-        let json = serde_json::to_vec_pretty(&self.meta)
-            .map_err(|e| Error::Config { path: "image.json".into(), message: e.to_string() })?;
-        Ok(("image.json".into(), json))
-    }
-}
-
 /// A trained classifier from a checkpoint directory: its train.toml's `[model]` (and
 /// `[backbone]`), image.json and weights. The training data is not read. With `image_size`, the
 /// model runs at another size than it was trained at: Vim's position embedding is resized over
 /// the new patch grid (VMamba has none), and the transform's crop and resize scale with it.
 pub fn load_classifier(dir: &Path, image_size: Option<usize>) -> Result<(VisionModel, ImageMeta)> {
-    let mut meta: ImageMeta = read_meta(dir, "image.json")?;
+    let mut meta: ImageMeta = read_meta(dir)?;
     let (table, source) = read_train_config(dir)?;
     let t = &meta.transform;
     let trained_shape = ImageShape {
@@ -226,13 +203,4 @@ pub fn load_classifier(dir: &Path, image_size: Option<usize>) -> Result<(VisionM
     };
     let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
     Ok((VisionModel::load(vb, &config)?, meta))
-}
-
-/// Class probabilities of each image at `paths`, highest first.
-pub fn classify(model: &VisionModel, meta: &ImageMeta, paths: &[PathBuf]) -> Result<Vec<Vec<(String, f32)>>> {
-    let images = paths
-        .iter()
-        .map(|p| meta.transform.load(p, None::<&mut StdRng>).map_err(data_error))
-        .collect::<Result<Vec<_>>>()?;
-    rank_classes(model, &meta.classes, images)
 }
