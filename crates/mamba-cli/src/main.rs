@@ -330,6 +330,8 @@ fn run_predict(dir: &Path, max_new: usize, top: usize, image_size: Option<usize>
     } else if dir.join("audio.json").exists() {
         let (model, meta) = load_audio_classifier(dir)?;
         Some(classify_files(&model, &meta, &paths)?)
+    } else if dir.join("series.json").exists() {
+        anyhow::bail!("{}: predicting with a series checkpoint is not built yet (use `mamba eval`)", dir.display());
     } else {
         None
     };

@@ -7,6 +7,7 @@ use crate::optim::OptimConfig;
 use crate::tasks::audio::{AudioData, AudioTask};
 use crate::tasks::classify::{Classify, Examples};
 use crate::tasks::image::{ImageData, ImageTask};
+use crate::tasks::series::{SeriesData, SeriesTask};
 use crate::tasks::{LmTask, Source, TextData};
 use crate::trainer::{evaluate, train, Summary, TrainConfig};
 use crate::Result;
@@ -59,6 +60,8 @@ enum TaskSection {
     ImageClassification(ImageData),
     /// An AudioFolder (path relative to the config file), its split, features and augmentation.
     AudioClassification(AudioData),
+    /// UCR / UEA archive files (`.ts`, `.tsv`; paths relative to the config file).
+    SeriesClassification(SeriesData),
 }
 
 fn sixteen() -> usize {
@@ -73,6 +76,7 @@ pub enum AnyTask {
     Lm(LmTask),
     Image(ImageTask),
     Audio(AudioTask),
+    Series(SeriesTask),
 }
 
 /// A parsed training config, its text (with overrides and resolved paths) and its task.
@@ -109,7 +113,7 @@ impl RunConfig {
         // Data paths are relative to the config file; the saved config holds them resolved.
         let base = path.parent().unwrap_or(Path::new("."));
         if let Some(toml::Value::Table(task)) = table.get_mut("task") {
-            for key in ["data", "tokenizer", "train", "validation", "validation_list"] {
+            for key in ["data", "tokenizer", "train", "validation", "validation_list", "test"] {
                 if let Some(toml::Value::String(p)) = task.get(key) {
                     let resolved = base.join(p);
                     if !resolved.exists() {
@@ -129,6 +133,9 @@ impl RunConfig {
             }
             TaskSection::AudioClassification(data) => {
                 AnyTask::Audio(data.task(file.model, file.backbone, &source, seed)?)
+            }
+            TaskSection::SeriesClassification(data) => {
+                AnyTask::Series(data.task(file.model, file.backbone, &source, seed)?)
             }
             lm => AnyTask::Lm(lm_task(lm, file.model, file.backbone, &source, seed)?),
         };
@@ -174,7 +181,9 @@ fn lm_task(
             let t = TextData::load(&data, &tokenizer, context, validation_fraction)?;
             (Source::Text(t), label_smoothing)
         }
-        TaskSection::ImageClassification(_) | TaskSection::AudioClassification(_) => {
+        TaskSection::ImageClassification(_)
+        | TaskSection::AudioClassification(_)
+        | TaskSection::SeriesClassification(_) => {
             return Err(err("[task] a classification task has no language model".into()))
         }
     };
@@ -189,6 +198,7 @@ pub fn train_from_config(path: &Path, out: &Path, resume: bool, sets: &[String])
         AnyTask::Lm(t) => train(Arc::new(t), &train_config, &optim, &run.text, out, resume),
         AnyTask::Image(t) => train(Arc::new(t), &train_config, &optim, &run.text, out, resume),
         AnyTask::Audio(t) => train(Arc::new(t), &train_config, &optim, &run.text, out, resume),
+        AnyTask::Series(t) => train(Arc::new(t), &train_config, &optim, &run.text, out, resume),
     }
 }
 
@@ -207,6 +217,7 @@ pub fn evaluate_checkpoint(dir: &Path) -> Result<Evaluation> {
         AnyTask::Lm(t) => Evaluation { metrics: evaluate(t, &t.build_model(vb)?)?, confusion: None },
         AnyTask::Image(t) => classifier_evaluation(t, vb)?,
         AnyTask::Audio(t) => classifier_evaluation(t, vb)?,
+        AnyTask::Series(t) => classifier_evaluation(t, vb)?,
     })
 }
 

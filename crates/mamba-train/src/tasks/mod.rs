@@ -1,11 +1,13 @@
 //! Built-in tasks: causal language modelling over a token source, with the loss on chosen
 //! positions (sources: the Mamba paper's synthetic tasks, selective copying and induction heads,
 //! generated afresh from (seed, split, epoch, index), and text through a tokenizer);
-//! classification (`classify`) of images (`image`) and audio clips (`audio`).
+//! classification (`classify`) of images (`image`), audio clips (`audio`) and time series
+//! (`series`).
 
 pub mod audio;
 pub mod classify;
 pub mod image;
+pub mod series;
 
 use crate::task::{Metrics, Split, Task};
 use crate::trainer::io;

@@ -1,0 +1,107 @@
+//! Series classification end to end: a generated `.ts` archive (two dimensions, two classes)
+//! trains and evaluates; broken archives and configs stop the run naming the file.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn mamba(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mamba")).args(args).output().expect("run mamba")
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// Class "slow": a sine of one cycle; class "fast": three cycles; the second dimension is the
+/// first's negative. Cases differ in phase and amplitude.
+fn archive(path: &Path, cases: usize, seed: usize) {
+    let mut out = String::from("# generated\n@problemName waves\n@univariate false\n@dimensions 2\n@equalLength true\n@seriesLength 32\n@classLabel true slow fast\n@data\n");
+    for i in 0..cases {
+        let (label, cycles) = if i % 2 == 0 { ("slow", 1.0) } else { ("fast", 3.0) };
+        let phase = ((i * 7 + seed) % 10) as f64 / 10.0;
+        let amp = 0.5 + ((i * 3 + seed) % 5) as f64 / 5.0;
+        let dim = |sign: f64| {
+            (0..32)
+                .map(|t| {
+                    format!("{:.4}", sign * amp * (std::f64::consts::TAU * (cycles * t as f64 / 32.0 + phase)).sin())
+                })
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        out += &format!("{}:{}:{label}\n", dim(1.0), dim(-1.0));
+    }
+    std::fs::write(path, out).unwrap();
+}
+
+fn config(dir: &Path) -> String {
+    format!(
+        r#"
+[task]
+kind = "series_classification"
+train = "{train}"
+test = "{test}"
+jitter = 0.05
+
+[model]
+kind = "vim"
+patch_size = [2, 4]
+patch_stride = [2, 2]
+
+[backbone]
+kind = "mamba2"
+d_model = 16
+n_layer = 1
+d_state = 8
+headdim = 8
+chunk_size = 4
+
+[train]
+epochs = 8
+batch_size = 4
+seed = 1
+log_every = 5
+checkpoint_every = 100
+
+[optim]
+lr = 1e-2
+warmup_steps = 4
+"#,
+        train = dir.join("train.ts").display(),
+        test = dir.join("test.ts").display(),
+    )
+}
+
+fn scratch() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("mamba-series-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn a_ts_archive_trains_and_bad_ones_are_named() {
+    let dir = scratch();
+    archive(&dir.join("train.ts"), 24, 0);
+    archive(&dir.join("test.ts"), 20, 5);
+    let cfg = dir.join("waves.toml");
+    std::fs::write(&cfg, config(&dir)).unwrap();
+    let out = dir.join("run");
+    let o = mamba(&["train", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = mamba(&["eval", "--checkpoint", out.join("best").to_str().unwrap()]);
+    let report = text(&o);
+    let accuracy: f64 = report.lines().find_map(|l| l.strip_prefix("accuracy ")).unwrap().trim().parse().unwrap();
+    assert!(accuracy >= 0.9, "chance is 0.5: {report}");
+    assert!(report.contains("slow") && report.contains("fast"));
+
+    // A non-number in the test archive: the file, line and column are named.
+    let bad = std::fs::read_to_string(dir.join("test.ts")).unwrap().replacen("0.", "x.", 1);
+    std::fs::write(dir.join("test.ts"), bad).unwrap();
+    let o = mamba(&["train", cfg.to_str().unwrap(), "--out", dir.join("run2").to_str().unwrap()]);
+    let msg = text(&o);
+    assert!(!o.status.success() && msg.contains("test.ts, line 9, column") && !msg.contains("panicked"), "{msg}");
+    std::fs::write(&cfg, config(&dir).replace("test.ts", "test.csv")).unwrap();
+    std::fs::write(dir.join("test.csv"), "a,b\n").unwrap();
+    let o = mamba(&["train", cfg.to_str().unwrap(), "--out", dir.join("run3").to_str().unwrap()]);
+    assert!(!o.status.success() && text(&o).contains(".ts (sktime / UEA) or .tsv"), "{}", text(&o));
+}

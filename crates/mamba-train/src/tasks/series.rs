@@ -1,0 +1,155 @@
+//! Time-series classification (the UCR / UEA archives): each case, (dimensions x length), is a
+//! one-channel image for a Vim, whose patches `[dimensions, k]` are the series' patch tokens
+//! (all dimensions of k steps) and whose raster / reverse-raster routes are a bidirectional scan
+//! over time. Validation is the archive's own test split.
+
+use super::classify::{Classify, Examples};
+use crate::task::Split;
+use crate::{Error, Result};
+use candle_core::{Device, Tensor};
+use mamba_series::{read_ts, read_ucr_tsv, Labelled};
+use mamba_vision::{ImageShape, Size2d};
+use rand::rngs::StdRng;
+use rand_distr::{Distribution, Normal};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The `[task]` keys of a series classification run.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeriesData {
+    /// `.ts` (sktime / UEA) or `.tsv` (UCR) files.
+    pub train: PathBuf,
+    pub test: PathBuf,
+    #[serde(default)]
+    pub label_smoothing: f64,
+    /// Training augmentation (Um et al. 2017): each case multiplied by a factor drawn from
+    /// N(1, scaling^2), then Gaussian noise of std `jitter` added to every value.
+    #[serde(default)]
+    pub scaling: f64,
+    #[serde(default)]
+    pub jitter: f64,
+}
+
+/// What a checkpoint needs to read new cases: `series.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SeriesMeta {
+    pub classes: Vec<String>,
+    pub dims: usize,
+    /// Cases are zero-padded (at the end) or cut to this length.
+    pub length: usize,
+}
+
+pub struct SeriesExamples {
+    pub meta: SeriesMeta,
+    /// (scaling, jitter) for training cases.
+    augment: (f64, f64),
+    /// Train and test cases, labels as indices into `meta.classes`.
+    cases: [Labelled; 2],
+}
+
+pub type SeriesTask = Classify<SeriesExamples>;
+
+/// A `.ts` or `.tsv` archive file.
+pub fn read_archive(path: &Path) -> Result<Labelled> {
+    let read = match path.extension().and_then(|e| e.to_str()) {
+        Some("ts") => read_ts,
+        Some("tsv") => read_ucr_tsv,
+        _ => {
+            let message = "expected a .ts (sktime / UEA) or .tsv (UCR) file".into();
+            return Err(Error::Config { path: path.display().to_string(), message });
+        }
+    };
+    read(path).map_err(|e| Error::Config { path: "[task]".into(), message: e.to_string() })
+}
+
+impl SeriesData {
+    /// The task: reads both files, checks that they agree (dimensions, classes) and that no
+    /// value is missing, and builds the model config (dimensions x length, one channel).
+    pub fn task(
+        self,
+        model: toml::Table,
+        backbone: Option<toml::Table>,
+        source: &str,
+        seed: u64,
+    ) -> Result<SeriesTask> {
+        let err = |message: String| Error::Config { path: source.to_string(), message };
+        let train = read_archive(&self.train)?;
+        let mut test = read_archive(&self.test)?;
+        for (set, path) in [(&train, &self.train), (&test, &self.test)] {
+            if set.missing > 0 {
+                let message = format!("{} values are missing; fill or drop them first", set.missing);
+                return Err(Error::Config { path: path.display().to_string(), message });
+            }
+            if set.labels.len() != set.series.len() {
+                return Err(Error::Config { path: path.display().to_string(), message: "cases without labels".into() });
+            }
+        }
+        if train.dims() != test.dims() {
+            return Err(err(format!("[task] train has {} dimensions, test {}", train.dims(), test.dims())));
+        }
+        // Test labels as indices into the training classes.
+        let mut labels = Vec::with_capacity(test.labels.len());
+        for &l in &test.labels {
+            let name = &test.classes[l];
+            let i = train.classes.iter().position(|c| c == name);
+            labels.push(i.ok_or_else(|| err(format!("[task] test class {name:?} is not among the training classes")))?);
+        }
+        (test.labels, test.classes) = (labels, train.classes.clone());
+        let meta = SeriesMeta { classes: train.classes.clone(), dims: train.dims(), length: train.max_len() };
+        let shape = ImageShape {
+            image_size: Size2d::new(meta.dims, meta.length),
+            channels: 1,
+            num_classes: meta.classes.len(),
+        };
+        let examples = SeriesExamples { meta, augment: (self.scaling, self.jitter), cases: [train, test] };
+        Classify::new(examples, shape, (model, backbone), source, self.label_smoothing, seed)
+    }
+}
+
+impl SeriesMeta {
+    /// One case (dimensions x any length) as (1, dims, length).
+    pub fn input(&self, case: &[Vec<f32>]) -> Result<Tensor> {
+        let mut values = Vec::with_capacity(self.dims * self.length);
+        for d in case {
+            values.extend(d.iter().copied().chain(std::iter::repeat(0.0)).take(self.length));
+        }
+        Ok(Tensor::from_vec(values, (1, self.dims, self.length), &Device::Cpu)?)
+    }
+}
+
+impl Examples for SeriesExamples {
+    fn classes(&self) -> &[String] {
+        &self.meta.classes
+    }
+
+    fn len(&self, split: Split) -> usize {
+        self.cases[split as usize].series.len()
+    }
+
+    fn example(&self, split: Split, index: usize, rng: Option<&mut StdRng>) -> Result<(Tensor, usize)> {
+        let set = &self.cases[split as usize];
+        let case = &set.series[index];
+        let (scaling, jitter) = self.augment;
+        let input = match rng {
+            Some(rng) if scaling > 0.0 || jitter > 0.0 => {
+                let normal = |std: f64| {
+                    Normal::new(0.0, std).map_err(|e| Error::Config { path: "[task]".into(), message: e.to_string() })
+                };
+                let (factor, noise) = (normal(scaling)?, normal(jitter)?);
+                let k = 1.0 + factor.sample(rng) as f32;
+                let moved: Vec<Vec<f32>> =
+                    case.iter().map(|d| d.iter().map(|&v| v * k + noise.sample(rng) as f32).collect()).collect();
+                self.meta.input(&moved)?
+            }
+            _ => self.meta.input(case)?,
+        };
+        Ok((input, set.labels[index]))
+    }
+
+    fn meta_file(&self) -> Result<(String, Vec<u8>)> {
+        let json = serde_json::to_vec_pretty(&self.meta)
+            .map_err(|e| Error::Config { path: "series.json".into(), message: e.to_string() })?;
+        Ok(("series.json".into(), json))
+    }
+}
