@@ -2,24 +2,11 @@
 //! classifier judged on a held-out speaker, `mamba eval` reports it, `mamba predict` labels WAV
 //! files with a probability, and bad configs or files stop with the file named.
 
+mod common;
+
+use common::{mamba, scratch, text};
 use std::f64::consts::PI;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn mamba(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mamba")).args(args).output().expect("run mamba")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("mamba-audio-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
+use std::path::Path;
 
 /// Three "words" as pitch contours of 0.4 to 0.55 s (rising, falling, level), said by
 /// "speakers" at different base pitches, each speaker's files in its own format: 16-bit mono at

@@ -1,16 +1,14 @@
 //! The `mamba` binary end to end on the fixtures: logits and greedy generation against
 //! transformers, inspect, and errors.
 
+mod common;
+
 use candle_core::{safetensors, Device, Tensor};
+use common::mamba;
 use std::path::PathBuf;
-use std::process::{Command, Output};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn mamba(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mamba")).args(args).output().expect("run mamba")
 }
 
 /// The prompt ids and the fixture tensors of a tiny model.

@@ -1,16 +1,10 @@
 //! Series classification end to end: a generated `.ts` archive (two dimensions, two classes)
 //! trains and evaluates; broken archives and configs stop the run naming the file.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn mamba(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mamba")).args(args).output().expect("run mamba")
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
+use common::{mamba, scratch, text};
+use std::path::Path;
 
 /// Class "slow": a sine of one cycle; class "fast": three cycles; the second dimension is the
 /// first's negative. Cases differ in phase and amplitude.
@@ -71,16 +65,9 @@ warmup_steps = 4
     )
 }
 
-fn scratch() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("mamba-series-cli-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 #[test]
 fn a_ts_archive_trains_and_bad_ones_are_named() {
-    let dir = scratch();
+    let dir = scratch("series");
     archive(&dir.join("train.ts"), 24, 0);
     archive(&dir.join("test.ts"), 20, 5);
     let cfg = dir.join("waves.toml");

@@ -1,21 +1,13 @@
 //! `mamba train` and `mamba eval` end to end: a killed run resumes to the weights of an
 //! uninterrupted one, and bad configs stop before training with the file and key named.
 
+mod common;
+
 use candle_core::{safetensors, Device};
+use common::{mamba, scratch};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn mamba(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mamba")).args(args).output().expect("run mamba")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("mamba-train-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 /// A selective-copying run small enough for a test: 2 epochs of 48 micro-batches, two per
 /// optimizer step, a checkpoint every 4 steps, a moving average of the weights.

@@ -3,23 +3,10 @@
 //! `mamba predict` labels image files, corrupt images fail or are skipped by choice, and
 //! `mamba scan show` draws patterns.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn mamba(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mamba")).args(args).output().expect("run mamba")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("mamba-vision-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
+use common::{mamba, scratch, text};
+use std::path::Path;
 
 /// Six classes of 20 x 16 RGB images, each class a colour with noise on top, JPEG and PNG mixed:
 /// `per_class` images per class under root/CLASS/.

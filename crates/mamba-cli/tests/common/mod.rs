@@ -1,0 +1,23 @@
+//! What every CLI test does: run the built `mamba`, read what it printed, make a scratch folder.
+// Each test binary uses its own subset.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+pub fn mamba(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mamba")).args(args).output().expect("run mamba")
+}
+
+/// stdout then stderr.
+pub fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// An empty folder of this process (test binaries run as separate processes).
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("mamba-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
