@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{mamba, scratch, text};
+use common::{eval_accuracy, mamba, scratch, text};
 use std::f64::consts::PI;
 use std::path::Path;
 
@@ -121,11 +121,7 @@ fn a_wav_folder_trains_on_some_speakers_and_labels_another() {
         let o = mamba(&["eval", "--checkpoint", best.to_str().unwrap()]);
         let report = text(&o);
         assert!(o.status.success(), "{report}");
-        let accuracy: f64 = report
-            .lines()
-            .find_map(|l| l.strip_prefix("accuracy "))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no accuracy in {report}"));
+        let accuracy = eval_accuracy(&report);
         // Twelve clips of a speaker never heard, three words: chance is 1/3.
         assert!(accuracy >= 0.9, "{name}: accuracy {accuracy}\n{report}");
 

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{mamba, scratch, text};
+use common::{eval_accuracy, mamba, scratch, text};
 use std::path::Path;
 
 /// Class "slow": a sine of one cycle; class "fast": three cycles; the second dimension is the
@@ -77,7 +77,7 @@ fn a_ts_archive_trains_and_bad_ones_are_named() {
     assert!(o.status.success(), "{}", text(&o));
     let o = mamba(&["eval", "--checkpoint", out.join("best").to_str().unwrap()]);
     let report = text(&o);
-    let accuracy: f64 = report.lines().find_map(|l| l.strip_prefix("accuracy ")).unwrap().trim().parse().unwrap();
+    let accuracy = eval_accuracy(&report);
     assert!(accuracy >= 0.9, "chance is 0.5: {report}");
     assert!(report.contains("slow") && report.contains("fast"));
 

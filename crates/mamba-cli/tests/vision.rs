@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{mamba, scratch, text};
+use common::{eval_accuracy, mamba, scratch, text};
 use std::path::Path;
 
 /// Six classes of 20 x 16 RGB images, each class a colour with noise on top, JPEG and PNG mixed:
@@ -105,11 +105,7 @@ fn any_image_folder_trains_evaluates_and_predicts() {
         let drawn = std::fs::read_to_string(&svg).unwrap();
         assert!(drawn.contains("<svg") && drawn.contains("colour5") && drawn.contains("predicted"));
         assert!(o.status.success(), "{report}");
-        let accuracy: f64 = report
-            .lines()
-            .find_map(|l| l.strip_prefix("accuracy "))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no accuracy in {report}"));
+        let accuracy = eval_accuracy(&report);
         // Six well-separated colours: chance is 1/6.
         assert!(accuracy >= 0.9, "{name}: accuracy {accuracy}\n{report}");
         assert!(report.contains("confusion (rows: true, columns: predicted)") && report.contains("colour5"));

@@ -58,6 +58,12 @@ impl Labelled {
     }
 }
 
+/// Errors at (line, column) of `path`.
+fn parse_error(path: &Path) -> impl Fn(usize, usize, String) -> SeriesError {
+    let path = path.display().to_string();
+    move |line, column, message| SeriesError::Parse { path: path.clone(), line, column, message }
+}
+
 fn read_text(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|e| SeriesError::Io { path: path.display().to_string(), source: e })
 }
@@ -75,9 +81,7 @@ fn number(cell: &str, missing: &[&str]) -> std::result::Result<Option<f32>, Stri
 /// column. Rows with another number of fields than the header, and cells that are neither
 /// numbers nor missing (empty, `NA`, `NaN`), are errors naming the line and column.
 pub fn read_csv(path: &Path) -> Result<Table> {
-    let name = path.display().to_string();
-    let err =
-        |line: usize, column: usize, message: String| SeriesError::Parse { path: name.clone(), line, column, message };
+    let err = parse_error(path);
     let text = read_text(path)?;
     let mut reader = csv::ReaderBuilder::new().flexible(true).from_reader(text.as_bytes());
     let header = reader.headers().map_err(|e| err(1, 0, e.to_string()))?.clone();
@@ -116,9 +120,7 @@ pub fn read_csv(path: &Path) -> Result<Table> {
 /// then `@data` and one case per line: dimensions separated by `:`, values by `,`, the class
 /// label last. `?` is a missing value. Time stamps (`@timeStamps true`) are not supported.
 pub fn read_ts(path: &Path) -> Result<Labelled> {
-    let name = path.display().to_string();
-    let err =
-        |line: usize, column: usize, message: String| SeriesError::Parse { path: name.clone(), line, column, message };
+    let err = parse_error(path);
     let text = read_text(path)?;
     let mut out = Labelled { series: vec![], labels: vec![], classes: vec![], missing: 0 };
     let (mut in_data, mut equal_length, mut declared_len, mut has_labels) = (false, true, None, false);
@@ -215,9 +217,7 @@ pub fn read_ts(path: &Path) -> Result<Labelled> {
 /// tab-separated; `NaN` pads the shorter cases of the variable-length sets and is dropped from
 /// the end of each case (NaN inside a case is a missing value).
 pub fn read_ucr_tsv(path: &Path) -> Result<Labelled> {
-    let name = path.display().to_string();
-    let err =
-        |line: usize, column: usize, message: String| SeriesError::Parse { path: name.clone(), line, column, message };
+    let err = parse_error(path);
     let text = read_text(path)?;
     let mut out = Labelled { series: vec![], labels: vec![], classes: vec![], missing: 0 };
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {

@@ -21,3 +21,12 @@ pub fn scratch(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// The `accuracy` line of a `mamba eval` report.
+pub fn eval_accuracy(report: &str) -> f64 {
+    report
+        .lines()
+        .find_map(|l| l.strip_prefix("accuracy "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no accuracy in {report}"))
+}
