@@ -380,7 +380,8 @@ fn run_eval(checkpoint: &Path, json: bool, confusion_svg: Option<&Path>) -> Resu
         mamba_train::plot_confusion(classes, matrix, svg)?;
     }
     let mut metrics = evaluation.metrics.means();
-    if let (Some(loss), None) = (metrics.get("loss").copied(), &evaluation.confusion) {
+    let language_model = evaluation.confusion.is_none() && evaluation.test.is_none();
+    if let (Some(loss), true) = (metrics.get("loss").copied(), language_model) {
         metrics.insert("perplexity".into(), loss.exp());
     }
     if json {
@@ -388,6 +389,13 @@ fn run_eval(checkpoint: &Path, json: bool, confusion_svg: Option<&Path>) -> Resu
         if let Some((classes, matrix)) = &evaluation.confusion {
             value["classes"] = serde_json::to_value(classes)?;
             value["confusion"] = serde_json::to_value(matrix)?;
+        }
+        if let Some((_, rows)) = &evaluation.test {
+            let test: serde_json::Map<String, serde_json::Value> = rows
+                .iter()
+                .map(|(name, e)| (name.clone(), serde_json::json!({ "mse": e.mse(), "mae": e.mae() })))
+                .collect();
+            value["test"] = test.into();
         }
         println!("{value}");
         return Ok(());
@@ -397,6 +405,13 @@ fn run_eval(checkpoint: &Path, json: bool, confusion_svg: Option<&Path>) -> Resu
     }
     if let Some((classes, matrix)) = &evaluation.confusion {
         print_confusion(classes, matrix);
+    }
+    if let Some((windows, rows)) = &evaluation.test {
+        println!("\ntest split ({windows} windows, standardised values):");
+        println!("| forecaster | MSE | MAE |\n|---|---|---|");
+        for (name, e) in rows {
+            println!("| {name} | {:.4} | {:.4} |", e.mse(), e.mae());
+        }
     }
     Ok(())
 }

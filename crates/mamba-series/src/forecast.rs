@@ -57,7 +57,7 @@ impl SplitRule {
 }
 
 /// Per-variable standardisation: (x - mean) / std, fitted on some rows (NaN ignored).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Scaler {
     pub mean: Vec<f32>,
     pub std: Vec<f32>,

@@ -1,16 +1,21 @@
-//! Time series for Mamba models (started): readers for the formats people bring. `read_csv`: a
+//! Time series for Mamba models: readers for the formats people bring. `read_csv`: a
 //! table with a time column and any number of variables (the ETT / Electricity / Weather
 //! layout); `read_ts`: sktime / UEA `.ts` classification archives (univariate or multivariate,
 //! equal or unequal length, `?` for missing values); `read_ucr_tsv`: the UCR archive's `.tsv`.
 //! Malformed input is an error naming the file, line and column. Forecasting data as the
 //! long-horizon papers prepare it (`forecast`): chronological splits (fractions or ETT's months),
 //! standardisation fitted on the training rows, sliding windows, MSE / MAE, and the naive and
-//! seasonal-naive baselines.
+//! seasonal-naive baselines. Forecasting models (`model`): Mamba blocks over patch tokens
+//! (channel-independent) or variate tokens, with RevIN and a linear head, and DLinear.
 
 mod error;
 mod forecast;
+mod model;
 mod read;
 
 pub use error::{Result, SeriesError};
 pub use forecast::{evaluate, windows, Errors, Forecaster, Naive, Scaler, SeasonalNaive, SplitRule, Splits};
+pub use model::{
+    moving_average_matrix, ForecastArch, ForecastConfig, ForecastModel, ForecastShape, Revin, Tokens,
+};
 pub use read::{read_csv, read_ts, read_ucr_tsv, Labelled, Table};

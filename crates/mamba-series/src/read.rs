@@ -8,7 +8,9 @@ use std::path::Path;
 /// A table of variables over time: `columns[v][t]` is variable `v` at row `t`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Table {
-    /// The time column as written (dates are not parsed: rows are taken as equally spaced).
+    /// The time column's name and its values as written (dates are not parsed: rows are taken
+    /// as equally spaced).
+    pub time_name: String,
     pub time: Vec<String>,
     pub names: Vec<String>,
     pub columns: Vec<Vec<f32>>,
@@ -89,7 +91,8 @@ pub fn read_csv(path: &Path) -> Result<Table> {
         return Err(err(1, 0, "the header needs a time column and at least one variable".into()));
     }
     let names: Vec<String> = header.iter().skip(1).map(|h| h.trim().to_string()).collect();
-    let mut table = Table { time: vec![], columns: vec![vec![]; names.len()], missing: vec![0; names.len()], names };
+    let time_name = header[0].trim().to_string();
+    let mut table = Table { time_name, time: vec![], columns: vec![vec![]; names.len()], missing: vec![0; names.len()], names };
     for record in reader.records() {
         let record = record.map_err(|e| {
             let line = e.position().map_or(0, |p| p.line() as usize);

@@ -6,6 +6,7 @@
 use crate::optim::OptimConfig;
 use crate::tasks::audio::{AudioData, AudioTask};
 use crate::tasks::classify::{Classify, Examples};
+use crate::tasks::forecast::{ForecastData, ForecastTask};
 use crate::tasks::image::{ImageData, ImageTask};
 use crate::tasks::series::{SeriesData, SeriesTask};
 use crate::tasks::{LmTask, Source, TextData};
@@ -13,6 +14,7 @@ use crate::trainer::{evaluate, train, Summary, TrainConfig};
 use crate::Result;
 use crate::{Error, Metrics, Task};
 use candle_core::Device;
+use mamba_series::Errors;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -62,6 +64,8 @@ enum TaskSection {
     AudioClassification(AudioData),
     /// UCR / UEA archive files (`.ts`, `.tsv`; paths relative to the config file).
     SeriesClassification(SeriesData),
+    /// A CSV table (path relative to the config file), its windows and split.
+    Forecasting(ForecastData),
 }
 
 fn sixteen() -> usize {
@@ -77,6 +81,7 @@ pub enum AnyTask {
     Image(ImageTask),
     Audio(AudioTask),
     Series(SeriesTask),
+    Forecast(ForecastTask),
 }
 
 /// A parsed training config, its text (with overrides and resolved paths) and its task.
@@ -137,6 +142,7 @@ impl RunConfig {
             TaskSection::SeriesClassification(data) => {
                 AnyTask::Series(data.task(file.model, file.backbone, &source, seed)?)
             }
+            TaskSection::Forecasting(data) => AnyTask::Forecast(data.task(file.model, file.backbone, &source)?),
             lm => AnyTask::Lm(lm_task(lm, file.model, file.backbone, &source, seed)?),
         };
         Ok(Self { text, train: file.train, optim: file.optim, task })
@@ -183,9 +189,8 @@ fn lm_task(
         }
         TaskSection::ImageClassification(_)
         | TaskSection::AudioClassification(_)
-        | TaskSection::SeriesClassification(_) => {
-            return Err(err("[task] a classification task has no language model".into()))
-        }
+        | TaskSection::SeriesClassification(_)
+        | TaskSection::Forecasting(_) => return Err(err("[task] this task has no language model".into())),
     };
     Ok(LmTask { config, source: source_kind, label_smoothing, seed })
 }
@@ -199,14 +204,17 @@ pub fn train_from_config(path: &Path, out: &Path, resume: bool, sets: &[String])
         AnyTask::Image(t) => train(Arc::new(t), &train_config, &optim, &run.text, out, resume),
         AnyTask::Audio(t) => train(Arc::new(t), &train_config, &optim, &run.text, out, resume),
         AnyTask::Series(t) => train(Arc::new(t), &train_config, &optim, &run.text, out, resume),
+        AnyTask::Forecast(t) => train(Arc::new(t), &train_config, &optim, &run.text, out, resume),
     }
 }
 
-/// What `mamba eval` reports: the validation metrics and, for classifiers, the class names and
-/// the confusion matrix (`[true][predicted]`).
+/// What `mamba eval` reports: the validation metrics; for classifiers, the class names and the
+/// confusion matrix (`[true][predicted]`); for forecasters, the test split's errors of the model
+/// and of the baselines, and its number of windows.
 pub struct Evaluation {
     pub metrics: Metrics,
     pub confusion: Option<(Vec<String>, Vec<Vec<usize>>)>,
+    pub test: Option<(usize, Vec<(String, Errors)>)>,
 }
 
 /// `mamba eval`: the validation metrics of a checkpoint directory (its train.toml and weights).
@@ -214,7 +222,12 @@ pub fn evaluate_checkpoint(dir: &Path) -> Result<Evaluation> {
     let run = RunConfig::load(&dir.join("train.toml"), &[])?;
     let vb = checkpoint_weights(dir)?;
     Ok(match &run.task {
-        AnyTask::Lm(t) => Evaluation { metrics: evaluate(t, &t.build_model(vb)?)?, confusion: None },
+        AnyTask::Lm(t) => Evaluation { metrics: evaluate(t, &t.build_model(vb)?)?, confusion: None, test: None },
+        AnyTask::Forecast(t) => {
+            let model = t.build_model(vb)?;
+            let test = Some((t.test_windows(), t.test(&model)?));
+            Evaluation { metrics: evaluate(t, &model)?, confusion: None, test }
+        }
         AnyTask::Image(t) => classifier_evaluation(t, vb)?,
         AnyTask::Audio(t) => classifier_evaluation(t, vb)?,
         AnyTask::Series(t) => classifier_evaluation(t, vb)?,
@@ -223,7 +236,7 @@ pub fn evaluate_checkpoint(dir: &Path) -> Result<Evaluation> {
 
 fn classifier_evaluation<E: Examples>(task: &Classify<E>, vb: candle_nn::VarBuilder) -> Result<Evaluation> {
     let (metrics, matrix) = task.evaluate_with_confusion(&task.build_model(vb)?)?;
-    Ok(Evaluation { metrics, confusion: Some((task.examples.classes().to_vec(), matrix)) })
+    Ok(Evaluation { metrics, confusion: Some((task.examples.classes().to_vec(), matrix)), test: None })
 }
 
 /// A checkpoint's model.safetensors as a VarBuilder (f32, CPU).

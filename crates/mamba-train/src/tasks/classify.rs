@@ -182,8 +182,12 @@ impl<E: Examples> Task for Classify<E> {
 
 /// A checkpoint's meta file (`M::FILE`), parsed.
 pub fn read_meta<M: InputMeta>(dir: &Path) -> Result<M> {
-    let path = dir.join(M::FILE);
-    serde_json::from_slice(&std::fs::read(&path).map_err(crate::trainer::io(&path))?)
+    read_json(&dir.join(M::FILE))
+}
+
+/// A checkpoint's JSON file.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    serde_json::from_slice(&std::fs::read(path).map_err(crate::trainer::io(path))?)
         .map_err(|e| Error::Checkpoint { path: path.display().to_string(), message: e.to_string() })
 }
 

@@ -2,10 +2,11 @@
 //! positions (sources: the Mamba paper's synthetic tasks, selective copying and induction heads,
 //! generated afresh from (seed, split, epoch, index), and text through a tokenizer);
 //! classification (`classify`) of images (`image`), audio clips (`audio`) and time series
-//! (`series`).
+//! (`series`); forecasting of time series (`forecast`).
 
 pub mod audio;
 pub mod classify;
+pub mod forecast;
 pub mod image;
 pub mod series;
 

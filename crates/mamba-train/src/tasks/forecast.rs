@@ -1,0 +1,300 @@
+//! Forecasting, as the long-horizon papers set it up: a CSV table (time, then variables) split
+//! chronologically, standardised with the training rows' statistics and cut into (lookback,
+//! horizon) windows; the loss is the MSE over every forecast value. Validation MSE picks `best`;
+//! `mamba eval` adds the test split, beside the naive and seasonal-naive forecasts of the same
+//! windows. A checkpoint forecasts new CSV files of the same variables (`forecast_table`).
+
+use super::classify::{read_json, read_train_config};
+use crate::task::{Metrics, Split, Task};
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use mamba_series::{
+    evaluate, read_csv, windows, Errors, ForecastConfig, ForecastModel, ForecastShape, Naive, Scaler, SeasonalNaive,
+    SplitRule, Splits, Table,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// The `[task]` keys of a forecasting run.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForecastData {
+    /// A CSV file: a header, the time in the first column, one column per variable.
+    pub data: PathBuf,
+    pub lookback: usize,
+    pub horizon: usize,
+    /// Rows between the starts of training windows (validation and test use every window).
+    #[serde(default = "one")]
+    pub stride: usize,
+    /// `[train, validation]` fractions (the rest is the test split), or "ett_hourly" /
+    /// "ett_15min" for ETT's 12 / 4 / 4 months.
+    #[serde(default)]
+    pub split: SplitSection,
+    /// The seasonal-naive baseline's period in rows; without it that baseline is not reported.
+    pub period: Option<usize>,
+    /// The variables to model, by column name (default: all).
+    pub columns: Option<Vec<String>>,
+}
+
+fn one() -> usize {
+    1
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum SplitSection {
+    Fractions([f64; 2]),
+    Named(String),
+}
+
+impl Default for SplitSection {
+    fn default() -> Self {
+        SplitSection::Fractions([0.7, 0.1])
+    }
+}
+
+impl SplitSection {
+    fn rule(&self) -> std::result::Result<SplitRule, String> {
+        match self {
+            SplitSection::Fractions([train, validation]) => {
+                let ok = *train > 0.0 && *validation > 0.0 && train + validation < 1.0;
+                ok.then_some(SplitRule::Fractions { train: *train, validation: *validation })
+                    .ok_or_else(|| format!("[task] split = [{train}, {validation}]: two positive fractions summing below 1"))
+            }
+            SplitSection::Named(name) => match name.as_str() {
+                "ett_hourly" => Ok(SplitRule::EttMonths { rows_per_day: 24 }),
+                "ett_15min" => Ok(SplitRule::EttMonths { rows_per_day: 96 }),
+                other => Err(format!("[task] split = {other:?}: expected [train, validation] fractions, \"ett_hourly\" or \"ett_15min\"")),
+            },
+        }
+    }
+}
+
+/// What a checkpoint needs to forecast a new table: `forecast.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForecastMeta {
+    pub shape: ForecastShape,
+    /// The time column's name and the variables' names, in model order.
+    pub time: String,
+    pub variables: Vec<String>,
+    /// The training rows' standardisation.
+    pub scaler: Scaler,
+    pub period: Option<usize>,
+}
+
+impl ForecastMeta {
+    const FILE: &'static str = "forecast.json";
+}
+
+/// The columns of `table` named `names`, in that order.
+fn named_columns<'a>(table: &'a Table, names: &[String], source: &str) -> Result<Vec<&'a Vec<f32>>> {
+    names
+        .iter()
+        .map(|name| {
+            let i = table.names.iter().position(|n| n == name).ok_or_else(|| Error::Config {
+                path: source.to_string(),
+                message: format!("no column {name:?} (columns: {})", table.names.join(", ")),
+            })?;
+            Ok(&table.columns[i])
+        })
+        .collect()
+}
+
+pub struct ForecastBatch {
+    /// (batch, variables, lookback) and (batch, variables, horizon), standardised.
+    pub inputs: Tensor,
+    pub targets: Tensor,
+}
+
+pub struct ForecastTask {
+    pub config: ForecastConfig,
+    pub meta: ForecastMeta,
+    /// Standardised `columns[v][t]`.
+    columns: Vec<Vec<f32>>,
+    pub splits: Splits,
+    /// Window starts of the training and validation splits.
+    starts: [Vec<usize>; 2],
+}
+
+impl ForecastData {
+    /// Reads the table, checks it (no missing values in the chosen variables, enough rows for
+    /// every split), fits the scaler on the training rows and builds the model config.
+    pub fn task(self, model: toml::Table, backbone: Option<toml::Table>, source: &str) -> Result<ForecastTask> {
+        let err = |message: String| Error::Config { path: source.to_string(), message };
+        let data = self.data.display().to_string();
+        let table = read_csv(&self.data).map_err(|e| err(format!("[task] data: {e}")))?;
+        let variables = self.columns.clone().unwrap_or_else(|| table.names.clone());
+        if variables.is_empty() {
+            return Err(err("[task] columns: name at least one variable".into()));
+        }
+        let rule = self.split.rule().map_err(&err)?;
+        let (lookback, horizon) = (self.lookback, self.horizon);
+        if lookback == 0 || horizon == 0 || self.stride == 0 {
+            return Err(err("[task] lookback, horizon and stride must be at least 1".into()));
+        }
+        if let Some(p) = self.period.filter(|&p| p == 0 || p > lookback) {
+            return Err(err(format!("[task] period {p} must be at least 1 and fit in the lookback ({lookback})")));
+        }
+        let raw: Vec<Vec<f32>> = named_columns(&table, &variables, &data)?.into_iter().cloned().collect();
+        for (name, col) in variables.iter().zip(&raw) {
+            let missing = col.iter().filter(|v| v.is_nan()).count();
+            if missing > 0 {
+                return Err(Error::Config {
+                    path: data.clone(),
+                    message: format!("column {name:?} has {missing} missing values; fill or drop them first"),
+                });
+            }
+        }
+        let splits = rule.split(table.len(), lookback).ok_or_else(|| {
+            err(format!("[task] {data}: {} rows are too few for the split with lookback {lookback}", table.len()))
+        })?;
+        let starts = [
+            windows(splits.train.clone(), lookback, horizon, self.stride),
+            windows(splits.validation.clone(), lookback, horizon, 1),
+        ];
+        let test_windows = windows(splits.test.clone(), lookback, horizon, 1).len();
+        if starts.iter().any(|s| s.is_empty()) || test_windows == 0 {
+            return Err(err(format!(
+                "[task] {data}: a split has no window of lookback {lookback} + horizon {horizon} (rows: train {:?}, validation {:?}, test {:?})",
+                splits.train, splits.validation, splits.test
+            )));
+        }
+        let scaler = Scaler::fit(&raw, splits.train.clone());
+        let columns = scaler.transform(&raw);
+        let meta = ForecastMeta {
+            shape: ForecastShape { lookback, horizon, variables: variables.len() },
+            time: table.time_name.clone(),
+            variables,
+            scaler,
+            period: self.period,
+        };
+        let config = ForecastConfig::from_tables(model, backbone, source, meta.shape)?;
+        Ok(ForecastTask { config, meta, columns, splits, starts })
+    }
+}
+
+impl ForecastTask {
+    /// Windows starting at `starts` as (inputs, targets) tensors.
+    fn windows_at(&self, starts: &[usize]) -> Result<ForecastBatch> {
+        let ForecastShape { lookback, horizon, variables } = self.meta.shape;
+        let (mut inputs, mut targets) = (vec![], vec![]);
+        for &s in starts {
+            for col in &self.columns {
+                inputs.extend_from_slice(&col[s..s + lookback]);
+                targets.extend_from_slice(&col[s + lookback..s + lookback + horizon]);
+            }
+        }
+        let n = starts.len();
+        Ok(ForecastBatch {
+            inputs: Tensor::from_vec(inputs, (n, variables, lookback), &Device::Cpu)?,
+            targets: Tensor::from_vec(targets, (n, variables, horizon), &Device::Cpu)?,
+        })
+    }
+
+    /// Test-split errors of `model` and of the naive baselines on the same windows, named.
+    pub fn test(&self, model: &ForecastModel) -> Result<Vec<(String, Errors)>> {
+        let ForecastShape { lookback, horizon, .. } = self.meta.shape;
+        let rows = self.splits.test.clone();
+        let mut errors = Errors::default();
+        for chunk in windows(rows.clone(), lookback, horizon, 1).chunks(64) {
+            let batch = self.windows_at(chunk)?;
+            let forecast = model.forward(&batch.inputs)?;
+            errors.add(&forecast.flatten_all()?.to_vec1()?, &batch.targets.flatten_all()?.to_vec1()?);
+        }
+        let mut out = vec![
+            ("model".to_string(), errors),
+            ("naive (last value)".into(), evaluate(&Naive, &self.columns, rows.clone(), lookback, horizon)),
+        ];
+        if let Some(period) = self.meta.period {
+            let seasonal = evaluate(&SeasonalNaive { period }, &self.columns, rows, lookback, horizon);
+            out.push((format!("seasonal naive ({period})"), seasonal));
+        }
+        Ok(out)
+    }
+
+    pub fn test_windows(&self) -> usize {
+        let ForecastShape { lookback, horizon, .. } = self.meta.shape;
+        windows(self.splits.test.clone(), lookback, horizon, 1).len()
+    }
+}
+
+impl Task for ForecastTask {
+    type Model = ForecastModel;
+    type Batch = ForecastBatch;
+
+    fn init_params(&self, seed: u64) -> Result<HashMap<String, Tensor>> {
+        Ok(self.config.init_params(seed)?)
+    }
+
+    fn build_model(&self, vb: VarBuilder) -> Result<ForecastModel> {
+        Ok(ForecastModel::load(vb, &self.config)?)
+    }
+
+    fn len(&self, split: Split) -> usize {
+        self.starts[split as usize].len()
+    }
+
+    fn batch(&self, split: Split, _epoch: usize, indices: &[usize]) -> Result<ForecastBatch> {
+        let starts: Vec<usize> = indices.iter().map(|&i| self.starts[split as usize][i]).collect();
+        self.windows_at(&starts)
+    }
+
+    fn forward(&self, model: &ForecastModel, batch: &ForecastBatch, _train: bool) -> Result<(Tensor, Metrics)> {
+        let diff = (model.forward(&batch.inputs)? - &batch.targets)?;
+        let loss = diff.sqr()?.mean_all()?;
+        let count = diff.elem_count() as f64;
+        let mse = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let mut m = Metrics::default();
+        m.add("loss", mse * count, count);
+        m.add("mse", mse * count, count);
+        m.add("mae", diff.abs()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?, count);
+        Ok((loss, m))
+    }
+
+    fn checkpoint_files(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        let json = serde_json::to_vec_pretty(&self.meta)
+            .map_err(|e| Error::Config { path: ForecastMeta::FILE.into(), message: e.to_string() })?;
+        Ok(vec![(ForecastMeta::FILE.into(), json)])
+    }
+
+    fn best_metric(&self) -> (&'static str, bool) {
+        ("mse", false)
+    }
+}
+
+/// A forecasting checkpoint: its model and `forecast.json`.
+pub fn load_forecaster(dir: &Path) -> Result<(ForecastModel, ForecastMeta)> {
+    let meta: ForecastMeta = read_json(&dir.join(ForecastMeta::FILE))?;
+    let (mut table, source) = read_train_config(dir)?;
+    let mut section = |name: &str| match table.remove(name) {
+        Some(toml::Value::Table(t)) => Some(t),
+        _ => None,
+    };
+    let model = section("model").ok_or_else(|| Error::Config { path: source.clone(), message: "no [model]".into() })?;
+    let config = ForecastConfig::from_tables(model, section("backbone"), &source, meta.shape)?;
+    let vb = VarBuilder::from_tensors(crate::run::checkpoint_tensors(dir)?, DType::F32, &Device::Cpu);
+    Ok((ForecastModel::load(vb, &config)?, meta))
+}
+
+/// The forecast, in the table's units, of the `horizon` rows after the last row of `table`
+/// (`forecast[v][h]`, the model's variables in order), from its last `lookback` rows.
+pub fn forecast_table(model: &ForecastModel, meta: &ForecastMeta, table: &Table, source: &str) -> Result<Vec<Vec<f32>>> {
+    let ForecastShape { lookback, variables, .. } = meta.shape;
+    let err = |message: String| Error::Config { path: source.to_string(), message };
+    if table.len() < lookback {
+        return Err(err(format!("{} rows; the model looks back {lookback}", table.len())));
+    }
+    let raw: Vec<Vec<f32>> =
+        named_columns(table, &meta.variables, source)?.into_iter().map(|c| c[c.len() - lookback..].to_vec()).collect();
+    for (name, col) in meta.variables.iter().zip(&raw) {
+        if col.iter().any(|v| v.is_nan()) {
+            return Err(err(format!("column {name:?} has missing values in its last {lookback} rows")));
+        }
+    }
+    let input = meta.scaler.transform(&raw).concat();
+    let out = model.forward(&Tensor::from_vec(input, (1, variables, lookback), &Device::Cpu)?)?;
+    let rows = out.squeeze(0)?.to_vec2::<f32>()?;
+    Ok(rows.iter().enumerate().map(|(v, r)| meta.scaler.inverse(v, r)).collect())
+}
