@@ -8,7 +8,11 @@ use mamba_nn::{LmConfig, MambaLm};
 use mamba_text::{generate, load_tokenizer, Sampling, TextStream};
 use mamba_train::tasks::audio::load_audio_classifier;
 use mamba_train::tasks::classify::classify_files;
+use mamba_train::tasks::forecast::{forecast_table, load_forecaster};
 use mamba_train::tasks::image::load_classifier;
+use mamba_train::tasks::series::{classify_cases, load_series_classifier, read_archive};
+use mamba_train::plot_forecast;
+use mamba_series::{next_times, read_csv, write_csv, Table};
 use mamba_vision::{Grid, VisionConfig};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -66,24 +70,13 @@ enum Command {
         #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
         sets: Vec<String>,
     },
-    /// Predictions of a trained checkpoint, one line per input. Classifiers: INPUTS are image
-    /// or WAV files, printed with their top classes and probabilities. Language models: greedy
-    /// continuations, text when the checkpoint has a tokenizer.json, else comma-separated ids.
-    Predict {
-        #[arg(long)]
-        checkpoint: PathBuf,
-        #[arg(long, default_value_t = 32)]
-        max_new_tokens: usize,
-        /// Classes shown per input.
-        #[arg(long, default_value_t = 3)]
-        top: usize,
-        /// Image classifiers: run at this image size instead of the training size (Vim's
-        /// position embedding is interpolated to the new patch grid).
-        #[arg(long)]
-        image_size: Option<usize>,
-        #[arg(required = true)]
-        inputs: Vec<String>,
-    },
+    /// Predictions of a trained checkpoint. Classifiers: INPUTS are image or WAV files, or
+    /// .ts / .tsv archives (one line per case), printed with their top classes and
+    /// probabilities. Forecasters: INPUTS are CSV files of the training variables; each gets
+    /// NAME.forecast.csv (the next rows) and NAME.forecast.png (history and forecast). Language
+    /// models: greedy continuations, text when the checkpoint has a tokenizer.json, else
+    /// comma-separated ids.
+    Predict(PredictArgs),
     /// Validation metrics of a checkpoint directory; for classifiers also per-class accuracy
     /// and the confusion matrix.
     Eval {
@@ -115,6 +108,26 @@ enum ScanCommand {
         #[arg(long, default_value_t = 32)]
         cell: u32,
     },
+}
+
+#[derive(Args)]
+struct PredictArgs {
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    /// Classes shown per input.
+    #[arg(long, default_value_t = 3)]
+    top: usize,
+    /// Image classifiers: run at this image size instead of the training size (Vim's
+    /// position embedding is interpolated to the new patch grid).
+    #[arg(long)]
+    image_size: Option<usize>,
+    /// Forecasters: write the forecast files here (default: beside each input).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(required = true)]
+    inputs: Vec<String>,
 }
 
 #[derive(Args)]
@@ -322,27 +335,39 @@ fn run_train(config: &Path, out: Option<PathBuf>, resume: bool, sets: &[String])
     Ok(())
 }
 
-fn run_predict(dir: &Path, max_new: usize, top: usize, image_size: Option<usize>, inputs: &[String]) -> Result<()> {
+fn run_predict(a: PredictArgs) -> Result<()> {
+    let (dir, inputs) = (a.checkpoint.as_path(), &a.inputs);
     let paths: Vec<PathBuf> = inputs.iter().map(PathBuf::from).collect();
+    if dir.join("forecast.json").exists() {
+        return forecast_files(dir, &paths, a.out.as_deref());
+    }
     let ranked = if dir.join("image.json").exists() {
-        let (model, meta) = load_classifier(dir, image_size)?;
-        Some(classify_files(&model, &meta, &paths)?)
+        let (model, meta) = load_classifier(dir, a.image_size)?;
+        Some((classify_files(&model, &meta, &paths)?, paths.iter().map(|p| p.display().to_string()).collect()))
     } else if dir.join("audio.json").exists() {
         let (model, meta) = load_audio_classifier(dir)?;
-        Some(classify_files(&model, &meta, &paths)?)
+        Some((classify_files(&model, &meta, &paths)?, paths.iter().map(|p| p.display().to_string()).collect()))
     } else if dir.join("series.json").exists() {
-        anyhow::bail!("{}: predicting with a series checkpoint is not built yet (use `mamba eval`)", dir.display());
+        let (model, meta) = load_series_classifier(dir)?;
+        let (mut ranked, mut names) = (vec![], vec![]);
+        for path in &paths {
+            let cases = read_archive(path)?;
+            ranked.extend(classify_cases(&model, &meta, &cases.series)?);
+            names.extend((1..=cases.series.len()).map(|i| format!("{} case {i}", path.display())));
+        }
+        Some((ranked, names))
     } else {
         None
     };
-    if let Some(ranked) = ranked {
+    if let Some((ranked, names)) = ranked {
         let mut out = std::io::stdout().lock();
-        for (path, ranked) in paths.iter().zip(ranked) {
-            let shown: Vec<String> = ranked.iter().take(top.max(1)).map(|(c, p)| format!("{c} {p:.4}")).collect();
-            writeln!(out, "{}: {}", path.display(), shown.join(", "))?;
+        for (name, ranked) in names.iter().zip(ranked) {
+            let shown: Vec<String> = ranked.iter().take(a.top.max(1)).map(|(c, p)| format!("{c} {p:.4}")).collect();
+            writeln!(out, "{name}: {}", shown.join(", "))?;
         }
         return Ok(());
     }
+    let max_new = a.max_new_tokens;
     let model = load(dir, WeightDType::F32)?;
     let tok = dir.join("tokenizer.json").exists().then(|| load_tokenizer(dir)).transpose()?;
     let mut out = std::io::stdout().lock();
@@ -367,6 +392,37 @@ fn run_predict(dir: &Path, max_new: usize, top: usize, image_size: Option<usize>
             }
             None => writeln!(out, "{}", new.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(","))?,
         }
+    }
+    Ok(())
+}
+
+/// Each CSV file's forecast as NAME.forecast.csv and NAME.forecast.png, in `out` or beside it.
+fn forecast_files(dir: &Path, paths: &[PathBuf], out: Option<&Path>) -> Result<()> {
+    let (model, meta) = load_forecaster(dir)?;
+    let horizon = meta.shape.horizon;
+    for path in paths {
+        let table = read_csv(path)?;
+        let forecast = forecast_table(&model, &meta, &table, &path.display().to_string())?;
+        let stem = path.file_stem().map_or("series".into(), |s| s.to_string_lossy().into_owned());
+        let folder = out.map_or_else(|| path.parent().unwrap_or(Path::new(".")).to_path_buf(), Path::to_path_buf);
+        let (csv, png) = (folder.join(format!("{stem}.forecast.csv")), folder.join(format!("{stem}.forecast.png")));
+        let rows = Table {
+            time_name: table.time_name.clone(),
+            time: next_times(&table.time, horizon),
+            names: meta.variables.clone(),
+            columns: forecast.clone(),
+            missing: vec![0; meta.variables.len()],
+        };
+        write_csv(&csv, &rows)?;
+        // The plot shows the lookback, or three horizons when that is longer.
+        let shown = meta.shape.lookback.max(3 * horizon).min(table.len());
+        let history: Vec<Vec<f32>> = meta
+            .variables
+            .iter()
+            .map(|v| table.names.iter().position(|n| n == v).map_or(vec![], |i| table.columns[i][table.len() - shown..].to_vec()))
+            .collect();
+        plot_forecast(&meta.variables, &history, &forecast, &png)?;
+        println!("{}: {horizon} rows after {} -> {} and {}", path.display(), table.time.last().map_or("", |t| t.as_str()), csv.display(), png.display());
     }
     Ok(())
 }
@@ -446,9 +502,7 @@ fn main() {
         Command::Inspect { model } => run_inspect(&model),
         Command::Train { config, out, resume, sets } => run_train(&config, out, resume, &sets),
         Command::Eval { checkpoint, json, confusion } => run_eval(&checkpoint, json, confusion.as_deref()),
-        Command::Predict { checkpoint, max_new_tokens, top, image_size, inputs } => {
-            run_predict(&checkpoint, max_new_tokens, top, image_size, &inputs)
-        }
+        Command::Predict(args) => run_predict(args),
         Command::Scan { command: ScanCommand::Show { pattern, grid, out, cell } } => {
             run_scan_show(&pattern, &grid, &out, cell)
         }

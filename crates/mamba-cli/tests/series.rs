@@ -80,6 +80,18 @@ fn a_ts_archive_trains_and_bad_ones_are_named() {
     let accuracy = eval_accuracy(&report);
     assert!(accuracy >= 0.9, "chance is 0.5: {report}");
     assert!(report.contains("slow") && report.contains("fast"));
+    // The checkpoint classifies an archive's cases without the training data: one line each,
+    // top class first (even cases are "slow").
+    let test = dir.join("test.ts");
+    let o = mamba(&["predict", "--checkpoint", out.join("best").to_str().unwrap(), test.to_str().unwrap()]);
+    let lines: Vec<String> = text(&o).lines().map(String::from).collect();
+    assert!(o.status.success() && lines.len() == 20, "{}", text(&o));
+    let right = lines
+        .iter()
+        .enumerate()
+        .filter(|(i, l)| l.contains(&format!("case {}: {}", i + 1, if i % 2 == 0 { "slow" } else { "fast" })))
+        .count();
+    assert!((right as f64 / 20.0 - accuracy).abs() < 1e-9, "predict agrees with eval ({accuracy}): {lines:?}");
 
     // A non-number in the test archive: the file, line and column are named.
     let bad = std::fs::read_to_string(dir.join("test.ts")).unwrap().replacen("0.", "x.", 1);

@@ -12,6 +12,7 @@ mod error;
 mod forecast;
 mod model;
 mod read;
+mod write;
 
 pub use error::{Result, SeriesError};
 pub use forecast::{evaluate, windows, Errors, Forecaster, Naive, Scaler, SeasonalNaive, SplitRule, Splits};
@@ -19,3 +20,4 @@ pub use model::{
     moving_average_matrix, ForecastArch, ForecastConfig, ForecastModel, ForecastShape, Revin, Tokens,
 };
 pub use read::{read_csv, read_ts, read_ucr_tsv, Labelled, Table};
+pub use write::{next_times, write_csv};

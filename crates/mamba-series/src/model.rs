@@ -64,24 +64,34 @@ pub struct ForecastConfig {
     pub arch: ForecastArch,
 }
 
+/// `[model] kind = "mamba"`.
 #[derive(Debug, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
-enum ModelSection {
-    Mamba {
-        tokens: Tokens,
-        #[serde(default = "sixteen")]
-        patch_len: usize,
-        #[serde(default = "eight")]
-        patch_stride: usize,
-        #[serde(default = "plain")]
-        revin: Revin,
-    },
-    Dlinear {
-        #[serde(default = "twenty_five")]
-        moving_average: usize,
-        #[serde(default = "none")]
-        revin: Revin,
-    },
+#[serde(deny_unknown_fields)]
+struct MambaSection {
+    tokens: Tokens,
+    #[serde(default = "sixteen")]
+    patch_len: usize,
+    #[serde(default = "eight")]
+    patch_stride: usize,
+    #[serde(default = "plain")]
+    revin: Revin,
+}
+
+/// `[model] kind = "dlinear"`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DLinearSection {
+    #[serde(default = "twenty_five")]
+    moving_average: usize,
+    #[serde(default = "none")]
+    revin: Revin,
+}
+
+/// A `[model]` table's other keys as `T`, through text so that a wrong value's error shows its
+/// line.
+fn section<T: serde::de::DeserializeOwned>(table: toml::Table) -> std::result::Result<T, String> {
+    let text = toml::to_string(&table).map_err(|e| e.to_string())?;
+    toml::from_str(&text).map_err(|e| e.to_string())
 }
 
 fn sixteen() -> usize {
@@ -104,7 +114,7 @@ impl ForecastConfig {
     /// `[model]` and `[backbone]` tables (a training config's) for data of `shape`; `source`
     /// names the file in errors.
     pub fn from_tables(
-        model: toml::Table,
+        mut model: toml::Table,
         backbone: Option<toml::Table>,
         source: &str,
         shape: ForecastShape,
@@ -113,9 +123,14 @@ impl ForecastConfig {
         if shape.lookback == 0 || shape.horizon == 0 || shape.variables == 0 {
             return Err(err(format!("lookback, horizon and variables must be at least 1 (got {shape:?})")));
         }
-        let section = ModelSection::deserialize(model).map_err(|e| err(format!("[model] {e}")))?;
-        let (revin, arch) = match section {
-            ModelSection::Mamba { tokens, patch_len, patch_stride, revin } => {
+        let kind = match model.remove("kind") {
+            Some(toml::Value::String(k)) => k,
+            _ => return Err(err("[model] kind = \"mamba\" or \"dlinear\" is missing".into())),
+        };
+        let (revin, arch) = match kind.as_str() {
+            "mamba" => {
+                let MambaSection { tokens, patch_len, patch_stride, revin } =
+                    section(model).map_err(|e| err(format!("[model] {e}")))?;
                 if tokens == Tokens::Patch && (patch_len == 0 || patch_stride == 0 || patch_len > shape.lookback) {
                     return Err(err(format!(
                         "[model] patch_len {patch_len} (stride {patch_stride}) must be at least 1 and fit in the lookback ({})",
@@ -132,7 +147,8 @@ impl ForecastConfig {
                 Route::by_names(&backbone.routes).map_err(|e| err(format!("[backbone] {e}")))?;
                 (revin, ForecastArch::Mamba { tokens, patch_len, patch_stride, backbone })
             }
-            ModelSection::Dlinear { moving_average, revin } => {
+            "dlinear" => {
+                let DLinearSection { moving_average, revin } = section(model).map_err(|e| err(format!("[model] {e}")))?;
                 if backbone.is_some() {
                     return Err(err("a DLinear model has no Mamba blocks; remove [backbone]".into()));
                 }
@@ -141,6 +157,7 @@ impl ForecastConfig {
                 }
                 (revin, ForecastArch::DLinear { moving_average })
             }
+            other => return Err(err(format!("[model] kind = {other:?}: a forecaster is \"mamba\" or \"dlinear\""))),
         };
         Ok(Self { shape, revin, arch })
     }

@@ -1,11 +1,24 @@
-//! The curves of a run, drawn from its metrics.jsonl: training and validation loss by step, and
-//! every other validation metric, one panel each, as SVG.
+//! Figures: the curves of a run, drawn from its metrics.jsonl (training and validation loss by
+//! step, and every other validation metric, one panel each, as SVG); a confusion matrix (SVG); a
+//! forecast after its history (PNG). Text is set in the bundled DejaVu Sans, so drawing needs no
+//! system fonts.
 
 use crate::{Error, Result};
 use plotters::prelude::*;
 use plotters::style::text_anchor;
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Once;
+
+/// Registers the bundled font as "sans-serif" (once); every figure calls it before drawing.
+fn fonts() {
+    static REGISTER: Once = Once::new();
+    REGISTER.call_once(|| {
+        let font: &'static [u8] = include_bytes!("../assets/DejaVuSans.ttf");
+        // The bundled file is a valid font; should it ever fail, text is simply not drawn.
+        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, font);
+    });
+}
 
 /// (step, value) points.
 type Series = Vec<(f64, f64)>;
@@ -36,6 +49,7 @@ fn series(metrics: &Path) -> Result<BTreeMap<String, Series>> {
 
 /// Writes the curves of `metrics` (a metrics.jsonl) to `out` (SVG).
 pub fn plot_metrics(metrics: &Path, out: &Path) -> Result<()> {
+    fonts();
     let all = series(metrics)?;
     let mut panels: Vec<Panel> = vec![("loss".into(), all.iter().filter(|(k, _)| k.ends_with(" loss")).collect())];
     for (k, v) in &all {
@@ -88,6 +102,7 @@ pub fn plot_metrics(metrics: &Path, out: &Path) -> Result<()> {
 /// by its share of the true class's images, with its count; rows true classes, columns
 /// predictions. Written beside `out` and renamed, so a failure leaves no half file.
 pub fn plot_confusion(classes: &[String], matrix: &[Vec<usize>], out: &Path) -> Result<()> {
+    fonts();
     let fail = |e: String| Error::Io { path: out.display().to_string(), source: std::io::Error::other(e) };
     let k = classes.len().max(1) as i32;
     let (cell, margin) = (36i32, 110i32);
@@ -125,5 +140,71 @@ pub fn plot_confusion(classes: &[String], matrix: &[Vec<usize>], out: &Path) -> 
         }
         root.present().map_err(|e| fail(e.to_string()))?;
     }
+    std::fs::rename(&tmp, out).map_err(|source| Error::Io { path: out.display().to_string(), source })
+}
+
+/// Writes each variable's `history` (its last rows) followed by its `forecast` to `out` (PNG),
+/// one panel per variable, the x axis in rows from the first forecast row. Written beside `out`
+/// and renamed, so a failure leaves no half file.
+pub fn plot_forecast(names: &[String], history: &[Vec<f32>], forecast: &[Vec<f32>], out: &Path) -> Result<()> {
+    fonts();
+    let fail = |e: String| Error::Io { path: out.display().to_string(), source: std::io::Error::other(e) };
+    let file = out.file_name().map_or("forecast.png".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = out.with_file_name(format!(".{file}.tmp.png"));
+    let panels = names.len().max(1);
+    let (width, height) = (800u32, 240 * panels as u32);
+    let mut pixels = vec![0u8; (width * height * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut pixels, (width, height)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
+        for (((name, past), future), area) in names.iter().zip(history).zip(forecast).zip(root.split_evenly((panels, 1)))
+        {
+            let n = past.len() as f64;
+            let past: Vec<(f64, f64)> = past.iter().enumerate().map(|(i, &v)| (i as f64 - n, v as f64)).collect();
+            // The forecast line starts at the last known value, so the two join.
+            let future: Vec<(f64, f64)> = past.last().copied().into_iter()
+                .chain(future.iter().enumerate().map(|(i, &v)| (i as f64, v as f64)))
+                .collect();
+            let (mut y0, mut y1) = (f64::INFINITY, f64::NEG_INFINITY);
+            for &(_, y) in past.iter().chain(&future).filter(|(_, y)| y.is_finite()) {
+                (y0, y1) = (y0.min(y), y1.max(y));
+            }
+            if !y0.is_finite() {
+                continue;
+            }
+            let pad = ((y1 - y0) * 0.05).max(1e-6);
+            let x1 = future.last().map_or(1.0, |p| p.0 + 1.0);
+            let mut chart = ChartBuilder::on(&area)
+                .caption(name, ("sans-serif", 18))
+                .margin(10)
+                .x_label_area_size(30)
+                .y_label_area_size(60)
+                .build_cartesian_2d(-n..x1, (y0 - pad)..(y1 + pad))
+                .map_err(|e| fail(e.to_string()))?;
+            chart
+                .configure_mesh()
+                .x_desc("rows from the first forecast")
+                .x_label_formatter(&|x| format!("{x:.0}"))
+                .draw()
+                .map_err(|e| fail(e.to_string()))?;
+            for (label, line, color) in [("history", &past, BLUE), ("forecast", &future, RED)] {
+                chart
+                    .draw_series(LineSeries::new(line.iter().copied(), color.stroke_width(2)))
+                    .map_err(|e| fail(e.to_string()))?
+                    .label(label)
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+            }
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperLeft)
+                .border_style(BLACK)
+                .background_style(WHITE)
+                .draw()
+                .map_err(|e| fail(e.to_string()))?;
+        }
+        root.present().map_err(|e| fail(e.to_string()))?;
+    }
+    let image = image::RgbImage::from_raw(width, height, pixels).ok_or_else(|| fail("pixel buffer size".into()))?;
+    image.save_with_format(&tmp, image::ImageFormat::Png).map_err(|e| fail(e.to_string()))?;
     std::fs::rename(&tmp, out).map_err(|source| Error::Io { path: out.display().to_string(), source })
 }

@@ -207,12 +207,17 @@ pub fn classify_files<M: InputMeta>(
     meta: &M,
     paths: &[PathBuf],
 ) -> Result<Vec<Vec<(String, f32)>>> {
-    let mut out = Vec::with_capacity(paths.len());
-    for chunk in paths.chunks(32) {
-        let inputs = chunk.iter().map(|p| meta.input(p, None)).collect::<Result<Vec<_>>>()?;
-        let probs = candle_nn::ops::softmax(&model.forward(&Tensor::stack(&inputs, 0)?, None)?, D::Minus1)?;
+    let inputs = paths.iter().map(|p| meta.input(p, None)).collect::<Result<Vec<_>>>()?;
+    rank(model, meta.classes(), &inputs)
+}
+
+/// Class probabilities of each input (channels, height, width), highest first.
+pub fn rank(model: &VisionModel, classes: &[String], inputs: &[Tensor]) -> Result<Vec<Vec<(String, f32)>>> {
+    let mut out = Vec::with_capacity(inputs.len());
+    for chunk in inputs.chunks(32) {
+        let probs = candle_nn::ops::softmax(&model.forward(&Tensor::stack(chunk, 0)?, None)?, D::Minus1)?;
         for row in probs.to_vec2::<f32>()? {
-            let mut ranked: Vec<(String, f32)> = meta.classes().iter().cloned().zip(row).collect();
+            let mut ranked: Vec<(String, f32)> = classes.iter().cloned().zip(row).collect();
             ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
             out.push(ranked);
         }

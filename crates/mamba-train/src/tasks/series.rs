@@ -3,12 +3,13 @@
 //! (all dimensions of k steps) and whose raster / reverse-raster routes are a bidirectional scan
 //! over time. Validation is the archive's own test split.
 
-use super::classify::{Classify, Examples};
+use super::classify::{rank, read_json, read_train_config, Classify, Examples};
 use crate::task::Split;
 use crate::{Error, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 use mamba_series::{read_ts, read_ucr_tsv, Labelled};
-use mamba_vision::{ImageShape, Size2d};
+use mamba_vision::{ImageShape, Size2d, VisionConfig, VisionModel};
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
@@ -152,4 +153,31 @@ impl Examples for SeriesExamples {
             .map_err(|e| Error::Config { path: "series.json".into(), message: e.to_string() })?;
         Ok(("series.json".into(), json))
     }
+}
+
+/// A series classification checkpoint: its model and `series.json`.
+pub fn load_series_classifier(dir: &Path) -> Result<(VisionModel, SeriesMeta)> {
+    let meta: SeriesMeta = read_json(&dir.join("series.json"))?;
+    let (table, source) = read_train_config(dir)?;
+    let image_size = Size2d::new(meta.dims, meta.length);
+    let shape = ImageShape { image_size, channels: 1, num_classes: meta.classes.len() };
+    let config = VisionConfig::from_file_table(table, &source, Some(shape))?;
+    let vb = VarBuilder::from_tensors(crate::run::checkpoint_tensors(dir)?, DType::F32, &Device::Cpu);
+    Ok((VisionModel::load(vb, &config)?, meta))
+}
+
+/// Class probabilities of each case (dimensions x any length), highest first.
+pub fn classify_cases(model: &VisionModel, meta: &SeriesMeta, cases: &[Vec<Vec<f32>>]) -> Result<Vec<Vec<(String, f32)>>> {
+    let inputs = cases
+        .iter()
+        .enumerate()
+        .map(|(i, case)| {
+            if case.len() != meta.dims {
+                let message = format!("case {} has {} dimensions; the model takes {}", i + 1, case.len(), meta.dims);
+                return Err(Error::Config { path: "input".into(), message });
+            }
+            meta.input(case)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    rank(model, &meta.classes, &inputs)
 }
