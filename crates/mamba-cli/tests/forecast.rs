@@ -98,7 +98,8 @@ fn a_csv_trains_a_forecaster_that_forecasts_new_files() {
     std::fs::write(&recent, reordered).unwrap();
     let out = dir.join("out");
     std::fs::create_dir_all(&out).unwrap();
-    let args = ["predict", "--checkpoint", run.join("best").to_str().unwrap(), "--out", out.to_str().unwrap()];
+    let best = run.join("best");
+    let args = ["predict", "--checkpoint", best.to_str().unwrap(), "--out", out.to_str().unwrap()];
     let o = mamba(&[&args[..], &[recent.to_str().unwrap()]].concat());
     assert!(o.status.success(), "{}", text(&o));
     let forecast = std::fs::read_to_string(out.join("recent.forecast.csv")).unwrap();
