@@ -5,14 +5,14 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use mamba_nn::{LmConfig, MambaLm};
+use mamba_series::{next_times, read_csv, write_csv, Table};
 use mamba_text::{generate, load_tokenizer, Sampling, TextStream};
+use mamba_train::plot_forecast;
 use mamba_train::tasks::audio::load_audio_classifier;
 use mamba_train::tasks::classify::classify_files;
 use mamba_train::tasks::forecast::{forecast_table, load_forecaster};
 use mamba_train::tasks::image::load_classifier;
 use mamba_train::tasks::series::{classify_cases, load_series_classifier, read_archive};
-use mamba_train::plot_forecast;
-use mamba_series::{next_times, read_csv, write_csv, Table};
 use mamba_vision::{Grid, VisionConfig};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -419,10 +419,22 @@ fn forecast_files(dir: &Path, paths: &[PathBuf], out: Option<&Path>) -> Result<(
         let history: Vec<Vec<f32>> = meta
             .variables
             .iter()
-            .map(|v| table.names.iter().position(|n| n == v).map_or(vec![], |i| table.columns[i][table.len() - shown..].to_vec()))
+            .map(|v| {
+                table
+                    .names
+                    .iter()
+                    .position(|n| n == v)
+                    .map_or(vec![], |i| table.columns[i][table.len() - shown..].to_vec())
+            })
             .collect();
         plot_forecast(&meta.variables, &history, &forecast, &png)?;
-        println!("{}: {horizon} rows after {} -> {} and {}", path.display(), table.time.last().map_or("", |t| t.as_str()), csv.display(), png.display());
+        println!(
+            "{}: {horizon} rows after {} -> {} and {}",
+            path.display(),
+            table.time.last().map_or("", |t| t.as_str()),
+            csv.display(),
+            png.display()
+        );
     }
     Ok(())
 }

@@ -80,7 +80,10 @@ fn a_csv_trains_a_forecaster_that_forecasts_new_files() {
 
     let o = mamba(&["eval", "--checkpoint", run.join("best").to_str().unwrap()]);
     let report = text(&o);
-    assert!(o.status.success() && report.contains("test split (") && report.contains("seasonal naive (12)"), "{report}");
+    assert!(
+        o.status.success() && report.contains("test split (") && report.contains("seasonal naive (12)"),
+        "{report}"
+    );
     let (model, naive) = (test_mse(&report, "model"), test_mse(&report, "naive"));
     assert!(model < 0.5 * naive, "the model must beat the last value by far: {report}");
 

@@ -16,8 +16,6 @@ mod write;
 
 pub use error::{Result, SeriesError};
 pub use forecast::{evaluate, windows, Errors, Forecaster, Naive, Scaler, SeasonalNaive, SplitRule, Splits};
-pub use model::{
-    moving_average_matrix, ForecastArch, ForecastConfig, ForecastModel, ForecastShape, Revin, Tokens,
-};
+pub use model::{moving_average_matrix, ForecastArch, ForecastConfig, ForecastModel, ForecastShape, Revin, Tokens};
 pub use read::{read_csv, read_ts, read_ucr_tsv, Labelled, Table};
 pub use write::{next_times, write_csv};

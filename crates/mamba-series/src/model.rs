@@ -148,7 +148,8 @@ impl ForecastConfig {
                 (revin, ForecastArch::Mamba { tokens, patch_len, patch_stride, backbone })
             }
             "dlinear" => {
-                let DLinearSection { moving_average, revin } = section(model).map_err(|e| err(format!("[model] {e}")))?;
+                let DLinearSection { moving_average, revin } =
+                    section(model).map_err(|e| err(format!("[model] {e}")))?;
                 if backbone.is_some() {
                     return Err(err("a DLinear model has no Mamba blocks; remove [backbone]".into()));
                 }
@@ -298,8 +299,9 @@ impl ForecastModel {
                 let patch_index = (*tokens == Tokens::Patch).then(|| {
                     // Patches end-aligned: the newest values are always in a token.
                     let first = lookback - (n - 1) * patch_stride - patch_len;
-                    let idx: Vec<u32> =
-                        (0..n).flat_map(|p| (0..*patch_len).map(move |j| (first + p * patch_stride + j) as u32)).collect();
+                    let idx: Vec<u32> = (0..n)
+                        .flat_map(|p| (0..*patch_len).map(move |j| (first + p * patch_stride + j) as u32))
+                        .collect();
                     Tensor::from_vec(idx, n * patch_len, vb.device())
                 });
                 Body::Mamba {
@@ -315,7 +317,11 @@ impl ForecastModel {
                 }
             }
             ForecastArch::DLinear { moving_average } => Body::DLinear {
-                average: Tensor::from_vec(moving_average_matrix(lookback, *moving_average), (lookback, lookback), vb.device())?,
+                average: Tensor::from_vec(
+                    moving_average_matrix(lookback, *moving_average),
+                    (lookback, lookback),
+                    vb.device(),
+                )?,
                 seasonal: Linear::load(&vb, "linear_seasonal", (horizon, lookback), true)?,
                 trend: Linear::load(&vb, "linear_trend", (horizon, lookback), true)?,
             },
@@ -347,7 +353,9 @@ impl ForecastModel {
                 let std = (centred.sqr()?.mean_keepdim(D::Minus1)? + REVIN_EPS)?.sqrt()?;
                 let mut z = centred.broadcast_div(&std)?;
                 if let Some((w, b)) = &self.affine {
-                    z = z.broadcast_mul(&w.reshape((1, variables, 1))?)?.broadcast_add(&b.reshape((1, variables, 1))?)?;
+                    z = z
+                        .broadcast_mul(&w.reshape((1, variables, 1))?)?
+                        .broadcast_add(&b.reshape((1, variables, 1))?)?;
                 }
                 (z, Some((mean, std)))
             }

@@ -92,7 +92,8 @@ pub fn read_csv(path: &Path) -> Result<Table> {
     }
     let names: Vec<String> = header.iter().skip(1).map(|h| h.trim().to_string()).collect();
     let time_name = header[0].trim().to_string();
-    let mut table = Table { time_name, time: vec![], columns: vec![vec![]; names.len()], missing: vec![0; names.len()], names };
+    let mut table =
+        Table { time_name, time: vec![], columns: vec![vec![]; names.len()], missing: vec![0; names.len()], names };
     for record in reader.records() {
         let record = record.map_err(|e| {
             let line = e.position().map_or(0, |p| p.line() as usize);

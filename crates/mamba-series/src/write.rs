@@ -47,7 +47,7 @@ fn parse(s: &str) -> Option<Stamp> {
     if let Ok(d) = NaiveDate::parse_from_str(&format!("{s}-01"), "%Y-%m-%d") {
         return Some(Stamp::Month(d));
     }
-    DATETIMES.iter().find_map(|f| NaiveDateTime::parse_from_str(s, f).ok().map(|t| Stamp::DateTime(t, *f)))
+    DATETIMES.iter().find_map(|f| NaiveDateTime::parse_from_str(s, f).ok().map(|t| Stamp::DateTime(t, f)))
 }
 
 /// Whole months from `a` to `b` when both fall on the same day of the month and time of day.
@@ -77,10 +77,18 @@ pub fn next_times(times: &[String], n: usize) -> Vec<String> {
             // Whole numbers (years, indices) stay whole.
             let whole = [a, b].iter().all(|s| !s.contains(['.', 'e', 'E']));
             let value = |k: usize| y + k as f64 * (y - x);
-            Some((1..=n).map(|k| if whole { format!("{}", value(k).round() as i64) } else { value(k).to_string() }).collect())
+            Some(
+                (1..=n)
+                    .map(|k| if whole { format!("{}", value(k).round() as i64) } else { value(k).to_string() })
+                    .collect(),
+            )
         }
-        (Some(Stamp::Month(a)), Some(Stamp::Month(b))) => at(midnight(a), midnight(b), &|t| t.format("%Y-%m").to_string()),
-        (Some(Stamp::Date(a)), Some(Stamp::Date(b))) => at(midnight(a), midnight(b), &|t| t.format("%Y-%m-%d").to_string()),
+        (Some(Stamp::Month(a)), Some(Stamp::Month(b))) => {
+            at(midnight(a), midnight(b), &|t| t.format("%Y-%m").to_string())
+        }
+        (Some(Stamp::Date(a)), Some(Stamp::Date(b))) => {
+            at(midnight(a), midnight(b), &|t| t.format("%Y-%m-%d").to_string())
+        }
         (Some(Stamp::DateTime(a, f)), Some(Stamp::DateTime(b, g))) if f == g => at(a, b, &|t| t.format(f).to_string()),
         _ => None,
     };

@@ -102,7 +102,8 @@ fn dlinear_is_two_linear_maps_of_trend_and_remainder() {
     let (model, vars) = build(DLINEAR, SHAPE);
     let ForecastShape { lookback: l, horizon: h, variables: v } = SHAPE;
     let p = |name: &str| vars[name].as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let (ws, bs, wt, bt) = (p("linear_seasonal.weight"), p("linear_seasonal.bias"), p("linear_trend.weight"), p("linear_trend.bias"));
+    let (ws, bs, wt, bt) =
+        (p("linear_seasonal.weight"), p("linear_seasonal.bias"), p("linear_trend.weight"), p("linear_trend.bias"));
     let x = lookbacks(2, SHAPE);
     let ours = forward(&model, &x, 2, SHAPE);
     let mut expected = vec![];
@@ -179,7 +180,10 @@ fn patches_end_at_the_newest_value() {
     let plain_base = forward(&plain, &x, 1, SHAPE);
     let h = SHAPE.horizon;
     assert_eq!(max_diff(&forward(&plain, &changed(0), 1, SHAPE)[..h], &plain_base[..h]), 0.0, "step 0 is dropped");
-    assert!(max_diff(&forward(&plain, &changed(10), 1, SHAPE)[..h], &plain_base[..h]) > 1e-4, "the newest step is read");
+    assert!(
+        max_diff(&forward(&plain, &changed(10), 1, SHAPE)[..h], &plain_base[..h]) > 1e-4,
+        "the newest step is read"
+    );
     assert!(max_diff(&forward(&model, &changed(10), 1, SHAPE)[..h], &base[..h]) > 1e-4);
 }
 
@@ -214,7 +218,10 @@ fn bad_configs_and_inputs_are_named() {
     let bad = [
         (PATCH.replace("patch_len = 4", "patch_len = 12"), "patch_len 12"),
         (DLINEAR.replace("= 5", "= 4"), "moving_average must be odd"),
-        (format!("{DLINEAR}\n[backbone]\nkind = \"mamba1\"\nd_model = 8\nn_layer = 1\nd_state = 4\n"), "remove [backbone]"),
+        (
+            format!("{DLINEAR}\n[backbone]\nkind = \"mamba1\"\nd_model = 8\nn_layer = 1\nd_state = 4\n"),
+            "remove [backbone]",
+        ),
         (PATCH.replace("tokens = \"patch\"", "tokens = \"pixels\""), "pixels"),
         (PATCH.replace("revin = \"affine\"", "revin = true"), "revin"),
         (PATCH.replace("d_state = 4", "d_state = 4\nroutes = [\"sideways\"]"), "sideways"),

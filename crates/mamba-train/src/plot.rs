@@ -157,12 +157,16 @@ pub fn plot_forecast(names: &[String], history: &[Vec<f32>], forecast: &[Vec<f32
     {
         let root = BitMapBackend::with_buffer(&mut pixels, (width, height)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
-        for (((name, past), future), area) in names.iter().zip(history).zip(forecast).zip(root.split_evenly((panels, 1)))
+        for (((name, past), future), area) in
+            names.iter().zip(history).zip(forecast).zip(root.split_evenly((panels, 1)))
         {
             let n = past.len() as f64;
             let past: Vec<(f64, f64)> = past.iter().enumerate().map(|(i, &v)| (i as f64 - n, v as f64)).collect();
             // The forecast line starts at the last known value, so the two join.
-            let future: Vec<(f64, f64)> = past.last().copied().into_iter()
+            let future: Vec<(f64, f64)> = past
+                .last()
+                .copied()
+                .into_iter()
                 .chain(future.iter().enumerate().map(|(i, &v)| (i as f64, v as f64)))
                 .collect();
             let (mut y0, mut y1) = (f64::INFINITY, f64::NEG_INFINITY);

@@ -60,13 +60,16 @@ impl SplitSection {
         match self {
             SplitSection::Fractions([train, validation]) => {
                 let ok = *train > 0.0 && *validation > 0.0 && train + validation < 1.0;
-                ok.then_some(SplitRule::Fractions { train: *train, validation: *validation })
-                    .ok_or_else(|| format!("[task] split = [{train}, {validation}]: two positive fractions summing below 1"))
+                ok.then_some(SplitRule::Fractions { train: *train, validation: *validation }).ok_or_else(|| {
+                    format!("[task] split = [{train}, {validation}]: two positive fractions summing below 1")
+                })
             }
             SplitSection::Named(name) => match name.as_str() {
                 "ett_hourly" => Ok(SplitRule::EttMonths { rows_per_day: 24 }),
                 "ett_15min" => Ok(SplitRule::EttMonths { rows_per_day: 96 }),
-                other => Err(format!("[task] split = {other:?}: expected [train, validation] fractions, \"ett_hourly\" or \"ett_15min\"")),
+                other => Err(format!(
+                    "[task] split = {other:?}: expected [train, validation] fractions, \"ett_hourly\" or \"ett_15min\""
+                )),
             },
         }
     }
@@ -280,7 +283,12 @@ pub fn load_forecaster(dir: &Path) -> Result<(ForecastModel, ForecastMeta)> {
 
 /// The forecast, in the table's units, of the `horizon` rows after the last row of `table`
 /// (`forecast[v][h]`, the model's variables in order), from its last `lookback` rows.
-pub fn forecast_table(model: &ForecastModel, meta: &ForecastMeta, table: &Table, source: &str) -> Result<Vec<Vec<f32>>> {
+pub fn forecast_table(
+    model: &ForecastModel,
+    meta: &ForecastMeta,
+    table: &Table,
+    source: &str,
+) -> Result<Vec<Vec<f32>>> {
     let ForecastShape { lookback, variables, .. } = meta.shape;
     let err = |message: String| Error::Config { path: source.to_string(), message };
     if table.len() < lookback {

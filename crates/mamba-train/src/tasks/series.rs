@@ -167,7 +167,11 @@ pub fn load_series_classifier(dir: &Path) -> Result<(VisionModel, SeriesMeta)> {
 }
 
 /// Class probabilities of each case (dimensions x any length), highest first.
-pub fn classify_cases(model: &VisionModel, meta: &SeriesMeta, cases: &[Vec<Vec<f32>>]) -> Result<Vec<Vec<(String, f32)>>> {
+pub fn classify_cases(
+    model: &VisionModel,
+    meta: &SeriesMeta,
+    cases: &[Vec<Vec<f32>>],
+) -> Result<Vec<Vec<(String, f32)>>> {
     let inputs = cases
         .iter()
         .enumerate()
