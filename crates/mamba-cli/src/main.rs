@@ -5,12 +5,11 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use mamba_nn::{LmConfig, MambaLm};
-use mamba_series::{next_times, read_csv, write_csv, Table};
+use mamba_series::read_csv;
 use mamba_text::{generate, load_tokenizer, Sampling, TextStream};
-use mamba_train::plot_forecast;
 use mamba_train::tasks::audio::load_audio_classifier;
 use mamba_train::tasks::classify::classify_files;
-use mamba_train::tasks::forecast::{forecast_table, load_forecaster};
+use mamba_train::tasks::forecast::{load_forecaster, write_forecast};
 use mamba_train::tasks::image::load_classifier;
 use mamba_train::tasks::series::{classify_cases, load_series_classifier, read_archive};
 use mamba_vision::{Grid, VisionConfig};
@@ -399,42 +398,15 @@ fn run_predict(a: PredictArgs) -> Result<()> {
 /// Each CSV file's forecast as NAME.forecast.csv and NAME.forecast.png, in `out` or beside it.
 fn forecast_files(dir: &Path, paths: &[PathBuf], out: Option<&Path>) -> Result<()> {
     let (model, meta) = load_forecaster(dir)?;
-    let horizon = meta.shape.horizon;
     for path in paths {
         let table = read_csv(path)?;
-        let forecast = forecast_table(&model, &meta, &table, &path.display().to_string())?;
         let stem = path.file_stem().map_or("series".into(), |s| s.to_string_lossy().into_owned());
-        let folder = out.map_or_else(|| path.parent().unwrap_or(Path::new(".")).to_path_buf(), Path::to_path_buf);
+        let folder = out.or(path.parent()).unwrap_or(Path::new("."));
         let (csv, png) = (folder.join(format!("{stem}.forecast.csv")), folder.join(format!("{stem}.forecast.png")));
-        let rows = Table {
-            time_name: table.time_name.clone(),
-            time: next_times(&table.time, horizon),
-            names: meta.variables.clone(),
-            columns: forecast.clone(),
-            missing: vec![0; meta.variables.len()],
-        };
-        write_csv(&csv, &rows)?;
-        // The plot shows the lookback, or three horizons when that is longer.
-        let shown = meta.shape.lookback.max(3 * horizon).min(table.len());
-        let history: Vec<Vec<f32>> = meta
-            .variables
-            .iter()
-            .map(|v| {
-                table
-                    .names
-                    .iter()
-                    .position(|n| n == v)
-                    .map_or(vec![], |i| table.columns[i][table.len() - shown..].to_vec())
-            })
-            .collect();
-        plot_forecast(&meta.variables, &history, &forecast, &png)?;
-        println!(
-            "{}: {horizon} rows after {} -> {} and {}",
-            path.display(),
-            table.time.last().map_or("", |t| t.as_str()),
-            csv.display(),
-            png.display()
-        );
+        write_forecast(&model, &meta, &table, &path.display().to_string(), (&csv, &png))?;
+        let last = table.time.last().map_or("", |t| t.as_str());
+        let horizon = meta.shape.horizon;
+        println!("{}: {horizon} rows after {last} -> {} and {}", path.display(), csv.display(), png.display());
     }
     Ok(())
 }

@@ -173,6 +173,18 @@ impl ForecastConfig {
         }
     }
 
+    /// Mamba models: the embedding's input size (a patch or a whole lookback) and the head's
+    /// (every patch token, or one variate token).
+    fn token_sizes(&self) -> (usize, usize) {
+        match &self.arch {
+            ForecastArch::Mamba { tokens: Tokens::Patch, patch_len, backbone, .. } => {
+                (*patch_len, self.patches() * backbone.d_model)
+            }
+            ForecastArch::Mamba { backbone, .. } => (self.shape.lookback, backbone.d_model),
+            ForecastArch::DLinear { .. } => (0, 0),
+        }
+    }
+
     pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
         let ForecastShape { lookback, horizon, variables } = self.shape;
         let mut out: Vec<(String, Vec<usize>)> = vec![];
@@ -185,12 +197,9 @@ impl ForecastConfig {
             out.push((format!("{name}.bias"), vec![o]));
         };
         match &self.arch {
-            ForecastArch::Mamba { tokens, patch_len, backbone, .. } => {
+            ForecastArch::Mamba { tokens, backbone, .. } => {
                 let d = backbone.d_model;
-                let (token_in, head_in) = match tokens {
-                    Tokens::Patch => (*patch_len, self.patches() * d),
-                    Tokens::Variate => (lookback, d),
-                };
+                let (token_in, head_in) = self.token_sizes();
                 linear("embed", d, token_in);
                 linear("head", horizon, head_in);
                 if *tokens == Tokens::Patch {
@@ -253,8 +262,8 @@ impl ForecastConfig {
 #[derive(Debug, Clone)]
 enum Body {
     Mamba {
-        tokens: Tokens,
-        /// Patch tokens: the lookback positions of each patch, (patches * patch_len).
+        /// Patch tokens: the lookback positions of each patch, (patches * patch_len); none for
+        /// variate tokens.
         patch_index: Option<Tensor>,
         embed: Linear,
         pos_embed: Option<Tensor>,
@@ -289,12 +298,8 @@ impl ForecastModel {
         };
         let body = match &config.arch {
             ForecastArch::Mamba { tokens, patch_len, patch_stride, backbone } => {
-                let d = backbone.d_model;
-                let n = config.patches();
-                let (token_in, head_in) = match tokens {
-                    Tokens::Patch => (*patch_len, n * d),
-                    Tokens::Variate => (lookback, d),
-                };
+                let (d, n) = (backbone.d_model, config.patches());
+                let (token_in, head_in) = config.token_sizes();
                 let routes = Route::by_names(&backbone.routes)?;
                 let patch_index = (*tokens == Tokens::Patch).then(|| {
                     // Patches end-aligned: the newest values are always in a token.
@@ -305,7 +310,6 @@ impl ForecastModel {
                     Tensor::from_vec(idx, n * patch_len, vb.device())
                 });
                 Body::Mamba {
-                    tokens: *tokens,
                     patch_index: patch_index.transpose()?,
                     embed: Linear::load(&vb, "embed", (d, token_in), true)?,
                     pos_embed: (*tokens == Tokens::Patch).then(|| vb.get((n, d), "pos_embed")).transpose()?,
@@ -361,15 +365,14 @@ impl ForecastModel {
             }
         };
         let y = match &self.body {
-            Body::Mamba { tokens, patch_index, embed, pos_embed, layers, norm_f, head } => {
-                let h = match (tokens, patch_index) {
-                    (Tokens::Patch, Some(index)) => {
-                        // Every variable on its own: (batch * variables, patches, patch_len).
-                        let series = x.reshape((batch * variables, lookback))?;
-                        let patches = series.index_select(index, 1)?;
+            Body::Mamba { patch_index, embed, pos_embed, layers, norm_f, head } => {
+                let h = match patch_index {
+                    // Every variable on its own: (batch * variables, patches, patch_len).
+                    Some(index) => {
+                        let patches = x.reshape((batch * variables, lookback))?.index_select(index, 1)?;
                         embed.forward(&patches.reshape((batch * variables, self.config.patches(), ()))?)?
                     }
-                    _ => embed.forward(&x)?,
+                    None => embed.forward(&x)?,
                 };
                 let mut h = match pos_embed {
                     Some(p) => h.broadcast_add(p)?,
@@ -379,11 +382,9 @@ impl ForecastModel {
                     h = layer.forward(&h)?.0;
                 }
                 let h = norm_f.forward(&h)?;
-                let y = match tokens {
-                    Tokens::Patch => head.forward(&h.flatten_from(1)?)?,
-                    Tokens::Variate => head.forward(&h)?,
-                };
-                y.reshape((batch, variables, horizon))?
+                // Patch tokens: the head reads all of a variable's tokens at once.
+                let h = if patch_index.is_some() { h.flatten_from(1)? } else { h };
+                head.forward(&h)?.reshape((batch, variables, horizon))?
             }
             Body::DLinear { average, seasonal, trend } => {
                 let rows = x.reshape((batch * variables, lookback))?;

@@ -21,6 +21,8 @@ pub enum Error {
     #[error(transparent)]
     Audio(#[from] mamba_audio::AudioError),
     #[error(transparent)]
+    Series(#[from] mamba_series::SeriesError),
+    #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
 

@@ -10,8 +10,8 @@ use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use mamba_series::{
-    evaluate, read_csv, windows, Errors, ForecastConfig, ForecastModel, ForecastShape, Naive, Scaler, SeasonalNaive,
-    SplitRule, Splits, Table,
+    evaluate, next_times, read_csv, windows, write_csv, Errors, ForecastConfig, ForecastModel, ForecastShape, Naive,
+    Scaler, SeasonalNaive, SplitRule, Splits, Table,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -79,8 +79,7 @@ impl SplitSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ForecastMeta {
     pub shape: ForecastShape,
-    /// The time column's name and the variables' names, in model order.
-    pub time: String,
+    /// The variables' column names, in model order.
     pub variables: Vec<String>,
     /// The training rows' standardisation.
     pub scaler: Scaler,
@@ -168,7 +167,6 @@ impl ForecastData {
         let columns = scaler.transform(&raw);
         let meta = ForecastMeta {
             shape: ForecastShape { lookback, horizon, variables: variables.len() },
-            time: table.time_name.clone(),
             variables,
             scaler,
             period: self.period,
@@ -305,4 +303,29 @@ pub fn forecast_table(
     let out = model.forward(&Tensor::from_vec(input, (1, variables, lookback), &Device::Cpu)?)?;
     let rows = out.squeeze(0)?.to_vec2::<f32>()?;
     Ok(rows.iter().enumerate().map(|(v, r)| meta.scaler.inverse(v, r)).collect())
+}
+
+/// Forecasts the rows after `table` and writes them to `csv` (the time column continued, see
+/// `next_times`) and, after the last rows of history (the lookback, or three horizons when that
+/// is longer), to `png`.
+pub fn write_forecast(
+    model: &ForecastModel,
+    meta: &ForecastMeta,
+    table: &Table,
+    source: &str,
+    (csv, png): (&Path, &Path),
+) -> Result<()> {
+    let forecast = forecast_table(model, meta, table, source)?;
+    let shown = meta.shape.lookback.max(3 * meta.shape.horizon).min(table.len());
+    let history: Vec<Vec<f32>> =
+        named_columns(table, &meta.variables, source)?.into_iter().map(|c| c[c.len() - shown..].to_vec()).collect();
+    crate::plot_forecast(&meta.variables, &history, &forecast, png)?;
+    let rows = Table {
+        time_name: table.time_name.clone(),
+        time: next_times(&table.time, meta.shape.horizon),
+        names: meta.variables.clone(),
+        missing: vec![0; forecast.len()],
+        columns: forecast,
+    };
+    Ok(write_csv(csv, &rows)?)
 }
