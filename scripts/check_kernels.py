@@ -1,0 +1,69 @@
+#!/usr/bin/env python3
+"""Compiles every kernels/*.cu with NVRTC, as the `cuda` feature does at run time: the source
+after kernels/common.cuh, no include path, for each target architecture. A kernel that does not
+compile fails with NVRTC's log. Needs no GPU and no CUDA toolkit, only libnvrtc.so.12, e.g. from
+the pip package nvidia-cuda-nvrtc-cu12 (found on $NVRTC_LIB, or in site-packages).
+
+    python3 scripts/check_kernels.py [--nvrtc PATH/libnvrtc.so.12]
+"""
+
+import ctypes
+import glob
+import os
+import sys
+
+ARCHS = ["sm_80", "sm_90"]  # A100, H100 / H200
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+
+def find_nvrtc():
+    if len(sys.argv) == 3 and sys.argv[1] == "--nvrtc":
+        return sys.argv[2]
+    if os.environ.get("NVRTC_LIB"):
+        return os.environ["NVRTC_LIB"]
+    for base in sys.path:
+        hit = glob.glob(os.path.join(base, "nvidia", "cuda_nvrtc", "lib", "libnvrtc.so.*"))
+        hit = [h for h in hit if "alt" not in h and "builtins" not in h]
+        if hit:
+            return hit[0]
+    sys.exit("libnvrtc.so.12 not found: pip install nvidia-cuda-nvrtc-cu12, or set NVRTC_LIB")
+
+
+def compile_source(lib, name, source, arch):
+    prog = ctypes.c_void_p()
+    if lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0, None, None) != 0:
+        return False, "nvrtcCreateProgram failed"
+    opts = [f"--gpu-architecture={arch}", "--std=c++17"]
+    arr = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
+    status = lib.nvrtcCompileProgram(prog, len(opts), arr)
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    return status == 0, log.value.decode(errors="replace").strip()
+
+
+def main():
+    lib = ctypes.CDLL(find_nvrtc())
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
+    common = open(os.path.join(ROOT, "kernels", "common.cuh")).read()
+    sources = sorted(glob.glob(os.path.join(ROOT, "kernels", "*.cu")))
+    if not sources:
+        sys.exit("no kernels/*.cu")
+    failed = 0
+    for path in sources:
+        name = os.path.basename(path)
+        source = common + "\n" + open(path).read()
+        for arch in ARCHS:
+            ok, log = compile_source(lib, name, source, arch)
+            print(f"NVRTC {major.value}.{minor.value} {arch} {name}: {'ok' if ok else 'FAILED'}")
+            if log and (not ok or "warning" in log):
+                print(log)
+            failed += not ok
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
