@@ -4,7 +4,8 @@
 //   pre[b, c, t] = bias[c] + sum_j w[c, j] x[b, c, t + j - (width - 1)]   (x = 0 before t = 0)
 //   y = silu(pre) or pre.
 // x may be strided (a (batch, len, channels) tensor transposed in place): its element (b, c, t)
-// is at b * sb + c * sc + t * st. Outputs and gradients are contiguous (batch, channels, len).
+// is at b * sb + c * sc + t * st. Outputs are contiguous (batch, channels, len); gradients are
+// f32.
 
 struct ConvArgs {
     int batch, channels, len, width, silu;
@@ -52,7 +53,7 @@ __device__ void conv_bwd_pre(const T* x, const T* w, const T* bias, const T* g, 
 
 // dx[b, c, t] = sum_j w[c, j] dpre[b, c, t + (width - 1) - j]; one thread per element.
 template <typename T>
-__device__ void conv_bwd_x(const T* w, const float* dpre, T* dx, ConvArgs s) {
+__device__ void conv_bwd_x(const T* w, const float* dpre, float* dx, ConvArgs s) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const long long n = (long long)s.batch * s.channels * s.len;
     if (i >= n) return;
@@ -63,7 +64,7 @@ __device__ void conv_bwd_x(const T* w, const float* dpre, T* dx, ConvArgs s) {
         const int to = t + (s.width - 1) - j;
         if (to < s.len) acc += to_f32(w[c * s.width + j]) * row[to];
     }
-    store(dx + i, acc);
+    dx[i] = acc;
 }
 
 // dw[c, j] = sum_{b, t} dpre[b, c, t] x[b, c, t + j - (width - 1)] and dbias[c] = sum dpre[b, c, .]:
@@ -114,7 +115,7 @@ __device__ void conv_update(const T* state, const T* x, const T* w, const T* bia
                                                               const T* g, float* dpre, ConvArgs s) {    \
         conv_bwd_pre<T>(x, w, bias, g, dpre, s);                                                        \
     }                                                                                                   \
-    extern "C" __global__ void causal_conv1d_bwd_x_##suffix(const T* w, const float* dpre, T* dx,       \
+    extern "C" __global__ void causal_conv1d_bwd_x_##suffix(const T* w, const float* dpre, float* dx,   \
                                                             ConvArgs s) {                               \
         conv_bwd_x<T>(w, dpre, dx, s);                                                                  \
     }                                                                                                   \

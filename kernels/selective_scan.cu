@@ -16,7 +16,7 @@
 // from it, then runs the adjoint recurrence backwards with a reverse block scan.
 //
 // Gradients accumulated over channels or steps (A, B, C, D, delta_bias) are added atomically
-// into a zeroed f32 `dpack` laid out as `pack`; du and ddelta are written in the input type.
+// into a zeroed f32 `dpack` laid out as `pack`; du and ddelta are written in f32 too.
 
 #define THREADS 128
 #define ITEMS 8
@@ -117,8 +117,8 @@ __device__ void scan_fwd(const T* u, const T* delta, const T* pack, T* out, floa
 // grad = [dy (batch, dim, len) | d last state (batch, dim, state)]; `checkpoints` as the forward
 // pass wrote them; `dpack` zeroed.
 template <typename T>
-__device__ void scan_bwd(const T* u, const T* delta, const T* pack, const float* checkpoints, const T* grad, T* du,
-                         T* ddelta, float* dpack, ScanArgs s) {
+__device__ void scan_bwd(const T* u, const T* delta, const T* pack, const float* checkpoints, const T* grad,
+                         float* du, float* ddelta, float* dpack, ScanArgs s) {
     __shared__ Affine scan_shared[32];
     __shared__ float sums[32];
     __shared__ float gcarry[MAX_STATE];
@@ -219,8 +219,8 @@ __device__ void scan_bwd(const T* u, const T* delta, const T* pack, const float*
             if (t >= L) continue;
             const float dd = s.softplus ? ddt[k] * sigmoid(to_f32(dr[t]) + bias) : ddt[k];
             d_bias += dd;
-            store(du + row * L + t, dU[k]);
-            store(ddelta + row * L + t, dd);
+            du[row * L + t] = dU[k];
+            ddelta[row * L + t] = dd;
         }
     }
     const float total_skip = block_sum(d_skip, sums);
@@ -250,6 +250,6 @@ selective_scan_bwd_f32(const float* u, const float* delta, const float* pack, co
 }
 extern "C" __global__ void __launch_bounds__(THREADS)
 selective_scan_bwd_bf16(const bf16* u, const bf16* delta, const bf16* pack, const float* checkpoints,
-                        const bf16* grad, bf16* du, bf16* ddelta, float* dpack, ScanArgs s) {
+                        const bf16* grad, float* du, float* ddelta, float* dpack, ScanArgs s) {
     scan_bwd<bf16>(u, delta, pack, checkpoints, grad, du, ddelta, dpack, s);
 }

@@ -43,7 +43,7 @@ fn check_conv(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<(usi
 /// place); f64 stays f64, other float types compute in f32.
 pub fn causal_conv1d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, silu: bool) -> Result<Tensor> {
     let (_, channels, _, w) = check_conv(x, weight, bias)?;
-    let dt = if x.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+    let dt = crate::selective_scan::compute_dtype(x);
     let bias = match bias {
         Some(b) => b.to_dtype(dt)?,
         None => Tensor::zeros(channels, dt, x.device())?,
@@ -236,6 +236,20 @@ impl CustomOp3 for CausalConv {
         Ok((out, Shape::from(dims)))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let args = crate::cuda::ConvArgs::new(l1, self.width, self.silu)?;
+        Ok((crate::cuda::conv_fwd(args, (s1, l1), (s2, l2), (s3, l3))?, Shape::from(l1.shape().dims3()?)))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -245,6 +259,18 @@ impl CustomOp3 for CausalConv {
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = g.contiguous()?;
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            // One op: (x, weight and bias joined, g) -> f32 [dx | per channel: taps, bias].
+            let wb = Tensor::cat(&[w.flatten_all()?, bias.flatten_all()?], 0)?;
+            let out = x.apply_op3(&wb, &g, ConvBwdOp { silu: self.silu, width: self.width })?;
+            let (n, channels) = (x.elem_count(), bias.elem_count());
+            let dwb = out.narrow(0, n, channels * (self.width + 1))?.reshape((channels, self.width + 1))?;
+            let dx = out.narrow(0, 0, n)?.reshape(x.shape())?.to_dtype(x.dtype())?;
+            let dw = dwb.narrow(1, 0, self.width)?.contiguous()?.reshape(w.shape())?.to_dtype(w.dtype())?;
+            let db = dwb.narrow(1, self.width, 1)?.contiguous()?.reshape(bias.shape())?.to_dtype(bias.dtype())?;
+            return Ok((Some(dx), Some(dw), Some(db)));
+        }
         let dims = x.dims3()?;
         cpu_storages!("causal-conv1d"; (sx, lx) = x, (sw, lw) = w, (sb, lb) = bias, (sg, lg) = g);
         let dev = x.device();
@@ -265,5 +291,46 @@ impl CustomOp3 for CausalConv {
             dt => candle_core::bail!("causal-conv1d computes in f32 or f64, got {dt:?}"),
         };
         Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// The GPU backward pass of the conv as an op of its own.
+#[cfg(feature = "cuda")]
+struct ConvBwdOp {
+    silu: bool,
+    width: usize,
+}
+
+#[cfg(feature = "cuda")]
+impl CustomOp3 for ConvBwdOp {
+    fn name(&self) -> &'static str {
+        "causal-conv1d-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("causal-conv1d-backward runs on the GPU only (the CPU has its own backward)")
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let args = crate::cuda::ConvArgs::new(l1, self.width, self.silu)?;
+        let channels = l1.shape().dims3()?.1;
+        let out = crate::cuda::conv_bwd(args, (s1, l1), (s2, l2), (s3, l3))?;
+        Ok((out, Shape::from(l1.shape().elem_count() + channels * (self.width + 1))))
     }
 }

@@ -8,6 +8,8 @@
 
 mod conv;
 mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod error;
 mod gate;
 mod math;

@@ -106,12 +106,13 @@ fn check_inputs(
     Ok(Checked { dims: Dims { batch, dim, len, state, groups }, b, c })
 }
 
-/// f64 stays f64; every other float type computes in f32.
-fn compute_dtype(t: &Tensor) -> DType {
-    if t.dtype() == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
+/// f64 stays f64, and bf16 on a GPU (whose kernels widen it to f32 as they read); every other
+/// float type computes in f32.
+pub(crate) fn compute_dtype(t: &Tensor) -> DType {
+    match t.dtype() {
+        DType::F64 => DType::F64,
+        DType::BF16 if t.device().is_cuda() => DType::BF16,
+        _ => DType::F32,
     }
 }
 
@@ -137,7 +138,11 @@ pub fn selective_scan(
         pack.push(cast(t)?.flatten_all()?);
     }
     let pack = Tensor::cat(&pack, 0)?;
-    let (u_c, delta_c) = (cast(u)?, cast(delta)?);
+    let (mut u_c, mut delta_c) = (cast(u)?, cast(delta)?);
+    if u.device().is_cuda() {
+        // The GPU kernels read whole rows; the CPU kernel reads any strides in place.
+        (u_c, delta_c) = (u_c.contiguous()?, delta_c.contiguous()?);
+    }
     let op = ScanOp {
         dims,
         has_d: p.d.is_some(),
@@ -775,6 +780,24 @@ impl CustomOp3 for ScanOp {
         Ok((out, Shape::from(batch * dim * (len + state))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (out, checkpoints) = crate::cuda::scan_fwd(self.cuda_args(), (s1, l1), (s2, l2), (s3, l3))?;
+        if self.keep_checkpoints {
+            *self.checkpoints.lock().unwrap() = Some(Box::new(checkpoints));
+        }
+        let Dims { batch, dim, len, state, .. } = self.dims;
+        Ok((out, Shape::from(batch * dim * (len + state))))
+    }
+
     fn bwd(
         &self,
         u: &Tensor,
@@ -784,12 +807,97 @@ impl CustomOp3 for ScanOp {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
+        #[cfg(feature = "cuda")]
+        if u.device().is_cuda() {
+            return self.cuda_bwd(u, delta, pack, &grad);
+        }
         let (du, ddelta, dpack) = match u.dtype() {
             DType::F32 => bwd_tensors::<f32>(self, u, delta, pack, &grad)?,
             DType::F64 => bwd_tensors::<f64>(self, u, delta, pack, &grad)?,
             dt => candle_core::bail!("selective-scan computes in f32 or f64, got {dt:?}"),
         };
         Ok((Some(du), Some(ddelta), Some(dpack)))
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl ScanOp {
+    fn cuda_args(&self) -> crate::cuda::ScanArgs {
+        let Dims { batch, dim, len, state, groups } = self.dims;
+        crate::cuda::ScanArgs {
+            batch: batch as i32,
+            dim: dim as i32,
+            len: len as i32,
+            state: state as i32,
+            groups: groups as i32,
+            has_d: self.has_d as i32,
+            has_bias: self.has_bias as i32,
+            has_h0: self.has_h0 as i32,
+            softplus: self.softplus as i32,
+        }
+    }
+
+    /// The backward pass on the GPU: one kernel from the states the forward pass kept.
+    fn cuda_bwd(
+        &self,
+        u: &Tensor,
+        delta: &Tensor,
+        pack: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        use candle_core::cuda_backend::cudarc::driver::CudaSlice;
+        let kept = self.checkpoints.lock().unwrap().take().and_then(|b| b.downcast::<CudaSlice<f32>>().ok());
+        let Some(checkpoints) = kept else {
+            candle_core::bail!("selective-scan: the forward pass kept no states for the backward pass")
+        };
+        let ud = Tensor::cat(&[u.flatten_all()?, delta.flatten_all()?], 0)?;
+        let out = ud.apply_op3(pack, grad, ScanBwdOp { args: self.cuda_args(), checkpoints: *checkpoints })?;
+        let Dims { batch, dim, len, .. } = self.dims;
+        let n = batch * dim * len;
+        let part = |start: usize, size: usize, like: &Tensor| {
+            out.narrow(0, start, size)?.reshape(like.shape())?.to_dtype(like.dtype())
+        };
+        Ok((Some(part(0, n, u)?), Some(part(n, n, delta)?), Some(part(2 * n, pack.elem_count(), pack)?)))
+    }
+}
+
+/// The GPU backward pass as an op of its own: (u and delta flattened and joined, pack, grad)
+/// -> f32 [du | ddelta | dpack].
+#[cfg(feature = "cuda")]
+struct ScanBwdOp {
+    args: crate::cuda::ScanArgs,
+    checkpoints: candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
+}
+
+#[cfg(feature = "cuda")]
+impl CustomOp3 for ScanBwdOp {
+    fn name(&self) -> &'static str {
+        "selective-scan-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("selective-scan-backward runs on the GPU only (the CPU has its own backward)")
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let out = crate::cuda::scan_bwd(self.args, &self.checkpoints, (s1, l1), (s2, l2), (s3, l3))?;
+        Ok((out, Shape::from(l1.shape().elem_count() + l2.shape().elem_count())))
     }
 }
 

@@ -1,0 +1,322 @@
+//! The CUDA side of the custom ops (feature `cuda`): the sources in `kernels/` compiled at run
+//! time by NVRTC (through the cudarc that candle re-exports), once per process, loaded once per
+//! device by candle, and launched on the device's stream. Inputs must be contiguous except the
+//! conv's x (strided); f32 and bf16, computing in f32 (see docs/kernels.md).
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
+use candle_core::{bail, DType, Layout, Result, WithDType};
+use std::sync::OnceLock;
+
+const COMMON: &str = include_str!("../../../kernels/common.cuh");
+
+/// A kernel source file of `kernels/`.
+#[derive(Clone, Copy)]
+pub(crate) enum Module {
+    SelectiveScan,
+    Conv,
+}
+
+impl Module {
+    fn name(self) -> &'static str {
+        match self {
+            Module::SelectiveScan => "selective_scan",
+            Module::Conv => "causal_conv1d",
+        }
+    }
+
+    fn source(self) -> &'static str {
+        match self {
+            Module::SelectiveScan => include_str!("../../../kernels/selective_scan.cu"),
+            Module::Conv => include_str!("../../../kernels/causal_conv1d.cu"),
+        }
+    }
+
+    /// The module's PTX, compiled on first use (an NVRTC error is kept and reported each time).
+    fn ptx(self) -> Result<&'static str> {
+        static CELLS: [OnceLock<std::result::Result<String, String>>; 2] = [OnceLock::new(), OnceLock::new()];
+        let compiled = CELLS[self as usize].get_or_init(|| {
+            let opts = CompileOptions { options: vec!["--std=c++17".into()], ..Default::default() };
+            compile_ptx_with_opts(format!("{COMMON}\n{}", self.source()), opts)
+                .map(|ptx| ptx.to_src())
+                .map_err(|e| e.to_string())
+        });
+        match compiled {
+            Ok(ptx) => Ok(ptx),
+            Err(e) => bail!("kernels/{}.cu does not compile with NVRTC: {e}", self.name()),
+        }
+    }
+
+    /// Kernel `name` followed by the dtype suffix, loaded on `dev`.
+    fn func(self, dev: &CudaDevice, name: &str, dtype: DType) -> Result<CudaFunction> {
+        let suffix = match dtype {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            dt => bail!("the CUDA kernels compute in f32 or bf16, got {dt:?}"),
+        };
+        Ok(dev.get_or_load_custom_func(&format!("{name}_{suffix}"), self.name(), self.ptx()?)?.into_cuda_function())
+    }
+}
+
+/// A contiguous input from its storage and layout.
+fn contiguous<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(s.as_cuda_slice::<T>()?.slice(start..end)),
+        None => bail!("{what}: the CUDA kernel needs a contiguous tensor"),
+    }
+}
+
+/// The selective scan's sizes and switches, as `ScanArgs` in selective_scan.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ScanArgs {
+    pub batch: i32,
+    pub dim: i32,
+    pub len: i32,
+    pub state: i32,
+    pub groups: i32,
+    pub has_d: i32,
+    pub has_bias: i32,
+    pub has_h0: i32,
+    pub softplus: i32,
+}
+
+// SAFETY: plain old data with the C layout of the kernels' struct.
+unsafe impl DeviceRepr for ScanArgs {}
+
+/// Steps per chunk of the scan kernels (THREADS x ITEMS in selective_scan.cu).
+const SCAN_CHUNK: usize = 1024;
+const SCAN_THREADS: u32 = 128;
+
+impl ScanArgs {
+    fn sizes(&self) -> (usize, usize, usize, usize) {
+        (self.batch as usize, self.dim as usize, self.len as usize, self.state as usize)
+    }
+
+    fn grid(&self) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (self.dim as u32, self.batch as u32, 1),
+            block_dim: (SCAN_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    fn checkpoint_len(&self) -> usize {
+        let (batch, dim, len, state) = self.sizes();
+        batch * dim * len.div_ceil(SCAN_CHUNK) * state
+    }
+}
+
+/// Forward: (u, delta, pack) -> flat [y | last state] in their dtype, and the chunk-start states
+/// for the backward pass.
+pub(crate) fn scan_fwd(
+    args: ScanArgs,
+    (u, lu): (&CudaStorage, &Layout),
+    (delta, ld): (&CudaStorage, &Layout),
+    (pack, lp): (&CudaStorage, &Layout),
+) -> Result<(CudaStorage, CudaSlice<f32>)> {
+    fn run<T: CudaDType + DeviceRepr + WithDType>(
+        args: ScanArgs,
+        (u, lu): (&CudaStorage, &Layout),
+        (delta, ld): (&CudaStorage, &Layout),
+        (pack, lp): (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, CudaSlice<f32>)> {
+        let dev = u.device();
+        let (batch, dim, len, state) = args.sizes();
+        let (u_v, delta_v, pack_v) =
+            (contiguous::<T>(u, lu, "u")?, contiguous::<T>(delta, ld, "delta")?, contiguous::<T>(pack, lp, "pack")?);
+        // SAFETY: the kernel writes every element of `out`.
+        let mut out = unsafe { dev.alloc::<T>(batch * dim * (len + state)) }?;
+        let mut checkpoints = dev.alloc_zeros::<f32>(args.checkpoint_len())?;
+        let func = Module::SelectiveScan.func(dev, "selective_scan_fwd", T::DTYPE)?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&func);
+        b.arg(&u_v).arg(&delta_v).arg(&pack_v).arg(&mut out).arg(&mut checkpoints).arg(&args);
+        // SAFETY: the argument list matches the kernel's signature; sizes come from checked shapes.
+        unsafe { b.launch(args.grid()) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), checkpoints))
+    }
+    match u.dtype() {
+        DType::F32 => run::<f32>(args, (u, lu), (delta, ld), (pack, lp)),
+        DType::BF16 => run::<half::bf16>(args, (u, lu), (delta, ld), (pack, lp)),
+        dt => bail!("selective-scan on CUDA computes in f32 or bf16, got {dt:?}"),
+    }
+}
+
+/// Backward: from [u | delta] (flat), pack, grad = [dy | d last state] and the forward pass's
+/// checkpoints, the flat f32 [du | ddelta | dpack].
+pub(crate) fn scan_bwd(
+    args: ScanArgs,
+    checkpoints: &CudaSlice<f32>,
+    (ud, lud): (&CudaStorage, &Layout),
+    (pack, lp): (&CudaStorage, &Layout),
+    (grad, lg): (&CudaStorage, &Layout),
+) -> Result<CudaStorage> {
+    fn run<T: CudaDType + DeviceRepr + WithDType>(
+        args: ScanArgs,
+        checkpoints: &CudaSlice<f32>,
+        (ud, lud): (&CudaStorage, &Layout),
+        (pack, lp): (&CudaStorage, &Layout),
+        (grad, lg): (&CudaStorage, &Layout),
+    ) -> Result<CudaStorage> {
+        let dev = ud.device();
+        let (batch, dim, len, _) = args.sizes();
+        let n = batch * dim * len;
+        let ud_v = contiguous::<T>(ud, lud, "u and delta")?;
+        let (u_v, delta_v) = (ud_v.slice(0..n), ud_v.slice(n..2 * n));
+        let (pack_v, grad_v) = (contiguous::<T>(pack, lp, "pack")?, contiguous::<T>(grad, lg, "grad")?);
+        // du and ddelta are written whole; dpack is accumulated, so it starts at zero.
+        let mut out = dev.alloc_zeros::<f32>(2 * n + pack_v.len())?;
+        let (mut du, mut rest) = out.split_at_mut(n);
+        let (mut ddelta, mut dpack) = rest.split_at_mut(n);
+        let func = Module::SelectiveScan.func(dev, "selective_scan_bwd", T::DTYPE)?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&func);
+        b.arg(&u_v).arg(&delta_v).arg(&pack_v).arg(checkpoints).arg(&grad_v);
+        b.arg(&mut du).arg(&mut ddelta).arg(&mut dpack).arg(&args);
+        // SAFETY: as in `scan_fwd`; the three outputs are disjoint parts of `out`.
+        unsafe { b.launch(args.grid()) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+    match ud.dtype() {
+        DType::F32 => run::<f32>(args, checkpoints, (ud, lud), (pack, lp), (grad, lg)),
+        DType::BF16 => run::<half::bf16>(args, checkpoints, (ud, lud), (pack, lp), (grad, lg)),
+        dt => bail!("selective-scan on CUDA computes in f32 or bf16, got {dt:?}"),
+    }
+}
+
+/// The conv's sizes and x's strides, as `ConvArgs` in causal_conv1d.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ConvArgs {
+    pub batch: i32,
+    pub channels: i32,
+    pub len: i32,
+    pub width: i32,
+    pub silu: i32,
+    pub sb: i64,
+    pub sc: i64,
+    pub st: i64,
+}
+
+// SAFETY: plain old data with the C layout of the kernels' struct.
+unsafe impl DeviceRepr for ConvArgs {}
+
+impl ConvArgs {
+    /// For x of layout `lx` (batch, channels, len), read through its strides.
+    pub(crate) fn new(lx: &Layout, width: usize, silu: bool) -> Result<Self> {
+        let (batch, channels, len) = lx.shape().dims3()?;
+        let st = lx.stride();
+        Ok(Self {
+            batch: batch as i32,
+            channels: channels as i32,
+            len: len as i32,
+            width: width as i32,
+            silu: silu as i32,
+            sb: st[0] as i64,
+            sc: st[1] as i64,
+            st: st[2] as i64,
+        })
+    }
+
+    fn elements(&self) -> usize {
+        self.batch as usize * self.channels as usize * self.len as usize
+    }
+}
+
+fn elementwise(n: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (n.div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// x read from its start offset through its strides.
+fn strided<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
+    Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
+}
+
+/// Forward: (x, weight (channels, width), bias) -> y (batch, channels, len) in x's dtype.
+pub(crate) fn conv_fwd(
+    args: ConvArgs,
+    (x, lx): (&CudaStorage, &Layout),
+    (w, lw): (&CudaStorage, &Layout),
+    (bias, lb): (&CudaStorage, &Layout),
+) -> Result<CudaStorage> {
+    fn run<T: CudaDType + DeviceRepr + WithDType>(
+        args: ConvArgs,
+        (x, lx): (&CudaStorage, &Layout),
+        (w, lw): (&CudaStorage, &Layout),
+        (bias, lb): (&CudaStorage, &Layout),
+    ) -> Result<CudaStorage> {
+        let dev = x.device();
+        let (x_v, w_v, b_v) =
+            (strided::<T>(x, lx)?, contiguous::<T>(w, lw, "conv weight")?, contiguous::<T>(bias, lb, "conv bias")?);
+        // SAFETY: one thread writes each element.
+        let mut y = unsafe { dev.alloc::<T>(args.elements()) }?;
+        let func = Module::Conv.func(dev, "causal_conv1d_fwd", T::DTYPE)?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&func);
+        b.arg(&x_v).arg(&w_v).arg(&b_v).arg(&mut y).arg(&args);
+        // SAFETY: the argument list matches the kernel's signature.
+        unsafe { b.launch(elementwise(args.elements())) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    }
+    match x.dtype() {
+        DType::F32 => run::<f32>(args, (x, lx), (w, lw), (bias, lb)),
+        DType::BF16 => run::<half::bf16>(args, (x, lx), (w, lw), (bias, lb)),
+        dt => bail!("causal-conv1d on CUDA computes in f32 or bf16, got {dt:?}"),
+    }
+}
+
+/// Backward: from x, [weight | bias] (flat) and the output gradient g (contiguous), the flat
+/// f32 [dx (batch, channels, len) | per channel: d taps (width), d bias].
+pub(crate) fn conv_bwd(
+    args: ConvArgs,
+    (x, lx): (&CudaStorage, &Layout),
+    (wb, lwb): (&CudaStorage, &Layout),
+    (g, lg): (&CudaStorage, &Layout),
+) -> Result<CudaStorage> {
+    fn run<T: CudaDType + DeviceRepr + WithDType>(
+        args: ConvArgs,
+        (x, lx): (&CudaStorage, &Layout),
+        (wb, lwb): (&CudaStorage, &Layout),
+        (g, lg): (&CudaStorage, &Layout),
+    ) -> Result<CudaStorage> {
+        let dev = x.device();
+        let n = args.elements();
+        let (channels, width) = (args.channels as usize, args.width as usize);
+        let x_v = strided::<T>(x, lx)?;
+        let wb_v = contiguous::<T>(wb, lwb, "conv weight and bias")?;
+        let (w_v, b_v) = (wb_v.slice(0..channels * width), wb_v.slice(channels * width..));
+        let g_v = contiguous::<T>(g, lg, "conv output gradient")?;
+        // SAFETY: every element of each buffer is written by its kernel before it is read.
+        let mut dpre = unsafe { dev.alloc::<f32>(n) }?;
+        let mut out = unsafe { dev.alloc::<f32>(n + channels * (width + 1)) }?;
+        let (mut dx, mut dwb) = out.split_at_mut(n);
+        let stream = dev.cuda_stream();
+        let per_channel =
+            LaunchConfig { grid_dim: (channels as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let pre = Module::Conv.func(dev, "causal_conv1d_bwd_pre", T::DTYPE)?;
+        let mut b = stream.launch_builder(&pre);
+        b.arg(&x_v).arg(&w_v).arg(&b_v).arg(&g_v).arg(&mut dpre).arg(&args);
+        // SAFETY (all three launches): the argument lists match the kernels' signatures; they run
+        // in order on one stream.
+        unsafe { b.launch(elementwise(n)) }.w()?;
+        let input = Module::Conv.func(dev, "causal_conv1d_bwd_x", T::DTYPE)?;
+        let mut b = stream.launch_builder(&input);
+        b.arg(&w_v).arg(&dpre).arg(&mut dx).arg(&args);
+        unsafe { b.launch(elementwise(n)) }.w()?;
+        let taps = Module::Conv.func(dev, "causal_conv1d_bwd_w", T::DTYPE)?;
+        let mut b = stream.launch_builder(&taps);
+        b.arg(&x_v).arg(&dpre).arg(&mut dwb).arg(&args);
+        unsafe { b.launch(per_channel) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+    match x.dtype() {
+        DType::F32 => run::<f32>(args, (x, lx), (wb, lwb), (g, lg)),
+        DType::BF16 => run::<half::bf16>(args, (x, lx), (wb, lwb), (g, lg)),
+        dt => bail!("causal-conv1d on CUDA computes in f32 or bf16, got {dt:?}"),
+    }
+}

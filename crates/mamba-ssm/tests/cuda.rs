@@ -1,0 +1,133 @@
+//! The CUDA kernels against the CPU kernels (which the other tests hold to the plain references
+//! and PyTorch): forward outputs and every gradient, over odd shapes (length 1, lengths around
+//! the kernels' 1024-step chunk, batch > 1, B/C groups, every optional part), f32 and bf16.
+//! Built with `--features cuda`, run on a machine with an NVIDIA GPU (scripts/gpu-check.sh).
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var};
+use common::{assert_close, uniform, CPU};
+use mamba_ssm::{causal_conv1d, selective_scan, ScanParams};
+
+fn gpu() -> Device {
+    Device::new_cuda(0).expect("a CUDA device")
+}
+
+/// The inputs of one scan case, as CPU variables.
+struct Case {
+    vars: Vec<Var>,
+    has_d: bool,
+    has_bias: bool,
+    has_h0: bool,
+    softplus: bool,
+}
+
+impl Case {
+    fn new(batch: usize, dim: usize, len: usize, state: usize, groups: usize, all: bool, seed: u64) -> Self {
+        let mut shapes: Vec<(Vec<usize>, f64, f64)> = vec![
+            (vec![batch, dim, len], -1.0, 1.0),
+            (vec![batch, dim, len], -3.0, 0.5),
+            (vec![dim, state], -2.0, -0.2),
+            (vec![batch, groups, state, len], -1.0, 1.0),
+            (vec![batch, groups, state, len], -1.0, 1.0),
+        ];
+        if all {
+            shapes.push((vec![dim], -1.0, 1.0));
+            shapes.push((vec![dim], -1.0, 0.0));
+            shapes.push((vec![batch, dim, state], -1.0, 1.0));
+        }
+        let vars = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, (s, lo, hi))| Var::from_tensor(&uniform(s, seed + i as u64, *lo, *hi, DType::F32)).unwrap())
+            .collect();
+        Self { vars, has_d: all, has_bias: all, has_h0: all, softplus: all }
+    }
+
+    /// y and the last state (each weighted by fixed random values so every output matters) on
+    /// `dev` in `dtype`, the gradients of their weighted sum with respect to every input (CPU, f32).
+    fn run(&self, dev: &Device, dtype: DType) -> (Tensor, Tensor, Vec<Tensor>) {
+        let t: Vec<Tensor> =
+            self.vars.iter().map(|v| v.as_tensor().to_device(dev).unwrap().to_dtype(dtype).unwrap()).collect();
+        let p = ScanParams {
+            d: self.has_d.then_some(&t[5]),
+            z: None,
+            delta_bias: self.has_bias.then_some(&t[6]),
+            delta_softplus: self.softplus,
+        };
+        let out = selective_scan(&t[0], &t[1], &t[2], &t[3], &t[4], &p, self.has_h0.then_some(&t[7])).unwrap();
+        let wy = uniform(out.y.dims(), 99, -1.0, 1.0, DType::F32).to_device(dev).unwrap().to_dtype(dtype).unwrap();
+        let ws =
+            uniform(out.last_state.dims(), 98, -1.0, 1.0, DType::F32).to_device(dev).unwrap().to_dtype(dtype).unwrap();
+        let loss = ((&out.y * wy).unwrap().sum_all().unwrap() + (&out.last_state * ws).unwrap().sum_all().unwrap())
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        let g = self
+            .vars
+            .iter()
+            .map(|v| grads.get(v.as_tensor()).expect("a gradient for every input").to_device(&CPU).unwrap())
+            .collect();
+        let host = |t: &Tensor| t.to_device(&CPU).unwrap().to_dtype(DType::F32).unwrap();
+        (host(&out.y), host(&out.last_state), g)
+    }
+}
+
+const NAMES: [&str; 8] = ["du", "ddelta", "dA", "dB", "dC", "dD", "ddelta_bias", "dh0"];
+
+#[test]
+fn the_selective_scan_on_the_gpu_matches_the_cpu_forward_and_backward() {
+    let dev = gpu();
+    // (batch, dim, len, state, groups, every optional part)
+    let shapes = [
+        (1, 3, 1, 4, 1, true),
+        (2, 5, 37, 16, 1, true),
+        (2, 4, 1023, 8, 2, true),
+        (1, 3, 1024, 16, 1, false),
+        (2, 6, 1025, 16, 3, true),
+        (1, 2, 3000, 16, 1, true),
+    ];
+    for (i, &(batch, dim, len, state, groups, all)) in shapes.iter().enumerate() {
+        let case = Case::new(batch, dim, len, state, groups, all, 10 * i as u64);
+        let (y, last, grads) = case.run(&CPU, DType::F32);
+        let (gy, glast, ggrads) = case.run(&dev, DType::F32);
+        let at = format!("batch {batch} dim {dim} len {len} state {state} groups {groups}");
+        assert_close(&format!("y, {at}"), &gy, &y, 1e-4);
+        assert_close(&format!("last state, {at}"), &glast, &last, 1e-4);
+        for ((name, g), want) in NAMES.iter().zip(&ggrads).zip(&grads) {
+            assert_close(&format!("{name}, {at}"), g, want, 2e-4);
+        }
+        // bf16 inputs, f32 arithmetic: within bf16's rounding of the inputs.
+        let (by, blast, _) = case.run(&dev, DType::BF16);
+        assert_close(&format!("bf16 y, {at}"), &by, &y, 3e-2);
+        assert_close(&format!("bf16 last state, {at}"), &blast, &last, 3e-2);
+    }
+}
+
+#[test]
+fn the_conv_on_the_gpu_matches_the_cpu_forward_and_backward() {
+    let dev = gpu();
+    for (batch, channels, len, width, silu) in [(1, 3, 1, 4, true), (2, 5, 37, 4, true), (2, 4, 300, 3, false)] {
+        // x as a transposed (batch, len, channels) tensor, as the mixers pass it.
+        let x = Var::from_tensor(&uniform(&[batch, len, channels], 1, -1.0, 1.0, DType::F32)).unwrap();
+        let w = Var::from_tensor(&uniform(&[channels, width], 2, -1.0, 1.0, DType::F32)).unwrap();
+        let b = Var::from_tensor(&uniform(&[channels], 3, -1.0, 1.0, DType::F32)).unwrap();
+        let run = |dev: &Device| {
+            let on = |v: &Var| v.as_tensor().to_device(dev).unwrap();
+            let y = causal_conv1d(&on(&x).transpose(1, 2).unwrap(), &on(&w), Some(&on(&b)), silu).unwrap();
+            let wy = uniform(y.dims(), 4, -1.0, 1.0, DType::F32).to_device(dev).unwrap();
+            let grads = (y.clone() * wy).unwrap().sum_all().unwrap().backward().unwrap();
+            let g: Vec<Tensor> =
+                [&x, &w, &b].iter().map(|v| grads.get(v.as_tensor()).unwrap().to_device(&CPU).unwrap()).collect();
+            (y.to_device(&CPU).unwrap(), g)
+        };
+        let ((y, g), (gy, gg)) = (run(&CPU), run(&dev));
+        let at = format!("batch {batch} channels {channels} len {len} width {width} silu {silu}");
+        assert_close(&format!("conv y, {at}"), &gy, &y, 1e-5);
+        for ((name, got), want) in ["dx", "dw", "dbias"].iter().zip(&gg).zip(&g) {
+            assert_close(&format!("conv {name}, {at}"), got, want, 1e-4);
+        }
+    }
+}
