@@ -97,12 +97,17 @@ impl ScanArgs {
         (self.batch as usize, self.dim as usize, self.len as usize, self.state as usize)
     }
 
-    fn grid(&self) -> LaunchConfig {
-        LaunchConfig {
+    /// One block per (batch, channel); the kernels keep one carried state per state index in
+    /// shared memory (MAX_STATE in selective_scan.cu).
+    fn grid(&self) -> Result<LaunchConfig> {
+        if self.state > 256 || self.batch > 65_535 {
+            bail!("selective-scan on CUDA: state {} (at most 256), batch {} (at most 65535)", self.state, self.batch);
+        }
+        Ok(LaunchConfig {
             grid_dim: (self.dim as u32, self.batch as u32, 1),
             block_dim: (SCAN_THREADS, 1, 1),
             shared_mem_bytes: 0,
-        }
+        })
     }
 
     fn checkpoint_len(&self) -> usize {
@@ -137,7 +142,7 @@ pub(crate) fn scan_fwd(
         let mut b = stream.launch_builder(&func);
         b.arg(&u_v).arg(&delta_v).arg(&pack_v).arg(&mut out).arg(&mut checkpoints).arg(&args);
         // SAFETY: the argument list matches the kernel's signature; sizes come from checked shapes.
-        unsafe { b.launch(args.grid()) }.w()?;
+        unsafe { b.launch(args.grid()?) }.w()?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), checkpoints))
     }
     match u.dtype() {
@@ -179,7 +184,7 @@ pub(crate) fn scan_bwd(
         b.arg(&u_v).arg(&delta_v).arg(&pack_v).arg(checkpoints).arg(&grad_v);
         b.arg(&mut du).arg(&mut ddelta).arg(&mut dpack).arg(&args);
         // SAFETY: as in `scan_fwd`; the three outputs are disjoint parts of `out`.
-        unsafe { b.launch(args.grid()) }.w()?;
+        unsafe { b.launch(args.grid()?) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
     match ud.dtype() {
