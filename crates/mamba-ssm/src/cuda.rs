@@ -19,6 +19,7 @@ const COMMON: &str = include_str!("../../../kernels/common.cuh");
 pub(crate) enum Module {
     SelectiveScan,
     Conv,
+    Step,
 }
 
 impl Module {
@@ -26,6 +27,7 @@ impl Module {
         match self {
             Module::SelectiveScan => "selective_scan",
             Module::Conv => "causal_conv1d",
+            Module::Step => "state_update",
         }
     }
 
@@ -33,12 +35,14 @@ impl Module {
         match self {
             Module::SelectiveScan => include_str!("../../../kernels/selective_scan.cu"),
             Module::Conv => include_str!("../../../kernels/causal_conv1d.cu"),
+            Module::Step => include_str!("../../../kernels/state_update.cu"),
         }
     }
 
     /// The module's PTX, compiled on first use (an NVRTC error is kept and reported each time).
     fn ptx(self) -> Result<&'static str> {
-        static CELLS: [OnceLock<std::result::Result<String, String>>; 2] = [OnceLock::new(), OnceLock::new()];
+        static CELLS: [OnceLock<std::result::Result<String, String>>; 3] =
+            [OnceLock::new(), OnceLock::new(), OnceLock::new()];
         let compiled = CELLS[self as usize].get_or_init(|| {
             let opts = CompileOptions { options: vec!["--std=c++17".into()], ..Default::default() };
             compile_ptx_with_opts(format!("{COMMON}\n{}", self.source()), opts)
@@ -323,5 +327,69 @@ pub(crate) fn conv_bwd(
         DType::F32 => run::<f32>(args, (x, lx), (wb, lwb), (g, lg)),
         DType::BF16 => run::<half::bf16>(args, (x, lx), (wb, lwb), (g, lg)),
         dt => bail!("causal-conv1d on CUDA computes in f32 or bf16, got {dt:?}"),
+    }
+}
+
+/// A decode step's sizes, as `StepArgs` in state_update.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StepArgs {
+    pub batch: i32,
+    /// Mamba-1: channels; Mamba-2: heads x headdim.
+    pub rows: i32,
+    pub state: i32,
+    pub groups: i32,
+    /// Mamba-2: rows per head; Mamba-1: 1.
+    pub headdim: i32,
+}
+
+// SAFETY: plain old data with the C layout of the kernels' struct.
+unsafe impl DeviceRepr for StepArgs {}
+
+/// One decode step: (state, [x | dt] flat, [A | B | C] flat with A of `a_len` values) -> flat
+/// [y (batch x rows) | new state], in the state's dtype. `ssd`: Mamba-2's step (one decay per
+/// head), else Mamba-1's (one per channel and state index).
+pub(crate) fn step(
+    args: StepArgs,
+    ssd: bool,
+    a_len: usize,
+    (h, lh): (&CudaStorage, &Layout),
+    (xdt, lx): (&CudaStorage, &Layout),
+    (abc, la): (&CudaStorage, &Layout),
+) -> Result<CudaStorage> {
+    fn run<T: CudaDType + DeviceRepr + WithDType>(
+        args: StepArgs,
+        ssd: bool,
+        a_len: usize,
+        (h, lh): (&CudaStorage, &Layout),
+        (xdt, lx): (&CudaStorage, &Layout),
+        (abc, la): (&CudaStorage, &Layout),
+    ) -> Result<CudaStorage> {
+        let dev = h.device();
+        let rows = args.batch as usize * args.rows as usize;
+        let bc = args.batch as usize * args.groups as usize * args.state as usize;
+        let h_v = contiguous::<T>(h, lh, "state")?;
+        let xdt_v = contiguous::<T>(xdt, lx, "x and dt")?;
+        let dt_len = if ssd { rows / args.headdim as usize } else { rows };
+        let (x_v, dt_v) = (xdt_v.slice(0..rows), xdt_v.slice(rows..rows + dt_len));
+        let abc_v = contiguous::<T>(abc, la, "A, B and C")?;
+        let (a_v, b_v, c_v) =
+            (abc_v.slice(0..a_len), abc_v.slice(a_len..a_len + bc), abc_v.slice(a_len + bc..a_len + 2 * bc));
+        // SAFETY: one thread writes each row's y and new state.
+        let mut out = unsafe { dev.alloc::<T>(rows + h_v.len()) }?;
+        let (mut y, mut new_h) = out.split_at_mut(rows);
+        let name = if ssd { "ssd_state_update" } else { "selective_state_update" };
+        let func = Module::Step.func(dev, name, T::DTYPE)?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&func);
+        b.arg(&h_v).arg(&x_v).arg(&dt_v).arg(&a_v).arg(&b_v).arg(&c_v).arg(&mut y).arg(&mut new_h).arg(&args);
+        // SAFETY: the argument list matches the kernel's signature.
+        unsafe { b.launch(elementwise(rows)) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+    match h.dtype() {
+        DType::F32 => run::<f32>(args, ssd, a_len, (h, lh), (xdt, lx), (abc, la)),
+        DType::BF16 => run::<half::bf16>(args, ssd, a_len, (h, lh), (xdt, lx), (abc, la)),
+        dt => bail!("the decode steps on CUDA compute in f32 or bf16, got {dt:?}"),
     }
 }

@@ -2,7 +2,8 @@
 //! decayed, given its input, written and read out, where the candle-op versions (`*_ref`) make
 //! five passes with broadcast temporaries as large as the state (Mamba-2's is 24 x 64 x 128 per
 //! layer for mamba2-130m). Forward only, for decoding: training goes through the scans.
-//! CPU f32/f64; other dtypes and devices take the candle-op versions.
+//! CPU f32/f64, and on a GPU (feature `cuda`) f32/bf16 through kernels/state_update.cu; other
+//! dtypes and devices take the candle-op versions.
 
 use crate::error::Result;
 use crate::math::{madd, simd_fn, Real};
@@ -63,6 +64,19 @@ pub fn selective_state_update(
     c: &Tensor,
     p: &ScanParams,
 ) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if state.device().is_cuda() && matches!(state.dtype(), DType::F32 | DType::BF16) {
+        let (batch, dim, n, groups) = check_step(state, x, delta, a, b, c, p)?;
+        let args = crate::cuda::StepArgs {
+            batch: batch as i32,
+            rows: dim as i32,
+            state: n as i32,
+            groups: groups as i32,
+            headdim: 1,
+        };
+        let (y, new) = cuda_step(args, false, state, x, &step_delta(delta, p)?, a, b, c)?;
+        return Ok((finish_step(y.reshape((batch, dim))?, x, p)?, new));
+    }
     match state.dtype() {
         DType::F32 if fused::<f32>(x) => selective_step::<f32>(state, x, delta, a, b, c, p),
         DType::F64 if fused::<f64>(x) => selective_step::<f64>(state, x, delta, a, b, c, p),
@@ -110,6 +124,19 @@ pub fn ssd_state_update(
     c: &Tensor,
     p: &SsdParams,
 ) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if h.device().is_cuda() && matches!(h.dtype(), DType::F32 | DType::BF16) {
+        let (batch, heads, headdim, n, groups) = check_ssd_step(h, x, dt, a, b, c)?;
+        let args = crate::cuda::StepArgs {
+            batch: batch as i32,
+            rows: (heads * headdim) as i32,
+            state: n as i32,
+            groups: groups as i32,
+            headdim: headdim as i32,
+        };
+        let (y, new) = cuda_step(args, true, h, x, &effective_dt(dt, p)?, a, b, c)?;
+        return Ok((finish(y.reshape((batch, heads, headdim))?, x, p, x.dtype())?, new));
+    }
     match h.dtype() {
         DType::F32 if fused::<f32>(x) => ssd_step::<f32>(h, x, dt, a, b, c, p),
         DType::F64 if fused::<f64>(x) => ssd_step::<f64>(h, x, dt, a, b, c, p),
@@ -148,4 +175,67 @@ fn ssd_step<T: Real>(
     let dev = h.device();
     let y = Tensor::from_vec(y, (batch, heads, headdim), dev)?;
     Ok((finish(y, x, p, x.dtype())?, Tensor::from_vec(new, (batch, heads, headdim, n), dev)?))
+}
+
+/// A decode step on the GPU (state_update.cu): x, dt, A, B and C joined into two flat tensors
+/// of the state's dtype (a custom op takes three); returns y (flat, before D and the gate) and the
+/// new state.
+#[cfg(feature = "cuda")]
+#[allow(clippy::too_many_arguments)]
+fn cuda_step(
+    args: crate::cuda::StepArgs,
+    ssd: bool,
+    h: &Tensor,
+    x: &Tensor,
+    dt: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let flat = |t: &Tensor| t.to_dtype(h.dtype())?.flatten_all();
+    let xdt = Tensor::cat(&[flat(x)?, flat(dt)?], 0)?;
+    let abc = Tensor::cat(&[flat(a)?, flat(b)?, flat(c)?], 0)?;
+    let out = h.contiguous()?.apply_op3(&xdt, &abc, CudaStep { args, ssd, a_len: a.elem_count() })?;
+    let rows = x.elem_count();
+    Ok((out.narrow(0, 0, rows)?, out.narrow(0, rows, h.elem_count())?.reshape(h.shape())?))
+}
+
+#[cfg(feature = "cuda")]
+struct CudaStep {
+    args: crate::cuda::StepArgs,
+    ssd: bool,
+    a_len: usize,
+}
+
+#[cfg(feature = "cuda")]
+impl candle_core::CustomOp3 for CudaStep {
+    fn name(&self) -> &'static str {
+        "state-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("state-update runs on the GPU only (the CPU has its own step)")
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        let rows = (self.args.batch * self.args.rows) as usize;
+        let out = crate::cuda::step(self.args, self.ssd, self.a_len, (s1, l1), (s2, l2), (s3, l3))?;
+        Ok((out, candle_core::Shape::from(rows + l1.shape().elem_count())))
+    }
 }

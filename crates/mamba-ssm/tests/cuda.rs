@@ -131,3 +131,46 @@ fn the_conv_on_the_gpu_matches_the_cpu_forward_and_backward() {
         }
     }
 }
+
+#[test]
+fn the_decode_steps_on_the_gpu_match_the_cpu() {
+    use mamba_ssm::{selective_state_update, ssd_state_update, SsdParams};
+    let dev = gpu();
+    let on = |t: &Tensor| t.to_device(&dev).unwrap();
+    let back = |t: &Tensor| t.to_device(&CPU).unwrap().to_dtype(DType::F32).unwrap();
+    // Mamba-1: (batch, dim, state, groups), with D, z, delta bias and softplus.
+    for (batch, dim, state, groups) in [(1, 3, 1, 1), (2, 6, 16, 2)] {
+        let u = |shape: &[usize], seed: u64, lo: f64, hi: f64| uniform(shape, seed, lo, hi, DType::F32);
+        let (h, x, delta) =
+            (u(&[batch, dim, state], 1, -1.0, 1.0), u(&[batch, dim], 2, -1.0, 1.0), u(&[batch, dim], 3, -2.0, 1.0));
+        let (a, b, c) = (
+            u(&[dim, state], 4, -2.0, -0.2),
+            u(&[batch, groups, state], 5, -1.0, 1.0),
+            u(&[batch, groups, state], 6, -1.0, 1.0),
+        );
+        let (d, z, bias) = (u(&[dim], 7, -1.0, 1.0), u(&[batch, dim], 8, -1.0, 1.0), u(&[dim], 9, -1.0, 0.0));
+        let p = ScanParams { d: Some(&d), z: Some(&z), delta_bias: Some(&bias), delta_softplus: true };
+        let (y, new) = selective_state_update(&h, &x, &delta, &a, &b, &c, &p).unwrap();
+        let (gd, gz, gbias) = (on(&d), on(&z), on(&bias));
+        let gp = ScanParams { d: Some(&gd), z: Some(&gz), delta_bias: Some(&gbias), delta_softplus: true };
+        let (gy, gnew) = selective_state_update(&on(&h), &on(&x), &on(&delta), &on(&a), &on(&b), &on(&c), &gp).unwrap();
+        assert_close("Mamba-1 step y", &back(&gy), &y, 1e-5);
+        assert_close("Mamba-1 step state", &back(&gnew), &new, 1e-5);
+    }
+    // Mamba-2: (batch, heads, headdim, state, groups), dt bias, softplus and a clamp.
+    for (batch, heads, headdim, state, groups) in [(1, 1, 1, 1, 1), (2, 4, 3, 16, 2)] {
+        let u = |shape: &[usize], seed: u64, lo: f64, hi: f64| uniform(shape, seed, lo, hi, DType::F32);
+        let h = u(&[batch, heads, headdim, state], 1, -1.0, 1.0);
+        let (x, dt, a) =
+            (u(&[batch, heads, headdim], 2, -1.0, 1.0), u(&[batch, heads], 3, -2.0, 1.0), u(&[heads], 4, -2.0, -0.2));
+        let (b, c) = (u(&[batch, groups, state], 5, -1.0, 1.0), u(&[batch, groups, state], 6, -1.0, 1.0));
+        let bias = u(&[heads], 7, -1.0, 0.0);
+        let p = SsdParams { dt_bias: Some(&bias), dt_softplus: true, dt_limit: (0.01, 2.0), ..Default::default() };
+        let (y, new) = ssd_state_update(&h, &x, &dt, &a, &b, &c, &p).unwrap();
+        let gbias = on(&bias);
+        let gp = SsdParams { dt_bias: Some(&gbias), dt_softplus: true, dt_limit: (0.01, 2.0), ..Default::default() };
+        let (gy, gnew) = ssd_state_update(&on(&h), &on(&x), &on(&dt), &on(&a), &on(&b), &on(&c), &gp).unwrap();
+        assert_close("Mamba-2 step y", &back(&gy), &y, 1e-5);
+        assert_close("Mamba-2 step state", &back(&gnew), &new, 1e-5);
+    }
+}
