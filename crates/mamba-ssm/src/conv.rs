@@ -84,6 +84,20 @@ pub fn causal_conv1d_update(
     check("x", x, &[("batch", batch), ("channels", channels)])?;
     let w = weight_2d(weight, channels)?;
     check("conv weight", &w, &[("channels", channels), ("width", width)])?;
+    #[cfg(feature = "cuda")]
+    if conv_state.device().is_cuda() && matches!(conv_state.dtype(), DType::F32 | DType::BF16) {
+        // One kernel (causal_conv1d.cu): (state, x, [weight | bias]) -> [y | new state].
+        let dt = conv_state.dtype();
+        let bias = match bias {
+            Some(b) => b.to_dtype(dt)?,
+            None => Tensor::zeros(channels, dt, x.device())?,
+        };
+        let wb = Tensor::cat(&[w.to_dtype(dt)?.flatten_all()?, bias.flatten_all()?], 0)?;
+        let out = conv_state.contiguous()?.apply_op3(&x.to_dtype(dt)?.contiguous()?, &wb, ConvUpdateOp { silu })?;
+        let y = out.narrow(0, 0, batch * channels)?.reshape((batch, channels))?;
+        let state = out.narrow(0, batch * channels, batch * channels * width)?.reshape((batch, channels, width))?;
+        return Ok((y, state));
+    }
     let state = Tensor::cat(&[&conv_state.narrow(2, 1, width - 1)?, &x.unsqueeze(2)?], 2)?;
     let mut y = state.broadcast_mul(&w.unsqueeze(0)?)?.sum(2)?;
     if let Some(b) = bias {
@@ -332,5 +346,45 @@ impl CustomOp3 for ConvBwdOp {
         let channels = l1.shape().dims3()?.1;
         let out = crate::cuda::conv_bwd(args, (s1, l1), (s2, l2), (s3, l3))?;
         Ok((out, Shape::from(l1.shape().elem_count() + channels * (self.width + 1))))
+    }
+}
+
+/// The conv's decode update on the GPU: (state (batch, channels, width), x (batch, channels),
+/// [weight | bias]) -> [y | new state].
+#[cfg(feature = "cuda")]
+struct ConvUpdateOp {
+    silu: bool,
+}
+
+#[cfg(feature = "cuda")]
+impl CustomOp3 for ConvUpdateOp {
+    fn name(&self) -> &'static str {
+        "causal-conv1d-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("causal-conv1d-update runs on the GPU only (the CPU uses candle ops)")
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (batch, channels, width) = l1.shape().dims3()?;
+        let out = crate::cuda::conv_update(batch, channels, width, self.silu, (s1, l1), (s2, l2), (s3, l3))?;
+        Ok((out, Shape::from(batch * channels * (1 + width))))
     }
 }

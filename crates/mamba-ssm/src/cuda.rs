@@ -393,3 +393,55 @@ pub(crate) fn step(
         dt => bail!("the decode steps on CUDA compute in f32 or bf16, got {dt:?}"),
     }
 }
+
+/// The conv's decode update: (state (batch, channels, width), x (batch, channels), [weight |
+/// bias]) -> [y | new state], in the state's dtype.
+pub(crate) fn conv_update(
+    batch: usize,
+    channels: usize,
+    width: usize,
+    silu: bool,
+    (state, ls): (&CudaStorage, &Layout),
+    (x, lx): (&CudaStorage, &Layout),
+    (wb, lwb): (&CudaStorage, &Layout),
+) -> Result<CudaStorage> {
+    fn run<T: CudaDType + DeviceRepr + WithDType>(
+        args: ConvArgs,
+        (state, ls): (&CudaStorage, &Layout),
+        (x, lx): (&CudaStorage, &Layout),
+        (wb, lwb): (&CudaStorage, &Layout),
+    ) -> Result<CudaStorage> {
+        let dev = state.device();
+        let (rows, width) = (args.batch as usize * args.channels as usize, args.width as usize);
+        let (s_v, x_v) = (contiguous::<T>(state, ls, "conv state")?, contiguous::<T>(x, lx, "x")?);
+        let wb_v = contiguous::<T>(wb, lwb, "conv weight and bias")?;
+        let taps = args.channels as usize * width;
+        let (w_v, b_v) = (wb_v.slice(0..taps), wb_v.slice(taps..));
+        // SAFETY: one thread writes each row's y and new state.
+        let mut out = unsafe { dev.alloc::<T>(rows * (1 + width)) }?;
+        let (mut y, mut new_state) = out.split_at_mut(rows);
+        let func = Module::Conv.func(dev, "causal_conv1d_update", T::DTYPE)?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&func);
+        b.arg(&s_v).arg(&x_v).arg(&w_v).arg(&b_v).arg(&mut y).arg(&mut new_state).arg(&args);
+        // SAFETY: the argument list matches the kernel's signature.
+        unsafe { b.launch(elementwise(rows)) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+    // Only the sizes matter to the update kernel (its inputs are contiguous).
+    let args = ConvArgs {
+        batch: batch as i32,
+        channels: channels as i32,
+        len: 1,
+        width: width as i32,
+        silu: silu as i32,
+        sb: 0,
+        sc: 0,
+        st: 0,
+    };
+    match state.dtype() {
+        DType::F32 => run::<f32>(args, (state, ls), (x, lx), (wb, lwb)),
+        DType::BF16 => run::<half::bf16>(args, (state, ls), (x, lx), (wb, lwb)),
+        dt => bail!("causal-conv1d-update on CUDA computes in f32 or bf16, got {dt:?}"),
+    }
+}

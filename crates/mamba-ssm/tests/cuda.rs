@@ -174,3 +174,25 @@ fn the_decode_steps_on_the_gpu_match_the_cpu() {
         assert_close("Mamba-2 step state", &back(&gnew), &new, 1e-5);
     }
 }
+
+#[test]
+fn the_conv_update_on_the_gpu_matches_the_cpu() {
+    use mamba_ssm::causal_conv1d_update;
+    let dev = gpu();
+    for (batch, channels, width, silu, with_bias) in
+        [(1, 1, 1, true, false), (2, 5, 4, true, true), (3, 2, 3, false, true)]
+    {
+        let state = uniform(&[batch, channels, width], 1, -1.0, 1.0, DType::F32);
+        let x = uniform(&[batch, channels], 2, -1.0, 1.0, DType::F32);
+        let w = uniform(&[channels, width], 3, -1.0, 1.0, DType::F32);
+        let b = uniform(&[channels], 4, -1.0, 1.0, DType::F32);
+        let bias = with_bias.then_some(&b);
+        let (y, new) = causal_conv1d_update(&state, &x, &w, bias, silu).unwrap();
+        let on = |t: &Tensor| t.to_device(&dev).unwrap();
+        let gb = on(&b);
+        let (gy, gnew) = causal_conv1d_update(&on(&state), &on(&x), &on(&w), with_bias.then_some(&gb), silu).unwrap();
+        let at = format!("batch {batch} channels {channels} width {width} silu {silu} bias {with_bias}");
+        assert_close(&format!("conv update y, {at}"), &gy.to_device(&CPU).unwrap(), &y, 1e-6);
+        assert_close(&format!("conv update state, {at}"), &gnew.to_device(&CPU).unwrap(), &new, 0.0);
+    }
+}
