@@ -43,6 +43,9 @@ enum Command {
         out: PathBuf,
         #[arg(long, value_enum, default_value_t = WeightDType::F32)]
         dtype: WeightDType,
+        /// cpu, or cuda / cuda:N (a build with `--features cuda`).
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// Print a model's configuration, parameter count and tensors: a Hugging Face directory, or
     /// a vision model file (models/vision/*.toml).
@@ -156,6 +159,9 @@ struct GenerateArgs {
     stop: Vec<u32>,
     #[arg(long, value_enum, default_value_t = WeightDType::F32)]
     dtype: WeightDType,
+    /// cpu, or cuda / cuda:N (a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 /// How the projection and embedding matrices are held; everything else computes in f32.
@@ -176,15 +182,31 @@ impl From<WeightDType> for DType {
     }
 }
 
-fn load(dir: &Path, dtype: WeightDType) -> Result<MambaLm> {
+fn load(dir: &Path, dtype: WeightDType, device: &Device) -> Result<MambaLm> {
     if !dir.join("config.json").exists() {
         bail!("{}: not a model directory (no config.json)", dir.display());
     }
-    Ok(MambaLm::load_hf(dir, dtype.into(), &Device::Cpu)?)
+    Ok(MambaLm::load_hf(dir, dtype.into(), device)?)
+}
+
+/// `--device`: cpu, cuda (GPU 0) or cuda:N.
+fn device(name: &str) -> Result<Device> {
+    let ordinal = match name {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        _ => match name.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => n,
+            _ => bail!("--device {name}: expected cpu, cuda or cuda:N"),
+        },
+    };
+    if !cfg!(feature = "cuda") {
+        bail!("--device {name}: this mamba was built without CUDA (build it with `--features cuda`)");
+    }
+    Device::new_cuda(ordinal).with_context(|| format!("--device {name}"))
 }
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
-    let model = load(&a.model, a.dtype)?;
+    let model = load(&a.model, a.dtype, &device(&a.device)?)?;
     let mut sampling =
         Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed, vocab_limit: None };
     let mut out = std::io::stdout().lock();
@@ -233,11 +255,12 @@ fn check_ids(model: &MambaLm, ids: &[u32]) -> Result<()> {
     Ok(())
 }
 
-fn run_logits(model: &Path, ids: &[u32], out: &Path, dtype: WeightDType) -> Result<()> {
-    let m = load(model, dtype)?;
+fn run_logits(model: &Path, ids: &[u32], out: &Path, dtype: WeightDType, on: &str) -> Result<()> {
+    let m = load(model, dtype, &device(on)?)?;
     check_ids(&m, ids)?;
     let vocab = m.config.vocab_size;
-    let (logits, _) = m.forward(&Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?)?;
+    let (logits, _) = m.forward(&Tensor::new(ids, m.device())?.unsqueeze(0)?)?;
+    let logits = logits.to_device(&Device::Cpu)?;
     // Write beside the target and rename, so that a failure never leaves half a file.
     let tmp = out.with_extension("safetensors.tmp");
     candle_core::safetensors::save(&std::collections::HashMap::from([("logits".to_string(), logits)]), &tmp)
@@ -252,7 +275,7 @@ fn run_inspect(dir: &Path) -> Result<()> {
         return inspect_vision(dir);
     }
     let config = LmConfig::from_hf_file(&dir.join("config.json"))?;
-    load(dir, WeightDType::F32)?; // checks that the checkpoint fits the configuration
+    load(dir, WeightDType::F32, &Device::Cpu)?; // checks that the checkpoint fits the configuration
     let shapes = MambaLm::tensor_shapes(&config);
     let params: usize = shapes.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
     let b = &config.backbone;
@@ -367,7 +390,7 @@ fn run_predict(a: PredictArgs) -> Result<()> {
         return Ok(());
     }
     let max_new = a.max_new_tokens;
-    let model = load(dir, WeightDType::F32)?;
+    let model = load(dir, WeightDType::F32, &Device::Cpu)?;
     let tok = dir.join("tokenizer.json").exists().then(|| load_tokenizer(dir)).transpose()?;
     let mut out = std::io::stdout().lock();
     for input in inputs {
@@ -482,7 +505,7 @@ fn main() {
     }
     let result = match Cli::parse().command {
         Command::Generate(a) => run_generate(a),
-        Command::Logits { model, ids, out, dtype } => run_logits(&model, &ids, &out, dtype),
+        Command::Logits { model, ids, out, dtype, device } => run_logits(&model, &ids, &out, dtype, &device),
         Command::Inspect { model } => run_inspect(&model),
         Command::Train { config, out, resume, sets } => run_train(&config, out, resume, &sets),
         Command::Eval { checkpoint, json, confusion } => run_eval(&checkpoint, json, confusion.as_deref()),

@@ -75,6 +75,19 @@ fn bad_input_is_reported() {
         mamba(&["logits", "--model", model.to_str().unwrap(), "--ids", "1,99", "--out", "/tmp/never.safetensors"]);
     assert!(String::from_utf8_lossy(&run.stderr).contains("token id 99"));
     assert!(!std::path::Path::new("/tmp/never.safetensors").exists());
+    // --device: a name it does not know, and CUDA in a build without it.
+    let m = model.to_str().unwrap();
+    let run = mamba(&["generate", "--model", m, "--ids", "1,2", "--device", "gpu"]);
+    assert!(String::from_utf8_lossy(&run.stderr).contains("--device gpu: expected cpu, cuda or cuda:N"));
+    if !cfg!(feature = "cuda") {
+        let run =
+            mamba(&["logits", "--model", m, "--ids", "1", "--out", "/tmp/never.safetensors", "--device", "cuda:1"]);
+        let err = String::from_utf8_lossy(&run.stderr).to_string();
+        assert!(
+            !run.status.success() && err.contains("built without CUDA") && err.contains("--features cuda"),
+            "{err}"
+        );
+    }
 }
 
 /// --prompt through a tokenizer.json (a word-level vocabulary of 60 words for the model's 64 rows):

@@ -189,6 +189,11 @@ pub struct MambaLm {
 }
 
 impl MambaLm {
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        self.lm_head.weight().device()
+    }
+
     pub fn load(vb: VarBuilder, config: LmConfig) -> Result<Self> {
         let backbone = Backbone::load(vb.pp("backbone"), &config.backbone, config.vocab_size)?;
         let lm_head = Linear::new(

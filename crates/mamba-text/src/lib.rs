@@ -2,7 +2,7 @@
 //! new token is one cached step. Greedy decoding, or sampling with temperature, top-k, top-p and
 //! a seed; stop tokens; tokens are handed to a callback as they come (streaming).
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use mamba_nn::MambaLm;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::path::Path;
@@ -127,7 +127,7 @@ pub fn generate(
     if prompt.is_empty() || max_new == 0 {
         return Ok(vec![]);
     }
-    let device = Device::Cpu;
+    let device = model.device().clone();
     let ids = Tensor::new(prompt, &device)?.unsqueeze(0)?;
     let (logits, mut caches) = model.prefill(&ids)?;
     let mut last = logits.squeeze(0)?;
@@ -201,6 +201,7 @@ impl<'a> TextStream<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     fn logits(v: &[f32]) -> Tensor {
         Tensor::new(v, &Device::Cpu).unwrap()
