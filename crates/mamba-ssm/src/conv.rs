@@ -321,17 +321,7 @@ impl CustomOp3 for ConvBwdOp {
         "causal-conv1d-backward"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("causal-conv1d-backward runs on the GPU only (the CPU has its own backward)")
-    }
+    crate::cuda::gpu_only!("causal-conv1d-backward");
 
     fn cuda_fwd(
         &self,
@@ -362,17 +352,7 @@ impl CustomOp3 for ConvUpdateOp {
         "causal-conv1d-update"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("causal-conv1d-update runs on the GPU only (the CPU uses candle ops)")
-    }
+    crate::cuda::gpu_only!("causal-conv1d-update");
 
     fn cuda_fwd(
         &self,

@@ -12,6 +12,36 @@ use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
 use candle_core::{bail, DType, Layout, Result, WithDType};
 use std::sync::OnceLock;
 
+/// `$run::<T>(args...)` for the element type of `$dtype` (f32 or bf16).
+macro_rules! by_dtype {
+    ($op:literal, $dtype:expr, $run:ident($($arg:expr),* $(,)?)) => {
+        match $dtype {
+            DType::F32 => $run::<f32>($($arg),*),
+            DType::BF16 => $run::<half::bf16>($($arg),*),
+            dt => bail!("{} on CUDA computes in f32 or bf16, got {dt:?}", $op),
+        }
+    };
+}
+
+/// The `cpu_fwd` of an op that exists only on the GPU (a backward pass or decode step whose CPU
+/// side is computed another way).
+macro_rules! gpu_only {
+    ($op:literal) => {
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            candle_core::bail!("{} runs on the GPU only", $op)
+        }
+    };
+}
+pub(crate) use gpu_only;
+
 const COMMON: &str = include_str!("../../../kernels/common.cuh");
 
 /// A kernel source file of `kernels/`.
@@ -149,11 +179,7 @@ pub(crate) fn scan_fwd(
         unsafe { b.launch(args.grid()?) }.w()?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), checkpoints))
     }
-    match u.dtype() {
-        DType::F32 => run::<f32>(args, (u, lu), (delta, ld), (pack, lp)),
-        DType::BF16 => run::<half::bf16>(args, (u, lu), (delta, ld), (pack, lp)),
-        dt => bail!("selective-scan on CUDA computes in f32 or bf16, got {dt:?}"),
-    }
+    by_dtype!("selective-scan", u.dtype(), run(args, (u, lu), (delta, ld), (pack, lp)))
 }
 
 /// Backward: from [u | delta] (flat), pack, grad = [dy | d last state] and the forward pass's
@@ -191,11 +217,7 @@ pub(crate) fn scan_bwd(
         unsafe { b.launch(args.grid()?) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
-    match ud.dtype() {
-        DType::F32 => run::<f32>(args, checkpoints, (ud, lud), (pack, lp), (grad, lg)),
-        DType::BF16 => run::<half::bf16>(args, checkpoints, (ud, lud), (pack, lp), (grad, lg)),
-        dt => bail!("selective-scan on CUDA computes in f32 or bf16, got {dt:?}"),
-    }
+    by_dtype!("selective-scan", ud.dtype(), run(args, checkpoints, (ud, lud), (pack, lp), (grad, lg)))
 }
 
 /// The conv's sizes and x's strides, as `ConvArgs` in causal_conv1d.cu.
@@ -272,11 +294,7 @@ pub(crate) fn conv_fwd(
         unsafe { b.launch(elementwise(args.elements())) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
     }
-    match x.dtype() {
-        DType::F32 => run::<f32>(args, (x, lx), (w, lw), (bias, lb)),
-        DType::BF16 => run::<half::bf16>(args, (x, lx), (w, lw), (bias, lb)),
-        dt => bail!("causal-conv1d on CUDA computes in f32 or bf16, got {dt:?}"),
-    }
+    by_dtype!("causal-conv1d", x.dtype(), run(args, (x, lx), (w, lw), (bias, lb)))
 }
 
 /// Backward: from x, [weight | bias] (flat) and the output gradient g (contiguous), the flat
@@ -323,11 +341,7 @@ pub(crate) fn conv_bwd(
         unsafe { b.launch(per_channel) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
-    match x.dtype() {
-        DType::F32 => run::<f32>(args, (x, lx), (wb, lwb), (g, lg)),
-        DType::BF16 => run::<half::bf16>(args, (x, lx), (wb, lwb), (g, lg)),
-        dt => bail!("causal-conv1d on CUDA computes in f32 or bf16, got {dt:?}"),
-    }
+    by_dtype!("causal-conv1d", x.dtype(), run(args, (x, lx), (wb, lwb), (g, lg)))
 }
 
 /// A decode step's sizes, as `StepArgs` in state_update.cu.
@@ -387,11 +401,7 @@ pub(crate) fn step(
         unsafe { b.launch(elementwise(rows)) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
-    match h.dtype() {
-        DType::F32 => run::<f32>(args, ssd, a_len, (h, lh), (xdt, lx), (abc, la)),
-        DType::BF16 => run::<half::bf16>(args, ssd, a_len, (h, lh), (xdt, lx), (abc, la)),
-        dt => bail!("the decode steps on CUDA compute in f32 or bf16, got {dt:?}"),
-    }
+    by_dtype!("state-update", h.dtype(), run(args, ssd, a_len, (h, lh), (xdt, lx), (abc, la)))
 }
 
 /// The conv's decode update: (state (batch, channels, width), x (batch, channels), [weight |
@@ -439,9 +449,5 @@ pub(crate) fn conv_update(
         sc: 0,
         st: 0,
     };
-    match state.dtype() {
-        DType::F32 => run::<f32>(args, (state, ls), (x, lx), (wb, lwb)),
-        DType::BF16 => run::<half::bf16>(args, (state, ls), (x, lx), (wb, lwb)),
-        dt => bail!("causal-conv1d-update on CUDA computes in f32 or bf16, got {dt:?}"),
-    }
+    by_dtype!("causal-conv1d-update", state.dtype(), run(args, (state, ls), (x, lx), (wb, lwb)))
 }

@@ -875,17 +875,7 @@ impl CustomOp3 for ScanBwdOp {
         "selective-scan-backward"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("selective-scan-backward runs on the GPU only (the CPU has its own backward)")
-    }
+    crate::cuda::gpu_only!("selective-scan-backward");
 
     fn cuda_fwd(
         &self,

@@ -213,17 +213,7 @@ impl candle_core::CustomOp3 for CudaStep {
         "state-update"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        candle_core::bail!("state-update runs on the GPU only (the CPU has its own step)")
-    }
+    crate::cuda::gpu_only!("state-update");
 
     fn cuda_fwd(
         &self,
