@@ -363,12 +363,14 @@ fn run_predict(a: PredictArgs) -> Result<()> {
     if dir.join("forecast.json").exists() {
         return forecast_files(dir, &paths, a.out.as_deref());
     }
+    // One line per file, or per case of an archive.
+    let file_names = || paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>();
     let ranked = if dir.join("image.json").exists() {
         let (model, meta) = load_classifier(dir, a.image_size)?;
-        Some((classify_files(&model, &meta, &paths)?, paths.iter().map(|p| p.display().to_string()).collect()))
+        Some((classify_files(&model, &meta, &paths)?, file_names()))
     } else if dir.join("audio.json").exists() {
         let (model, meta) = load_audio_classifier(dir)?;
-        Some((classify_files(&model, &meta, &paths)?, paths.iter().map(|p| p.display().to_string()).collect()))
+        Some((classify_files(&model, &meta, &paths)?, file_names()))
     } else if dir.join("series.json").exists() {
         let (model, meta) = load_series_classifier(dir)?;
         let (mut ranked, mut names) = (vec![], vec![]);

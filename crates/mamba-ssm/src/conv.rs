@@ -317,10 +317,6 @@ struct ConvBwdOp {
 
 #[cfg(feature = "cuda")]
 impl CustomOp3 for ConvBwdOp {
-    fn name(&self) -> &'static str {
-        "causal-conv1d-backward"
-    }
-
     crate::cuda::gpu_only!("causal-conv1d-backward");
 
     fn cuda_fwd(
@@ -348,10 +344,6 @@ struct ConvUpdateOp {
 
 #[cfg(feature = "cuda")]
 impl CustomOp3 for ConvUpdateOp {
-    fn name(&self) -> &'static str {
-        "causal-conv1d-update"
-    }
-
     crate::cuda::gpu_only!("causal-conv1d-update");
 
     fn cuda_fwd(

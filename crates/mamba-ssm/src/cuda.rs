@@ -23,10 +23,14 @@ macro_rules! by_dtype {
     };
 }
 
-/// The `cpu_fwd` of an op that exists only on the GPU (a backward pass or decode step whose CPU
-/// side is computed another way).
+/// The `name` and the refusing `cpu_fwd` of an op that exists only on the GPU (a backward pass
+/// or decode step whose CPU side is computed another way).
 macro_rules! gpu_only {
     ($op:literal) => {
+        fn name(&self) -> &'static str {
+            $op
+        }
+
         fn cpu_fwd(
             &self,
             _: &candle_core::CpuStorage,
@@ -384,7 +388,7 @@ pub(crate) fn step(
         let bc = args.batch as usize * args.groups as usize * args.state as usize;
         let h_v = contiguous::<T>(h, lh, "state")?;
         let xdt_v = contiguous::<T>(xdt, lx, "x and dt")?;
-        let dt_len = if ssd { rows / args.headdim as usize } else { rows };
+        let dt_len = rows / args.headdim as usize; // one dt per head (Mamba-1: per channel)
         let (x_v, dt_v) = (xdt_v.slice(0..rows), xdt_v.slice(rows..rows + dt_len));
         let abc_v = contiguous::<T>(abc, la, "A, B and C")?;
         let (a_v, b_v, c_v) =

@@ -871,10 +871,6 @@ struct ScanBwdOp {
 
 #[cfg(feature = "cuda")]
 impl CustomOp3 for ScanBwdOp {
-    fn name(&self) -> &'static str {
-        "selective-scan-backward"
-    }
-
     crate::cuda::gpu_only!("selective-scan-backward");
 
     fn cuda_fwd(

@@ -209,10 +209,6 @@ struct CudaStep {
 
 #[cfg(feature = "cuda")]
 impl candle_core::CustomOp3 for CudaStep {
-    fn name(&self) -> &'static str {
-        "state-update"
-    }
-
     crate::cuda::gpu_only!("state-update");
 
     fn cuda_fwd(

@@ -225,7 +225,7 @@ pub fn evaluate_checkpoint(dir: &Path) -> Result<Evaluation> {
         AnyTask::Lm(t) => Evaluation { metrics: evaluate(t, &t.build_model(vb)?)?, confusion: None, test: None },
         AnyTask::Forecast(t) => {
             let model = t.build_model(vb)?;
-            let test = Some((t.test_windows(), t.test(&model)?));
+            let test = Some(t.test(&model)?);
             Evaluation { metrics: evaluate(t, &model)?, confusion: None, test }
         }
         AnyTask::Image(t) => classifier_evaluation(t, vb)?,

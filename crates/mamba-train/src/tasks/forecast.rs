@@ -194,12 +194,14 @@ impl ForecastTask {
         })
     }
 
-    /// Test-split errors of `model` and of the naive baselines on the same windows, named.
-    pub fn test(&self, model: &ForecastModel) -> Result<Vec<(String, Errors)>> {
+    /// The number of test windows, and the test-split errors of `model` and of the naive
+    /// baselines on those windows, named.
+    pub fn test(&self, model: &ForecastModel) -> Result<(usize, Vec<(String, Errors)>)> {
         let ForecastShape { lookback, horizon, .. } = self.meta.shape;
         let rows = self.splits.test.clone();
+        let starts = windows(rows.clone(), lookback, horizon, 1);
         let mut errors = Errors::default();
-        for chunk in windows(rows.clone(), lookback, horizon, 1).chunks(64) {
+        for chunk in starts.chunks(64) {
             let batch = self.windows_at(chunk)?;
             let forecast = model.forward(&batch.inputs)?;
             errors.add(&forecast.flatten_all()?.to_vec1()?, &batch.targets.flatten_all()?.to_vec1()?);
@@ -212,12 +214,7 @@ impl ForecastTask {
             let seasonal = evaluate(&SeasonalNaive { period }, &self.columns, rows, lookback, horizon);
             out.push((format!("seasonal naive ({period})"), seasonal));
         }
-        Ok(out)
-    }
-
-    pub fn test_windows(&self) -> usize {
-        let ForecastShape { lookback, horizon, .. } = self.meta.shape;
-        windows(self.splits.test.clone(), lookback, horizon, 1).len()
+        Ok((starts.len(), out))
     }
 }
 
