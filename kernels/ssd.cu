@@ -1,0 +1,331 @@
+// Mamba-2 SSD chunked scan, forward and backward, for the `ssd-chunk-scan` custom op of
+// crates/mamba-ssm (its candle-op form and plain reference are in ssd.rs). Layouts are the
+// reference's: x (batch, len, heads, headdim), dt (batch, len, heads), A (heads),
+// B and C (batch, len, groups, state), h0 and the last state (batch, heads, headdim, state).
+// dt is the effective step (bias, softplus and limits applied before); the D skip and the z gate
+// are applied after, so this is the recurrence alone, per head h of group g:
+//   h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T,    y_t = h_t C_t.
+//
+// The sequence is cut into chunks of CHUNK steps and, as in the paper's SSD algorithm, each
+// chunk is handled on its own except for one state passed from chunk to chunk:
+//   1. `ssd_chunk_state`: each chunk's own contribution to the state at its end, from a zero
+//      state: sum_j exp(cum_last - cum_j) dt_j x_j B_j^T, where cum_i = A sum_{k <= i} dt_k;
+//      and the chunk's decay exp(cum_last).
+//   2. `ssd_state_pass`: s_{c+1} = decay_c s_c + own_c along the chunks, writing each chunk's
+//      start state over its own contribution, and the last state.
+//   3. `ssd_chunk_out`: y_i = sum_{j <= i} (C_i . B_j) exp(cum_i - cum_j) dt_j x_j
+//      + exp(cum_i) s_c C_i, the first term through the chunk's (CHUNK x CHUNK) matrix M in
+//      shared memory.
+// The backward pass mirrors it: `ssd_chunk_dstate` (what each chunk's outputs add to the
+// gradient of its start state), `ssd_state_pass_bwd` (the state gradients passed backwards, and
+// the gradient of each chunk's decay) and `ssd_chunk_bwd` (every input's gradient inside a
+// chunk, from the chunk's start state and the gradient of its end state).
+//
+// Chunk states are kept in f32 as (batch, chunk, head, state, headdim): headdim fastest, so
+// threads of a warp (consecutive headdim) read consecutive addresses. Steps past the end have
+// dt = 0 and read as zeros, which leaves every sum unchanged. Gradients summed over heads (B, C,
+// A) are added atomically into zeroed f32 buffers; everything else is written once.
+
+#define CHUNK 64
+#define THREADS 256
+
+struct SsdArgs {
+    int batch, len, heads, headdim, groups, state, chunks, has_h0;
+};
+
+// Element (b, t, h, k) of a (batch, len, rows, width) tensor.
+__device__ __forceinline__ long long at(const SsdArgs& s, int b, int t, int rows, int row, int width, int k) {
+    return (((long long)b * s.len + t) * rows + row) * width + k;
+}
+
+// Offset of chunk state (b, c, h, 0, 0).
+__device__ __forceinline__ long long state_at(const SsdArgs& s, int b, int c, int h) {
+    return (((long long)b * s.chunks + c) * s.heads + h) * s.state * s.headdim;
+}
+
+// The chunk's steps (0 past the end) and their running sums: cumdt_i = sum_{k <= i} dt_k and
+// cum_i = A cumdt_i. Every thread must call; the arrays are in shared memory.
+template <typename T>
+__device__ void chunk_steps(const T* dt, float A, const SsdArgs& s, int b, int c, int h, float* dts, float* cum,
+                            float* cumdt) {
+    for (int i = threadIdx.x; i < CHUNK; i += blockDim.x) {
+        const int t = c * CHUNK + i;
+        dts[i] = t < s.len ? to_f32(dt[at(s, b, t, s.heads, h, 1, 0)]) : 0.f;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float run = 0.f;
+        for (int i = 0; i < CHUNK; ++i) {
+            run += dts[i];
+            cumdt[i] = run;
+            cum[i] = A * run;
+        }
+    }
+    __syncthreads();
+}
+
+// out[n, p] = sum_i w_i u_i[p] v_i[n] over the chunk's steps, u (batch, len, heads, headdim) and
+// v (batch, len, groups, state): a chunk's contribution to its end state (forward) or the
+// gradient its outputs send to its start state (backward).
+template <typename T>
+__device__ void chunk_outer(const T* u, const T* v, const float* w, const SsdArgs& s, int b, int c, int h,
+                            float* out) {
+    const int g = h / (s.heads / s.groups), P = s.headdim, N = s.state;
+    const int steps = min(CHUNK, s.len - c * CHUNK);
+    for (int e = threadIdx.x; e < N * P; e += blockDim.x) {
+        const int n = e / P, p = e % P;
+        float acc = 0.f;
+        for (int i = 0; i < steps; ++i) {
+            const int t = c * CHUNK + i;
+            acc += w[i] * to_f32(u[at(s, b, t, s.heads, h, P, p)]) * to_f32(v[at(s, b, t, s.groups, g, N, n)]);
+        }
+        out[state_at(s, b, c, h) + e] = acc;
+    }
+}
+
+// Grid (chunks, heads, batch). states: (batch, chunks, heads, state, headdim); decay: (batch,
+// heads, chunks).
+template <typename T>
+__device__ void chunk_state(const T* x, const T* dt, const T* A, const T* B, float* states, float* decay,
+                            SsdArgs s) {
+    __shared__ float dts[CHUNK], cum[CHUNK], cumdt[CHUNK], w[CHUNK];
+    const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    chunk_steps(dt, to_f32(A[h]), s, b, c, h, dts, cum, cumdt);
+    for (int i = threadIdx.x; i < CHUNK; i += blockDim.x) w[i] = expf(cum[CHUNK - 1] - cum[i]) * dts[i];
+    if (threadIdx.x == 0) decay[((long long)b * s.heads + h) * s.chunks + c] = expf(cum[CHUNK - 1]);
+    __syncthreads();
+    chunk_outer(x, B, w, s, b, c, h, states);
+}
+
+// Grid (ceil(state x headdim / THREADS), heads, batch), one thread per state element. Turns each
+// chunk's own contribution into the state at its start, in place; writes the last state.
+template <typename T>
+__device__ void state_pass(const T* h0, float* states, const float* decay, T* last, SsdArgs s) {
+    const int e = blockIdx.x * blockDim.x + threadIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int P = s.headdim, N = s.state;
+    if (e >= N * P) return;
+    const int n = e / P, p = e % P;
+    const long long hp = (((long long)b * s.heads + h) * P + p) * N + n;  // (batch, heads, headdim, state)
+    float run = s.has_h0 ? to_f32(h0[hp]) : 0.f;
+    for (int c = 0; c < s.chunks; ++c) {
+        float* slot = states + state_at(s, b, c, h) + e;
+        const float own = *slot;
+        *slot = run;
+        run = decay[((long long)b * s.heads + h) * s.chunks + c] * run + own;
+    }
+    store(last + hp, run);
+}
+
+// (C_i . B_j) exp(cum_i - cum_j) for j <= i within the chunk, else 0, into M (CHUNK x CHUNK).
+template <typename T>
+__device__ void decayed_cb(const T* B, const T* C, const float* cum, const SsdArgs& s, int b, int c, int h, float* M) {
+    const int g = h / (s.heads / s.groups), N = s.state;
+    const int steps = min(CHUNK, s.len - c * CHUNK);
+    for (int ij = threadIdx.x; ij < CHUNK * CHUNK; ij += blockDim.x) {
+        const int i = ij / CHUNK, j = ij % CHUNK;
+        float m = 0.f;
+        if (j <= i && i < steps) {
+            const int ti = c * CHUNK + i, tj = c * CHUNK + j;
+            float cb = 0.f;
+            for (int n = 0; n < N; ++n)
+                cb += to_f32(C[at(s, b, ti, s.groups, g, N, n)]) * to_f32(B[at(s, b, tj, s.groups, g, N, n)]);
+            m = cb * expf(cum[i] - cum[j]);
+        }
+        M[ij] = m;
+    }
+}
+
+// Grid (chunks, heads, batch). y (batch, len, heads, headdim) from the chunk start states.
+template <typename T>
+__device__ void chunk_out(const T* x, const T* dt, const T* A, const T* B, const T* C, const float* states, T* y,
+                          SsdArgs s) {
+    __shared__ float dts[CHUNK], cum[CHUNK], cumdt[CHUNK], M[CHUNK * CHUNK];
+    const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int g = h / (s.heads / s.groups), P = s.headdim, N = s.state;
+    const int steps = min(CHUNK, s.len - c * CHUNK);
+    chunk_steps(dt, to_f32(A[h]), s, b, c, h, dts, cum, cumdt);
+    decayed_cb(B, C, cum, s, b, c, h, M);
+    __syncthreads();
+    const float* start = states + state_at(s, b, c, h);
+    for (int e = threadIdx.x; e < steps * P; e += blockDim.x) {
+        const int i = e / P, p = e % P, ti = c * CHUNK + i;
+        float within = 0.f;
+        for (int j = 0; j <= i; ++j)
+            within += M[i * CHUNK + j] * dts[j] * to_f32(x[at(s, b, c * CHUNK + j, s.heads, h, P, p)]);
+        float carried = 0.f;
+        for (int n = 0; n < N; ++n) carried += to_f32(C[at(s, b, ti, s.groups, g, N, n)]) * start[n * P + p];
+        store(y + at(s, b, ti, s.heads, h, P, p), within + expf(cum[i]) * carried);
+    }
+}
+
+// Backward 1, grid (chunks, heads, batch): what chunk c's outputs send to the gradient of its
+// start state, sum_i exp(cum_i) dy_i C_i^T, into dstates (laid out as states).
+template <typename T>
+__device__ void chunk_dstate(const T* dt, const T* A, const T* C, const T* dy, float* dstates, SsdArgs s) {
+    __shared__ float dts[CHUNK], cum[CHUNK], cumdt[CHUNK], w[CHUNK];
+    const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    chunk_steps(dt, to_f32(A[h]), s, b, c, h, dts, cum, cumdt);
+    for (int i = threadIdx.x; i < CHUNK; i += blockDim.x) w[i] = expf(cum[i]);
+    __syncthreads();
+    chunk_outer(dy, C, w, s, b, c, h, dstates);
+}
+
+// Backward 2, grid as `state_pass`: G_c = e_c + decay_c G_{c+1} from G_chunks = d last state,
+// where e_c is what backward 1 left in dstates[c]; dstates[c] is overwritten with G_{c+1} (the
+// gradient of chunk c's own contribution), ddecay[c] gets sum G_{c+1} s_c and dh0 gets G_0.
+template <typename T>
+__device__ void state_pass_bwd(const float* states, const float* decay, const T* dlast, float* dstates, float* ddecay,
+                               float* dh0, SsdArgs s) {
+    __shared__ float sums[32];
+    const int e = blockIdx.x * blockDim.x + threadIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int P = s.headdim, N = s.state;
+    const bool in = e < N * P;  // every thread takes part in the block sums
+    const int n = in ? e / P : 0, p = in ? e % P : 0;
+    const long long hp = (((long long)b * s.heads + h) * P + p) * N + n;
+    float run = in ? to_f32(dlast[hp]) : 0.f;
+    for (int c = s.chunks - 1; c >= 0; --c) {
+        const long long slot = state_at(s, b, c, h) + e;
+        float own = 0.f, contrib = 0.f;
+        if (in) {
+            own = dstates[slot];
+            dstates[slot] = run;
+            contrib = run * states[slot];
+        }
+        const float total = block_sum(contrib, sums);
+        const long long k = ((long long)b * s.heads + h) * s.chunks + c;
+        if (threadIdx.x == 0) atomicAdd(ddecay + k, total);
+        run = own + decay[k] * run;
+    }
+    if (in && s.has_h0) dh0[hp] = run;
+}
+
+// Backward 3, grid (chunks, heads, batch): every input's gradient within chunk c, from its start
+// state (states), the gradient of its own contribution (dstates after backward 2), the gradient
+// of its decay (ddecay) and dy. Writes dx and ddt; adds into dA, dB and dC.
+// With M_ij = (C_i . B_j) exp(cum_i - cum_j), E_ij = (dy_i . x_j) exp(cum_i - cum_j) (j <= i) and
+// G the gradient of the chunk's own contribution:
+//   q_j = sum_{i >= j} M_ij dy_i + exp(cum_last - cum_j) G B_j,  dx_j = dt_j q_j,
+//   dB_j = dt_j (sum_{i >= j} E_ij C_i + exp(cum_last - cum_j) G^T x_j),
+//   dC_i = sum_{j <= i} dt_j E_ij B_j + exp(cum_i) start^T dy_i,
+// and dt_j gets x_j . q_j directly and A times the gradients of cum_m for m >= j.
+template <typename T>
+__device__ void chunk_bwd(const T* x, const T* dt, const T* A, const T* B, const T* C, const T* dy,
+                          const float* states, const float* dstates, const float* ddecay, float* dx, float* ddt,
+                          float* dA, float* dB, float* dC, SsdArgs s) {
+    __shared__ float dts[CHUNK], cum[CHUNK], cumdt[CHUNK];
+    __shared__ float M[CHUNK * CHUNK], E[CHUNK * CHUNK];
+    // Per step m, the parts of d cum_m: diagonal terms where m is the output (row) or the input
+    // (col), the carried-state term (carried) and the own-contribution term (owned); and x_m . q_m.
+    __shared__ float row[CHUNK], col[CHUNK], carried[CHUNK], owned[CHUNK], xq[CHUNK];
+    const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int g = h / (s.heads / s.groups), P = s.headdim, N = s.state;
+    const int steps = min(CHUNK, s.len - c * CHUNK);
+    const float a = to_f32(A[h]);
+    auto X = [&](int i, int p) { return to_f32(x[at(s, b, c * CHUNK + i, s.heads, h, P, p)]); };
+    auto DY = [&](int i, int p) { return to_f32(dy[at(s, b, c * CHUNK + i, s.heads, h, P, p)]); };
+    auto Bv = [&](int i, int n) { return to_f32(B[at(s, b, c * CHUNK + i, s.groups, g, N, n)]); };
+    auto Cv = [&](int i, int n) { return to_f32(C[at(s, b, c * CHUNK + i, s.groups, g, N, n)]); };
+    const float* start = states + state_at(s, b, c, h);
+    const float* G = dstates + state_at(s, b, c, h);
+
+    chunk_steps(dt, a, s, b, c, h, dts, cum, cumdt);
+    for (int i = threadIdx.x; i < CHUNK; i += blockDim.x) row[i] = col[i] = carried[i] = owned[i] = xq[i] = 0.f;
+    __syncthreads();
+    for (int ij = threadIdx.x; ij < CHUNK * CHUNK; ij += blockDim.x) {
+        const int i = ij / CHUNK, j = ij % CHUNK;
+        float m = 0.f, e = 0.f;
+        if (j <= i && i < steps) {
+            float cb = 0.f, dyx = 0.f;
+            for (int n = 0; n < N; ++n) cb += Cv(i, n) * Bv(j, n);
+            for (int p = 0; p < P; ++p) dyx += DY(i, p) * X(j, p);
+            const float decay = expf(cum[i] - cum[j]);
+            m = cb * decay;
+            e = dyx * decay;
+            const float term = m * dts[j] * dyx;  // d y-term / d cum_i, and minus d / d cum_j
+            atomicAdd(&row[i], term);
+            atomicAdd(&col[j], term);
+        }
+        M[ij] = m;
+        E[ij] = e;
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < steps * P; e += blockDim.x) {
+        const int j = e / P, p = e % P;
+        float q = 0.f, gb = 0.f;
+        for (int i = j; i < steps; ++i) q += M[i * CHUNK + j] * DY(i, p);
+        for (int n = 0; n < N; ++n) gb += Bv(j, n) * G[n * P + p];
+        const float q_own = expf(cum[CHUNK - 1] - cum[j]) * gb;
+        q += q_own;
+        const float xv = X(j, p);
+        dx[at(s, b, c * CHUNK + j, s.heads, h, P, p)] = dts[j] * q;
+        atomicAdd(&xq[j], xv * q);
+        atomicAdd(&owned[j], dts[j] * xv * q_own);
+    }
+    for (int e = threadIdx.x; e < steps * N; e += blockDim.x) {
+        const int j = e / N, n = e % N;
+        float from_y = 0.f, from_own = 0.f;
+        for (int i = j; i < steps; ++i) from_y += Cv(i, n) * E[i * CHUNK + j];
+        for (int p = 0; p < P; ++p) from_own += X(j, p) * G[n * P + p];
+        const float grad = dts[j] * (from_y + expf(cum[CHUNK - 1] - cum[j]) * from_own);
+        atomicAdd(dB + at(s, b, c * CHUNK + j, s.groups, g, N, n), grad);
+    }
+    for (int e = threadIdx.x; e < steps * N; e += blockDim.x) {
+        const int i = e / N, n = e % N;
+        float within = 0.f, from_start = 0.f;
+        for (int j = 0; j <= i; ++j) within += dts[j] * E[i * CHUNK + j] * Bv(j, n);
+        for (int p = 0; p < P; ++p) from_start += DY(i, p) * start[n * P + p];
+        from_start *= expf(cum[i]);
+        atomicAdd(dC + at(s, b, c * CHUNK + i, s.groups, g, N, n), within + from_start);
+        atomicAdd(&carried[i], Cv(i, n) * from_start);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        // cum_last scales every own contribution and the chunk's decay.
+        float last = ddecay[((long long)b * s.heads + h) * s.chunks + c] * expf(cum[CHUNK - 1]);
+        for (int j = 0; j < CHUNK; ++j) last += owned[j];
+        float below = 0.f, da = 0.f;  // below: sum of d cum_m over m >= the current step
+        for (int m = CHUNK - 1; m >= 0; --m) {
+            const float dcum = row[m] - col[m] + carried[m] - owned[m] + (m == CHUNK - 1 ? last : 0.f);
+            below += dcum;
+            da += dcum * cumdt[m];
+            if (m < steps) ddt[at(s, b, c * CHUNK + m, s.heads, h, 1, 0)] = xq[m] + a * below;
+        }
+        atomicAdd(dA + h, da);
+    }
+}
+
+// Each kernel in f32 and bf16. Launch: `ssd_state_pass*` on grid (ceil(state x headdim /
+// THREADS), heads, batch), the others on (chunks, heads, batch); THREADS threads per block.
+#define SSD_KERNELS(T, SUFFIX)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                        \
+        ssd_chunk_state_##SUFFIX(const T* x, const T* dt, const T* A, const T* B, float* states, float* decay,    \
+                                 SsdArgs s) {                                                                    \
+        chunk_state<T>(x, dt, A, B, states, decay, s);                                                           \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                        \
+        ssd_state_pass_##SUFFIX(const T* h0, float* states, const float* decay, T* last, SsdArgs s) {            \
+        state_pass<T>(h0, states, decay, last, s);                                                               \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                        \
+        ssd_chunk_out_##SUFFIX(const T* x, const T* dt, const T* A, const T* B, const T* C, const float* states, \
+                               T* y, SsdArgs s) {                                                                \
+        chunk_out<T>(x, dt, A, B, C, states, y, s);                                                              \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                        \
+        ssd_chunk_dstate_##SUFFIX(const T* dt, const T* A, const T* C, const T* dy, float* dstates, SsdArgs s) { \
+        chunk_dstate<T>(dt, A, C, dy, dstates, s);                                                               \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                        \
+        ssd_state_pass_bwd_##SUFFIX(const float* states, const float* decay, const T* dlast, float* dstates,     \
+                                    float* ddecay, float* dh0, SsdArgs s) {                                      \
+        state_pass_bwd<T>(states, decay, dlast, dstates, ddecay, dh0, s);                                        \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                        \
+        ssd_chunk_bwd_##SUFFIX(const T* x, const T* dt, const T* A, const T* B, const T* C, const T* dy,         \
+                               const float* states, const float* dstates, const float* ddecay, float* dx,        \
+                               float* ddt, float* dA, float* dB, float* dC, SsdArgs s) {                         \
+        chunk_bwd<T>(x, dt, A, B, C, dy, states, dstates, ddecay, dx, ddt, dA, dB, dC, s);                       \
+    }
+
+SSD_KERNELS(float, f32)
+SSD_KERNELS(bf16, bf16)
