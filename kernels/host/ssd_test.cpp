@@ -9,8 +9,8 @@
 #include "../common.cuh"
 #include "../ssd.cu"
 // clang-format on
+#include "check.h"
 
-#include <cstdio>
 #include <random>
 
 struct Case {
@@ -56,44 +56,6 @@ double loss(const Case& k, const Inputs& in, const std::vector<double>& wy, cons
     for (size_t i = 0; i < wy.size(); ++i) total += wy[i] * o.y[i];
     for (size_t i = 0; i < wl.size(); ++i) total += wl[i] * o.last[i];
     return total;
-}
-
-template <typename T>
-T from_f64(double v) {
-    T t;
-    store(&t, (float)v);
-    return t;
-}
-
-template <typename T>
-std::vector<T> to_device(const std::vector<double>& v) {
-    std::vector<T> out(v.size());
-    for (size_t i = 0; i < v.size(); ++i) out[i] = from_f64<T>(v[i]);
-    return out;
-}
-
-template <typename T>
-std::vector<double> to_host(const std::vector<T>& v) {
-    std::vector<double> out(v.size());
-    for (size_t i = 0; i < v.size(); ++i) out[i] = to_f32(v[i]);
-    return out;
-}
-
-int failures = 0;
-
-// max |got - want| / max(max |want|, 1e-3) within `tol`.
-void expect(const char* what, const Case& k, const std::vector<double>& got, const std::vector<double>& want,
-            double tol) {
-    double err = 0.0, scale = 1e-3;
-    for (size_t i = 0; i < want.size(); ++i) {
-        err = std::max(err, std::fabs(got[i] - want[i]));
-        scale = std::max(scale, std::fabs(want[i]));
-    }
-    const bool ok = err <= tol * scale;
-    failures += !ok;
-    std::printf("%-4s batch %d len %4d heads %d headdim %d groups %d state %2d h0 %d  %-6s rel err %.2e %s\n",
-                ok ? "ok" : "FAIL", k.batch, k.len, k.heads, k.headdim, k.groups, k.state, k.h0, what, err / scale,
-                ok ? "" : "(over tolerance)");
 }
 
 // The kernels' launch sequence, as crates/mamba-ssm/src/cuda.rs issues it.
@@ -147,9 +109,14 @@ void check(const Case& k, std::mt19937& rng, bool gradients) {
     launch(per_element, block, K::state_pass, h0.data(), states.data(), (const float*)decays.data(), last.data(), s);
     launch(per_chunk, block, K::chunk_out, x.data(), dt.data(), A.data(), B.data(), C.data(),
            (const float*)states.data(), y.data(), s);
+    char name[96];
+    std::snprintf(name, sizeof name, "%s batch %d len %4d heads %d headdim %d groups %d state %2d h0 %d",
+                  sizeof(T) == 4 ? "f32 " : "bf16", k.batch, L, H, P, G, N, k.h0);
+    auto expect_named = [&](const char* what, const std::vector<double>& got, const std::vector<double>& want,
+                            double tol) { expect(std::string(name) + "  " + what, got, want, tol); };
     const double tol = sizeof(T) == 4 ? 1e-5 : 1e-2;
-    expect("y", k, to_host(y), want.y, tol);
-    expect("last", k, to_host(last), want.last, tol);
+    expect_named("y", to_host(y), want.y, tol);
+    expect_named("last", to_host(last), want.last, tol);
     if (!gradients) return;
 
     // d loss for loss = sum(wy y) + sum(wl last): dy = wy, d last = wl.
@@ -164,26 +131,14 @@ void check(const Case& k, std::mt19937& rng, bool gradients) {
            (const float*)states.data(), (const float*)dstates.data(), (const float*)ddecay.data(), dx.data(),
            ddt.data(), dA.data(), dB.data(), dC.data(), s);
 
-    auto numeric = [&](std::vector<double>& v) {
-        std::vector<double> g(v.size());
-        for (size_t i = 0; i < v.size(); ++i) {
-            const double keep = v[i], eps = 1e-6;
-            v[i] = keep + eps;
-            const double up = loss(k, in, wy, wl);
-            v[i] = keep - eps;
-            g[i] = (up - loss(k, in, wy, wl)) / (2 * eps);
-            v[i] = keep;
-        }
-        return g;
-    };
-    auto as_f64 = [](const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); };
+    auto numeric = [&](std::vector<double>& v) { return numeric_grad(v, [&] { return loss(k, in, wy, wl); }); };
     const double gtol = 1e-5;
-    expect("dx", k, as_f64(dx), numeric(in.x), gtol);
-    expect("ddt", k, as_f64(ddt), numeric(in.dt), gtol);
-    expect("dA", k, as_f64(dA), numeric(in.A), gtol);
-    expect("dB", k, as_f64(dB), numeric(in.B), gtol);
-    expect("dC", k, as_f64(dC), numeric(in.C), gtol);
-    if (k.h0) expect("dh0", k, as_f64(dh0), numeric(in.h0), gtol);
+    expect_named("dx", widen(dx), numeric(in.x), gtol);
+    expect_named("ddt", widen(ddt), numeric(in.dt), gtol);
+    expect_named("dA", widen(dA), numeric(in.A), gtol);
+    expect_named("dB", widen(dB), numeric(in.B), gtol);
+    expect_named("dC", widen(dC), numeric(in.C), gtol);
+    if (k.h0) expect_named("dh0", widen(dh0), numeric(in.h0), gtol);
 }
 
 int main() {
@@ -194,6 +149,5 @@ int main() {
     };
     for (const Case& k : cases) check<float>(k, rng, true);
     for (const Case& k : {cases[1], cases[4]}) check<bf16>(k, rng, false);
-    std::printf(failures ? "%d checks FAILED\n" : "all checks passed\n", failures);
-    return failures ? 1 : 0;
+    return report();
 }
