@@ -52,6 +52,7 @@ const COMMON: &str = include_str!("../../../kernels/common.cuh");
 #[derive(Clone, Copy)]
 pub(crate) enum Module {
     SelectiveScan,
+    Ssd,
     Conv,
     Step,
 }
@@ -60,6 +61,7 @@ impl Module {
     fn name(self) -> &'static str {
         match self {
             Module::SelectiveScan => "selective_scan",
+            Module::Ssd => "ssd",
             Module::Conv => "causal_conv1d",
             Module::Step => "state_update",
         }
@@ -68,6 +70,7 @@ impl Module {
     fn source(self) -> &'static str {
         match self {
             Module::SelectiveScan => include_str!("../../../kernels/selective_scan.cu"),
+            Module::Ssd => include_str!("../../../kernels/ssd.cu"),
             Module::Conv => include_str!("../../../kernels/causal_conv1d.cu"),
             Module::Step => include_str!("../../../kernels/state_update.cu"),
         }
@@ -75,8 +78,8 @@ impl Module {
 
     /// The module's PTX, compiled on first use (an NVRTC error is kept and reported each time).
     fn ptx(self) -> Result<&'static str> {
-        static CELLS: [OnceLock<std::result::Result<String, String>>; 3] =
-            [OnceLock::new(), OnceLock::new(), OnceLock::new()];
+        static CELLS: [OnceLock<std::result::Result<String, String>>; 4] =
+            [OnceLock::new(), OnceLock::new(), OnceLock::new(), OnceLock::new()];
         let compiled = CELLS[self as usize].get_or_init(|| {
             let opts = CompileOptions { options: vec!["--std=c++17".into()], ..Default::default() };
             compile_ptx_with_opts(format!("{COMMON}\n{}", self.source()), opts)
@@ -222,6 +225,199 @@ pub(crate) fn scan_bwd(
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
     by_dtype!("selective-scan", ud.dtype(), run(args, checkpoints, (ud, lud), (pack, lp), (grad, lg)))
+}
+
+/// The SSD scan's sizes, as `SsdArgs` in ssd.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SsdArgs {
+    pub batch: i32,
+    pub len: i32,
+    pub heads: i32,
+    pub headdim: i32,
+    pub groups: i32,
+    pub state: i32,
+    pub chunks: i32,
+    pub has_h0: i32,
+}
+
+// SAFETY: plain old data with the C layout of the kernels' struct.
+unsafe impl DeviceRepr for SsdArgs {}
+
+/// Steps per chunk and threads per block of the SSD kernels (CHUNK, THREADS in ssd.cu).
+const SSD_CHUNK: usize = 64;
+const SSD_THREADS: u32 = 256;
+
+impl SsdArgs {
+    pub(crate) fn new([batch, len, heads, headdim, groups, state]: [usize; 6], has_h0: bool) -> Result<Self> {
+        if batch > 65_535 || heads > 65_535 {
+            bail!("ssd-chunk-scan on CUDA: batch {batch}, heads {heads} (at most 65535 each)");
+        }
+        let chunks = len.div_ceil(SSD_CHUNK);
+        Ok(Self {
+            batch: batch as i32,
+            len: len as i32,
+            heads: heads as i32,
+            headdim: headdim as i32,
+            groups: groups as i32,
+            state: state as i32,
+            chunks: chunks as i32,
+            has_h0: has_h0 as i32,
+        })
+    }
+
+    fn size(&self, parts: &[i32]) -> usize {
+        parts.iter().map(|&p| p as usize).product()
+    }
+
+    /// Elements of x (and y, dx).
+    pub(crate) fn x_len(&self) -> usize {
+        self.size(&[self.batch, self.len, self.heads, self.headdim])
+    }
+
+    /// Elements of dt (and ddt).
+    fn dt_len(&self) -> usize {
+        self.size(&[self.batch, self.len, self.heads])
+    }
+
+    /// Elements of B (and C).
+    fn bc_len(&self) -> usize {
+        self.size(&[self.batch, self.len, self.groups, self.state])
+    }
+
+    /// Elements of a state (batch, heads, headdim, state).
+    pub(crate) fn state_len(&self) -> usize {
+        self.size(&[self.batch, self.heads, self.headdim, self.state])
+    }
+
+    fn per_chunk(&self) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (self.chunks as u32, self.heads as u32, self.batch as u32),
+            block_dim: (SSD_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    fn per_element(&self) -> LaunchConfig {
+        let elements = self.size(&[self.state, self.headdim]);
+        LaunchConfig {
+            grid_dim: (elements.div_ceil(SSD_THREADS as usize) as u32, self.heads as u32, self.batch as u32),
+            block_dim: (SSD_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+}
+
+/// What the SSD forward pass keeps for the backward pass: each chunk's start state (batch,
+/// chunks, heads, state, headdim) and decay (batch, heads, chunks), in f32.
+pub(crate) struct SsdKept {
+    states: CudaSlice<f32>,
+    decay: CudaSlice<f32>,
+}
+
+/// Forward: (x, dt, [A | B | C | h0?]) -> flat [y | last state] in their dtype, and the chunk
+/// states for the backward pass.
+pub(crate) fn ssd_fwd(
+    args: SsdArgs,
+    (x, lx): (&CudaStorage, &Layout),
+    (dt, ldt): (&CudaStorage, &Layout),
+    (pack, lp): (&CudaStorage, &Layout),
+) -> Result<(CudaStorage, SsdKept)> {
+    fn run<T: CudaDType + DeviceRepr + WithDType>(
+        args: SsdArgs,
+        (x, lx): (&CudaStorage, &Layout),
+        (dt, ldt): (&CudaStorage, &Layout),
+        (pack, lp): (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, SsdKept)> {
+        let dev = x.device();
+        let (x_v, dt_v) = (contiguous::<T>(x, lx, "x")?, contiguous::<T>(dt, ldt, "dt")?);
+        let pack_v = contiguous::<T>(pack, lp, "A, B, C and h0")?;
+        let (heads, bc) = (args.heads as usize, args.bc_len());
+        let (a, b, c) =
+            (pack_v.slice(0..heads), pack_v.slice(heads..heads + bc), pack_v.slice(heads + bc..heads + 2 * bc));
+        // Without h0 the kernel reads no initial state; A stands in for the pointer.
+        let h0 = if args.has_h0 != 0 { pack_v.slice(heads + 2 * bc..) } else { pack_v.slice(0..heads) };
+        // SAFETY: the kernels write every element of `out`, `states` and `decay`.
+        let mut out = unsafe { dev.alloc::<T>(args.x_len() + args.state_len()) }?;
+        let (mut y, mut last) = out.split_at_mut(args.x_len());
+        let mut states = unsafe { dev.alloc::<f32>(args.chunks as usize * args.state_len()) }?;
+        let mut decay = unsafe { dev.alloc::<f32>(args.size(&[args.batch, args.heads, args.chunks])) }?;
+        let stream = dev.cuda_stream();
+        let func = |name| Module::Ssd.func(dev, name, T::DTYPE);
+        // SAFETY (all three launches): the argument lists match the kernels' signatures; sizes
+        // come from checked shapes; they run in order on one stream.
+        let chunk_state = func("ssd_chunk_state")?;
+        let mut l = stream.launch_builder(&chunk_state);
+        l.arg(&x_v).arg(&dt_v).arg(&a).arg(&b).arg(&mut states).arg(&mut decay).arg(&args);
+        unsafe { l.launch(args.per_chunk()) }.w()?;
+        let state_pass = func("ssd_state_pass")?;
+        let mut l = stream.launch_builder(&state_pass);
+        l.arg(&h0).arg(&mut states).arg(&decay).arg(&mut last).arg(&args);
+        unsafe { l.launch(args.per_element()) }.w()?;
+        let chunk_out = func("ssd_chunk_out")?;
+        let mut l = stream.launch_builder(&chunk_out);
+        l.arg(&x_v).arg(&dt_v).arg(&a).arg(&b).arg(&c).arg(&states).arg(&mut y).arg(&args);
+        unsafe { l.launch(args.per_chunk()) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), SsdKept { states, decay }))
+    }
+    by_dtype!("ssd-chunk-scan", x.dtype(), run(args, (x, lx), (dt, ldt), (pack, lp)))
+}
+
+/// Backward: from [x | dt] (flat), [A | B | C | h0?], grad = [dy | d last state] and what the
+/// forward pass kept, the flat f32 [dx | ddt | dA | dB | dC | dh0?].
+pub(crate) fn ssd_bwd(
+    args: SsdArgs,
+    kept: &SsdKept,
+    (xdt, lxdt): (&CudaStorage, &Layout),
+    (pack, lp): (&CudaStorage, &Layout),
+    (grad, lg): (&CudaStorage, &Layout),
+) -> Result<CudaStorage> {
+    fn run<T: CudaDType + DeviceRepr + WithDType>(
+        args: SsdArgs,
+        kept: &SsdKept,
+        (xdt, lxdt): (&CudaStorage, &Layout),
+        (pack, lp): (&CudaStorage, &Layout),
+        (grad, lg): (&CudaStorage, &Layout),
+    ) -> Result<CudaStorage> {
+        let dev = xdt.device();
+        let (n, ndt, heads, bc) = (args.x_len(), args.dt_len(), args.heads as usize, args.bc_len());
+        let xdt_v = contiguous::<T>(xdt, lxdt, "x and dt")?;
+        let (x_v, dt_v) = (xdt_v.slice(0..n), xdt_v.slice(n..n + ndt));
+        let pack_v = contiguous::<T>(pack, lp, "A, B, C and h0")?;
+        let (a, b, c) =
+            (pack_v.slice(0..heads), pack_v.slice(heads..heads + bc), pack_v.slice(heads + bc..heads + 2 * bc));
+        let grad_v = contiguous::<T>(grad, lg, "grad")?;
+        let (dy, dlast) = (grad_v.slice(0..n), grad_v.slice(n..));
+        // SAFETY: backward 1 writes every element of `dstates`; dA, dB, dC and ddecay are
+        // accumulated, so `out` and `ddecay` start at zero.
+        let mut dstates = unsafe { dev.alloc::<f32>(kept.states.len()) }?;
+        let mut ddecay = dev.alloc_zeros::<f32>(kept.decay.len())?;
+        let mut out = dev.alloc_zeros::<f32>(n + ndt + pack_v.len())?;
+        let (mut dx, mut rest) = out.split_at_mut(n);
+        let (mut ddt, mut rest) = rest.split_at_mut(ndt);
+        let (mut da, mut rest) = rest.split_at_mut(heads);
+        let (mut db, mut rest) = rest.split_at_mut(bc);
+        let (mut dc, mut dh0) = rest.split_at_mut(bc);
+        let stream = dev.cuda_stream();
+        let func = |name| Module::Ssd.func(dev, name, T::DTYPE);
+        // SAFETY (all three launches): as in `ssd_fwd`; the outputs are disjoint parts of `out`.
+        let chunk_dstate = func("ssd_chunk_dstate")?;
+        let mut l = stream.launch_builder(&chunk_dstate);
+        l.arg(&dt_v).arg(&a).arg(&c).arg(&dy).arg(&mut dstates).arg(&args);
+        unsafe { l.launch(args.per_chunk()) }.w()?;
+        // Without h0 `dh0` is empty and the kernel writes nothing there.
+        let state_pass_bwd = func("ssd_state_pass_bwd")?;
+        let mut l = stream.launch_builder(&state_pass_bwd);
+        l.arg(&kept.states).arg(&kept.decay).arg(&dlast).arg(&mut dstates).arg(&mut ddecay).arg(&mut dh0).arg(&args);
+        unsafe { l.launch(args.per_element()) }.w()?;
+        let chunk_bwd = func("ssd_chunk_bwd")?;
+        let mut l = stream.launch_builder(&chunk_bwd);
+        l.arg(&x_v).arg(&dt_v).arg(&a).arg(&b).arg(&c).arg(&dy).arg(&kept.states).arg(&dstates).arg(&ddecay);
+        l.arg(&mut dx).arg(&mut ddt).arg(&mut da).arg(&mut db).arg(&mut dc).arg(&args);
+        unsafe { l.launch(args.per_chunk()) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+    by_dtype!("ssd-chunk-scan", xdt.dtype(), run(args, kept, (xdt, lxdt), (pack, lp), (grad, lg)))
 }
 
 /// The conv's sizes and x's strides, as `ConvArgs` in causal_conv1d.cu.

@@ -141,11 +141,16 @@ fn quadratic(x: &Tensor, dt: &Tensor, cum: &Tensor, b: &Tensor, c: &Tensor) -> R
     bmm(&m, x)
 }
 
-/// The SSD chunked scan (Mamba-2) with gradients for every input through candle.
+/// The SSD chunked scan (Mamba-2) with gradients for every input.
 ///
 /// x: (batch, len, heads, headdim); dt: (batch, len, heads); a: (heads); b, c: (batch, len,
 /// groups, state); initial_states: (batch, heads, headdim, state). Any length: the last chunk is
 /// padded with dt = 0, which leaves the state unchanged. Returns y like x and the final state.
+///
+/// On the CPU (and for f64) this is candle ops, differentiated by candle. On a GPU (feature
+/// `cuda`) the scan runs as the kernels of kernels/ssd.cu with their own backward pass, in
+/// chunks of 64 steps whatever `chunk_size` says (the chunking changes only rounding); bf16
+/// stays bf16 there.
 #[allow(clippy::too_many_arguments)]
 pub fn ssd_chunk_scan(
     x: &Tensor,
@@ -157,10 +162,15 @@ pub fn ssd_chunk_scan(
     p: &SsdParams,
     initial_states: Option<&Tensor>,
 ) -> Result<ScanOutput> {
-    let Sizes { batch, len, heads, headdim, groups, state } = check_inputs(x, dt, a, b, c, p, initial_states)?;
+    let sizes = check_inputs(x, dt, a, b, c, p, initial_states)?;
     if chunk_size == 0 {
         return Err(argument("chunk_size", "must be at least 1"));
     }
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && x.dtype() != DType::F64 {
+        return gpu::chunk_scan(x, dt, a, b, c, p, initial_states, sizes);
+    }
+    let Sizes { batch, len, heads, headdim, groups, state } = sizes;
     let out_dtype = x.dtype();
     let ct = if out_dtype == DType::F64 { DType::F64 } else { DType::F32 };
     let (x, a, b, c) = (x.to_dtype(ct)?, a.to_dtype(ct)?, b.to_dtype(ct)?, c.to_dtype(ct)?);
@@ -303,4 +313,118 @@ pub fn ssd_scan_ref(
         h = next;
     }
     Ok(ScanOutput { y: Tensor::stack(&ys, 1)?, last_state: h })
+}
+
+/// The scan through the CUDA kernels of kernels/ssd.cu: dt's bias, softplus and limits and the
+/// D skip and z gate stay candle ops around the `ssd-chunk-scan` op, which takes x, the
+/// effective dt and the packed [A | B | C | h0?] and returns the flat [y | last state].
+#[cfg(feature = "cuda")]
+mod gpu {
+    use super::{effective_dt, finish, Sizes, SsdParams};
+    use crate::cuda::{ssd_bwd, ssd_fwd, SsdArgs, SsdKept};
+    use crate::error::Result;
+    use crate::selective_scan::compute_dtype;
+    use crate::ScanOutput;
+    use candle_core::{CudaStorage, CustomOp3, Layout, Shape, Tensor};
+    use std::sync::Mutex;
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn chunk_scan(
+        x: &Tensor,
+        dt: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        p: &SsdParams,
+        initial_states: Option<&Tensor>,
+        s: Sizes,
+    ) -> Result<ScanOutput> {
+        let ct = compute_dtype(x);
+        let cast = |t: &Tensor| t.to_dtype(ct);
+        let xc = cast(x)?.contiguous()?;
+        let dtc = effective_dt(&cast(dt)?, p)?.contiguous()?;
+        let mut pack = vec![cast(a)?, cast(b)?.flatten_all()?, cast(c)?.flatten_all()?];
+        if let Some(h0) = initial_states {
+            pack.push(cast(h0)?.flatten_all()?);
+        }
+        let pack = Tensor::cat(&pack, 0)?;
+        let args = SsdArgs::new([s.batch, s.len, s.heads, s.headdim, s.groups, s.state], initial_states.is_some())?;
+        let keep = xc.track_op() || dtc.track_op() || pack.track_op();
+        let out = xc.apply_op3(&dtc, &pack, SsdOp { args, keep, kept: Mutex::new(None) })?;
+        let y = out.narrow(0, 0, args.x_len())?.reshape(x.shape())?;
+        let last = out.narrow(0, args.x_len(), args.state_len())?.reshape((s.batch, s.heads, s.headdim, s.state))?;
+        let y = finish(y, &xc, p, ct)?;
+        Ok(ScanOutput { y: y.to_dtype(x.dtype())?, last_state: last.to_dtype(x.dtype())? })
+    }
+
+    struct SsdOp {
+        args: SsdArgs,
+        /// Whether a backward pass may follow, so the chunk states are worth keeping.
+        keep: bool,
+        kept: Mutex<Option<SsdKept>>,
+    }
+
+    impl CustomOp3 for SsdOp {
+        crate::cuda::gpu_only!("ssd-chunk-scan");
+
+        fn cuda_fwd(
+            &self,
+            s1: &CudaStorage,
+            l1: &Layout,
+            s2: &CudaStorage,
+            l2: &Layout,
+            s3: &CudaStorage,
+            l3: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            let (out, kept) = ssd_fwd(self.args, (s1, l1), (s2, l2), (s3, l3))?;
+            if self.keep {
+                *self.kept.lock().unwrap() = Some(kept);
+            }
+            Ok((out, Shape::from(self.args.x_len() + self.args.state_len())))
+        }
+
+        fn bwd(
+            &self,
+            x: &Tensor,
+            dt: &Tensor,
+            pack: &Tensor,
+            _res: &Tensor,
+            grad: &Tensor,
+        ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+            let Some(kept) = self.kept.lock().unwrap().take() else {
+                candle_core::bail!("ssd-chunk-scan: the forward pass kept no states for the backward pass")
+            };
+            let xdt = Tensor::cat(&[x.flatten_all()?, dt.flatten_all()?], 0)?;
+            let out = xdt.apply_op3(pack, &grad.contiguous()?, SsdBwdOp { args: self.args, kept })?;
+            let (nx, ndt) = (x.elem_count(), dt.elem_count());
+            let part = |start: usize, like: &Tensor| {
+                out.narrow(0, start, like.elem_count())?.reshape(like.shape())?.to_dtype(like.dtype())
+            };
+            Ok((Some(part(0, x)?), Some(part(nx, dt)?), Some(part(nx + ndt, pack)?)))
+        }
+    }
+
+    /// The backward pass as an op of its own: ([x | dt] flat, pack, [dy | d last state]) -> f32
+    /// [dx | ddt | dpack].
+    struct SsdBwdOp {
+        args: SsdArgs,
+        kept: SsdKept,
+    }
+
+    impl CustomOp3 for SsdBwdOp {
+        crate::cuda::gpu_only!("ssd-chunk-scan-backward");
+
+        fn cuda_fwd(
+            &self,
+            s1: &CudaStorage,
+            l1: &Layout,
+            s2: &CudaStorage,
+            l2: &Layout,
+            s3: &CudaStorage,
+            l3: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            let out = ssd_bwd(self.args, &self.kept, (s1, l1), (s2, l2), (s3, l3))?;
+            Ok((out, Shape::from(l1.shape().elem_count() + l2.shape().elem_count())))
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! The CUDA kernels against the CPU kernels (which the other tests hold to the plain references
 //! and PyTorch): forward outputs and every gradient, over odd shapes (length 1, lengths around
-//! the kernels' 1024-step chunk, batch > 1, B/C groups, every optional part), f32 and bf16.
+//! the kernels' chunks of 1024 (selective scan) and 64 (SSD) steps, batch > 1, B/C groups, every
+//! optional part), f32 and bf16.
 //! Built with `--features cuda`, run on a machine with an NVIDIA GPU (scripts/gpu-check.sh).
 #![cfg(feature = "cuda")]
 
@@ -103,6 +104,63 @@ fn the_selective_scan_on_the_gpu_matches_the_cpu_forward_and_backward() {
         let (by, blast, _) = case.run(&dev, DType::BF16);
         assert_close(&format!("bf16 y, {at}"), &by, &y, 3e-2);
         assert_close(&format!("bf16 last state, {at}"), &blast, &last, 3e-2);
+    }
+}
+
+/// The SSD scan (kernels/ssd.cu on the GPU, candle ops on the CPU) with every optional part:
+/// y, the last state and the gradients of x, dt, A, B, C, D, z, dt_bias and h0.
+fn ssd_case(dev: &Device, dtype: DType, vars: &[Var]) -> (Tensor, Tensor, Vec<Tensor>) {
+    use mamba_ssm::{ssd_chunk_scan, SsdParams};
+    let t: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().to_device(dev).unwrap().to_dtype(dtype).unwrap()).collect();
+    let p = SsdParams { d: Some(&t[5]), z: Some(&t[6]), dt_bias: Some(&t[7]), dt_softplus: true, dt_limit: (0.0, 5.0) };
+    let out = ssd_chunk_scan(&t[0], &t[1], &t[2], &t[3], &t[4], 256, &p, Some(&t[8])).unwrap();
+    let weight = |like: &Tensor, seed| uniform(like.dims(), seed, -1.0, 1.0, DType::F32).to_device(dev).unwrap();
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    let loss = ((f32(&out.y) * weight(&out.y, 97)).unwrap().sum_all().unwrap()
+        + (f32(&out.last_state) * weight(&out.last_state, 96)).unwrap().sum_all().unwrap())
+    .unwrap();
+    let grads = loss.backward().unwrap();
+    let g = vars.iter().map(|v| grads.get(v.as_tensor()).expect("a gradient for every input").to_device(&CPU).unwrap());
+    (f32(&out.y).to_device(&CPU).unwrap(), f32(&out.last_state).to_device(&CPU).unwrap(), g.collect())
+}
+
+#[test]
+fn the_ssd_scan_on_the_gpu_matches_the_cpu_forward_and_backward() {
+    let dev = gpu();
+    // (batch, len, heads, headdim, groups, state): lengths around the kernels' 64-step chunk.
+    let shapes =
+        [(1, 1, 2, 4, 1, 8), (2, 37, 4, 8, 2, 16), (2, 64, 4, 8, 1, 16), (1, 65, 3, 16, 3, 32), (2, 300, 8, 16, 2, 64)];
+    for (i, &(batch, len, heads, headdim, groups, state)) in shapes.iter().enumerate() {
+        let inputs: [(Vec<usize>, f64, f64); 9] = [
+            (vec![batch, len, heads, headdim], -1.0, 1.0),
+            (vec![batch, len, heads], -3.0, 1.0),
+            (vec![heads], -2.0, -0.2),
+            (vec![batch, len, groups, state], -1.0, 1.0),
+            (vec![batch, len, groups, state], -1.0, 1.0),
+            (vec![heads], -1.0, 1.0),
+            (vec![batch, len, heads, headdim], -1.0, 1.0),
+            (vec![heads], -1.0, 0.0),
+            (vec![batch, heads, headdim, state], -1.0, 1.0),
+        ];
+        let vars: Vec<Var> = inputs
+            .iter()
+            .enumerate()
+            .map(|(k, (s, lo, hi))| {
+                Var::from_tensor(&uniform(s, 20 * i as u64 + k as u64, *lo, *hi, DType::F32)).unwrap()
+            })
+            .collect();
+        let (y, last, grads) = ssd_case(&CPU, DType::F32, &vars);
+        let (gy, glast, ggrads) = ssd_case(&dev, DType::F32, &vars);
+        let at = format!("batch {batch} len {len} heads {heads} headdim {headdim} groups {groups} state {state}");
+        assert_close(&format!("SSD y, {at}"), &gy, &y, 1e-4);
+        assert_close(&format!("SSD last state, {at}"), &glast, &last, 1e-4);
+        let names = ["dx", "ddt", "dA", "dB", "dC", "dD", "dz", "ddt_bias", "dh0"];
+        for ((name, g), want) in names.iter().zip(&ggrads).zip(&grads) {
+            assert_close(&format!("SSD {name}, {at}"), g, want, 2e-4);
+        }
+        let (by, blast, _) = ssd_case(&dev, DType::BF16, &vars);
+        assert_close(&format!("SSD bf16 y, {at}"), &by, &y, 3e-2);
+        assert_close(&format!("SSD bf16 last state, {at}"), &blast, &last, 3e-2);
     }
 }
 
