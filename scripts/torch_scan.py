@@ -67,14 +67,24 @@ def main():
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
         heads, headdim, ssd_state = 24, 64, 128
-        x = torch.rand(batch, length, heads, headdim, device=dev) * 2 - 1
-        dt = torch.rand(batch, length, heads, device=dev) * -3
-        A = -(torch.rand(heads, device=dev) * 3.5 + 0.5)
-        Bs = torch.rand(batch, length, 1, ssd_state, device=dev) * 2 - 1
-        Cs = torch.rand(batch, length, 1, ssd_state, device=dev) * 2 - 1
-        with torch.no_grad():
-            t = timed(lambda: mamba_chunk_scan_combined(x, dt, A, Bs, Cs, chunk_size=256, dt_softplus=True))
-        print(f"| SSD, mamba_ssm Triton | float32 | batch {batch}, len {length}, heads {heads} x {headdim}, state {ssd_state} | {t * 1e3:.3f} ms | |")
+        shape = f"batch {batch}, len {length}, heads {heads} x {headdim}, state {ssd_state}"
+        for dtype in [torch.float32, torch.bfloat16]:
+            x = torch.rand(batch, length, heads, headdim, device=dev, dtype=dtype) * 2 - 1
+            dt = torch.rand(batch, length, heads, device=dev, dtype=dtype) * -3
+            A = -(torch.rand(heads, device=dev) * 3.5 + 0.5)
+            Bs = torch.rand(batch, length, 1, ssd_state, device=dev, dtype=dtype) * 2 - 1
+            Cs = torch.rand(batch, length, 1, ssd_state, device=dev, dtype=dtype) * 2 - 1
+            with torch.no_grad():
+                t = timed(lambda: mamba_chunk_scan_combined(x, dt, A, Bs, Cs, chunk_size=256, dt_softplus=True))
+            print(f"| SSD forward, mamba_ssm Triton | {dtype} | {shape} | {t * 1e3:.3f} ms | |")
+            leaves = [v.requires_grad_() for v in (x, dt, A, Bs, Cs)]
+
+            def train():
+                y = mamba_chunk_scan_combined(*leaves, chunk_size=256, dt_softplus=True)
+                y.float().sum().backward()
+
+            t = timed(train, runs=5)
+            print(f"| SSD forward + backward, mamba_ssm Triton | {dtype} | {shape} | {t * 1e3:.3f} ms | |")
     except ImportError:
         print("| SSD, mamba_ssm Triton | | | not installed | |")
 

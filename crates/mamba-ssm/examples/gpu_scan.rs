@@ -1,5 +1,5 @@
 //! The scans on an NVIDIA GPU (feature `cuda`): selective scan forward, forward + backward, the
-//! causal conv, and Mamba-2's SSD (candle ops on the GPU), at the size, f32 and bf16.
+//! causal conv, and Mamba-2's SSD chunked scan, at the sizes, f32 and bf16.
 //! The selective scan's forward is compared with the memory-bandwidth limit: it must read u and
 //! delta and write y (B and C are shared by every channel and stay in cache), so its least time
 //! is those bytes over the GPU's bandwidth.
@@ -88,21 +88,35 @@ fn main() -> Result<()> {
         })?;
         println!("| causal conv1d forward (width 4, SiLU) | {dtype:?} | batch {batch}, channels {dim}, len {len} | {:.3} ms | |", conv * 1e3);
     }
-    // Mamba-2's SSD at the same width: 24 heads of 64 channels, state 128, chunks of 256.
+    // Mamba-2's SSD at the same width: 24 heads of 64 channels, state 128 (kernels/ssd.cu).
     let (heads, headdim, ssd_state, groups) = (24, 64, 128, 1);
-    let x = rand(&[batch, len, heads, headdim], -1.0, 1.0)?;
-    let dt = rand(&[batch, len, heads], -3.0, 0.0)?;
-    let a = rand(&[heads], -4.0, -0.5)?;
-    let b = rand(&[batch, len, groups, ssd_state], -1.0, 1.0)?;
-    let c = rand(&[batch, len, groups, ssd_state], -1.0, 1.0)?;
-    let p = SsdParams { dt_softplus: true, ..Default::default() };
-    let ssd = time(&dev, 10, || {
-        ssd_chunk_scan(&x, &dt, &a, &b, &c, 256, &p, None)?;
-        Ok(())
-    })?;
-    println!(
-        "| SSD chunked scan forward (candle ops) | F32 | batch {batch}, len {len}, heads {heads} x {headdim}, state {ssd_state} | {:.3} ms | |",
-        ssd * 1e3
-    );
+    let shape = format!("batch {batch}, len {len}, heads {heads} x {headdim}, state {ssd_state}");
+    for dtype in [DType::F32, DType::BF16] {
+        let vars: Vec<Var> = [
+            rand(&[batch, len, heads, headdim], -1.0, 1.0)?,
+            rand(&[batch, len, heads], -3.0, 0.0)?,
+            rand(&[heads], -4.0, -0.5)?,
+            rand(&[batch, len, groups, ssd_state], -1.0, 1.0)?,
+            rand(&[batch, len, groups, ssd_state], -1.0, 1.0)?,
+        ]
+        .iter()
+        .map(|t| Var::from_tensor(&t.to_dtype(dtype)?))
+        .collect::<candle_core::Result<_>>()?;
+        let t: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+        let detached: Vec<Tensor> = t.iter().map(|x| x.detach()).collect();
+        let p = SsdParams { dt_softplus: true, ..Default::default() };
+        let fwd = time(&dev, 10, || {
+            let d = &detached;
+            ssd_chunk_scan(&d[0], &d[1], &d[2], &d[3], &d[4], 256, &p, None)?;
+            Ok(())
+        })?;
+        println!("| SSD chunked scan forward | {dtype:?} | {shape} | {:.3} ms | |", fwd * 1e3);
+        let train = time(&dev, 5, || {
+            let out = ssd_chunk_scan(t[0], t[1], t[2], t[3], t[4], 256, &p, None)?;
+            out.y.to_dtype(DType::F32)?.sum_all()?.backward()?;
+            Ok(())
+        })?;
+        println!("| SSD chunked scan forward + backward | {dtype:?} | {shape} | {:.3} ms | |", train * 1e3);
+    }
     Ok(())
 }
