@@ -43,12 +43,11 @@ enum Command {
         out: PathBuf,
         #[arg(long, value_enum, default_value_t = WeightDType::F32)]
         dtype: WeightDType,
-        /// cpu, or cuda / cuda:N (a build with `--features cuda`).
-        #[arg(long, default_value = "cpu")]
-        device: String,
+        #[command(flatten)]
+        device: DeviceArg,
     },
     /// Print a model's configuration, parameter count and tensors: a Hugging Face directory, or
-    /// a vision model file (models/vision/*.toml).
+    /// a vision model file (models/vision/*.toml). Runs no model (no --device).
     Inspect {
         #[arg(long)]
         model: PathBuf,
@@ -71,6 +70,8 @@ enum Command {
         /// Override a config value: section.key=value (repeatable).
         #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
         sets: Vec<String>,
+        #[command(flatten)]
+        device: DeviceArg,
     },
     /// Predictions of a trained checkpoint. Classifiers: INPUTS are image or WAV files, or
     /// .ts / .tsv archives (one line per case), printed with their top classes and
@@ -90,6 +91,8 @@ enum Command {
         /// Classifiers: also draw the confusion matrix to this SVG file.
         #[arg(long)]
         confusion: Option<PathBuf>,
+        #[command(flatten)]
+        device: DeviceArg,
     },
 }
 
@@ -128,6 +131,8 @@ struct PredictArgs {
     /// Forecasters: write the forecast files here (default: beside each input).
     #[arg(long)]
     out: Option<PathBuf>,
+    #[command(flatten)]
+    device: DeviceArg,
     #[arg(required = true)]
     inputs: Vec<String>,
 }
@@ -159,9 +164,16 @@ struct GenerateArgs {
     stop: Vec<u32>,
     #[arg(long, value_enum, default_value_t = WeightDType::F32)]
     dtype: WeightDType,
+    #[command(flatten)]
+    device: DeviceArg,
+}
+
+/// `--device`, on every command that runs a model.
+#[derive(Args)]
+struct DeviceArg {
     /// cpu, or cuda / cuda:N (a build with `--features cuda`).
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[arg(long = "device", value_name = "DEVICE", default_value = "cpu")]
+    name: String,
 }
 
 /// How the projection and embedding matrices are held; everything else computes in f32.
@@ -189,24 +201,28 @@ fn load(dir: &Path, dtype: WeightDType, device: &Device) -> Result<MambaLm> {
     Ok(MambaLm::load_hf(dir, dtype.into(), device)?)
 }
 
-/// `--device`: cpu, cuda (GPU 0) or cuda:N.
-fn device(name: &str) -> Result<Device> {
-    let ordinal = match name {
-        "cpu" => return Ok(Device::Cpu),
-        "cuda" => 0,
-        _ => match name.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(n)) => n,
-            _ => bail!("--device {name}: expected cpu, cuda or cuda:N"),
-        },
-    };
-    if !cfg!(feature = "cuda") {
-        bail!("--device {name}: this mamba was built without CUDA (build it with `--features cuda`)");
+impl DeviceArg {
+    /// cpu, cuda (GPU 0) or cuda:N. Commands open it before they read or write anything, so a
+    /// wrong device fails them with nothing written.
+    fn open(&self) -> Result<Device> {
+        let name = &self.name;
+        let ordinal = match name.as_str() {
+            "cpu" => return Ok(Device::Cpu),
+            "cuda" => 0,
+            _ => match name.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => n,
+                _ => bail!("--device {name}: expected cpu, cuda or cuda:N"),
+            },
+        };
+        if !cfg!(feature = "cuda") {
+            bail!("--device {name}: this mamba was built without CUDA (build it with `--features cuda`)");
+        }
+        Device::new_cuda(ordinal).with_context(|| format!("--device {name}"))
     }
-    Device::new_cuda(ordinal).with_context(|| format!("--device {name}"))
 }
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
-    let model = load(&a.model, a.dtype, &device(&a.device)?)?;
+    let model = load(&a.model, a.dtype, &a.device.open()?)?;
     let mut sampling =
         Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed, vocab_limit: None };
     let mut out = std::io::stdout().lock();
@@ -255,8 +271,8 @@ fn check_ids(model: &MambaLm, ids: &[u32]) -> Result<()> {
     Ok(())
 }
 
-fn run_logits(model: &Path, ids: &[u32], out: &Path, dtype: WeightDType, on: &str) -> Result<()> {
-    let m = load(model, dtype, &device(on)?)?;
+fn run_logits(model: &Path, ids: &[u32], out: &Path, dtype: WeightDType, device: &DeviceArg) -> Result<()> {
+    let m = load(model, dtype, &device.open()?)?;
     check_ids(&m, ids)?;
     let vocab = m.config.vocab_size;
     let (logits, _) = m.forward(&Tensor::new(ids, m.device())?.unsqueeze(0)?)?;
@@ -275,7 +291,8 @@ fn run_inspect(dir: &Path) -> Result<()> {
         return inspect_vision(dir);
     }
     let config = LmConfig::from_hf_file(&dir.join("config.json"))?;
-    load(dir, WeightDType::F32, &Device::Cpu)?; // checks that the checkpoint fits the configuration
+    // Checks that the checkpoint fits the configuration; nothing runs, so the CPU is enough.
+    load(dir, WeightDType::F32, &Device::Cpu)?;
     let shapes = MambaLm::tensor_shapes(&config);
     let params: usize = shapes.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
     let b = &config.backbone;
@@ -347,36 +364,38 @@ fn run_scan_show(pattern: &str, grid: &str, out: &Path, cell: u32) -> Result<()>
     Ok(())
 }
 
-fn run_train(config: &Path, out: Option<PathBuf>, resume: bool, sets: &[String]) -> Result<()> {
+fn run_train(config: &Path, out: Option<PathBuf>, resume: bool, sets: &[String], device: &DeviceArg) -> Result<()> {
+    let device = device.open()?;
     let out = out.unwrap_or_else(|| {
         PathBuf::from("runs").join(config.file_stem().map_or("run".into(), |s| s.to_string_lossy().into_owned()))
     });
-    let summary = mamba_train::train_from_config(config, &out, resume, sets)?;
+    let summary = mamba_train::train_from_config(config, &out, resume, sets, &device)?;
     println!("validation: {}", mamba_train::summary_line(&summary.validation));
     println!("checkpoints: {} and {}", summary.last.display(), summary.best.display());
     Ok(())
 }
 
 fn run_predict(a: PredictArgs) -> Result<()> {
+    let device = a.device.open()?;
     let (dir, inputs) = (a.checkpoint.as_path(), &a.inputs);
     let paths: Vec<PathBuf> = inputs.iter().map(PathBuf::from).collect();
     if dir.join("forecast.json").exists() {
-        return forecast_files(dir, &paths, a.out.as_deref());
+        return forecast_files(dir, &paths, a.out.as_deref(), &device);
     }
     // One line per file, or per case of an archive.
     let file_names = || paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>();
     let ranked = if dir.join("image.json").exists() {
-        let (model, meta) = load_classifier(dir, a.image_size)?;
-        Some((classify_files(&model, &meta, &paths)?, file_names()))
+        let (model, meta) = load_classifier(dir, a.image_size, &device)?;
+        Some((classify_files(&model, &meta, &paths, &device)?, file_names()))
     } else if dir.join("audio.json").exists() {
-        let (model, meta) = load_audio_classifier(dir)?;
-        Some((classify_files(&model, &meta, &paths)?, file_names()))
+        let (model, meta) = load_audio_classifier(dir, &device)?;
+        Some((classify_files(&model, &meta, &paths, &device)?, file_names()))
     } else if dir.join("series.json").exists() {
-        let (model, meta) = load_series_classifier(dir)?;
+        let (model, meta) = load_series_classifier(dir, &device)?;
         let (mut ranked, mut names) = (vec![], vec![]);
         for path in &paths {
             let cases = read_archive(path)?;
-            ranked.extend(classify_cases(&model, &meta, &cases.series)?);
+            ranked.extend(classify_cases(&model, &meta, &cases.series, &device)?);
             names.extend((1..=cases.series.len()).map(|i| format!("{} case {i}", path.display())));
         }
         Some((ranked, names))
@@ -392,7 +411,7 @@ fn run_predict(a: PredictArgs) -> Result<()> {
         return Ok(());
     }
     let max_new = a.max_new_tokens;
-    let model = load(dir, WeightDType::F32, &Device::Cpu)?;
+    let model = load(dir, WeightDType::F32, &device)?;
     let tok = dir.join("tokenizer.json").exists().then(|| load_tokenizer(dir)).transpose()?;
     let mut out = std::io::stdout().lock();
     for input in inputs {
@@ -421,14 +440,14 @@ fn run_predict(a: PredictArgs) -> Result<()> {
 }
 
 /// Each CSV file's forecast as NAME.forecast.csv and NAME.forecast.png, in `out` or beside it.
-fn forecast_files(dir: &Path, paths: &[PathBuf], out: Option<&Path>) -> Result<()> {
-    let (model, meta) = load_forecaster(dir)?;
+fn forecast_files(dir: &Path, paths: &[PathBuf], out: Option<&Path>, device: &Device) -> Result<()> {
+    let (model, meta) = load_forecaster(dir, device)?;
     for path in paths {
         let table = read_csv(path)?;
         let stem = path.file_stem().map_or("series".into(), |s| s.to_string_lossy().into_owned());
         let folder = out.or(path.parent()).unwrap_or(Path::new("."));
         let (csv, png) = (folder.join(format!("{stem}.forecast.csv")), folder.join(format!("{stem}.forecast.png")));
-        write_forecast(&model, &meta, &table, &path.display().to_string(), (&csv, &png))?;
+        write_forecast(&model, &meta, &table, &path.display().to_string(), (&csv, &png), device)?;
         let last = table.time.last().map_or("", |t| t.as_str());
         let horizon = meta.shape.horizon;
         println!("{}: {horizon} rows after {last} -> {} and {}", path.display(), csv.display(), png.display());
@@ -436,8 +455,8 @@ fn forecast_files(dir: &Path, paths: &[PathBuf], out: Option<&Path>) -> Result<(
     Ok(())
 }
 
-fn run_eval(checkpoint: &Path, json: bool, confusion_svg: Option<&Path>) -> Result<()> {
-    let evaluation = mamba_train::evaluate_checkpoint(checkpoint)?;
+fn run_eval(checkpoint: &Path, json: bool, confusion_svg: Option<&Path>, device: &DeviceArg) -> Result<()> {
+    let evaluation = mamba_train::evaluate_checkpoint(checkpoint, &device.open()?)?;
     if let Some(svg) = confusion_svg {
         let Some((classes, matrix)) = &evaluation.confusion else {
             bail!("--confusion: {} is not a classifier", checkpoint.display());
@@ -509,8 +528,10 @@ fn main() {
         Command::Generate(a) => run_generate(a),
         Command::Logits { model, ids, out, dtype, device } => run_logits(&model, &ids, &out, dtype, &device),
         Command::Inspect { model } => run_inspect(&model),
-        Command::Train { config, out, resume, sets } => run_train(&config, out, resume, &sets),
-        Command::Eval { checkpoint, json, confusion } => run_eval(&checkpoint, json, confusion.as_deref()),
+        Command::Train { config, out, resume, sets, device } => run_train(&config, out, resume, &sets, &device),
+        Command::Eval { checkpoint, json, confusion, device } => {
+            run_eval(&checkpoint, json, confusion.as_deref(), &device)
+        }
         Command::Predict(args) => run_predict(args),
         Command::Scan { command: ScanCommand::Show { pattern, grid, out, cell } } => {
             run_scan_show(&pattern, &grid, &out, cell)

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{mamba, scratch, text};
+use common::{assert_cuda_refused, mamba, scratch, text};
 use std::path::Path;
 
 /// Monthly rows from 2000-01: `wave` has a 12-month season and a trend, `echo` the same season
@@ -78,7 +78,7 @@ fn a_csv_trains_a_forecaster_that_forecasts_new_files() {
     let o = mamba(&["train", cfg.to_str().unwrap(), "--out", run.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
 
-    let o = mamba(&["eval", "--checkpoint", run.join("best").to_str().unwrap()]);
+    let o = mamba(&["eval", "--checkpoint", run.join("best").to_str().unwrap(), "--device", "cpu"]);
     let report = text(&o);
     assert!(
         o.status.success() && report.contains("test split (") && report.contains("seasonal naive (12)"),
@@ -103,7 +103,11 @@ fn a_csv_trains_a_forecaster_that_forecasts_new_files() {
     std::fs::create_dir_all(&out).unwrap();
     let best = run.join("best");
     let args = ["predict", "--checkpoint", best.to_str().unwrap(), "--out", out.to_str().unwrap()];
-    let o = mamba(&[&args[..], &[recent.to_str().unwrap()]].concat());
+    if !cfg!(feature = "cuda") {
+        assert_cuda_refused(&mamba(&[&args[..], &["--device", "cuda", recent.to_str().unwrap()]].concat()));
+        assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0, "nothing written");
+    }
+    let o = mamba(&[&args[..], &["--device", "cpu", recent.to_str().unwrap()]].concat());
     assert!(o.status.success(), "{}", text(&o));
     let forecast = std::fs::read_to_string(out.join("recent.forecast.csv")).unwrap();
     let rows: Vec<&str> = forecast.lines().collect();

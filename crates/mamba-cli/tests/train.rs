@@ -1,10 +1,11 @@
 //! `mamba train` and `mamba eval` end to end: a killed run resumes to the weights of an
-//! uninterrupted one, and bad configs stop before training with the file and key named.
+//! uninterrupted one, and bad configs (or a device this build lacks) stop before training with
+//! the file and key named.
 
 mod common;
 
 use candle_core::{safetensors, Device};
-use common::{mamba, scratch};
+use common::{assert_cuda_refused, mamba, scratch};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -68,7 +69,8 @@ fn a_killed_run_resumes_to_the_uninterrupted_weights() {
     let config = write_config(&dir, TINY);
     let (whole, killed) = (dir.join("whole"), dir.join("killed"));
     let cfg = config.to_str().unwrap();
-    let run = mamba(&["train", cfg, "--out", whole.to_str().unwrap()]);
+    // `--device cpu` is the default: the weights below are the same bit for bit.
+    let run = mamba(&["train", cfg, "--out", whole.to_str().unwrap(), "--device", "cpu"]);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
 
     // Kill the second run as soon as it has a checkpoint in the middle of the first epoch.
@@ -110,14 +112,23 @@ fn a_killed_run_resumes_to_the_uninterrupted_weights() {
     // A fresh run into a used directory is refused; eval reads the checkpoint.
     let again = mamba(&["train", cfg, "--out", killed.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"));
-    let eval = mamba(&["eval", "--checkpoint", killed.join("best").to_str().unwrap(), "--json"]);
+    let eval = mamba(&["eval", "--checkpoint", killed.join("best").to_str().unwrap(), "--json", "--device", "cpu"]);
     assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
     let metrics: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
     assert!(metrics["accuracy"].as_f64().is_some() && metrics["loss"].as_f64().is_some(), "{metrics}");
     // predict: greedy continuations of token ids (no tokenizer in a synthetic task's checkpoint).
     let best = killed.join("best");
-    let predict =
-        mamba(&["predict", "--checkpoint", best.to_str().unwrap(), "--max-new-tokens", "4", "2,0,0,3,1", "5,1"]);
+    let predict = mamba(&[
+        "predict",
+        "--checkpoint",
+        best.to_str().unwrap(),
+        "--max-new-tokens",
+        "4",
+        "--device",
+        "cpu",
+        "2,0,0,3,1",
+        "5,1",
+    ]);
     assert!(predict.status.success(), "{}", String::from_utf8_lossy(&predict.stderr));
     let lines: Vec<Vec<u32>> = String::from_utf8(predict.stdout)
         .unwrap()
@@ -125,6 +136,26 @@ fn a_killed_run_resumes_to_the_uninterrupted_weights() {
         .map(|l| l.split(',').map(|v| v.parse().unwrap()).collect())
         .collect();
     assert!(lines.len() == 2 && lines.iter().all(|l| l.len() == 4 && l.iter().all(|&i| i < 8)), "{lines:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn cuda_in_a_build_without_it_stops_training_before_anything_is_written() {
+    if cfg!(feature = "cuda") {
+        return;
+    }
+    let dir = scratch("no-cuda");
+    let config = write_config(&dir, TINY);
+    let out = dir.join("run");
+    assert_cuda_refused(&mamba(&[
+        "train",
+        config.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--device",
+        "cuda",
+    ]));
+    assert!(!out.exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

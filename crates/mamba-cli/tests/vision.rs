@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{eval_accuracy, mamba, scratch, text};
+use common::{assert_cuda_refused, eval_accuracy, mamba, scratch, text};
 use std::path::Path;
 
 /// Six classes of 20 x 16 RGB images, each class a colour with noise on top, JPEG and PNG mixed:
@@ -98,9 +98,13 @@ fn any_image_folder_trains_evaluates_and_predicts() {
         let o = mamba(&["train", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()]);
         assert!(o.status.success(), "{name}: {}", text(&o));
 
-        let svg = dir.join(format!("confusion-{name}.svg"));
-        let o =
-            mamba(&["eval", "--checkpoint", out.join("best").to_str().unwrap(), "--confusion", svg.to_str().unwrap()]);
+        let (svg, best) = (dir.join(format!("confusion-{name}.svg")), out.join("best"));
+        let eval = ["eval", "--checkpoint", best.to_str().unwrap(), "--confusion", svg.to_str().unwrap()];
+        if !cfg!(feature = "cuda") {
+            assert_cuda_refused(&mamba(&[&eval[..], &["--device", "cuda:0"]].concat()));
+            assert!(!svg.exists(), "nothing written");
+        }
+        let o = mamba(&[&eval[..], &["--device", "cpu"]].concat());
         let report = text(&o);
         let drawn = std::fs::read_to_string(&svg).unwrap();
         assert!(drawn.contains("<svg") && drawn.contains("colour5") && drawn.contains("predicted"));
@@ -117,7 +121,6 @@ fn any_image_folder_trains_evaluates_and_predicts() {
         assert!(o.status.success() && line.contains(": colour2 "), "{name}: {line}");
         // At another image size (16 instead of 12: a 4 x 4 patch grid instead of 3 x 3, Vim's
         // position embedding interpolated), the colour is still told.
-        let best = out.join("best");
         let o =
             mamba(&["predict", "--checkpoint", best.to_str().unwrap(), "--image-size", "16", img.to_str().unwrap()]);
         let line = text(&o);

@@ -39,14 +39,14 @@ fn main() -> Result<()> {
         Ok::<f64, Box<dyn std::error::Error>>(n as f64 / start.elapsed().as_secs_f64())
     };
     let (val, train) = (Split::Validation, Split::Train);
-    let features = rate(val, &|b| task.batch(val, 0, b).map(|_| ()).map_err(Into::into))?;
-    let augmented = rate(train, &|b| task.batch(train, 0, b).map(|_| ()).map_err(Into::into))?;
+    let features = rate(val, &|b| task.batch(val, 0, b, &Device::Cpu).map(|_| ()).map_err(Into::into))?;
+    let augmented = rate(train, &|b| task.batch(train, 0, b, &Device::Cpu).map(|_| ()).map_err(Into::into))?;
     let infer = rate(val, &|b| {
-        task.forward(&model, &task.batch(val, 0, b)?, false)?;
+        task.forward(&model, &task.batch(val, 0, b, &Device::Cpu)?, false)?;
         Ok(())
     })?;
     let training = rate(train, &|b| {
-        let (loss, _) = task.forward(&model, &task.batch(train, 0, b)?, true)?;
+        let (loss, _) = task.forward(&model, &task.batch(train, 0, b, &Device::Cpu)?, true)?;
         loss.backward()?;
         Ok(())
     })?;

@@ -7,6 +7,7 @@
 //!
 //! Runs go to runs/scan-patterns/NAME; the config is models/vision/mnist-vim.toml.
 
+use candle_core::Device;
 use mamba_train::tasks::image::load_classifier;
 use mamba_train::{train_from_config, Split, Task};
 use std::path::Path;
@@ -30,17 +31,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let out = Path::new("runs/scan-patterns").join(name.split(' ').next().unwrap_or(name));
         let _ = std::fs::remove_dir_all(&out);
         let sets = [format!("model.scan={scan}"), format!("train.epochs={epochs}")];
-        let summary = train_from_config(&config, &out, false, &sets)?;
+        let summary = train_from_config(&config, &out, false, &sets, &Device::Cpu)?;
         let accuracy = summary.validation.mean("accuracy").unwrap_or(f64::NAN);
         let train_rate = mean_rate(&out.join("metrics.jsonl"))?;
         // Inference: the test images through the best checkpoint, decoding included.
         let run = mamba_train::RunConfig::load(&summary.best.join("train.toml"), &[])?;
-        let (model, _) = load_classifier(&summary.best, None)?;
+        let (model, _) = load_classifier(&summary.best, None, &Device::Cpu)?;
         let mamba_train::AnyTask::Image(task) = &run.task else { return Err("not an image task".into()) };
         let n = task.len(Split::Validation);
         let start = Instant::now();
         for chunk in (0..n).collect::<Vec<_>>().chunks(64) {
-            let batch = task.batch(Split::Validation, 0, chunk)?;
+            let batch = task.batch(Split::Validation, 0, chunk, &Device::Cpu)?;
             model.forward(&batch.inputs, None)?;
         }
         let infer_rate = n as f64 / start.elapsed().as_secs_f64();

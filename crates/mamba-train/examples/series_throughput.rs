@@ -29,7 +29,7 @@ fn measure<T: Task>(task: &T, batch: usize) -> Result<(usize, f64, f64)> {
         let n = task.len(split);
         let start = Instant::now();
         for b in (0..n).collect::<Vec<_>>().chunks(batch) {
-            let (loss, _) = task.forward(&model, &task.batch(split, 0, b)?, train)?;
+            let (loss, _) = task.forward(&model, &task.batch(split, 0, b, &Device::Cpu)?, train)?;
             if train {
                 loss.backward()?;
             }

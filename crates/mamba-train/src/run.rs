@@ -195,16 +195,16 @@ fn lm_task(
     Ok(LmTask { config, source: source_kind, label_smoothing, seed })
 }
 
-/// `mamba train`: trains the config at `path` into `out`.
-pub fn train_from_config(path: &Path, out: &Path, resume: bool, sets: &[String]) -> Result<Summary> {
+/// `mamba train`: trains the config at `path` into `out`, on `device`.
+pub fn train_from_config(path: &Path, out: &Path, resume: bool, sets: &[String], device: &Device) -> Result<Summary> {
     let run = RunConfig::load(path, sets)?;
     let (train_config, optim) = (run.train.clone(), run.optim.clone());
     match run.task {
-        AnyTask::Lm(t) => train(Arc::new(t), &train_config, &optim, &run.text, out, resume),
-        AnyTask::Image(t) => train(Arc::new(t), &train_config, &optim, &run.text, out, resume),
-        AnyTask::Audio(t) => train(Arc::new(t), &train_config, &optim, &run.text, out, resume),
-        AnyTask::Series(t) => train(Arc::new(t), &train_config, &optim, &run.text, out, resume),
-        AnyTask::Forecast(t) => train(Arc::new(t), &train_config, &optim, &run.text, out, resume),
+        AnyTask::Lm(t) => train(Arc::new(t), &train_config, &optim, &run.text, out, resume, device),
+        AnyTask::Image(t) => train(Arc::new(t), &train_config, &optim, &run.text, out, resume, device),
+        AnyTask::Audio(t) => train(Arc::new(t), &train_config, &optim, &run.text, out, resume, device),
+        AnyTask::Series(t) => train(Arc::new(t), &train_config, &optim, &run.text, out, resume, device),
+        AnyTask::Forecast(t) => train(Arc::new(t), &train_config, &optim, &run.text, out, resume, device),
     }
 }
 
@@ -217,31 +217,38 @@ pub struct Evaluation {
     pub test: Option<(usize, Vec<(String, Errors)>)>,
 }
 
-/// `mamba eval`: the validation metrics of a checkpoint directory (its train.toml and weights).
-pub fn evaluate_checkpoint(dir: &Path) -> Result<Evaluation> {
+/// `mamba eval`: the validation metrics of a checkpoint directory (its train.toml and weights),
+/// the model and batches on `device`.
+pub fn evaluate_checkpoint(dir: &Path, device: &Device) -> Result<Evaluation> {
     let run = RunConfig::load(&dir.join("train.toml"), &[])?;
-    let vb = checkpoint_weights(dir)?;
+    let vb = checkpoint_weights(dir, device)?;
     Ok(match &run.task {
-        AnyTask::Lm(t) => Evaluation { metrics: evaluate(t, &t.build_model(vb)?)?, confusion: None, test: None },
+        AnyTask::Lm(t) => {
+            Evaluation { metrics: evaluate(t, &t.build_model(vb)?, device)?, confusion: None, test: None }
+        }
         AnyTask::Forecast(t) => {
             let model = t.build_model(vb)?;
-            let test = Some(t.test(&model)?);
-            Evaluation { metrics: evaluate(t, &model)?, confusion: None, test }
+            let test = Some(t.test(&model, device)?);
+            Evaluation { metrics: evaluate(t, &model, device)?, confusion: None, test }
         }
-        AnyTask::Image(t) => classifier_evaluation(t, vb)?,
-        AnyTask::Audio(t) => classifier_evaluation(t, vb)?,
-        AnyTask::Series(t) => classifier_evaluation(t, vb)?,
+        AnyTask::Image(t) => classifier_evaluation(t, vb, device)?,
+        AnyTask::Audio(t) => classifier_evaluation(t, vb, device)?,
+        AnyTask::Series(t) => classifier_evaluation(t, vb, device)?,
     })
 }
 
-fn classifier_evaluation<E: Examples>(task: &Classify<E>, vb: candle_nn::VarBuilder) -> Result<Evaluation> {
-    let (metrics, matrix) = task.evaluate_with_confusion(&task.build_model(vb)?)?;
+fn classifier_evaluation<E: Examples>(
+    task: &Classify<E>,
+    vb: candle_nn::VarBuilder,
+    device: &Device,
+) -> Result<Evaluation> {
+    let (metrics, matrix) = task.evaluate_with_confusion(&task.build_model(vb)?, device)?;
     Ok(Evaluation { metrics, confusion: Some((task.examples.classes().to_vec(), matrix)), test: None })
 }
 
-/// A checkpoint's model.safetensors as a VarBuilder (f32, CPU).
-pub fn checkpoint_weights(dir: &Path) -> Result<candle_nn::VarBuilder<'static>> {
-    Ok(candle_nn::VarBuilder::from_tensors(checkpoint_tensors(dir)?, candle_core::DType::F32, &Device::Cpu))
+/// A checkpoint's model.safetensors as a VarBuilder (f32) that puts each tensor on `device`.
+pub fn checkpoint_weights(dir: &Path, device: &Device) -> Result<candle_nn::VarBuilder<'static>> {
+    Ok(candle_nn::VarBuilder::from_tensors(checkpoint_tensors(dir)?, candle_core::DType::F32, device))
 }
 
 /// A checkpoint's model.safetensors by name (CPU).

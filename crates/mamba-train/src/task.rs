@@ -3,7 +3,7 @@
 //! metrics of a batch.
 
 use crate::Result;
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use candle_nn::VarBuilder;
 use std::collections::{BTreeMap, HashMap};
 
@@ -23,9 +23,10 @@ pub trait Task: Send + Sync + 'static {
     fn build_model(&self, vb: VarBuilder) -> Result<Self::Model>;
     /// Examples in a split (one epoch of training).
     fn len(&self, split: Split) -> usize;
-    /// The batch of examples `indices`. `epoch` lets tasks that generate data draw fresh examples
-    /// every epoch; the same arguments always give the same batch.
-    fn batch(&self, split: Split, epoch: usize, indices: &[usize]) -> Result<Self::Batch>;
+    /// The batch of examples `indices`, on `device` (the model's): read and decoded on the CPU,
+    /// then moved once. `epoch` lets tasks that generate data draw fresh examples every epoch;
+    /// the same arguments always give the same batch.
+    fn batch(&self, split: Split, epoch: usize, indices: &[usize], device: &Device) -> Result<Self::Batch>;
     /// The mean loss of a batch (a scalar the parameters' gradients flow from) and its metrics.
     fn forward(&self, model: &Self::Model, batch: &Self::Batch, train: bool) -> Result<(Tensor, Metrics)>;
     /// Files a checkpoint carries besides the weights and the training config, e.g. a Hugging

@@ -66,20 +66,22 @@ pub struct Summary {
     pub best: PathBuf,
 }
 
-/// Variables from named tensors (copies).
-pub fn to_params(tensors: HashMap<String, Tensor>) -> Result<Params> {
-    tensors.into_iter().map(|(n, t)| Ok((n, Var::from_tensor(&t.to_dtype(DType::F32)?)?))).collect()
+/// Variables on `device` from named tensors (copies).
+pub fn to_params(tensors: HashMap<String, Tensor>, device: &Device) -> Result<Params> {
+    tensors.into_iter().map(|(n, t)| Ok((n, Var::from_tensor(&t.to_dtype(DType::F32)?.to_device(device)?)?))).collect()
 }
 
-/// A VarBuilder over the variables themselves: the model built from it trains them.
-pub fn var_builder(params: &Params) -> VarBuilder<'static> {
+/// A VarBuilder over the variables themselves, which live on `device`: the model built from it
+/// trains them. (On another device it would build from copies, and train nothing.)
+pub fn var_builder(params: &Params, device: &Device) -> VarBuilder<'static> {
     let map = params.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
-    VarBuilder::from_tensors(map, DType::F32, &Device::Cpu)
+    VarBuilder::from_tensors(map, DType::F32, device)
 }
 
 /// Trains `task` as `train` and `optim` say, writing checkpoints, metrics.jsonl and the curves
 /// under `out`. `config_text` is saved with every checkpoint. With `resume`, continues from
-/// `out/last`.
+/// `out/last`. The parameters, the optimizer state, the batches and the computation are on
+/// `device`; checkpoints are plain safetensors files, which load on any device.
 pub fn train<T: Task>(
     task: Arc<T>,
     train: &TrainConfig,
@@ -87,6 +89,7 @@ pub fn train<T: Task>(
     config_text: &str,
     out: &Path,
     resume: bool,
+    device: &Device,
 ) -> Result<Summary> {
     if train.batch_size == 0 || train.accumulate == 0 || train.log_every == 0 || train.checkpoint_every == 0 {
         return Err(Error::Config {
@@ -101,10 +104,10 @@ pub fn train<T: Task>(
     let (params, mut opt, mut state) = if resume {
         let dir = last_checkpoint(out)?;
         let state: TrainerState = read_json(&dir.join("trainer.json"))?;
-        let params = to_params(read_safetensors(&dir.join("model.safetensors"))?)?;
+        let params = to_params(read_safetensors(&dir.join("model.safetensors"), device)?, device)?;
         let mut opt = AdamW::new(optim.clone(), &params)?;
         let opt_path = dir.join("optimizer.safetensors");
-        opt.load_state(read_safetensors(&opt_path)?, state.step, &opt_path.display().to_string())?;
+        opt.load_state(read_safetensors(&opt_path, device)?, state.step, &opt_path.display().to_string())?;
         truncate_metrics(&out.join("metrics.jsonl"), state.step)?;
         (params, opt, state)
     } else {
@@ -116,11 +119,11 @@ pub fn train<T: Task>(
         }
         std::fs::create_dir_all(out).map_err(io(out))?;
         std::fs::write(out.join("metrics.jsonl"), "").map_err(io(out))?;
-        let params = to_params(task.init_params(train.seed)?)?;
+        let params = to_params(task.init_params(train.seed)?, device)?;
         let opt = AdamW::new(optim.clone(), &params)?;
         (params, opt, TrainerState::default())
     };
-    let model = task.build_model(var_builder(&params))?;
+    let model = task.build_model(var_builder(&params, device))?;
     let batches_per_epoch = n_train.div_ceil(train.batch_size);
     let steps_per_epoch = batches_per_epoch.div_ceil(train.accumulate);
     let total_steps = steps_per_epoch * train.epochs;
@@ -138,7 +141,7 @@ pub fn train<T: Task>(
         let mut in_step = 0;
         let mut timer = (Instant::now(), 0usize);
         let first = state.batch;
-        let prefetch = prefetch(Arc::clone(&task), Split::Train, epoch, batches[first..].to_vec());
+        let prefetch = prefetch(Arc::clone(&task), Split::Train, epoch, batches[first..].to_vec(), device.clone());
         for (b, batch) in (first..batches.len()).zip(prefetch) {
             let (loss, metrics) = task.forward(&model, &batch?, true)?;
             let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
@@ -189,10 +192,10 @@ pub fn train<T: Task>(
         // With a moving average, the averaged weights are the ones validated and kept as `best`.
         validation = match opt.ema() {
             Some(ema) => {
-                let vb = VarBuilder::from_tensors(ema.clone(), DType::F32, &Device::Cpu);
-                evaluate(task.as_ref(), &task.build_model(vb)?)?
+                let vb = VarBuilder::from_tensors(ema.clone(), DType::F32, device);
+                evaluate(task.as_ref(), &task.build_model(vb)?, device)?
             }
-            None => evaluate(task.as_ref(), &model)?,
+            None => evaluate(task.as_ref(), &model, device)?,
         };
         let mut line = serde_json::json!({ "step": state.step, "epoch": epoch, "split": "validation" });
         for (k, v) in validation.means() {
@@ -219,13 +222,13 @@ pub fn train<T: Task>(
     Ok(Summary { validation, last: out.join("last"), best: out.join("best") })
 }
 
-/// The validation split, in order, without gradients.
-pub fn evaluate<T: Task>(task: &T, model: &T::Model) -> Result<Metrics> {
+/// The validation split, in order, without gradients, with batches on `device` (the model's).
+pub fn evaluate<T: Task>(task: &T, model: &T::Model, device: &Device) -> Result<Metrics> {
     let n = task.len(Split::Validation);
     let mut total = Metrics::default();
     let indices: Vec<usize> = (0..n).collect();
     for chunk in indices.chunks(64) {
-        let batch = task.batch(Split::Validation, 0, chunk)?;
+        let batch = task.batch(Split::Validation, 0, chunk, device)?;
         let (_, m) = task.forward(model, &batch, false)?;
         total.merge(&m);
     }
@@ -243,17 +246,18 @@ fn epoch_batches(n: usize, batch_size: usize, seed: u64, epoch: usize) -> Vec<Ve
     order.chunks(batch_size).map(|c| c.to_vec()).collect()
 }
 
-/// Builds batches on a thread, two ahead of the loop.
+/// Builds batches on `device` on a thread, two ahead of the loop.
 fn prefetch<T: Task>(
     task: Arc<T>,
     split: Split,
     epoch: usize,
     batches: Vec<Vec<usize>>,
+    device: Device,
 ) -> impl Iterator<Item = Result<T::Batch>> {
     let (tx, rx) = mpsc::sync_channel(2);
     std::thread::spawn(move || {
         for indices in batches {
-            if tx.send(task.batch(split, epoch, &indices)).is_err() {
+            if tx.send(task.batch(split, epoch, &indices, &device)).is_err() {
                 return; // the loop stopped
             }
         }
@@ -282,8 +286,8 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
         .map_err(|e| Error::Checkpoint { path: path.display().to_string(), message: e.to_string() })
 }
 
-fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
-    candle_core::safetensors::load(path, &Device::Cpu)
+fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    candle_core::safetensors::load(path, device)
         .map_err(|e| Error::Checkpoint { path: path.display().to_string(), message: e.to_string() })
 }
 

@@ -14,6 +14,13 @@ pub fn text(o: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
+/// A `--device cuda` run of a build without the `cuda` feature: it failed, saying how to build
+/// one with CUDA.
+pub fn assert_cuda_refused(o: &Output) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("built without CUDA") && err.contains("--features cuda"), "{err}");
+}
+
 /// An empty folder of this process (test binaries run as separate processes).
 pub fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("mamba-cli-{name}-{}", std::process::id()));

@@ -5,8 +5,7 @@
 
 use super::classify::{read_meta, read_train_config, Classify, Files, InputMeta};
 use crate::{Error, Result};
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
+use candle_core::{Device, Tensor};
 use mamba_audio::{AudioFolder, Augment, Frontend, MelConfig};
 use mamba_vision::{ImageShape, Size2d, VisionConfig, VisionModel};
 use rand::rngs::StdRng;
@@ -118,13 +117,12 @@ impl InputMeta for AudioMeta {
 }
 
 /// A trained audio classifier from a checkpoint directory: its train.toml's `[model]` (and
-/// `[backbone]`), audio.json and weights. The training data is not read.
-pub fn load_audio_classifier(dir: &Path) -> Result<(VisionModel, AudioMeta)> {
+/// `[backbone]`), audio.json and weights (put on `device`). The training data is not read.
+pub fn load_audio_classifier(dir: &Path, device: &Device) -> Result<(VisionModel, AudioMeta)> {
     let meta: AudioMeta = read_meta(dir)?;
     let (table, source) = read_train_config(dir)?;
     let (bins, frames) = meta.frontend.shape();
     let shape = ImageShape { image_size: Size2d::new(bins, frames), channels: 1, num_classes: meta.classes.len() };
     let config = VisionConfig::from_file_table(table, &source, Some(shape))?;
-    let vb = VarBuilder::from_tensors(crate::run::checkpoint_tensors(dir)?, DType::F32, &Device::Cpu);
-    Ok((VisionModel::load(vb, &config)?, meta))
+    Ok((VisionModel::load(crate::run::checkpoint_weights(dir, device)?, &config)?, meta))
 }

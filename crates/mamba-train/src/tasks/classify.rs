@@ -116,13 +116,14 @@ impl<E: Examples> Classify<E> {
     }
 
     /// The validation split's metrics (as `trainer::evaluate` gives them) and its confusion
-    /// matrix, `[true class][predicted class]` counts, in one pass.
-    pub fn evaluate_with_confusion(&self, model: &VisionModel) -> Result<(Metrics, Vec<Vec<usize>>)> {
+    /// matrix, `[true class][predicted class]` counts, in one pass; batches on `device` (the
+    /// model's).
+    pub fn evaluate_with_confusion(&self, model: &VisionModel, device: &Device) -> Result<(Metrics, Vec<Vec<usize>>)> {
         let k = self.examples.classes().len();
         let (mut total, mut confusion) = (Metrics::default(), vec![vec![0; k]; k]);
         let indices: Vec<usize> = (0..self.len(Split::Validation)).collect();
         for chunk in indices.chunks(64) {
-            let batch = self.batch(Split::Validation, 0, chunk)?;
+            let batch = self.batch(Split::Validation, 0, chunk, device)?;
             let (logits, _, m) = self.scored(model, &batch, false)?;
             total.merge(&m);
             let truth = batch.labels.to_vec1::<u32>()?;
@@ -150,7 +151,7 @@ impl<E: Examples> Task for Classify<E> {
         self.examples.len(split)
     }
 
-    fn batch(&self, split: Split, epoch: usize, indices: &[usize]) -> Result<ClassifyBatch> {
+    fn batch(&self, split: Split, epoch: usize, indices: &[usize], device: &Device) -> Result<ClassifyBatch> {
         let mut inputs = Vec::with_capacity(indices.len());
         let mut labels = Vec::with_capacity(indices.len());
         for &i in indices {
@@ -160,8 +161,8 @@ impl<E: Examples> Task for Classify<E> {
             labels.push(class as u32);
         }
         Ok(ClassifyBatch {
-            inputs: Tensor::stack(&inputs, 0)?,
-            labels: Tensor::new(labels, &Device::Cpu)?,
+            inputs: Tensor::stack(&inputs, 0)?.to_device(device)?,
+            labels: Tensor::new(labels, device)?,
             seed: example_seed(self.seed ^ 0xD0_D0, split, epoch, indices.first().copied().unwrap_or(0)),
         })
     }
@@ -201,21 +202,29 @@ pub fn read_train_config(dir: &Path) -> Result<(toml::Table, String)> {
     Ok((table, source))
 }
 
-/// Class probabilities of each file at `paths`, highest first.
+/// Class probabilities of each file at `paths`, highest first; `model` runs on `device`.
 pub fn classify_files<M: InputMeta>(
     model: &VisionModel,
     meta: &M,
     paths: &[PathBuf],
+    device: &Device,
 ) -> Result<Vec<Vec<(String, f32)>>> {
     let inputs = paths.iter().map(|p| meta.input(p, None)).collect::<Result<Vec<_>>>()?;
-    rank(model, meta.classes(), &inputs)
+    rank(model, meta.classes(), &inputs, device)
 }
 
-/// Class probabilities of each input (channels, height, width), highest first.
-pub fn rank(model: &VisionModel, classes: &[String], inputs: &[Tensor]) -> Result<Vec<Vec<(String, f32)>>> {
+/// Class probabilities of each input (channels, height, width), highest first; `model` runs on
+/// `device`.
+pub fn rank(
+    model: &VisionModel,
+    classes: &[String],
+    inputs: &[Tensor],
+    device: &Device,
+) -> Result<Vec<Vec<(String, f32)>>> {
     let mut out = Vec::with_capacity(inputs.len());
     for chunk in inputs.chunks(32) {
-        let probs = candle_nn::ops::softmax(&model.forward(&Tensor::stack(chunk, 0)?, None)?, D::Minus1)?;
+        let batch = Tensor::stack(chunk, 0)?.to_device(device)?;
+        let probs = candle_nn::ops::softmax(&model.forward(&batch, None)?, D::Minus1)?;
         for row in probs.to_vec2::<f32>()? {
             let mut ranked: Vec<(String, f32)> = classes.iter().cloned().zip(row).collect();
             ranked.sort_by(|a, b| b.1.total_cmp(&a.1));

@@ -177,8 +177,8 @@ impl ForecastData {
 }
 
 impl ForecastTask {
-    /// Windows starting at `starts` as (inputs, targets) tensors.
-    fn windows_at(&self, starts: &[usize]) -> Result<ForecastBatch> {
+    /// Windows starting at `starts` as (inputs, targets) tensors on `device`.
+    fn windows_at(&self, starts: &[usize], device: &Device) -> Result<ForecastBatch> {
         let ForecastShape { lookback, horizon, variables } = self.meta.shape;
         let (mut inputs, mut targets) = (vec![], vec![]);
         for &s in starts {
@@ -189,20 +189,20 @@ impl ForecastTask {
         }
         let n = starts.len();
         Ok(ForecastBatch {
-            inputs: Tensor::from_vec(inputs, (n, variables, lookback), &Device::Cpu)?,
-            targets: Tensor::from_vec(targets, (n, variables, horizon), &Device::Cpu)?,
+            inputs: Tensor::from_vec(inputs, (n, variables, lookback), device)?,
+            targets: Tensor::from_vec(targets, (n, variables, horizon), device)?,
         })
     }
 
-    /// The number of test windows, and the test-split errors of `model` and of the naive
-    /// baselines on those windows, named.
-    pub fn test(&self, model: &ForecastModel) -> Result<(usize, Vec<(String, Errors)>)> {
+    /// The number of test windows, and the test-split errors of `model` (run on `device`) and of
+    /// the naive baselines on those windows, named.
+    pub fn test(&self, model: &ForecastModel, device: &Device) -> Result<(usize, Vec<(String, Errors)>)> {
         let ForecastShape { lookback, horizon, .. } = self.meta.shape;
         let rows = self.splits.test.clone();
         let starts = windows(rows.clone(), lookback, horizon, 1);
         let mut errors = Errors::default();
         for chunk in starts.chunks(64) {
-            let batch = self.windows_at(chunk)?;
+            let batch = self.windows_at(chunk, device)?;
             let forecast = model.forward(&batch.inputs)?;
             errors.add(&forecast.flatten_all()?.to_vec1()?, &batch.targets.flatten_all()?.to_vec1()?);
         }
@@ -234,9 +234,9 @@ impl Task for ForecastTask {
         self.starts[split as usize].len()
     }
 
-    fn batch(&self, split: Split, _epoch: usize, indices: &[usize]) -> Result<ForecastBatch> {
+    fn batch(&self, split: Split, _epoch: usize, indices: &[usize], device: &Device) -> Result<ForecastBatch> {
         let starts: Vec<usize> = indices.iter().map(|&i| self.starts[split as usize][i]).collect();
-        self.windows_at(&starts)
+        self.windows_at(&starts, device)
     }
 
     fn forward(&self, model: &ForecastModel, batch: &ForecastBatch, _train: bool) -> Result<(Tensor, Metrics)> {
@@ -262,8 +262,8 @@ impl Task for ForecastTask {
     }
 }
 
-/// A forecasting checkpoint: its model and `forecast.json`.
-pub fn load_forecaster(dir: &Path) -> Result<(ForecastModel, ForecastMeta)> {
+/// A forecasting checkpoint: its model (on `device`) and `forecast.json`.
+pub fn load_forecaster(dir: &Path, device: &Device) -> Result<(ForecastModel, ForecastMeta)> {
     let meta: ForecastMeta = read_json(&dir.join(ForecastMeta::FILE))?;
     let (mut table, source) = read_train_config(dir)?;
     let mut section = |name: &str| match table.remove(name) {
@@ -272,17 +272,18 @@ pub fn load_forecaster(dir: &Path) -> Result<(ForecastModel, ForecastMeta)> {
     };
     let model = section("model").ok_or_else(|| Error::Config { path: source.clone(), message: "no [model]".into() })?;
     let config = ForecastConfig::from_tables(model, section("backbone"), &source, meta.shape)?;
-    let vb = VarBuilder::from_tensors(crate::run::checkpoint_tensors(dir)?, DType::F32, &Device::Cpu);
-    Ok((ForecastModel::load(vb, &config)?, meta))
+    Ok((ForecastModel::load(crate::run::checkpoint_weights(dir, device)?, &config)?, meta))
 }
 
 /// The forecast, in the table's units, of the `horizon` rows after the last row of `table`
-/// (`forecast[v][h]`, the model's variables in order), from its last `lookback` rows.
+/// (`forecast[v][h]`, the model's variables in order), from its last `lookback` rows; `model`
+/// runs on `device`.
 pub fn forecast_table(
     model: &ForecastModel,
     meta: &ForecastMeta,
     table: &Table,
     source: &str,
+    device: &Device,
 ) -> Result<Vec<Vec<f32>>> {
     let ForecastShape { lookback, variables, .. } = meta.shape;
     let err = |message: String| Error::Config { path: source.to_string(), message };
@@ -297,22 +298,23 @@ pub fn forecast_table(
         }
     }
     let input = meta.scaler.transform(&raw).concat();
-    let out = model.forward(&Tensor::from_vec(input, (1, variables, lookback), &Device::Cpu)?)?;
+    let out = model.forward(&Tensor::from_vec(input, (1, variables, lookback), device)?)?;
     let rows = out.squeeze(0)?.to_vec2::<f32>()?;
     Ok(rows.iter().enumerate().map(|(v, r)| meta.scaler.inverse(v, r)).collect())
 }
 
-/// Forecasts the rows after `table` and writes them to `csv` (the time column continued, see
-/// `next_times`) and, after the last rows of history (the lookback, or three horizons when that
-/// is longer), to `png`.
+/// Forecasts the rows after `table` (`model` on `device`) and writes them to `csv` (the time
+/// column continued, see `next_times`) and, after the last rows of history (the lookback, or
+/// three horizons when that is longer), to `png`.
 pub fn write_forecast(
     model: &ForecastModel,
     meta: &ForecastMeta,
     table: &Table,
     source: &str,
     (csv, png): (&Path, &Path),
+    device: &Device,
 ) -> Result<()> {
-    let forecast = forecast_table(model, meta, table, source)?;
+    let forecast = forecast_table(model, meta, table, source, device)?;
     let shown = meta.shape.lookback.max(3 * meta.shape.horizon).min(table.len());
     let history: Vec<Vec<f32>> =
         named_columns(table, &meta.variables, source)?.into_iter().map(|c| c[c.len() - shown..].to_vec()).collect();

@@ -170,10 +170,11 @@ fn channel_stats(t: &Transform, items: &[(PathBuf, usize)], seed: u64) -> Result
 }
 
 /// A trained classifier from a checkpoint directory: its train.toml's `[model]` (and
-/// `[backbone]`), image.json and weights. The training data is not read. With `image_size`, the
-/// model runs at another size than it was trained at: Vim's position embedding is resized over
-/// the new patch grid (VMamba has none), and the transform's crop and resize scale with it.
-pub fn load_classifier(dir: &Path, image_size: Option<usize>) -> Result<(VisionModel, ImageMeta)> {
+/// `[backbone]`), image.json and weights (put on `device`). The training data is not read. With
+/// `image_size`, the model runs at another size than it was trained at: Vim's position embedding
+/// is resized over the new patch grid (VMamba has none), and the transform's crop and resize
+/// scale with it.
+pub fn load_classifier(dir: &Path, image_size: Option<usize>, device: &Device) -> Result<(VisionModel, ImageMeta)> {
     let mut meta: ImageMeta = read_meta(dir)?;
     let (table, source) = read_train_config(dir)?;
     let t = &meta.transform;
@@ -201,6 +202,6 @@ pub fn load_classifier(dir: &Path, image_size: Option<usize>) -> Result<(VisionM
         }
         _ => trained,
     };
-    let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
     Ok((VisionModel::load(vb, &config)?, meta))
 }

@@ -163,7 +163,7 @@ impl Task for LmTask {
         }
     }
 
-    fn batch(&self, split: Split, epoch: usize, indices: &[usize]) -> Result<LmBatch> {
+    fn batch(&self, split: Split, epoch: usize, indices: &[usize], device: &Device) -> Result<LmBatch> {
         let (mut inputs, mut targets, mut mask) = (vec![], vec![], vec![]);
         let mut len = 0;
         for &i in indices {
@@ -175,9 +175,9 @@ impl Task for LmTask {
         }
         let shape = (indices.len(), len);
         Ok(LmBatch {
-            inputs: Tensor::from_vec(inputs, shape, &Device::Cpu)?,
-            targets: Tensor::from_vec(targets, shape, &Device::Cpu)?,
-            mask: Tensor::from_vec(mask, shape, &Device::Cpu)?,
+            inputs: Tensor::from_vec(inputs, shape, device)?,
+            targets: Tensor::from_vec(targets, shape, device)?,
+            mask: Tensor::from_vec(mask, shape, device)?,
         })
     }
 

@@ -6,8 +6,7 @@
 use super::classify::{rank, read_json, read_train_config, Classify, Examples};
 use crate::task::Split;
 use crate::{Error, Result};
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
+use candle_core::{Device, Tensor};
 use mamba_series::{read_ts, read_ucr_tsv, Labelled};
 use mamba_vision::{ImageShape, Size2d, VisionConfig, VisionModel};
 use rand::rngs::StdRng;
@@ -155,22 +154,23 @@ impl Examples for SeriesExamples {
     }
 }
 
-/// A series classification checkpoint: its model and `series.json`.
-pub fn load_series_classifier(dir: &Path) -> Result<(VisionModel, SeriesMeta)> {
+/// A series classification checkpoint: its model (on `device`) and `series.json`.
+pub fn load_series_classifier(dir: &Path, device: &Device) -> Result<(VisionModel, SeriesMeta)> {
     let meta: SeriesMeta = read_json(&dir.join("series.json"))?;
     let (table, source) = read_train_config(dir)?;
     let image_size = Size2d::new(meta.dims, meta.length);
     let shape = ImageShape { image_size, channels: 1, num_classes: meta.classes.len() };
     let config = VisionConfig::from_file_table(table, &source, Some(shape))?;
-    let vb = VarBuilder::from_tensors(crate::run::checkpoint_tensors(dir)?, DType::F32, &Device::Cpu);
-    Ok((VisionModel::load(vb, &config)?, meta))
+    Ok((VisionModel::load(crate::run::checkpoint_weights(dir, device)?, &config)?, meta))
 }
 
-/// Class probabilities of each case (dimensions x any length), highest first.
+/// Class probabilities of each case (dimensions x any length), highest first; `model` runs on
+/// `device`.
 pub fn classify_cases(
     model: &VisionModel,
     meta: &SeriesMeta,
     cases: &[Vec<Vec<f32>>],
+    device: &Device,
 ) -> Result<Vec<Vec<(String, f32)>>> {
     let inputs = cases
         .iter()
@@ -183,5 +183,5 @@ pub fn classify_cases(
             meta.input(case)
         })
         .collect::<Result<Vec<_>>>()?;
-    rank(model, &meta.classes, &inputs)
+    rank(model, &meta.classes, &inputs, device)
 }
