@@ -72,14 +72,19 @@ __device__ Affine block_exclusive_scan(Affine x, bool reverse, Affine* shared, A
     return then(before_warp, exc);
 }
 
+// Sum of `x` over the warp; every lane gets it, and every lane must call.
+__device__ __forceinline__ float warp_sum(float x) {
+    for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+    return x;
+}
+
 // Sum of `x` over the block; every thread gets it. `shared` holds 32 floats.
 __device__ float block_sum(float x, float* shared) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+    x = warp_sum(x);
     if (lane == 0) shared[warp] = x;
     __syncthreads();
-    float s = lane < warps ? shared[lane] : 0.f;
-    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    const float s = warp_sum(lane < warps ? shared[lane] : 0.f);
     __syncthreads();
     return s;
 }

@@ -28,6 +28,9 @@
 
 #define CHUNK 64
 #define THREADS 256
+// (i, j) pairs of a chunk per thread in `chunk_gram`, and the columns of its shared tiles.
+#define PAIRS (CHUNK * CHUNK / THREADS)
+#define TILE 16
 
 struct SsdArgs {
     int batch, len, heads, headdim, groups, state, chunks, has_h0;
@@ -116,22 +119,49 @@ __device__ void state_pass(const T* h0, float* states, const float* decay, T* la
     store(last + hp, run);
 }
 
+// The thread's (i, j) pairs of the chunk, i = threadIdx.x / CHUNK + q (THREADS / CHUNK) for
+// q < PAIRS and j = threadIdx.x % CHUNK: a warp shares i and covers consecutive j.
+__device__ __forceinline__ int pair_row(int q) { return threadIdx.x / CHUNK + q * (THREADS / CHUNK); }
+__device__ __forceinline__ int pair_col() { return threadIdx.x % CHUNK; }
+
+// dot[q] = U_i . V_j for the thread's pairs, U and V (batch, len, rows, width) at row `row` and
+// the chunk's steps (zeros past the end), through shared tiles of TILE columns (padded by one
+// so that a warp reading consecutive rows hits distinct banks). Every thread must call.
+template <typename T>
+__device__ void chunk_gram(const T* U, const T* V, int rows, int row, int width, const SsdArgs& s, int b, int c,
+                           float (*ut)[TILE + 1], float (*vt)[TILE + 1], float* dot) {
+    const int steps = min(CHUNK, s.len - c * CHUNK);
+    for (int q = 0; q < PAIRS; ++q) dot[q] = 0.f;
+    for (int k0 = 0; k0 < width; k0 += TILE) {
+        __syncthreads();  // the previous tile is used up
+        for (int e = threadIdx.x; e < CHUNK * TILE; e += blockDim.x) {
+            const int i = e / TILE, k = e % TILE;
+            const bool in = i < steps && k0 + k < width;
+            ut[i][k] = in ? to_f32(U[at(s, b, c * CHUNK + i, rows, row, width, k0 + k)]) : 0.f;
+            vt[i][k] = in ? to_f32(V[at(s, b, c * CHUNK + i, rows, row, width, k0 + k)]) : 0.f;
+        }
+        __syncthreads();
+        const int j = pair_col();
+        for (int q = 0; q < PAIRS; ++q) {
+            const int i = pair_row(q);
+            float sum = 0.f;
+            for (int k = 0; k < TILE; ++k) sum += ut[i][k] * vt[j][k];
+            dot[q] += sum;
+        }
+    }
+}
+
 // (C_i . B_j) exp(cum_i - cum_j) for j <= i within the chunk, else 0, into M (CHUNK x CHUNK).
 template <typename T>
-__device__ void decayed_cb(const T* B, const T* C, const float* cum, const SsdArgs& s, int b, int c, int h, float* M) {
-    const int g = h / (s.heads / s.groups), N = s.state;
-    const int steps = min(CHUNK, s.len - c * CHUNK);
-    for (int ij = threadIdx.x; ij < CHUNK * CHUNK; ij += blockDim.x) {
-        const int i = ij / CHUNK, j = ij % CHUNK;
-        float m = 0.f;
-        if (j <= i && i < steps) {
-            const int ti = c * CHUNK + i, tj = c * CHUNK + j;
-            float cb = 0.f;
-            for (int n = 0; n < N; ++n)
-                cb += to_f32(C[at(s, b, ti, s.groups, g, N, n)]) * to_f32(B[at(s, b, tj, s.groups, g, N, n)]);
-            m = cb * expf(cum[i] - cum[j]);
-        }
-        M[ij] = m;
+__device__ void decayed_cb(const T* B, const T* C, const float* cum, const SsdArgs& s, int b, int c, int h, float* M,
+                           float (*ut)[TILE + 1], float (*vt)[TILE + 1]) {
+    const int g = h / (s.heads / s.groups), steps = min(CHUNK, s.len - c * CHUNK);
+    float cb[PAIRS];
+    chunk_gram(C, B, s.groups, g, s.state, s, b, c, ut, vt, cb);
+    const int j = pair_col();
+    for (int q = 0; q < PAIRS; ++q) {
+        const int i = pair_row(q);
+        M[i * CHUNK + j] = j <= i && i < steps ? cb[q] * expf(cum[i] - cum[j]) : 0.f;
     }
 }
 
@@ -140,11 +170,12 @@ template <typename T>
 __device__ void chunk_out(const T* x, const T* dt, const T* A, const T* B, const T* C, const float* states, T* y,
                           SsdArgs s) {
     __shared__ float dts[CHUNK], cum[CHUNK], cumdt[CHUNK], M[CHUNK * CHUNK];
+    __shared__ float ut[CHUNK][TILE + 1], vt[CHUNK][TILE + 1];
     const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int g = h / (s.heads / s.groups), P = s.headdim, N = s.state;
     const int steps = min(CHUNK, s.len - c * CHUNK);
     chunk_steps(dt, to_f32(A[h]), s, b, c, h, dts, cum, cumdt);
-    decayed_cb(B, C, cum, s, b, c, h, M);
+    decayed_cb(B, C, cum, s, b, c, h, M, ut, vt);
     __syncthreads();
     const float* start = states + state_at(s, b, c, h);
     for (int e = threadIdx.x; e < steps * P; e += blockDim.x) {
@@ -214,12 +245,14 @@ __device__ void chunk_bwd(const T* x, const T* dt, const T* A, const T* B, const
                           float* dA, float* dB, float* dC, SsdArgs s) {
     __shared__ float dts[CHUNK], cum[CHUNK], cumdt[CHUNK];
     __shared__ float M[CHUNK * CHUNK], E[CHUNK * CHUNK];
+    __shared__ float ut[CHUNK][TILE + 1], vt[CHUNK][TILE + 1];
     // Per step m, the parts of d cum_m: diagonal terms where m is the output (row) or the input
     // (col), the carried-state term (carried) and the own-contribution term (owned); and x_m . q_m.
     __shared__ float row[CHUNK], col[CHUNK], carried[CHUNK], owned[CHUNK], xq[CHUNK];
     const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int g = h / (s.heads / s.groups), P = s.headdim, N = s.state;
     const int steps = min(CHUNK, s.len - c * CHUNK);
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
     const float a = to_f32(A[h]);
     auto X = [&](int i, int p) { return to_f32(x[at(s, b, c * CHUNK + i, s.heads, h, P, p)]); };
     auto DY = [&](int i, int p) { return to_f32(dy[at(s, b, c * CHUNK + i, s.heads, h, P, p)]); };
@@ -230,36 +263,45 @@ __device__ void chunk_bwd(const T* x, const T* dt, const T* A, const T* B, const
 
     chunk_steps(dt, a, s, b, c, h, dts, cum, cumdt);
     for (int i = threadIdx.x; i < CHUNK; i += blockDim.x) row[i] = col[i] = carried[i] = owned[i] = xq[i] = 0.f;
-    __syncthreads();
-    for (int ij = threadIdx.x; ij < CHUNK * CHUNK; ij += blockDim.x) {
-        const int i = ij / CHUNK, j = ij % CHUNK;
-        float m = 0.f, e = 0.f;
-        if (j <= i && i < steps) {
-            float cb = 0.f, dyx = 0.f;
-            for (int n = 0; n < N; ++n) cb += Cv(i, n) * Bv(j, n);
-            for (int p = 0; p < P; ++p) dyx += DY(i, p) * X(j, p);
-            const float decay = expf(cum[i] - cum[j]);
-            m = cb * decay;
-            e = dyx * decay;
-            const float term = m * dts[j] * dyx;  // d y-term / d cum_i, and minus d / d cum_j
-            atomicAdd(&row[i], term);
-            atomicAdd(&col[j], term);
+    float cb[PAIRS], dyx[PAIRS];
+    chunk_gram(C, B, s.groups, g, N, s, b, c, ut, vt, cb);
+    chunk_gram(dy, x, s.heads, h, P, s, b, c, ut, vt, dyx);
+    {
+        const int j = pair_col();
+        for (int q = 0; q < PAIRS; ++q) {
+            const int i = pair_row(q);
+            const bool in = j <= i && i < steps;
+            const float decay = in ? expf(cum[i] - cum[j]) : 0.f;
+            M[i * CHUNK + j] = cb[q] * decay;
+            E[i * CHUNK + j] = dyx[q] * decay;
+            const float term = cb[q] * decay * dts[j] * dyx[q];  // d y-term / d cum_i, minus d / d cum_j
+            const float row_sum = warp_sum(term);                // the warp shares i
+            if (lane == 0) atomicAdd(&row[i], row_sum);
+            if (in) atomicAdd(&col[j], term);
         }
-        M[ij] = m;
-        E[ij] = e;
     }
     __syncthreads();
-    for (int e = threadIdx.x; e < steps * P; e += blockDim.x) {
-        const int j = e / P, p = e % P;
-        float q = 0.f, gb = 0.f;
-        for (int i = j; i < steps; ++i) q += M[i * CHUNK + j] * DY(i, p);
-        for (int n = 0; n < N; ++n) gb += Bv(j, n) * G[n * P + p];
-        const float q_own = expf(cum[CHUNK - 1] - cum[j]) * gb;
-        q += q_own;
-        const float xv = X(j, p);
-        dx[at(s, b, c * CHUNK + j, s.heads, h, P, p)] = dts[j] * q;
-        atomicAdd(&xq[j], xv * q);
-        atomicAdd(&owned[j], dts[j] * xv * q_own);
+    // Warp per step j, lanes over headdim: dx, and x_j . q_j and the own term by warp sums.
+    for (int j = warp; j < steps; j += warps) {
+        const float to_end = expf(cum[CHUNK - 1] - cum[j]);
+        float x_q = 0.f, own = 0.f;
+        for (int p = lane; p < P; p += 32) {
+            float q = 0.f, gb = 0.f;
+            for (int i = j; i < steps; ++i) q += M[i * CHUNK + j] * DY(i, p);
+            for (int n = 0; n < N; ++n) gb += Bv(j, n) * G[n * P + p];
+            const float q_own = to_end * gb;
+            q += q_own;
+            const float xv = X(j, p);
+            dx[at(s, b, c * CHUNK + j, s.heads, h, P, p)] = dts[j] * q;
+            x_q += xv * q;
+            own += dts[j] * xv * q_own;
+        }
+        x_q = warp_sum(x_q);
+        own = warp_sum(own);
+        if (lane == 0) {
+            xq[j] = x_q;
+            owned[j] = own;
+        }
     }
     for (int e = threadIdx.x; e < steps * N; e += blockDim.x) {
         const int j = e / N, n = e % N;
@@ -269,14 +311,20 @@ __device__ void chunk_bwd(const T* x, const T* dt, const T* A, const T* B, const
         const float grad = dts[j] * (from_y + expf(cum[CHUNK - 1] - cum[j]) * from_own);
         atomicAdd(dB + at(s, b, c * CHUNK + j, s.groups, g, N, n), grad);
     }
-    for (int e = threadIdx.x; e < steps * N; e += blockDim.x) {
-        const int i = e / N, n = e % N;
-        float within = 0.f, from_start = 0.f;
-        for (int j = 0; j <= i; ++j) within += dts[j] * E[i * CHUNK + j] * Bv(j, n);
-        for (int p = 0; p < P; ++p) from_start += DY(i, p) * start[n * P + p];
-        from_start *= expf(cum[i]);
-        atomicAdd(dC + at(s, b, c * CHUNK + i, s.groups, g, N, n), within + from_start);
-        atomicAdd(&carried[i], Cv(i, n) * from_start);
+    // Warp per step i, lanes over state: dC, and the carried term by a warp sum.
+    for (int i = warp; i < steps; i += warps) {
+        const float from_start_scale = expf(cum[i]);
+        float carry = 0.f;
+        for (int n = lane; n < N; n += 32) {
+            float within = 0.f, from_start = 0.f;
+            for (int j = 0; j <= i; ++j) within += dts[j] * E[i * CHUNK + j] * Bv(j, n);
+            for (int p = 0; p < P; ++p) from_start += DY(i, p) * start[n * P + p];
+            from_start *= from_start_scale;
+            atomicAdd(dC + at(s, b, c * CHUNK + i, s.groups, g, N, n), within + from_start);
+            carry += Cv(i, n) * from_start;
+        }
+        carry = warp_sum(carry);
+        if (lane == 0) carried[i] = carry;
     }
     __syncthreads();
     if (threadIdx.x == 0) {
