@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check (issue 8), on a machine with an NVIDIA GPU and a CUDA toolkit (nvcc, for candle's
 # CUDA backend): the kernels through NVRTC, the CUDA-vs-CPU kernel tests (forward and gradients,
-# odd shapes, f32 and bf16), the scan benchmarks, and PyTorch's scans on the same GPU when PyTorch
-# is installed. Paste its output into docs/benchmarks.md.
+# odd shapes, f32 and bf16), the scan benchmarks, PyTorch's scans on the same GPU when PyTorch is
+# installed, then the CLI end to end on the GPU. Paste its output into docs/benchmarks.md.
 #
 #     scripts/gpu-check.sh [PEAK_GB_PER_S]      # default 4800 (H200 SXM)
 set -euo pipefail
@@ -21,3 +21,6 @@ if python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
 else
   echo "PyTorch with CUDA is not installed: no side-by-side run"
 fi
+# End to end with --device cuda: logits and greedy decoding of the fixtures against transformers,
+# and a training run (Mamba-1 and Mamba-2) against the same run on the CPU.
+cargo test --release -p mamba-cli --features cuda --test cli --test train

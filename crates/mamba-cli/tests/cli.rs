@@ -1,5 +1,6 @@
 //! The `mamba` binary end to end on the fixtures: logits and greedy generation against
-//! transformers, inspect, and errors.
+//! transformers (on the CPU, and on the GPU too in a build with `--features cuda`), inspect, and
+//! errors.
 
 mod common;
 
@@ -18,36 +19,54 @@ fn io(name: &str) -> (String, std::collections::HashMap<String, Tensor>) {
     (ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(","), io)
 }
 
+/// The devices to run on: the CPU, and the GPU in a build with `--features cuda`.
+fn devices() -> Vec<&'static str> {
+    if cfg!(feature = "cuda") {
+        vec!["cpu", "cuda"]
+    } else {
+        vec!["cpu"]
+    }
+}
+
 #[test]
 fn logits_match_transformers() {
     // bf16 matrices: within bf16's rounding of transformers' f32 logits (see hf_parity.rs).
-    for (dtype, tolerance) in [("f32", 1e-4), ("bf16", 5e-2)] {
-        for name in ["mamba_tiny", "mamba2_tiny"] {
-            let (ids, io) = io(name);
-            let out = std::env::temp_dir().join(format!("mamba-cli-{name}-{dtype}-{}.safetensors", std::process::id()));
-            let model = fixtures().join(name);
-            let (model, out_path) = (model.to_str().unwrap(), out.to_str().unwrap());
-            let run = mamba(&["logits", "--model", model, "--ids", &ids, "--out", out_path, "--dtype", dtype]);
-            assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-            let got = safetensors::load(&out, &Device::Cpu).unwrap().remove("logits").unwrap();
-            std::fs::remove_file(&out).unwrap();
-            let e = (got - &io["logits"]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(e <= tolerance, "{name} {dtype}: max abs error {e}");
+    for device in devices() {
+        for (dtype, tolerance) in [("f32", 1e-4), ("bf16", 5e-2)] {
+            for name in ["mamba_tiny", "mamba2_tiny"] {
+                let (ids, io) = io(name);
+                let out = std::env::temp_dir()
+                    .join(format!("mamba-cli-{name}-{dtype}-{device}-{}.safetensors", std::process::id()));
+                let model = fixtures().join(name);
+                let (model, out_path) = (model.to_str().unwrap(), out.to_str().unwrap());
+                let run = mamba(&[
+                    "logits", "--model", model, "--ids", &ids, "--out", out_path, "--dtype", dtype, "--device", device,
+                ]);
+                assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+                let got = safetensors::load(&out, &Device::Cpu).unwrap().remove("logits").unwrap();
+                std::fs::remove_file(&out).unwrap();
+                let e = (got - &io["logits"]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(e <= tolerance, "{name} {dtype} on {device}: max abs error {e}");
+            }
         }
     }
 }
 
 #[test]
 fn greedy_generation_matches_transformers() {
-    for name in ["mamba_tiny", "mamba2_tiny"] {
-        let (ids, io) = io(name);
-        let model = fixtures().join(name);
-        let run = mamba(&["generate", "--model", model.to_str().unwrap(), "--ids", &ids, "--max-new-tokens", "8"]);
-        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-        let got: Vec<i64> =
-            String::from_utf8(run.stdout).unwrap().split_whitespace().map(|t| t.parse().unwrap()).collect();
-        let want: Vec<i64> = io["decode.new_ids"].flatten_all().unwrap().to_vec1().unwrap();
-        assert_eq!(got, want, "{name}");
+    for device in devices() {
+        for name in ["mamba_tiny", "mamba2_tiny"] {
+            let (ids, io) = io(name);
+            let model = fixtures().join(name);
+            let model = model.to_str().unwrap();
+            let run =
+                mamba(&["generate", "--model", model, "--ids", &ids, "--max-new-tokens", "8", "--device", device]);
+            assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+            let got: Vec<i64> =
+                String::from_utf8(run.stdout).unwrap().split_whitespace().map(|t| t.parse().unwrap()).collect();
+            let want: Vec<i64> = io["decode.new_ids"].flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(got, want, "{name} on {device}");
+        }
     }
 }
 

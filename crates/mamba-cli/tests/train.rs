@@ -139,6 +139,41 @@ fn a_killed_run_resumes_to_the_uninterrupted_weights() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Validation loss and accuracy of `mamba eval --json` on `device`.
+#[cfg(feature = "cuda")]
+fn eval_on(checkpoint: &Path, device: &str) -> (f64, f64) {
+    let eval = mamba(&["eval", "--checkpoint", checkpoint.to_str().unwrap(), "--json", "--device", device]);
+    assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
+    let m: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
+    (m["loss"].as_f64().unwrap(), m["accuracy"].as_f64().unwrap())
+}
+
+/// On a GPU: the same run, Mamba-1 and Mamba-2, trained there ends near the CPU run (the two
+/// round differently, so not bit for bit), and its checkpoint evaluates alike on either device.
+#[cfg(feature = "cuda")]
+#[test]
+fn a_run_on_the_gpu_ends_near_the_same_run_on_the_cpu() {
+    let dir = scratch("gpu");
+    let mamba2 = TINY.replace("kind = \"mamba1\"", "kind = \"mamba2\"\nheaddim = 8\nchunk_size = 8");
+    for (name, text) in [("mamba1", TINY.to_string()), ("mamba2", mamba2)] {
+        let config = write_config(&dir, &text);
+        let run = |device: &str| {
+            let out = dir.join(format!("{name}-{device}"));
+            let train = mamba(&["train", config.to_str().unwrap(), "--out", out.to_str().unwrap(), "--device", device]);
+            assert!(train.status.success(), "{name} on {device}: {}", String::from_utf8_lossy(&train.stderr));
+            out.join("best")
+        };
+        let (cpu, gpu) = (run("cpu"), run("cuda"));
+        let (cpu_loss, _) = eval_on(&cpu, "cpu");
+        let (gpu_loss, gpu_accuracy) = eval_on(&gpu, "cuda");
+        let (loss_here, accuracy_here) = eval_on(&gpu, "cpu");
+        assert!((gpu_loss - loss_here).abs() <= 1e-4 * loss_here.abs().max(1.0), "{name}: {gpu_loss} vs {loss_here}");
+        assert!((gpu_accuracy - accuracy_here).abs() <= 1e-2, "{name}: {gpu_accuracy} vs {accuracy_here}");
+        assert!((gpu_loss - cpu_loss).abs() <= 0.1 * cpu_loss, "{name}: GPU run {gpu_loss}, CPU run {cpu_loss}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn cuda_in_a_build_without_it_stops_training_before_anything_is_written() {
     if cfg!(feature = "cuda") {
