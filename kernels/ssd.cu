@@ -28,7 +28,7 @@
 
 #define CHUNK 64
 #define THREADS 256
-// (i, j) pairs of a chunk per thread in `chunk_gram`, and the columns of its shared tiles.
+// (i, j) pairs of a chunk per thread in `gram`, and the columns of its shared tiles.
 #define PAIRS (CHUNK * CHUNK / THREADS)
 #define TILE 16
 
@@ -124,21 +124,18 @@ __device__ void state_pass(const T* h0, float* states, const float* decay, T* la
 __device__ __forceinline__ int pair_row(int q) { return threadIdx.x / CHUNK + q * (THREADS / CHUNK); }
 __device__ __forceinline__ int pair_col() { return threadIdx.x % CHUNK; }
 
-// dot[q] = U_i . V_j for the thread's pairs, U and V (batch, len, rows, width) at row `row` and
-// the chunk's steps (zeros past the end), through shared tiles of TILE columns (padded by one
+// dot[q] = U_i . V_j over `width` columns for the thread's pairs, the rows read by u(i, k) and
+// v(j, k) (zero past the rows that exist), through shared tiles of TILE columns (padded by one
 // so that a warp reading consecutive rows hits distinct banks). Every thread must call.
-template <typename T>
-__device__ void chunk_gram(const T* U, const T* V, int rows, int row, int width, const SsdArgs& s, int b, int c,
-                           float (*ut)[TILE + 1], float (*vt)[TILE + 1], float* dot) {
-    const int steps = min(CHUNK, s.len - c * CHUNK);
+template <typename RowsU, typename RowsV>
+__device__ void gram(RowsU u, RowsV v, int width, float (*ut)[TILE + 1], float (*vt)[TILE + 1], float* dot) {
     for (int q = 0; q < PAIRS; ++q) dot[q] = 0.f;
     for (int k0 = 0; k0 < width; k0 += TILE) {
         __syncthreads();  // the previous tile is used up
         for (int e = threadIdx.x; e < CHUNK * TILE; e += blockDim.x) {
-            const int i = e / TILE, k = e % TILE;
-            const bool in = i < steps && k0 + k < width;
-            ut[i][k] = in ? to_f32(U[at(s, b, c * CHUNK + i, rows, row, width, k0 + k)]) : 0.f;
-            vt[i][k] = in ? to_f32(V[at(s, b, c * CHUNK + i, rows, row, width, k0 + k)]) : 0.f;
+            const int i = e / TILE, k = k0 + e % TILE;
+            ut[i][e % TILE] = k < width ? u(i, k) : 0.f;
+            vt[i][e % TILE] = k < width ? v(i, k) : 0.f;
         }
         __syncthreads();
         const int j = pair_col();
@@ -151,13 +148,26 @@ __device__ void chunk_gram(const T* U, const T* V, int rows, int row, int width,
     }
 }
 
+// Reads row i < CHUNK of the chunk's steps of a (batch, len, rows, width) tensor at row `row`,
+// as `gram` wants: element k of step c * CHUNK + i, zero past the end of the sequence.
+template <typename T>
+struct ChunkRows {
+    const T* t;
+    const SsdArgs& s;
+    int b, c, rows, row, width;
+    __device__ float operator()(int i, int k) const {
+        const int t_i = c * CHUNK + i;
+        return t_i < s.len ? to_f32(t[at(s, b, t_i, rows, row, width, k)]) : 0.f;
+    }
+};
+
 // (C_i . B_j) exp(cum_i - cum_j) for j <= i within the chunk, else 0, into M (CHUNK x CHUNK).
 template <typename T>
 __device__ void decayed_cb(const T* B, const T* C, const float* cum, const SsdArgs& s, int b, int c, int h, float* M,
                            float (*ut)[TILE + 1], float (*vt)[TILE + 1]) {
-    const int g = h / (s.heads / s.groups), steps = min(CHUNK, s.len - c * CHUNK);
+    const int g = h / (s.heads / s.groups), N = s.state, steps = min(CHUNK, s.len - c * CHUNK);
     float cb[PAIRS];
-    chunk_gram(C, B, s.groups, g, s.state, s, b, c, ut, vt, cb);
+    gram(ChunkRows<T>{C, s, b, c, s.groups, g, N}, ChunkRows<T>{B, s, b, c, s.groups, g, N}, N, ut, vt, cb);
     const int j = pair_col();
     for (int q = 0; q < PAIRS; ++q) {
         const int i = pair_row(q);
@@ -264,8 +274,9 @@ __device__ void chunk_bwd(const T* x, const T* dt, const T* A, const T* B, const
     chunk_steps(dt, a, s, b, c, h, dts, cum, cumdt);
     for (int i = threadIdx.x; i < CHUNK; i += blockDim.x) row[i] = col[i] = carried[i] = owned[i] = xq[i] = 0.f;
     float cb[PAIRS], dyx[PAIRS];
-    chunk_gram(C, B, s.groups, g, N, s, b, c, ut, vt, cb);
-    chunk_gram(dy, x, s.heads, h, P, s, b, c, ut, vt, dyx);
+    const ChunkRows<T> x_rows{x, s, b, c, s.heads, h, P}, dy_rows{dy, s, b, c, s.heads, h, P};
+    gram(ChunkRows<T>{C, s, b, c, s.groups, g, N}, ChunkRows<T>{B, s, b, c, s.groups, g, N}, N, ut, vt, cb);
+    gram(dy_rows, x_rows, P, ut, vt, dyx);
     {
         const int j = pair_col();
         for (int q = 0; q < PAIRS; ++q) {
@@ -303,28 +314,32 @@ __device__ void chunk_bwd(const T* x, const T* dt, const T* A, const T* B, const
             owned[j] = own;
         }
     }
-    for (int e = threadIdx.x; e < steps * N; e += blockDim.x) {
-        const int j = e / N, n = e % N;
-        float from_y = 0.f, from_own = 0.f;
-        for (int i = j; i < steps; ++i) from_y += Cv(i, n) * E[i * CHUNK + j];
-        for (int p = 0; p < P; ++p) from_own += X(j, p) * G[n * P + p];
-        const float grad = dts[j] * (from_y + expf(cum[CHUNK - 1] - cum[j]) * from_own);
-        atomicAdd(dB + at(s, b, c * CHUNK + j, s.groups, g, N, n), grad);
-    }
-    // Warp per step i, lanes over state: dC, and the carried term by a warp sum.
-    for (int i = warp; i < steps; i += warps) {
-        const float from_start_scale = expf(cum[i]);
-        float carry = 0.f;
-        for (int n = lane; n < N; n += 32) {
-            float within = 0.f, from_start = 0.f;
-            for (int j = 0; j <= i; ++j) within += dts[j] * E[i * CHUNK + j] * Bv(j, n);
-            for (int p = 0; p < P; ++p) from_start += DY(i, p) * start[n * P + p];
-            from_start *= from_start_scale;
-            atomicAdd(dC + at(s, b, c * CHUNK + i, s.groups, g, N, n), within + from_start);
-            carry += Cv(i, n) * from_start;
+    // dB and dC, the state indices in blocks of CHUNK: pairs (step, state index) with the
+    // state's gradient G and the start state as the other side of a `gram`.
+    for (int n0 = 0; n0 < N; n0 += CHUNK) {
+        auto state_rows = [&](const float* m) {
+            return [=](int r, int p) { return n0 + r < N ? m[(n0 + r) * P + p] : 0.f; };
+        };
+        float x_g[PAIRS], dy_start[PAIRS];
+        gram(x_rows, state_rows(G), P, ut, vt, x_g);
+        gram(dy_rows, state_rows(start), P, ut, vt, dy_start);
+        const int n = n0 + pair_col();
+        for (int q = 0; q < PAIRS; ++q) {
+            const int i = pair_row(q);  // the warp shares i: the step of dB (as j) and of dC
+            float carry = 0.f;
+            if (i < steps && n < N) {
+                float from_y = 0.f, within = 0.f;
+                for (int k = i; k < steps; ++k) from_y += Cv(k, n) * E[k * CHUNK + i];
+                for (int j = 0; j <= i; ++j) within += dts[j] * E[i * CHUNK + j] * Bv(j, n);
+                const float db = dts[i] * (from_y + expf(cum[CHUNK - 1] - cum[i]) * x_g[q]);
+                const float from_start = expf(cum[i]) * dy_start[q];
+                atomicAdd(dB + at(s, b, c * CHUNK + i, s.groups, g, N, n), db);
+                atomicAdd(dC + at(s, b, c * CHUNK + i, s.groups, g, N, n), within + from_start);
+                carry = Cv(i, n) * from_start;
+            }
+            carry = warp_sum(carry);
+            if (lane == 0) atomicAdd(&carried[i], carry);
         }
-        carry = warp_sum(carry);
-        if (lane == 0) carried[i] = carry;
     }
     __syncthreads();
     if (threadIdx.x == 0) {
