@@ -46,6 +46,16 @@ __device__ __forceinline__ long long state_at(const SsdArgs& s, int b, int c, in
     return (((long long)b * s.chunks + c) * s.heads + h) * s.state * s.headdim;
 }
 
+// Element (b, h, p, n) of h0 or the last state, (batch, heads, headdim, state).
+__device__ __forceinline__ long long last_at(const SsdArgs& s, int b, int h, int p, int n) {
+    return (((long long)b * s.heads + h) * s.headdim + p) * s.state + n;
+}
+
+// Element (b, h, c) of a chunk decay or its gradient, (batch, heads, chunks).
+__device__ __forceinline__ long long decay_at(const SsdArgs& s, int b, int h, int c) {
+    return ((long long)b * s.heads + h) * s.chunks + c;
+}
+
 // The chunk's steps (0 past the end) and their running sums: cumdt_i = sum_{k <= i} dt_k and
 // cum_i = A cumdt_i. Every thread must call; the arrays are in shared memory.
 template <typename T>
@@ -95,7 +105,7 @@ __device__ void chunk_state(const T* x, const T* dt, const T* A, const T* B, flo
     const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     chunk_steps(dt, to_f32(A[h]), s, b, c, h, dts, cum, cumdt);
     for (int i = threadIdx.x; i < CHUNK; i += blockDim.x) w[i] = expf(cum[CHUNK - 1] - cum[i]) * dts[i];
-    if (threadIdx.x == 0) decay[((long long)b * s.heads + h) * s.chunks + c] = expf(cum[CHUNK - 1]);
+    if (threadIdx.x == 0) decay[decay_at(s, b, h, c)] = expf(cum[CHUNK - 1]);
     __syncthreads();
     chunk_outer(x, B, w, s, b, c, h, states);
 }
@@ -108,13 +118,13 @@ __device__ void state_pass(const T* h0, float* states, const float* decay, T* la
     const int P = s.headdim, N = s.state;
     if (e >= N * P) return;
     const int n = e / P, p = e % P;
-    const long long hp = (((long long)b * s.heads + h) * P + p) * N + n;  // (batch, heads, headdim, state)
+    const long long hp = last_at(s, b, h, p, n);
     float run = s.has_h0 ? to_f32(h0[hp]) : 0.f;
     for (int c = 0; c < s.chunks; ++c) {
         float* slot = states + state_at(s, b, c, h) + e;
         const float own = *slot;
         *slot = run;
-        run = decay[((long long)b * s.heads + h) * s.chunks + c] * run + own;
+        run = decay[decay_at(s, b, h, c)] * run + own;
     }
     store(last + hp, run);
 }
@@ -222,7 +232,7 @@ __device__ void state_pass_bwd(const float* states, const float* decay, const T*
     const int P = s.headdim, N = s.state;
     const bool in = e < N * P;  // every thread takes part in the block sums
     const int n = in ? e / P : 0, p = in ? e % P : 0;
-    const long long hp = (((long long)b * s.heads + h) * P + p) * N + n;
+    const long long hp = last_at(s, b, h, p, n);
     float run = in ? to_f32(dlast[hp]) : 0.f;
     for (int c = s.chunks - 1; c >= 0; --c) {
         const long long slot = state_at(s, b, c, h) + e;
@@ -233,9 +243,8 @@ __device__ void state_pass_bwd(const float* states, const float* decay, const T*
             contrib = run * states[slot];
         }
         const float total = block_sum(contrib, sums);
-        const long long k = ((long long)b * s.heads + h) * s.chunks + c;
-        if (threadIdx.x == 0) atomicAdd(ddecay + k, total);
-        run = own + decay[k] * run;
+        if (threadIdx.x == 0) atomicAdd(ddecay + decay_at(s, b, h, c), total);
+        run = own + decay[decay_at(s, b, h, c)] * run;
     }
     if (in && s.has_h0) dh0[hp] = run;
 }
@@ -264,19 +273,16 @@ __device__ void chunk_bwd(const T* x, const T* dt, const T* A, const T* B, const
     const int steps = min(CHUNK, s.len - c * CHUNK);
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
     const float a = to_f32(A[h]);
-    auto X = [&](int i, int p) { return to_f32(x[at(s, b, c * CHUNK + i, s.heads, h, P, p)]); };
-    auto DY = [&](int i, int p) { return to_f32(dy[at(s, b, c * CHUNK + i, s.heads, h, P, p)]); };
-    auto Bv = [&](int i, int n) { return to_f32(B[at(s, b, c * CHUNK + i, s.groups, g, N, n)]); };
-    auto Cv = [&](int i, int n) { return to_f32(C[at(s, b, c * CHUNK + i, s.groups, g, N, n)]); };
+    const ChunkRows<T> X{x, s, b, c, s.heads, h, P}, DY{dy, s, b, c, s.heads, h, P};
+    const ChunkRows<T> Bv{B, s, b, c, s.groups, g, N}, Cv{C, s, b, c, s.groups, g, N};
     const float* start = states + state_at(s, b, c, h);
     const float* G = dstates + state_at(s, b, c, h);
 
     chunk_steps(dt, a, s, b, c, h, dts, cum, cumdt);
     for (int i = threadIdx.x; i < CHUNK; i += blockDim.x) row[i] = col[i] = carried[i] = owned[i] = xq[i] = 0.f;
     float cb[PAIRS], dyx[PAIRS];
-    const ChunkRows<T> x_rows{x, s, b, c, s.heads, h, P}, dy_rows{dy, s, b, c, s.heads, h, P};
-    gram(ChunkRows<T>{C, s, b, c, s.groups, g, N}, ChunkRows<T>{B, s, b, c, s.groups, g, N}, N, ut, vt, cb);
-    gram(dy_rows, x_rows, P, ut, vt, dyx);
+    gram(Cv, Bv, N, ut, vt, cb);
+    gram(DY, X, P, ut, vt, dyx);
     {
         const int j = pair_col();
         for (int q = 0; q < PAIRS; ++q) {
@@ -321,8 +327,8 @@ __device__ void chunk_bwd(const T* x, const T* dt, const T* A, const T* B, const
             return [=](int r, int p) { return n0 + r < N ? m[(n0 + r) * P + p] : 0.f; };
         };
         float x_g[PAIRS], dy_start[PAIRS];
-        gram(x_rows, state_rows(G), P, ut, vt, x_g);
-        gram(dy_rows, state_rows(start), P, ut, vt, dy_start);
+        gram(X, state_rows(G), P, ut, vt, x_g);
+        gram(DY, state_rows(start), P, ut, vt, dy_start);
         const int n = n0 + pair_col();
         for (int q = 0; q < PAIRS; ++q) {
             const int i = pair_row(q);  // the warp shares i: the step of dB (as j) and of dC
@@ -344,7 +350,7 @@ __device__ void chunk_bwd(const T* x, const T* dt, const T* A, const T* B, const
     __syncthreads();
     if (threadIdx.x == 0) {
         // cum_last scales every own contribution and the chunk's decay.
-        float last = ddecay[((long long)b * s.heads + h) * s.chunks + c] * expf(cum[CHUNK - 1]);
+        float last = ddecay[decay_at(s, b, h, c)] * expf(cum[CHUNK - 1]);
         for (int j = 0; j < CHUNK; ++j) last += owned[j];
         float below = 0.f, da = 0.f;  // below: sum of d cum_m over m >= the current step
         for (int m = CHUNK - 1; m >= 0; --m) {

@@ -285,6 +285,12 @@ impl SsdArgs {
         self.size(&[self.batch, self.len, self.groups, self.state])
     }
 
+    /// A, B and C from the packed [A | B | C | h0?].
+    fn abc<'a, T>(&self, pack: &CudaView<'a, T>) -> [CudaView<'a, T>; 3] {
+        let (heads, bc) = (self.heads as usize, self.bc_len());
+        [pack.slice(0..heads), pack.slice(heads..heads + bc), pack.slice(heads + bc..heads + 2 * bc)]
+    }
+
     /// Elements of a state (batch, heads, headdim, state).
     pub(crate) fn state_len(&self) -> usize {
         self.size(&[self.batch, self.heads, self.headdim, self.state])
@@ -332,11 +338,9 @@ pub(crate) fn ssd_fwd(
         let dev = x.device();
         let (x_v, dt_v) = (contiguous::<T>(x, lx, "x")?, contiguous::<T>(dt, ldt, "dt")?);
         let pack_v = contiguous::<T>(pack, lp, "A, B, C and h0")?;
-        let (heads, bc) = (args.heads as usize, args.bc_len());
-        let (a, b, c) =
-            (pack_v.slice(0..heads), pack_v.slice(heads..heads + bc), pack_v.slice(heads + bc..heads + 2 * bc));
+        let [a, b, c] = args.abc(&pack_v);
         // Without h0 the kernel reads no initial state; A stands in for the pointer.
-        let h0 = if args.has_h0 != 0 { pack_v.slice(heads + 2 * bc..) } else { pack_v.slice(0..heads) };
+        let h0 = if args.has_h0 != 0 { pack_v.slice(a.len() + b.len() + c.len()..) } else { pack_v.slice(..a.len()) };
         // SAFETY: the kernels write every element of `out`, `states` and `decay`.
         let mut out = unsafe { dev.alloc::<T>(args.x_len() + args.state_len()) }?;
         let (mut y, mut last) = out.split_at_mut(args.x_len());
@@ -384,8 +388,7 @@ pub(crate) fn ssd_bwd(
         let xdt_v = contiguous::<T>(xdt, lxdt, "x and dt")?;
         let (x_v, dt_v) = (xdt_v.slice(0..n), xdt_v.slice(n..n + ndt));
         let pack_v = contiguous::<T>(pack, lp, "A, B, C and h0")?;
-        let (a, b, c) =
-            (pack_v.slice(0..heads), pack_v.slice(heads..heads + bc), pack_v.slice(heads + bc..heads + 2 * bc));
+        let [a, b, c] = args.abc(&pack_v);
         let grad_v = contiguous::<T>(grad, lg, "grad")?;
         let (dy, dlast) = (grad_v.slice(0..n), grad_v.slice(n..));
         // SAFETY: backward 1 writes every element of `dstates`; dA, dB, dC and ddecay are
