@@ -5,6 +5,7 @@
 
 #include <cstdio>
 #include <functional>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -27,6 +28,16 @@ std::vector<double> to_host(const std::vector<T>& v) {
     std::vector<double> out(v.size());
     for (size_t i = 0; i < v.size(); ++i) out[i] = to_f32(v[i]);
     return out;
+}
+
+// n values uniform in [lo, hi), each representable in T, so that the kernel (reading T) and the
+// double reference see the same numbers.
+template <typename T>
+std::vector<double> uniform(std::mt19937& rng, size_t n, double lo, double hi) {
+    std::uniform_real_distribution<double> dist(lo, hi);
+    std::vector<double> v(n);
+    for (auto& e : v) e = to_f32(from_f64<T>(dist(rng)));
+    return v;
 }
 
 inline int failures = 0;

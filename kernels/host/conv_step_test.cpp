@@ -12,16 +12,11 @@
 // clang-format on
 #include "check.h"
 
-#include <random>
 
 std::mt19937 rng(5);
 
-std::vector<double> random(size_t n, double lo = -1.0, double hi = 1.0) {
-    std::uniform_real_distribution<double> dist(lo, hi);
-    std::vector<double> v(n);
-    for (auto& e : v) e = (float)dist(rng);
-    return v;
-}
+// Values in [lo, hi) that f32 holds exactly.
+std::vector<double> random(size_t n, double lo = -1.0, double hi = 1.0) { return uniform<float>(rng, n, lo, hi); }
 
 double silu(double p) { return p / (1.0 + std::exp(-p)); }
 
@@ -127,12 +122,11 @@ template <typename T>
 void check_step(int batch, int rows, int state, int groups, int headdim) {
     const bool ssd = headdim > 0;
     const int per_dt = ssd ? headdim : 1, heads = rows / per_dt;
-    const auto round = [](std::vector<double> v) { return to_host(to_device<T>(v)); };
-    const std::vector<double> h = round(random((size_t)batch * rows * state)), x = round(random((size_t)batch * rows)),
-                              dt = round(random((size_t)batch * heads, 0.01, 0.5)),
-                              a = round(random(ssd ? heads : (size_t)rows * state, -2.0, -0.2)),
-                              b = round(random((size_t)batch * groups * state)),
-                              c = round(random((size_t)batch * groups * state));
+    auto values = [&](size_t n, double lo = -1.0, double hi = 1.0) { return uniform<T>(rng, n, lo, hi); };
+    const std::vector<double> h = values((size_t)batch * rows * state), x = values((size_t)batch * rows),
+                              dt = values((size_t)batch * heads, 0.01, 0.5),
+                              a = values(ssd ? heads : (size_t)rows * state, -2.0, -0.2),
+                              b = values((size_t)batch * groups * state), c = values((size_t)batch * groups * state);
     std::vector<double> want_y((size_t)batch * rows), want_h(h.size());
     for (int bi = 0; bi < batch; ++bi)
         for (int r = 0; r < rows; ++r) {

@@ -11,7 +11,6 @@
 // clang-format on
 #include "check.h"
 
-#include <random>
 
 struct Case {
     int batch, dim, len, state, groups;
@@ -74,15 +73,11 @@ struct Kernels<bf16> {
 template <typename T>
 void check(const Case& k, std::mt19937& rng, bool gradients) {
     const int L = k.len, N = k.state, chunks = (L + CHUNK - 1) / CHUNK;
-    std::uniform_real_distribution<double> unit(-1.0, 1.0), step(-2.0, 0.5), rate(0.2, 1.5);
-    auto random = [&](size_t n, auto& dist) {
-        std::vector<double> v(n);
-        for (auto& e : v) e = to_f32(from_f64<T>(dist(rng)));
-        return v;
-    };
+    auto unit = [&](size_t n) { return uniform<T>(rng, n, -1.0, 1.0); };
     const size_t rows = (size_t)k.batch * k.dim, bc = (size_t)k.batch * k.groups * N * L;
-    Inputs in{random(rows * L, unit), random(rows * L, step), random((size_t)k.dim * N, rate), random(bc, unit),
-              random(bc, unit),       random(k.dim, unit),    random(k.dim, unit),           random(rows * N, unit)};
+    Inputs in{unit(rows * L), uniform<T>(rng, rows * L, -2.0, 0.5), uniform<T>(rng, (size_t)k.dim * N, 0.2, 1.5),
+              unit(bc),       unit(bc),                             unit(k.dim),
+              unit(k.dim),    unit(rows * N)};
     for (auto& a : in.A) a = -a;
     if (!k.softplus) {  // delta + bias is the step itself: keep it positive
         for (auto& x : in.delta) x = to_f32(from_f64<T>(0.05 + 0.1 * (x + 2.0)));
@@ -102,7 +97,7 @@ void check(const Case& k, std::mt19937& rng, bool gradients) {
     expect(std::string(name) + "  y | last", to_host(out), want, sizeof(T) == 4 ? 2e-5 : 1e-2);
     if (!gradients) return;
 
-    const std::vector<double> w = random(want.size(), unit);  // loss = sum(w [y | last])
+    const std::vector<double> w = unit(want.size());  // loss = sum(w [y | last])
     const std::vector<T> grad = to_device<T>(w);
     std::vector<float> du(in.u.size()), ddelta(in.delta.size()), dpack(pack.size());
     launch(grid, block, Kernels<T>::bwd, u.data(), delta.data(), pack.data(), (const float*)checkpoints.data(),

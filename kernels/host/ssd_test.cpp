@@ -11,7 +11,6 @@
 // clang-format on
 #include "check.h"
 
-#include <random>
 
 struct Case {
     int batch, len, heads, headdim, groups, state;
@@ -84,15 +83,10 @@ template <typename T>
 void check(const Case& k, std::mt19937& rng, bool gradients) {
     const int L = k.len, H = k.heads, P = k.headdim, N = k.state, G = k.groups;
     const int chunks = (L + CHUNK - 1) / CHUNK;
-    std::uniform_real_distribution<double> unit(-1.0, 1.0), step(0.01, 0.3), decay(0.5, 2.0);
-    auto random = [&](size_t n, auto& dist) {
-        std::vector<double> v(n);
-        for (auto& e : v) e = to_f32(from_f64<T>(dist(rng)));  // representable in T
-        return v;
-    };
-    Inputs in{random((size_t)k.batch * L * H * P, unit), random((size_t)k.batch * L * H, step), random(H, decay),
-              random((size_t)k.batch * L * G * N, unit), random((size_t)k.batch * L * G * N, unit),
-              random((size_t)k.batch * H * P * N, unit)};
+    auto unit = [&](size_t n) { return uniform<T>(rng, n, -1.0, 1.0); };
+    Inputs in{unit((size_t)k.batch * L * H * P), uniform<T>(rng, (size_t)k.batch * L * H, 0.01, 0.3),
+              uniform<T>(rng, H, 0.5, 2.0),      unit((size_t)k.batch * L * G * N),
+              unit((size_t)k.batch * L * G * N), unit((size_t)k.batch * H * P * N)};
     for (auto& a : in.A) a = -a;
     const Outputs want = reference(k, in);
 
@@ -120,7 +114,7 @@ void check(const Case& k, std::mt19937& rng, bool gradients) {
     if (!gradients) return;
 
     // d loss for loss = sum(wy y) + sum(wl last): dy = wy, d last = wl.
-    const std::vector<double> wy = random(want.y.size(), unit), wl = random(want.last.size(), unit);
+    const std::vector<double> wy = unit(want.y.size()), wl = unit(want.last.size());
     const std::vector<T> dy = to_device<T>(wy), dlast = to_device<T>(wl);
     std::vector<float> dstates(state_len), ddecay(decays.size()), dh0(in.h0.size()), dx(in.x.size()),
         ddt(in.dt.size()), dA(H), dB(in.B.size()), dC(in.C.size());
