@@ -122,16 +122,33 @@ fn a_wav_folder_trains_on_some_speakers_and_labels_another() {
         let report = text(&o);
         assert!(o.status.success(), "{report}");
         let accuracy = eval_accuracy(&report);
-        // Twelve clips of a speaker never heard, three words: chance is 1/3.
+        // Twelve clips of a speaker never heard, three words: chance is 1/3. Over seeds 0 to
+        // 4 (`--set train.seed=N`, on an AVX-512 CPU) the worst run got 11 of 12 right.
         assert!(accuracy >= 0.9, "{name}: accuracy {accuracy}\n{report}");
 
-        // Predict reads the checkpoint's audio.json: no training data needed, any format.
+        // Predict reads the checkpoint's audio.json: no training data needed, any format. It
+        // ranks all three words, `flat` first, with probabilities that sum to 1. How sure the
+        // model is of one clip is not asserted: it depends on the rounding of the CPU's gemm
+        // kernels (this seed's Mamba-2 run gave 0.38 on AVX-512 CPUs, above 0.4 on an AVX2 one)
+        // and ranged from 0.38 to 0.92 over seeds 0 to 4 on one CPU.
         let clip = data.join("flat/dirk_1.wav");
-        let o = mamba(&["predict", "--checkpoint", best.to_str().unwrap(), "--top", "1", clip.to_str().unwrap()]);
+        let o = mamba(&["predict", "--checkpoint", best.to_str().unwrap(), "--top", "3", clip.to_str().unwrap()]);
         let line = text(&o);
-        assert!(o.status.success() && line.contains(": flat 0."), "{name}: {line}");
-        let p: f64 = line.trim().rsplit(' ').next().unwrap().parse().unwrap();
-        assert!(p > 0.4 && p <= 1.0, "{line}");
+        assert!(o.status.success(), "{name}: {line}");
+        let ranked: Vec<(&str, f64)> = line
+            .trim()
+            .rsplit_once(": ")
+            .unwrap()
+            .1
+            .split(", ")
+            .map(|e| e.split_once(' ').map(|(c, p)| (c, p.parse().unwrap())).unwrap())
+            .collect();
+        let mut words: Vec<&str> = ranked.iter().map(|r| r.0).collect();
+        assert_eq!(words[0], "flat", "{name}: {line}");
+        words.sort();
+        assert_eq!(words, ["down", "flat", "up"], "{name}: {line}");
+        assert!(ranked.windows(2).all(|w| w[0].1 >= w[1].1), "{name}: {line}");
+        assert!((ranked.iter().map(|r| r.1).sum::<f64>() - 1.0).abs() < 1e-3, "{name}: {line}");
     }
 }
 

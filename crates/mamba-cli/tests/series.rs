@@ -7,13 +7,15 @@ use common::{eval_accuracy, mamba, scratch, text};
 use std::path::Path;
 
 /// Class "slow": a sine of one cycle; class "fast": three cycles; the second dimension is the
-/// first's negative. Cases differ in phase and amplitude.
+/// first's negative. Cases differ in phase and amplitude, drawn alike for both classes: were
+/// the phase tied to the class in one archive, a model could learn it and fail on the other.
 fn archive(path: &Path, cases: usize, seed: usize) {
     let mut out = String::from("# generated\n@problemName waves\n@univariate false\n@dimensions 2\n@equalLength true\n@seriesLength 32\n@classLabel true slow fast\n@data\n");
     for i in 0..cases {
         let (label, cycles) = if i % 2 == 0 { ("slow", 1.0) } else { ("fast", 3.0) };
-        let phase = ((i * 7 + seed) % 10) as f64 / 10.0;
-        let amp = 0.5 + ((i * 3 + seed) % 5) as f64 / 5.0;
+        let k = i / 2;
+        let phase = ((k * 7 + seed) % 10) as f64 / 10.0;
+        let amp = 0.5 + ((k * 3 + seed) % 5) as f64 / 5.0;
         let dim = |sign: f64| {
             (0..32)
                 .map(|t| {
@@ -50,7 +52,7 @@ headdim = 8
 chunk_size = 4
 
 [train]
-epochs = 8
+epochs = 20
 batch_size = 4
 seed = 1
 log_every = 5
@@ -78,6 +80,8 @@ fn a_ts_archive_trains_and_bad_ones_are_named() {
     let o = mamba(&["eval", "--checkpoint", out.join("best").to_str().unwrap()]);
     let report = text(&o);
     let accuracy = eval_accuracy(&report);
+    // Chance is 0.5. Every seed from 0 to 5 reaches 1.0 (checked with `--set train.seed=N`), so
+    // the bound holds whatever rounding a CPU's gemm kernels bring.
     assert!(accuracy >= 0.9, "chance is 0.5: {report}");
     assert!(report.contains("slow") && report.contains("fast"));
     // The checkpoint classifies an archive's cases without the training data: one line each,

@@ -63,10 +63,10 @@ impl BackboneConfig {
             return Err("`selective = false` (the time-invariant ablation) is built for Mamba-1 only".into());
         }
         if self.kind == MixerKind::Mamba2 {
-            if self.headdim == 0 || self.d_inner() % self.headdim != 0 {
+            if self.headdim == 0 || !self.d_inner().is_multiple_of(self.headdim) {
                 return Err(format!("`headdim` ({}) must divide expand x d_model ({})", self.headdim, self.d_inner()));
             }
-            if self.ngroups == 0 || self.nheads() % self.ngroups != 0 {
+            if self.ngroups == 0 || !self.nheads().is_multiple_of(self.ngroups) {
                 return Err(format!(
                     "`ngroups` ({}) must divide the number of heads ({})",
                     self.ngroups,

@@ -112,6 +112,10 @@ pub fn inverse(order: &[u32]) -> Vec<u32> {
     inv
 }
 
+fn is_identity(order: &[u32]) -> bool {
+    order.iter().enumerate().all(|(i, &p)| p as usize == i)
+}
+
 /// x[:, order] for x (batch, len, ...): differentiable (candle's index_select, which needs a
 /// contiguous input).
 pub fn gather(x: &Tensor, order: &[u32]) -> Result<Tensor> {
@@ -153,8 +157,9 @@ pub(crate) fn run_routes(
     let mut merged: Option<Tensor> = None;
     let mut first_cache = None;
     for (i, route) in routes.iter().enumerate() {
-        // The forward route needs no gather: the tensors are read in place.
-        let order = (!route.is_forward()).then(|| route.order(len)).transpose()?;
+        // A route in sequence order (forward, or Vim's raster with its class token) needs no
+        // gather: the tensors are read in place.
+        let order = Some(route.order(len)?).filter(|o| !is_identity(o));
         let (y, cache) = match &order {
             Some(o) => {
                 let (y, cache) = route_fn(i, &gather(input, o)?)?;

@@ -21,6 +21,7 @@ mod step;
 pub use conv::{causal_conv1d, causal_conv1d_ref, causal_conv1d_update};
 pub use error::{Error, Result};
 pub use gate::silu_gate;
+pub use math::{cpu_isa, set_cpu_isa, CpuIsa};
 pub use matmul::{weight_matmul, weight_matmul_ref};
 pub use selective_scan::{selective_scan, selective_scan_ref, selective_state_update_ref, ScanOutput, ScanParams};
 pub use ssd::{ssd_chunk_scan, ssd_quadratic, ssd_scan_ref, ssd_state_update_ref, SsdParams};

@@ -28,8 +28,76 @@ impl Isa for Plain {
     const FMA: bool = false;
 }
 
+/// The instruction sets the CPU kernels are compiled for, in order of preference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum CpuIsa {
+    /// No FMA: plain multiplies and adds (any x86-64).
+    Plain,
+    /// AVX2 + FMA (256-bit vectors); what aarch64's NEON + FMA kernels count as.
+    Avx2,
+    /// AVX-512 F/BW/DQ/VL + FMA (512-bit vectors).
+    Avx512,
+}
+
+impl CpuIsa {
+    /// The best this CPU runs.
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::is_x86_feature_detected as has;
+            let avx2 = has!("avx2") && has!("fma");
+            if avx2 && has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vl") {
+                return Self::Avx512;
+            }
+            if avx2 {
+                return Self::Avx2;
+            }
+            Self::Plain
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        Self::Avx2
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "plain" => Some(Self::Plain),
+            "avx2" => Some(Self::Avx2),
+            "avx512" => Some(Self::Avx512),
+            _ => None,
+        }
+    }
+}
+
+/// The cap set by [`set_cpu_isa`] or `MAMBA_CPU_ISA`; u8::MAX until first read.
+static ISA_CAP: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(u8::MAX);
+
+/// The instruction set the CPU kernels run now: the best the CPU has, at most the cap that
+/// [`set_cpu_isa`] or the environment variable `MAMBA_CPU_ISA` (`plain`, `avx2`, `avx512`) sets,
+/// so that every path can be tested and timed on one machine.
+pub fn cpu_isa() -> CpuIsa {
+    use std::sync::atomic::Ordering;
+    let all = [CpuIsa::Plain, CpuIsa::Avx2, CpuIsa::Avx512];
+    let cap = match ISA_CAP.load(Ordering::Relaxed) {
+        u8::MAX => {
+            let cap = std::env::var("MAMBA_CPU_ISA").ok().and_then(|s| CpuIsa::parse(&s)).unwrap_or(CpuIsa::Avx512);
+            ISA_CAP.store(cap as u8, Ordering::Relaxed);
+            cap
+        }
+        i => all[i as usize],
+    };
+    CpuIsa::detect().min(cap)
+}
+
+/// Caps the instruction set of the CPU kernels for the whole process (the kernels already
+/// running finish on theirs); returns the one they use from now on.
+pub fn set_cpu_isa(cap: CpuIsa) -> CpuIsa {
+    ISA_CAP.store(cap as u8, std::sync::atomic::Ordering::Relaxed);
+    cpu_isa()
+}
+
 /// Defines a kernel `fn name<T: Real>(args)` from a body generic over `S: Isa`, compiled for
-/// AVX2 + FMA and chosen when the CPU has them; aarch64 always has FMA.
+/// AVX-512 and for AVX2 + FMA, and run in the best of them that [`cpu_isa`] allows; aarch64
+/// always has FMA.
 macro_rules! simd_fn {
     ($(#[$meta:meta])* $vis:vis fn $name:ident<$t:ident, $s:ident>($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
         $(#[$meta])*
@@ -40,16 +108,22 @@ macro_rules! simd_fn {
             fn body<$t: $crate::math::Real, $s: $crate::math::Isa>($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx512<$t: $crate::math::Real>($($arg: $ty),*) {
+                    body::<$t, $crate::math::Fma>($($arg),*)
+                }
                 #[target_feature(enable = "avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn avx2<$t: $crate::math::Real>($($arg: $ty),*) {
                     body::<$t, $crate::math::Fma>($($arg),*)
                 }
-                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU has the features the function was compiled for.
-                    return unsafe { avx2::<$t>($($arg),*) };
+                // SAFETY (both): `cpu_isa` never names more than the CPU has.
+                match $crate::math::cpu_isa() {
+                    $crate::math::CpuIsa::Avx512 => unsafe { avx512::<$t>($($arg),*) },
+                    $crate::math::CpuIsa::Avx2 => unsafe { avx2::<$t>($($arg),*) },
+                    $crate::math::CpuIsa::Plain => body::<$t, $crate::math::Plain>($($arg),*),
                 }
-                body::<$t, $crate::math::Plain>($($arg),*)
             }
             #[cfg(not(target_arch = "x86_64"))]
             body::<$t, $crate::math::Fma>($($arg),*)

@@ -10,6 +10,8 @@
 //! each weight across rows; a half weight is widened to f32 once for it.
 
 use crate::error::{Error, Result};
+#[cfg(target_arch = "x86_64")]
+use crate::math::{cpu_isa, CpuIsa};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
 use half::slice::HalfFloatSliceExt;
@@ -118,20 +120,25 @@ fn block<W: Weight, const FMA: bool>(w: &[W], x: &[f32], k: usize, out: &mut [f3
 }
 
 #[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+unsafe fn block_avx512<W: Weight>(w: &[W], x: &[f32], k: usize, out: &mut [f32]) {
+    block::<W, true>(w, x, k, out)
+}
+
+#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn block_avx2<W: Weight>(w: &[W], x: &[f32], k: usize, out: &mut [f32]) {
     block::<W, true>(w, x, k, out)
 }
 
-/// The block for this CPU: AVX2 + FMA where it has them (aarch64 always has FMA).
+/// The block for this CPU: AVX-512 or AVX2 + FMA, as [`cpu_isa`] allows (aarch64 always has FMA).
 fn block_dispatch<W: Weight>(w: &[W], x: &[f32], k: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has the features the function was compiled for.
-            return unsafe { block_avx2(w, x, k, out) };
-        }
-        block::<W, false>(w, x, k, out)
+    // SAFETY (both): `cpu_isa` never names more than the CPU has.
+    match cpu_isa() {
+        CpuIsa::Avx512 => unsafe { block_avx512(w, x, k, out) },
+        CpuIsa::Avx2 => unsafe { block_avx2(w, x, k, out) },
+        CpuIsa::Plain => block::<W, false>(w, x, k, out),
     }
     #[cfg(not(target_arch = "x86_64"))]
     block::<W, true>(w, x, k, out)

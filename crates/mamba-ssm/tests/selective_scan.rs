@@ -4,7 +4,7 @@
 mod common;
 use candle_core::{DType, Tensor, Var};
 use common::*;
-use mamba_ssm::{selective_scan, selective_scan_ref, Error, ScanOutput, ScanParams};
+use mamba_ssm::{selective_scan, selective_scan_ref, set_cpu_isa, CpuIsa, Error, ScanOutput, ScanParams};
 
 /// Inputs of one test case: which optional parts are present, and the sizes.
 #[derive(Clone, Copy)]
@@ -146,6 +146,21 @@ fn odd_shapes() {
     for c in cases {
         compare_with_reference(c, 1e-5, DType::F32);
     }
+}
+
+/// Each instruction-set path of the kernels (plain, AVX2 + FMA, AVX-512, whichever this CPU has)
+/// against the reference, in f32 (the paths differ in rounding only). The cap is process-wide:
+/// the other tests of this binary may run on any of the paths meanwhile, and all of them pass.
+#[test]
+fn every_instruction_set_matches_the_reference() {
+    let isas = [CpuIsa::Plain, CpuIsa::Avx2, CpuIsa::Avx512];
+    for isa in isas.into_iter().filter(|&i| i <= CpuIsa::detect()) {
+        assert_eq!(set_cpu_isa(isa), isa);
+        for c in [BASE, Case { len: 70, batch: 3, dim: 40, ..BASE }, Case { dim: 64, groups: 2, state: 16, ..BASE }] {
+            compare_with_reference(c, 1e-5, DType::F32);
+        }
+    }
+    set_cpu_isa(CpuIsa::Avx512);
 }
 
 #[test]
