@@ -8,7 +8,9 @@
 
 use candle_core::{Device, Tensor, Var};
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
-use mamba_ssm::{selective_scan, selective_scan_ref, ssd_chunk_scan, ScanOutput, ScanParams, SsdParams};
+use mamba_ssm::{
+    selective_scan, selective_scan_ref, set_cpu_isa, ssd_chunk_scan, CpuIsa, ScanOutput, ScanParams, SsdParams,
+};
 use std::time::Duration;
 
 fn rand(shape: &[usize], lo: f64, hi: f64) -> Tensor {
@@ -107,6 +109,29 @@ fn selective(c: &mut Criterion) {
     g.finish();
 }
 
+/// The kernel compiled for each instruction set this CPU has, side by side (`set_cpu_isa` switches
+/// between them in one process): `cargo bench -p mamba-ssm --bench scan -- instruction_set`.
+fn instruction_sets(c: &mut Criterion) {
+    let (dim, state, len) = (1536, 16, 4096);
+    let s = Scan::new(dim, state, len);
+    let mut g = c.benchmark_group("instruction_set");
+    g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(5));
+    g.throughput(Throughput::Elements((dim * len * state) as u64));
+    for isa in [CpuIsa::Avx2, CpuIsa::Avx512].into_iter().filter(|&i| i <= CpuIsa::detect()) {
+        let name = format!("{isa:?}").to_lowercase();
+        g.bench_function(BenchmarkId::new("kernel_fwd", &name), |b| {
+            set_cpu_isa(isa);
+            b.iter(|| s.run(selective_scan, false))
+        });
+        g.bench_function(BenchmarkId::new("kernel_fwd_bwd", &name), |b| {
+            set_cpu_isa(isa);
+            b.iter(|| s.run(selective_scan, true).sum_all().unwrap().backward().unwrap())
+        });
+    }
+    set_cpu_isa(CpuIsa::Avx512);
+    g.finish();
+}
+
 fn ssd(c: &mut Criterion) {
     let (len, heads, headdim, state, chunk) = (4096, 24, 64, 128, 256);
     let vars: Vec<Var> = [
@@ -138,7 +163,7 @@ fn two_threads() {
     rayon::ThreadPoolBuilder::new().num_threads(2).build_global().expect("rayon pool");
 }
 
-criterion_group!(benches, selective, ssd);
+criterion_group!(benches, selective, instruction_sets, ssd);
 
 fn main() {
     two_threads();
