@@ -68,31 +68,32 @@ impl CpuIsa {
     }
 }
 
-/// The cap set by [`set_cpu_isa`] or `MAMBA_CPU_ISA`; u8::MAX until first read.
-static ISA_CAP: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(u8::MAX);
+/// The instruction set the kernels run: `CpuIsa as u8`, or u8::MAX until first asked. Kept
+/// resolved, so that a kernel call costs one load, not a feature detection.
+static ISA: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(u8::MAX);
 
 /// The instruction set the CPU kernels run now: the best the CPU has, at most the cap that
 /// [`set_cpu_isa`] or the environment variable `MAMBA_CPU_ISA` (`plain`, `avx2`, `avx512`) sets,
 /// so that every path can be tested and timed on one machine.
 pub fn cpu_isa() -> CpuIsa {
-    use std::sync::atomic::Ordering;
-    let all = [CpuIsa::Plain, CpuIsa::Avx2, CpuIsa::Avx512];
-    let cap = match ISA_CAP.load(Ordering::Relaxed) {
-        u8::MAX => {
-            let cap = std::env::var("MAMBA_CPU_ISA").ok().and_then(|s| CpuIsa::parse(&s)).unwrap_or(CpuIsa::Avx512);
-            ISA_CAP.store(cap as u8, Ordering::Relaxed);
-            cap
-        }
-        i => all[i as usize],
-    };
-    CpuIsa::detect().min(cap)
+    match ISA.load(std::sync::atomic::Ordering::Relaxed) {
+        u8::MAX => set_cpu_isa(match std::env::var("MAMBA_CPU_ISA") {
+            Ok(s) => CpuIsa::parse(&s).unwrap_or_else(|| {
+                eprintln!("MAMBA_CPU_ISA={s:?} is not plain, avx2 or avx512: ignored");
+                CpuIsa::Avx512
+            }),
+            Err(_) => CpuIsa::Avx512,
+        }),
+        i => [CpuIsa::Plain, CpuIsa::Avx2, CpuIsa::Avx512][i as usize],
+    }
 }
 
 /// Caps the instruction set of the CPU kernels for the whole process (the kernels already
 /// running finish on theirs); returns the one they use from now on.
 pub fn set_cpu_isa(cap: CpuIsa) -> CpuIsa {
-    ISA_CAP.store(cap as u8, std::sync::atomic::Ordering::Relaxed);
-    cpu_isa()
+    let isa = CpuIsa::detect().min(cap);
+    ISA.store(isa as u8, std::sync::atomic::Ordering::Relaxed);
+    isa
 }
 
 /// Defines a kernel `fn name<T: Real>(args)` from a body generic over `S: Isa`, compiled for
