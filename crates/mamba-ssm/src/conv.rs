@@ -108,7 +108,7 @@ pub fn causal_conv1d_update(
 }
 
 simd_fn! {
-    fn silu_in_place<T, S>(v: &mut [T]) {
+    pub(crate) fn silu_in_place<T, S>(v: &mut [T]) {
         for x in v.iter_mut() {
             *x *= x.sigmoid::<S>();
         }
@@ -117,7 +117,7 @@ simd_fn! {
 
 simd_fn! {
     /// d(pre-activation) = g silu'(pre), silu'(p) = s (1 + p (1 - s)) with s = sigmoid(p).
-    fn silu_grad<T, S>(pre: &[T], g: &[T], out: &mut [T]) {
+    pub(crate) fn silu_grad<T, S>(pre: &[T], g: &[T], out: &mut [T]) {
         for i in 0..pre.len() {
             let s = pre[i].sigmoid::<S>();
             out[i] = g[i] * s * (T::ONE + pre[i] * (T::ONE - s));

@@ -50,7 +50,7 @@ fn min_rows(row: usize) -> usize {
 }
 
 simd_fn! {
-    fn gate_span<T, S>(y: &[T], z: &[T], out: &mut [T]) {
+    pub(crate) fn gate_span<T, S>(y: &[T], z: &[T], out: &mut [T]) {
         for ((o, &y), &z) in out.iter_mut().zip(y).zip(z) {
             *o = y * z * z.sigmoid::<S>();
         }
@@ -59,7 +59,7 @@ simd_fn! {
 
 simd_fn! {
     /// (dy, dz) for the output gradient g; silu'(z) = s (1 + z (1 - s)) with s = sigmoid(z).
-    fn gate_grad_span<T, S>(y: &[T], z: &[T], g: &[T], dy: &mut [T], dz: &mut [T]) {
+    pub(crate) fn gate_grad_span<T, S>(y: &[T], z: &[T], g: &[T], dy: &mut [T], dz: &mut [T]) {
         for i in 0..y.len() {
             let s = z[i].sigmoid::<S>();
             dy[i] = g[i] * z[i] * s;

@@ -43,12 +43,12 @@ pub struct ScanOutput {
 
 /// Sizes shared by the checks, the packing and the kernels.
 #[derive(Clone, Copy, Debug)]
-struct Dims {
-    batch: usize,
-    dim: usize,
-    len: usize,
-    state: usize,
-    groups: usize,
+pub(crate) struct Dims {
+    pub batch: usize,
+    pub dim: usize,
+    pub len: usize,
+    pub state: usize,
+    pub groups: usize,
 }
 
 struct Checked {
@@ -286,16 +286,16 @@ pub fn selective_scan_ref(
 
 /// The custom op: arguments u, delta and the packed parameters [A | B | C | D? | delta_bias? | h0?];
 /// result the flat [y (batch, dim, len) | last state (batch, dim, state)].
-struct ScanOp {
-    dims: Dims,
-    has_d: bool,
-    has_bias: bool,
-    has_h0: bool,
-    softplus: bool,
-    keep_checkpoints: bool,
+pub(crate) struct ScanOp {
+    pub dims: Dims,
+    pub has_d: bool,
+    pub has_bias: bool,
+    pub has_h0: bool,
+    pub softplus: bool,
+    pub keep_checkpoints: bool,
     /// The states at chunk starts from the forward pass, for the backward pass: one
     /// `Vec<Lanes<T>>` per item.
-    checkpoints: Mutex<Option<Box<dyn Any + Send>>>,
+    pub checkpoints: Mutex<Option<Box<dyn Any + Send>>>,
 }
 
 /// The packed parameters, unpacked.
@@ -371,7 +371,7 @@ impl ScanOp {
         prepare_dt(tiles, bias, self.softplus, grad);
     }
 
-    fn fwd<T: Real>(&self, u: View3<T>, delta: View3<T>, pack: &[T]) -> Vec<T> {
+    pub(crate) fn fwd<T: Real>(&self, u: View3<T>, delta: View3<T>, pack: &[T]) -> Vec<T> {
         let Dims { batch, dim, len, state: n, groups } = self.dims;
         let p = self.unpack(pack);
         let items = plan(batch, dim, groups);
@@ -426,7 +426,7 @@ impl ScanOp {
     }
 
     /// Gradients (du, ddelta, dpack) from the gradient of the flat result.
-    fn bwd<T: Real>(&self, u: View3<T>, delta: View3<T>, pack: &[T], grad: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
+    pub(crate) fn bwd<T: Real>(&self, u: View3<T>, delta: View3<T>, pack: &[T], grad: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
         let Dims { batch, dim, len, state: n, groups } = self.dims;
         let checkpoints = match self.checkpoints.lock().unwrap().take().map(|b| b.downcast::<Vec<Vec<Lanes<T>>>>()) {
             Some(Ok(c)) => *c,

@@ -1,0 +1,608 @@
+//! One route of the Mamba-1 mixer as one op, as mamba_ssm's `mamba_inner_fn` does it (with
+//! checkpoint_lvl 1): from xz as in_proj makes it, (batch, len, 2 d_inner) in sequence order,
+//! to the gated output in sequence order. Conv + SiLU, x_proj, dt_proj, the selective scan with
+//! softplus, D skip and z gate run in one forward pass, and the backward pass is written by hand:
+//! it recomputes the conv output and delta instead of keeping them.
+//!
+//! A route visits the positions in the order `order[t]`; the op reads and writes through that
+//! index, so a reversed or permuted route needs no gathered copy of its input or output.
+//!
+//! Per batch row the kernel works channel-major, (channels, len), the layout of the scan:
+//!   x[c, t] = xz[order[t], c],  u = silu(conv(x)),  x_dbl = x_proj · u  (dt_rank + 2 state, len),
+//!   delta = dt_proj · x_dbl[..dt_rank],  y = scan(u, delta, A, B = x_dbl[dt_rank..], C, D),
+//!   out[order[t], c] = y[c, t] silu(xz[order[t], d_inner + c]).
+
+use crate::conv::{silu_grad, silu_in_place};
+use crate::cpu::{cpu_storages, flat, zeros, View3};
+use crate::error::{argument, check, dims, Result};
+use crate::gate::{gate_grad_span, gate_span};
+use crate::math::Real;
+use crate::selective_scan::{compute_dtype, Dims, ScanOp};
+use crate::{causal_conv1d, causal_conv1d_ref, selective_scan, selective_scan_ref, ScanParams};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
+use rayon::prelude::*;
+use std::any::Any;
+use std::sync::Mutex;
+
+/// The parameters of one route's SSM, with transformers' names and shapes.
+#[derive(Clone, Copy, Debug)]
+pub struct InnerWeights<'a> {
+    /// conv1d.weight: (d_inner, 1, d_conv).
+    pub conv_weight: &'a Tensor,
+    /// conv1d.bias: (d_inner).
+    pub conv_bias: Option<&'a Tensor>,
+    /// x_proj.weight: (dt_rank + 2 d_state, d_inner).
+    pub x_proj: &'a Tensor,
+    /// dt_proj.weight: (d_inner, dt_rank).
+    pub dt_proj: &'a Tensor,
+    /// dt_proj.bias: (d_inner), added to delta before the softplus.
+    pub dt_bias: &'a Tensor,
+    /// A_log: (d_inner, d_state); A = -exp(A_log).
+    pub a_log: &'a Tensor,
+    /// D: (d_inner).
+    pub d: &'a Tensor,
+}
+
+/// The output of one route.
+#[derive(Debug, Clone)]
+pub struct InnerOutput {
+    /// The gated output in sequence order: (batch, len, d_inner).
+    pub y: Tensor,
+    /// The SSM state after the route's last step: (batch, d_inner, d_state).
+    pub last_state: Tensor,
+    /// The conv's last d_conv inputs in route order, zeros in front of a short sequence:
+    /// (batch, d_inner, d_conv).
+    pub conv_state: Tensor,
+}
+
+/// The sizes of the op.
+#[derive(Clone, Copy, Debug)]
+struct Sizes {
+    batch: usize,
+    len: usize,
+    /// d_inner.
+    di: usize,
+    /// d_conv.
+    k: usize,
+    /// dt_rank.
+    r: usize,
+    /// d_state.
+    n: usize,
+}
+
+impl Sizes {
+    /// Rows of x_dbl: dt_rank + 2 d_state.
+    fn rows(&self) -> usize {
+        self.r + 2 * self.n
+    }
+}
+
+fn check_inputs(xz: &Tensor, w: &InnerWeights, order: Option<&[u32]>) -> Result<Sizes> {
+    let [batch, len, two_di] = dims("xz", xz, ["batch", "len", "2 d_inner"])?;
+    if len == 0 {
+        return Err(argument("xz", "the sequence length must be at least 1"));
+    }
+    if two_di % 2 != 0 {
+        return Err(argument("xz", format!("the last dimension ({two_di}) must be 2 d_inner, an even number")));
+    }
+    let di = two_di / 2;
+    let k = *w.conv_weight.dims().last().unwrap_or(&0);
+    check("conv weight", w.conv_weight, &[("d_inner", di), ("1", 1), ("d_conv", k)])?;
+    if k == 0 {
+        return Err(argument("conv weight", "the kernel width must be at least 1"));
+    }
+    let [_, r] = dims("dt_proj", w.dt_proj, ["d_inner", "dt_rank"])?;
+    check("dt_proj", w.dt_proj, &[("d_inner", di), ("dt_rank", r)])?;
+    let [_, n] = dims("A_log", w.a_log, ["d_inner", "d_state"])?;
+    check("A_log", w.a_log, &[("d_inner", di), ("d_state", n)])?;
+    check("x_proj", w.x_proj, &[("dt_rank + 2 d_state", r + 2 * n), ("d_inner", di)])?;
+    for (name, t) in [("conv bias", w.conv_bias), ("dt_bias", Some(w.dt_bias)), ("D", Some(w.d))] {
+        if let Some(t) = t {
+            check(name, t, &[("d_inner", di)])?;
+        }
+    }
+    if let Some(order) = order {
+        let mut seen = vec![false; len];
+        let ok = order.len() == len
+            && order.iter().all(|&p| seen.get_mut(p as usize).is_some_and(|s| !std::mem::replace(s, true)));
+        if !ok {
+            return Err(argument("order", format!("must be a permutation of 0..{len}")));
+        }
+    }
+    Ok(Sizes { batch, len, di, k, r, n })
+}
+
+/// The route of x given as xz (batch, len, 2 d_inner) in sequence order, through the weights:
+/// the fused CPU op (f32 or f64; other float types compute in f32), and on a GPU the composition
+/// of the conv and scan kernels. `order` is the route (the identity when `None`). Differentiable
+/// in xz and every weight.
+pub fn mamba_inner(xz: &Tensor, w: &InnerWeights, order: Option<&[u32]>) -> Result<InnerOutput> {
+    let s = check_inputs(xz, w, order)?;
+    if !xz.device().is_cpu() {
+        return composed(xz, w, order, false);
+    }
+    let dt = compute_dtype(xz);
+    let cast = |t: &Tensor| Ok::<_, crate::Error>(t.to_dtype(dt)?.flatten_all()?);
+    let conv_bias = match w.conv_bias {
+        Some(b) => cast(b)?,
+        None => Tensor::zeros(s.di, dt, xz.device())?,
+    };
+    let pack = Tensor::cat(
+        &[
+            cast(w.conv_weight)?,
+            conv_bias,
+            cast(w.x_proj)?,
+            cast(w.dt_proj)?,
+            cast(w.dt_bias)?,
+            cast(w.a_log)?,
+            cast(w.d)?,
+        ],
+        0,
+    )?;
+    let xz_c = xz.to_dtype(dt)?.contiguous()?;
+    let op = InnerOp {
+        s,
+        order: order.map(<[u32]>::to_vec),
+        keep: xz_c.track_op() || pack.track_op(),
+        saved: Mutex::new(None),
+    };
+    let out = xz_c.apply_op2(&pack, op)?;
+    let Sizes { batch, len, di, k, n, .. } = s;
+    let (ny, ns) = (batch * len * di, batch * di * n);
+    let part = |start: usize, size: usize, shape: (usize, usize, usize)| -> Result<Tensor> {
+        Ok(out.narrow(0, start, size)?.reshape(shape)?.to_dtype(xz.dtype())?)
+    };
+    Ok(InnerOutput {
+        y: part(0, ny, (batch, len, di))?,
+        last_state: part(ny, ns, (batch, di, n))?,
+        conv_state: part(ny + ns, batch * di * k, (batch, di, k))?,
+    })
+}
+
+/// The reference: the same route composed of candle ops and the plain-loop conv and scan
+/// references (gather, conv, projections, scan, scatter), differentiated by candle.
+pub fn mamba_inner_ref(xz: &Tensor, w: &InnerWeights, order: Option<&[u32]>) -> Result<InnerOutput> {
+    check_inputs(xz, w, order)?;
+    composed(xz, w, order, true)
+}
+
+/// The unfused route: with the plain references (`reference`) or the conv and scan kernels.
+fn composed(xz: &Tensor, w: &InnerWeights, order: Option<&[u32]>, reference: bool) -> Result<InnerOutput> {
+    let (di, len) = (xz.dim(2)? / 2, xz.dim(1)?);
+    let (r, n, k) = (w.dt_proj.dim(1)?, w.a_log.dim(1)?, w.conv_weight.dim(2)?);
+    let index = |o: &[u32]| Tensor::new(o, &Device::Cpu)?.to_device(xz.device());
+    let routed = match order {
+        Some(o) => xz.contiguous()?.index_select(&index(o)?, 1)?,
+        None => xz.clone(),
+    };
+    let (x, z) = (routed.narrow(2, 0, di)?.transpose(1, 2)?, routed.narrow(2, di, di)?.transpose(1, 2)?);
+    let u = if reference {
+        causal_conv1d_ref(&x, w.conv_weight, w.conv_bias, true)?
+    } else {
+        causal_conv1d(&x, w.conv_weight, w.conv_bias, true)?
+    };
+    let x_dbl = u.transpose(1, 2)?.broadcast_matmul(&w.x_proj.t()?)?;
+    let delta = x_dbl.narrow(2, 0, r)?.broadcast_matmul(&w.dt_proj.t()?)?.transpose(1, 2)?;
+    let (b, c) = (x_dbl.narrow(2, r, n)?.transpose(1, 2)?, x_dbl.narrow(2, r + n, n)?.transpose(1, 2)?);
+    let a = w.a_log.exp()?.neg()?;
+    let p = ScanParams { d: Some(w.d), z: Some(&z), delta_bias: Some(w.dt_bias), delta_softplus: true };
+    let out = if reference {
+        selective_scan_ref(&u.contiguous()?, &delta.contiguous()?, &a, &b.contiguous()?, &c.contiguous()?, &p, None)?
+    } else {
+        selective_scan(&u, &delta, &a, &b, &c, &p, None)?
+    };
+    let mut y = out.y.transpose(1, 2)?;
+    if let Some(o) = order {
+        let mut inverse = vec![0u32; o.len()];
+        for (i, &p) in o.iter().enumerate() {
+            inverse[p as usize] = i as u32;
+        }
+        y = y.contiguous()?.index_select(&index(&inverse)?, 1)?;
+    }
+    let conv_state = if len < k { x.pad_with_zeros(2, k - len, 0)? } else { x.narrow(2, len - k, k)? };
+    Ok(InnerOutput { y, last_state: out.last_state, conv_state: conv_state.contiguous()? })
+}
+
+/// The custom op: arguments xz (batch, len, 2 d_inner), contiguous, and the packed weights
+/// [conv weight | conv bias | x_proj | dt_proj | dt_bias | A_log | D]; result the flat
+/// [y (batch, len, d_inner) | last state (batch, d_inner, d_state) | conv state (batch, d_inner, d_conv)].
+struct InnerOp {
+    s: Sizes,
+    order: Option<Vec<u32>>,
+    /// Whether the forward pass keeps what the backward pass needs.
+    keep: bool,
+    /// [`Saved`] of the forward pass.
+    saved: Mutex<Option<Box<dyn Any + Send>>>,
+}
+
+/// What the backward pass takes from the forward pass: x_dbl (batch, rows, len), the scan's
+/// ungated output (batch, d_inner, len) and the scan op with its state checkpoints.
+struct Saved<T> {
+    x_dbl: Vec<T>,
+    y: Vec<T>,
+    scan: ScanOp,
+}
+
+/// The packed weights, unpacked.
+struct Weights<'a, T> {
+    conv_w: &'a [T],
+    conv_b: &'a [T],
+    x_proj: &'a [T],
+    dt_proj: &'a [T],
+    dt_bias: &'a [T],
+    a_log: &'a [T],
+    d: &'a [T],
+}
+
+/// A strided matrix: element (i, j) at `data[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+struct Mat<'a, T> {
+    data: &'a [T],
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a, T> Mat<'a, T> {
+    /// Row-major with `cols` columns.
+    fn rows(data: &'a [T], cols: usize) -> Self {
+        Self { data, rs: cols, cs: 1 }
+    }
+    fn t(self) -> Self {
+        Self { data: self.data, rs: self.cs, cs: self.rs }
+    }
+}
+
+/// dst (m, n) row-major = lhs (m, k) · rhs (k, n), or dst += lhs · rhs when `accumulate`. One
+/// thread: the callers run one batch row per rayon task.
+fn gemm<T: Real>(m: usize, n: usize, k: usize, dst: &mut [T], accumulate: bool, lhs: Mat<T>, rhs: Mat<T>) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(T::ZERO);
+        }
+        return;
+    }
+    let last = |a: &Mat<T>, rows: usize, cols: usize| (rows - 1) * a.rs + (cols - 1) * a.cs;
+    assert!(dst.len() >= m * n && lhs.data.len() > last(&lhs, m, k) && rhs.data.len() > last(&rhs, k, n));
+    // SAFETY: the assertion keeps every index the strides reach inside its slice; f32 and f64
+    // (the only `Real`s) are types gemm supports.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            T::ONE,
+            T::ONE,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// The per-row inputs of the scan, recomputed from xz: x in route order, the conv's
+/// pre-activation and u = silu of it, all (d_inner, len).
+struct Conv<T> {
+    x: Vec<T>,
+    pre: Vec<T>,
+    u: Vec<T>,
+}
+
+impl InnerOp {
+    fn unpack<'a, T>(&self, pack: &'a [T]) -> Weights<'a, T> {
+        let Sizes { di, k, r, n, .. } = self.s;
+        let mut rest = pack;
+        let mut take = |size: usize| {
+            let (head, tail) = rest.split_at(size);
+            rest = tail;
+            head
+        };
+        Weights {
+            conv_w: take(di * k),
+            conv_b: take(di),
+            x_proj: take(self.s.rows() * di),
+            dt_proj: take(di * r),
+            dt_bias: take(di),
+            a_log: take(di * n),
+            d: take(di),
+        }
+    }
+
+    /// The position the route visits at step t.
+    fn pos(&self, t: usize) -> usize {
+        self.order.as_ref().map_or(t, |o| o[t] as usize)
+    }
+
+    /// Batch row `xz_b` (len, 2 d_inner): x in route order, the conv and u.
+    fn conv<T: Real>(&self, w: &Weights<T>, xz_b: &[T]) -> Conv<T> {
+        let Sizes { len, di, k, .. } = self.s;
+        let mut x = vec![T::ZERO; di * len];
+        for t in 0..len {
+            let row = &xz_b[self.pos(t) * 2 * di..][..di];
+            for (c, &v) in row.iter().enumerate() {
+                x[c * len + t] = v;
+            }
+        }
+        let mut pre = vec![T::ZERO; di * len];
+        for c in 0..di {
+            let (xc, out) = (&x[c * len..][..len], &mut pre[c * len..][..len]);
+            out.fill(w.conv_b[c]);
+            // Tap j reads x[t + j - (k - 1)]: the taps before t = 0 read zeros.
+            for (j, &wj) in w.conv_w[c * k..][..k].iter().enumerate() {
+                let shift = k - 1 - j;
+                if shift < len {
+                    for (o, &v) in out[shift..].iter_mut().zip(xc) {
+                        *o += wj * v;
+                    }
+                }
+            }
+        }
+        let mut u = pre.clone();
+        silu_in_place(&mut u);
+        Conv { x, pre, u }
+    }
+
+    /// The scan op over the whole batch (one group), keeping its checkpoints when asked.
+    fn scan_op(&self, keep_checkpoints: bool) -> ScanOp {
+        let Sizes { batch, len, di, n, .. } = self.s;
+        ScanOp {
+            dims: Dims { batch, dim: di, len, state: n, groups: 1 },
+            has_d: true,
+            has_bias: true,
+            has_h0: false,
+            softplus: true,
+            keep_checkpoints,
+            checkpoints: Mutex::new(None),
+        }
+    }
+
+    /// The scan's packed parameters [A | B (batch, state, len) | C | D | dt_bias] from x_dbl.
+    fn scan_pack<T: Real>(&self, w: &Weights<T>, x_dbl: &[T]) -> Vec<T> {
+        let Sizes { len, r, n, .. } = self.s;
+        let rows = self.s.rows();
+        let mut pack: Vec<T> = w.a_log.iter().map(|&a| -a.exp::<crate::math::Plain>()).collect();
+        for first in [r, r + n] {
+            for xb in x_dbl.chunks(rows * len) {
+                pack.extend_from_slice(&xb[first * len..(first + n) * len]);
+            }
+        }
+        pack.extend_from_slice(w.d);
+        pack.extend_from_slice(w.dt_bias);
+        pack
+    }
+
+    /// Per batch row: u and delta before its bias, both (d_inner, len), and x_dbl (rows, len)
+    /// (computed here unless given), with the conv state written to `conv_state` (d_inner, d_conv).
+    fn inputs<T: Real>(&self, w: &Weights<T>, xz: &[T], x_dbl: Option<&[T]>) -> (Vec<T>, Vec<T>, Vec<T>, Vec<T>) {
+        let Sizes { batch, len, di, k, r, .. } = self.s;
+        let rows = self.s.rows();
+        let (mut u, mut delta, mut conv_state) = (zeros(batch * di * len), zeros(batch * di * len), zeros(batch * di * k));
+        let mut xd = match x_dbl {
+            Some(v) => v.to_vec(),
+            None => zeros(batch * rows * len),
+        };
+        let compute = x_dbl.is_none();
+        let parts = (u.par_chunks_mut(di * len), delta.par_chunks_mut(di * len), xd.par_chunks_mut(rows * len));
+        parts.into_par_iter().zip(conv_state.par_chunks_mut(di * k)).enumerate().for_each(
+            |(b, ((u_b, delta_b, xd_b), cs_b))| {
+                let conv = self.conv(w, &xz[b * len * 2 * di..][..len * 2 * di]);
+                for c in 0..di {
+                    for j in 0..k {
+                        // The last k inputs in route order: step len - k + j.
+                        if len + j >= k {
+                            cs_b[c * k + j] = conv.x[c * len + len + j - k];
+                        }
+                    }
+                }
+                if compute {
+                    gemm(rows, len, di, xd_b, false, Mat::rows(w.x_proj, di), Mat::rows(&conv.u, len));
+                }
+                gemm(di, len, r, delta_b, false, Mat::rows(w.dt_proj, r), Mat::rows(xd_b, len));
+                u_b.copy_from_slice(&conv.u);
+            },
+        );
+        (u, delta, xd, conv_state)
+    }
+
+    fn fwd<T: Real>(&self, xz: &[T], pack: &[T]) -> Vec<T> {
+        let Sizes { batch, len, di, n, .. } = self.s;
+        let w = self.unpack(pack);
+        let (u, delta, x_dbl, conv_state) = self.inputs(&w, xz, None);
+        let scan = self.scan_op(self.keep);
+        let mut y = scan.fwd(View3::from_slice(&u, [batch, di, len]), View3::from_slice(&delta, [batch, di, len]), &self.scan_pack(&w, &x_dbl));
+        let last_state = y.split_off(batch * di * len);
+        let mut out = zeros(batch * len * di);
+        out.par_chunks_mut(len * di).enumerate().for_each_init(
+            || vec![T::ZERO; di],
+            |col, (b, out_b)| {
+                let y_b = &y[b * di * len..][..di * len];
+                for t in 0..len {
+                    let p = self.pos(t);
+                    for (c, v) in col.iter_mut().enumerate() {
+                        *v = y_b[c * len + t];
+                    }
+                    let z = &xz[(b * len + p) * 2 * di + di..][..di];
+                    gate_span(col, z, &mut out_b[p * di..][..di]);
+                }
+            },
+        );
+        debug_assert_eq!(last_state.len(), batch * di * n);
+        out.extend(last_state);
+        out.extend(conv_state);
+        if self.keep {
+            *self.saved.lock().unwrap() = Some(Box::new(Saved { x_dbl, y, scan }));
+        }
+        out
+    }
+
+    /// (dxz, dpack) from the gradient of the flat result.
+    fn bwd<T: Real>(&self, xz: &[T], pack: &[T], grad: &[T]) -> (Vec<T>, Vec<T>) {
+        let Sizes { batch, len, di, k, r, n } = self.s;
+        let rows = self.s.rows();
+        let saved = match self.saved.lock().unwrap().take().map(|b| b.downcast::<Saved<T>>()) {
+            Some(Ok(s)) => *s,
+            // The forward pass kept nothing (or a backward pass took it): run it again.
+            _ => {
+                let op = InnerOp { keep: true, saved: Mutex::new(None), order: self.order.clone(), ..*self };
+                op.fwd(xz, pack);
+                *op.saved.into_inner().unwrap().unwrap().downcast().unwrap()
+            }
+        };
+        let w = self.unpack(pack);
+        let (g_out, rest) = grad.split_at(batch * len * di);
+        let (g_last, g_conv) = rest.split_at(batch * di * n);
+        let (u, delta, _, _) = self.inputs(&w, xz, Some(&saved.x_dbl));
+        // The gate: dz into dxz, dy (batch, d_inner, len) for the scan.
+        let mut dxz = zeros(batch * len * 2 * di);
+        let mut dy = zeros(batch * di * len + batch * di * n);
+        dy[batch * di * len..].copy_from_slice(g_last);
+        dxz.par_chunks_mut(len * 2 * di).zip(dy.par_chunks_mut(di * len)).enumerate().for_each_init(
+            || (vec![T::ZERO; di], vec![T::ZERO; di]),
+            |(col, dcol), (b, (dxz_b, dy_b))| {
+                let y_b = &saved.y[b * di * len..][..di * len];
+                for t in 0..len {
+                    let p = self.pos(t);
+                    for (c, v) in col.iter_mut().enumerate() {
+                        *v = y_b[c * len + t];
+                    }
+                    let z = &xz[(b * len + p) * 2 * di + di..][..di];
+                    let g = &g_out[(b * len + p) * di..][..di];
+                    gate_grad_span(col, z, g, dcol, &mut dxz_b[p * 2 * di + di..][..di]);
+                    for (c, &v) in dcol.iter().enumerate() {
+                        dy_b[c * len + t] = v;
+                    }
+                }
+            },
+        );
+        let dims = [batch, di, len];
+        let scan_pack = self.scan_pack(&w, &saved.x_dbl);
+        let (du_scan, ddelta, dscan) =
+            saved.scan.bwd(View3::from_slice(&u, dims), View3::from_slice(&delta, dims), &scan_pack, &dy);
+        drop((u, delta, dy));
+        // dscan = [dA | dB (batch, state, len) | dC | dD | d dt_bias].
+        let (da, rest) = dscan.split_at(di * n);
+        let (db, rest) = rest.split_at(batch * n * len);
+        let (dc, rest) = rest.split_at(batch * n * len);
+        let (dd, d_dt_bias) = rest.split_at(di);
+
+        // Through the projections and the conv, one batch row per task; the weight gradients
+        // are summed per task and then over the tasks.
+        let weight_grads = || (vec![T::ZERO; di * k + di], vec![T::ZERO; rows * di], vec![T::ZERO; di * r]);
+        let (dconv, dx_proj, ddt_proj) = dxz
+            .par_chunks_mut(len * 2 * di)
+            .enumerate()
+            .fold(weight_grads, |(mut dconv, mut dx_proj, mut ddt_proj), (b, dxz_b)| {
+                let conv = self.conv(&w, &xz[b * len * 2 * di..][..len * 2 * di]);
+                let x_dbl = &saved.x_dbl[b * rows * len..][..rows * len];
+                let ddelta_b = &ddelta[b * di * len..][..di * len];
+                // d x_dbl = [dt_projᵀ · d delta; dB; dC].
+                let mut dx_dbl = vec![T::ZERO; rows * len];
+                gemm(r, len, di, &mut dx_dbl, false, Mat::rows(w.dt_proj, r).t(), Mat::rows(ddelta_b, len));
+                dx_dbl[r * len..(r + n) * len].copy_from_slice(&db[b * n * len..][..n * len]);
+                dx_dbl[(r + n) * len..].copy_from_slice(&dc[b * n * len..][..n * len]);
+                gemm(di, r, len, &mut ddt_proj, true, Mat::rows(ddelta_b, len), Mat::rows(x_dbl, len).t());
+                gemm(rows, di, len, &mut dx_proj, true, Mat::rows(&dx_dbl, len), Mat::rows(&conv.u, len).t());
+                let mut du = du_scan[b * di * len..][..di * len].to_vec();
+                gemm(di, len, rows, &mut du, true, Mat::rows(w.x_proj, di).t(), Mat::rows(&dx_dbl, len));
+                let mut dpre = vec![T::ZERO; di * len];
+                silu_grad(&conv.pre, &du, &mut dpre);
+                // The conv: x[t] feeds pre[t + k - 1 - j] through tap j.
+                let mut dx = vec![T::ZERO; di * len];
+                let g_conv_b = &g_conv[b * di * k..][..di * k];
+                for c in 0..di {
+                    let (dp, xc, dxc) = (&dpre[c * len..][..len], &conv.x[c * len..][..len], &mut dx[c * len..][..len]);
+                    for j in 0..k {
+                        let (wj, shift) = (w.conv_w[c * k + j], k - 1 - j);
+                        if shift >= len {
+                            continue;
+                        }
+                        let mut s = T::ZERO;
+                        for ((d, &g), &xv) in dxc.iter_mut().zip(&dp[shift..]).zip(xc) {
+                            *d += wj * g;
+                            s += g * xv;
+                        }
+                        dconv[c * k + j] += s;
+                    }
+                    let mut s = T::ZERO;
+                    for &g in dp {
+                        s += g;
+                    }
+                    dconv[di * k + c] += s;
+                    for j in 0..k {
+                        if len + j >= k {
+                            dxc[len + j - k] += g_conv_b[c * k + j];
+                        }
+                    }
+                }
+                for t in 0..len {
+                    let row = &mut dxz_b[self.pos(t) * 2 * di..][..di];
+                    for (c, v) in row.iter_mut().enumerate() {
+                        *v = dx[c * len + t];
+                    }
+                }
+                (dconv, dx_proj, ddt_proj)
+            })
+            .reduce(weight_grads, |a, b| {
+                let add = |mut x: Vec<T>, y: Vec<T>| {
+                    x.iter_mut().zip(y).for_each(|(p, q)| *p += q);
+                    x
+                };
+                (add(a.0, b.0), add(a.1, b.1), add(a.2, b.2))
+            });
+        // d A_log = dA A, with A = -exp(A_log).
+        let da_log = da.iter().zip(w.a_log).map(|(&g, &a)| -g * a.exp::<crate::math::Plain>());
+        let mut dpack = dconv;
+        dpack.extend(dx_proj);
+        dpack.extend(ddt_proj);
+        dpack.extend_from_slice(d_dt_bias);
+        dpack.extend(da_log);
+        dpack.extend_from_slice(dd);
+        (dxz, dpack)
+    }
+}
+
+impl CustomOp2 for InnerOp {
+    fn name(&self) -> &'static str {
+        "mamba-inner"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(self.fwd::<f32>(flat(s1, l1)?, flat(s2, l2)?)),
+            CpuStorage::F64(_) => CpuStorage::F64(self.fwd::<f64>(flat(s1, l1)?, flat(s2, l2)?)),
+            s => candle_core::bail!("mamba-inner computes in f32 or f64, got {:?}", s.dtype()),
+        };
+        let Sizes { batch, len, di, k, n, .. } = self.s;
+        Ok((out, Shape::from(batch * (len * di + di * n + di * k))))
+    }
+
+    fn bwd(&self, xz: &Tensor, pack: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (dxz, dpack) = match xz.dtype() {
+            DType::F32 => bwd_tensors::<f32>(self, xz, pack, &grad)?,
+            DType::F64 => bwd_tensors::<f64>(self, xz, pack, &grad)?,
+            dt => candle_core::bail!("mamba-inner computes in f32 or f64, got {dt:?}"),
+        };
+        Ok((Some(dxz), Some(dpack)))
+    }
+}
+
+fn bwd_tensors<T: Real>(op: &InnerOp, xz: &Tensor, pack: &Tensor, grad: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    cpu_storages!("mamba-inner"; (sx, lx) = xz, (sp, lp) = pack, (sg, lg) = grad);
+    let (dxz, dpack) = op.bwd::<T>(flat(sx, lx)?, flat(sp, lp)?, flat(sg, lg)?);
+    Ok((Tensor::from_vec(dxz, xz.shape(), xz.device())?, Tensor::from_vec(dpack, pack.shape(), pack.device())?))
+}
