@@ -6,11 +6,13 @@
 //! `A_b_log`, `D_b` for the second route).
 
 use crate::model::MixerCache;
-use crate::routes::{check_causal, route_suffix, run_routes, Merge, Route, RouteParams};
+use crate::routes::{check_causal, gathered, route_suffix, run_routes, Merge, Route, RouteParams};
 use crate::{compute_dtype, BackboneConfig, Linear, Result};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
-use mamba_ssm::{causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update, ScanParams};
+use mamba_ssm::{
+    causal_conv1d, causal_conv1d_update, mamba_inner, selective_scan, selective_state_update, InnerWeights, ScanParams,
+};
 
 /// How dt, B and C are made.
 #[derive(Debug, Clone)]
@@ -91,16 +93,37 @@ impl Ssm {
         ScanParams { d: Some(&self.d), z: Some(z), delta_bias, delta_softplus: true }
     }
 
-    /// x, z: (batch, len, d_inner) -> y (batch, len, d_inner), and the cache after the last token.
-    fn forward(&self, x: &Tensor, z: &Tensor) -> Result<(Tensor, MixerCache)> {
-        // (batch, len, d_inner) viewed as (batch, d_inner, len): the kernels read it in place.
-        let (x, z) = (x.transpose(1, 2)?, z.transpose(1, 2)?);
-        let u = causal_conv1d(&x, &self.conv_weight, self.conv_bias.as_ref(), true)?;
-        let (dt, b, c) = self.dt_b_c(&u.transpose(1, 2)?)?;
-        let (dt, b, c) = (dt.transpose(1, 2)?, b.transpose(1, 2)?, c.transpose(1, 2)?);
-        let out = selective_scan(&u, &dt, &self.a()?, &b, &c, &self.params(&z), None)?;
-        let conv = MixerCache::last_inputs(&x, self.conv_weight.dim(2)?)?;
-        Ok((out.y.transpose(1, 2)?, MixerCache { conv, ssm: out.last_state }))
+    /// xz: (batch, len, 2 d_inner), in_proj's output in sequence order, through the route
+    /// `order` -> y (batch, len, d_inner) in sequence order, and the cache after the route's last
+    /// token. The selective SSM is one fused op that reads through the order.
+    fn forward(&self, xz: &Tensor, order: Option<&[u32]>) -> Result<(Tensor, MixerCache)> {
+        if let Selection::Selective { x_proj, dt_proj, .. } = &self.selection {
+            let w = InnerWeights {
+                conv_weight: &self.conv_weight,
+                conv_bias: self.conv_bias.as_ref(),
+                x_proj: x_proj.weight(),
+                dt_proj: dt_proj.weight(),
+                dt_bias: dt_proj.bias().ok_or_else(|| crate::Error::Config {
+                    path: "dt_proj".into(),
+                    message: "the selective SSM needs dt_proj.bias".into(),
+                })?,
+                a_log: &self.a_log,
+                d: &self.d,
+            };
+            let out = mamba_inner(xz, &w, order)?;
+            return Ok((out.y, MixerCache { conv: out.conv_state, ssm: out.last_state }));
+        }
+        gathered(xz, order, |t| {
+            let di = t.dim(2)? / 2;
+            // (batch, len, d_inner) viewed as (batch, d_inner, len): the kernels read it in place.
+            let (x, z) = (t.narrow(2, 0, di)?.transpose(1, 2)?, t.narrow(2, di, di)?.transpose(1, 2)?);
+            let u = causal_conv1d(&x, &self.conv_weight, self.conv_bias.as_ref(), true)?;
+            let (dt, b, c) = self.dt_b_c(&u.transpose(1, 2)?)?;
+            let (dt, b, c) = (dt.transpose(1, 2)?, b.transpose(1, 2)?, c.transpose(1, 2)?);
+            let out = selective_scan(&u, &dt, &self.a()?, &b, &c, &self.params(&z), None)?;
+            let conv = MixerCache::last_inputs(&x, self.conv_weight.dim(2)?)?;
+            Ok((out.y.transpose(1, 2)?, MixerCache { conv, ssm: out.last_state }))
+        })
     }
 
     /// x, z: (batch, d_inner) -> y (batch, d_inner); advances the cache.
@@ -173,11 +196,8 @@ impl Mamba1Mixer {
     /// x: (batch, len, d_model) -> (batch, len, d_model), and the cache after the last token of
     /// the first route. The routes are merged before out_proj.
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, MixerCache)> {
-        let di = self.d_inner;
         let xz = self.in_proj.forward(x)?;
-        let (y, cache) = run_routes(&self.routes, self.merge, &xz, |i, t| {
-            self.ssm(i).forward(&t.narrow(2, 0, di)?, &t.narrow(2, di, di)?)
-        })?;
+        let (y, cache) = run_routes(&self.routes, self.merge, xz.dim(1)?, |i, order| self.ssm(i).forward(&xz, order))?;
         Ok((self.out_proj.forward(&y)?, cache))
     }
 

@@ -6,7 +6,7 @@
 
 use crate::model::MixerCache;
 use crate::norm::normalize;
-use crate::routes::{check_causal, route_suffix, run_routes, Merge, Route, RouteParams};
+use crate::routes::{check_causal, gathered, route_suffix, run_routes, Merge, Route, RouteParams};
 use crate::{compute_dtype, BackboneConfig, Linear, Result};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
@@ -141,7 +141,9 @@ impl Mamba2Mixer {
     /// are merged before out_proj.
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, MixerCache)> {
         let zxbcdt = self.in_proj.forward(x)?;
-        let (y, cache) = run_routes(&self.routes, self.merge, &zxbcdt, |i, t| self.route_forward(self.ssm(i), t))?;
+        let (y, cache) = run_routes(&self.routes, self.merge, zxbcdt.dim(1)?, |i, order| {
+            gathered(&zxbcdt, order, |t| self.route_forward(self.ssm(i), t))
+        })?;
         Ok((self.out_proj.forward(&y)?, cache))
     }
 

@@ -144,29 +144,21 @@ pub(crate) fn check_causal(routes: &[Route]) -> Result<()> {
     })
 }
 
-/// Runs `route_fn(i, input in route i's order)` for every route on input (batch, len, ...),
-/// puts each output (batch, len, ...) back in sequence order and merges them. Returns the merged
-/// output and the cache of the first route.
+/// Runs `route_fn(i, order)` for every route, where `order` is route i's order over the
+/// sequence, `None` for one in sequence order (forward, or Vim's raster with its class token),
+/// and `route_fn` returns its output (batch, len, ...) in sequence order; merges the outputs.
+/// Returns the merged output and the cache of the first route.
 pub(crate) fn run_routes(
     routes: &[Route],
     merge: Merge,
-    input: &Tensor,
-    route_fn: impl Fn(usize, &Tensor) -> Result<(Tensor, MixerCache)>,
+    len: usize,
+    route_fn: impl Fn(usize, Option<&[u32]>) -> Result<(Tensor, MixerCache)>,
 ) -> Result<(Tensor, MixerCache)> {
-    let len = input.dim(1)?;
     let mut merged: Option<Tensor> = None;
     let mut first_cache = None;
     for (i, route) in routes.iter().enumerate() {
-        // A route in sequence order (forward, or Vim's raster with its class token) needs no
-        // gather: the tensors are read in place.
         let order = Some(route.order(len)?).filter(|o| !is_identity(o));
-        let (y, cache) = match &order {
-            Some(o) => {
-                let (y, cache) = route_fn(i, &gather(input, o)?)?;
-                (gather(&y, &inverse(o))?, cache)
-            }
-            None => route_fn(i, input)?,
-        };
+        let (y, cache) = route_fn(i, order.as_deref())?;
         merged = Some(match merged {
             Some(m) => (m + y)?,
             None => y,
@@ -180,6 +172,22 @@ pub(crate) fn run_routes(
         y = (y / routes.len() as f64)?;
     }
     Ok((y, cache))
+}
+
+/// For a route without an op of its own that reads through the order: runs `f` on the input
+/// (batch, len, ...) gathered in route order and puts its output back in sequence order.
+pub(crate) fn gathered(
+    input: &Tensor,
+    order: Option<&[u32]>,
+    f: impl FnOnce(&Tensor) -> Result<(Tensor, MixerCache)>,
+) -> Result<(Tensor, MixerCache)> {
+    match order {
+        Some(o) => {
+            let (y, cache) = f(&gather(input, o)?)?;
+            Ok((gather(&y, &inverse(o))?, cache))
+        }
+        None => f(input),
+    }
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use crate::conv::{silu_grad, silu_in_place};
 use crate::cpu::{cpu_storages, flat, zeros, View3};
 use crate::error::{argument, check, dims, Result};
 use crate::gate::{gate_grad_span, gate_span};
-use crate::math::Real;
+use crate::math::{madd, simd_fn, Real};
 use crate::selective_scan::{compute_dtype, Dims, ScanOp};
 use crate::{causal_conv1d, causal_conv1d_ref, selective_scan, selective_scan_ref, ScanParams};
 use candle_core::backend::BackendStorage;
@@ -302,6 +302,48 @@ struct Conv<T> {
     u: Vec<T>,
 }
 
+simd_fn! {
+    /// One channel of the causal conv: out[t] = bias + sum_j w[j] x[t + j - (k - 1)], the taps
+    /// before t = 0 reading zeros.
+    fn conv_channel<T, S>(x: &[T], w: &[T], bias: T, out: &mut [T]) {
+        out.fill(bias);
+        let (k, len) = (w.len(), x.len());
+        for (j, &wj) in w.iter().enumerate() {
+            let shift = k - 1 - j;
+            if shift < len {
+                for (o, &v) in out[shift..].iter_mut().zip(x) {
+                    *o = madd::<T, S>(wj, v, *o);
+                }
+            }
+        }
+    }
+}
+
+simd_fn! {
+    /// Its backward for d(pre-activation) dp: x[t] feeds out[t + k - 1 - j] through tap j. Sets
+    /// dx, adds to dw and db.
+    fn conv_channel_grad<T, S>(x: &[T], w: &[T], dp: &[T], dx: &mut [T], dw: &mut [T], db: &mut T) {
+        let (k, len) = (w.len(), x.len());
+        dx.fill(T::ZERO);
+        for (j, &wj) in w.iter().enumerate() {
+            let shift = k - 1 - j;
+            if shift < len {
+                let mut s = T::ZERO;
+                for ((d, &g), &xv) in dx.iter_mut().zip(&dp[shift..]).zip(x) {
+                    *d = madd::<T, S>(wj, g, *d);
+                    s = madd::<T, S>(g, xv, s);
+                }
+                dw[j] += s;
+            }
+        }
+        let mut s = T::ZERO;
+        for &g in dp {
+            s += g;
+        }
+        *db += s;
+    }
+}
+
 impl InnerOp {
     fn unpack<'a, T>(&self, pack: &'a [T]) -> Weights<'a, T> {
         let Sizes { di, k, r, n, .. } = self.s;
@@ -339,17 +381,7 @@ impl InnerOp {
         }
         let mut pre = vec![T::ZERO; di * len];
         for c in 0..di {
-            let (xc, out) = (&x[c * len..][..len], &mut pre[c * len..][..len]);
-            out.fill(w.conv_b[c]);
-            // Tap j reads x[t + j - (k - 1)]: the taps before t = 0 read zeros.
-            for (j, &wj) in w.conv_w[c * k..][..k].iter().enumerate() {
-                let shift = k - 1 - j;
-                if shift < len {
-                    for (o, &v) in out[shift..].iter_mut().zip(xc) {
-                        *o += wj * v;
-                    }
-                }
-            }
+            conv_channel(&x[c * len..][..len], &w.conv_w[c * k..][..k], w.conv_b[c], &mut pre[c * len..][..len]);
         }
         let mut u = pre.clone();
         silu_in_place(&mut u);
@@ -390,7 +422,8 @@ impl InnerOp {
     fn inputs<T: Real>(&self, w: &Weights<T>, xz: &[T], x_dbl: Option<&[T]>) -> (Vec<T>, Vec<T>, Vec<T>, Vec<T>) {
         let Sizes { batch, len, di, k, r, .. } = self.s;
         let rows = self.s.rows();
-        let (mut u, mut delta, mut conv_state) = (zeros(batch * di * len), zeros(batch * di * len), zeros(batch * di * k));
+        let (mut u, mut delta, mut conv_state) =
+            (zeros(batch * di * len), zeros(batch * di * len), zeros(batch * di * k));
         let mut xd = match x_dbl {
             Some(v) => v.to_vec(),
             None => zeros(batch * rows * len),
@@ -423,7 +456,11 @@ impl InnerOp {
         let w = self.unpack(pack);
         let (u, delta, x_dbl, conv_state) = self.inputs(&w, xz, None);
         let scan = self.scan_op(self.keep);
-        let mut y = scan.fwd(View3::from_slice(&u, [batch, di, len]), View3::from_slice(&delta, [batch, di, len]), &self.scan_pack(&w, &x_dbl));
+        let mut y = scan.fwd(
+            View3::from_slice(&u, [batch, di, len]),
+            View3::from_slice(&delta, [batch, di, len]),
+            &self.scan_pack(&w, &x_dbl),
+        );
         let last_state = y.split_off(batch * di * len);
         let mut out = zeros(batch * len * di);
         out.par_chunks_mut(len * di).enumerate().for_each_init(
@@ -523,25 +560,10 @@ impl InnerOp {
                 // The conv: x[t] feeds pre[t + k - 1 - j] through tap j.
                 let mut dx = vec![T::ZERO; di * len];
                 let g_conv_b = &g_conv[b * di * k..][..di * k];
+                let (dw, db) = dconv.split_at_mut(di * k);
                 for c in 0..di {
                     let (dp, xc, dxc) = (&dpre[c * len..][..len], &conv.x[c * len..][..len], &mut dx[c * len..][..len]);
-                    for j in 0..k {
-                        let (wj, shift) = (w.conv_w[c * k + j], k - 1 - j);
-                        if shift >= len {
-                            continue;
-                        }
-                        let mut s = T::ZERO;
-                        for ((d, &g), &xv) in dxc.iter_mut().zip(&dp[shift..]).zip(xc) {
-                            *d += wj * g;
-                            s += g * xv;
-                        }
-                        dconv[c * k + j] += s;
-                    }
-                    let mut s = T::ZERO;
-                    for &g in dp {
-                        s += g;
-                    }
-                    dconv[di * k + c] += s;
+                    conv_channel_grad(xc, &w.conv_w[c * k..][..k], dp, dxc, &mut dw[c * k..][..k], &mut db[c]);
                     for j in 0..k {
                         if len + j >= k {
                             dxc[len + j - k] += g_conv_b[c * k + j];
@@ -580,7 +602,13 @@ impl CustomOp2 for InnerOp {
         "mamba-inner"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let out = match s1 {
             CpuStorage::F32(_) => CpuStorage::F32(self.fwd::<f32>(flat(s1, l1)?, flat(s2, l2)?)),
             CpuStorage::F64(_) => CpuStorage::F64(self.fwd::<f64>(flat(s1, l1)?, flat(s2, l2)?)),
@@ -590,7 +618,13 @@ impl CustomOp2 for InnerOp {
         Ok((out, Shape::from(batch * (len * di + di * n + di * k))))
     }
 
-    fn bwd(&self, xz: &Tensor, pack: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        xz: &Tensor,
+        pack: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let (dxz, dpack) = match xz.dtype() {
             DType::F32 => bwd_tensors::<f32>(self, xz, pack, &grad)?,
@@ -601,7 +635,12 @@ impl CustomOp2 for InnerOp {
     }
 }
 
-fn bwd_tensors<T: Real>(op: &InnerOp, xz: &Tensor, pack: &Tensor, grad: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+fn bwd_tensors<T: Real>(
+    op: &InnerOp,
+    xz: &Tensor,
+    pack: &Tensor,
+    grad: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor)> {
     cpu_storages!("mamba-inner"; (sx, lx) = xz, (sp, lp) = pack, (sg, lg) = grad);
     let (dxz, dpack) = op.bwd::<T>(flat(sx, lx)?, flat(sp, lp)?, flat(sg, lg)?);
     Ok((Tensor::from_vec(dxz, xz.shape(), xz.device())?, Tensor::from_vec(dpack, pack.shape(), pack.device())?))

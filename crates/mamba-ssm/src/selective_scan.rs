@@ -426,7 +426,13 @@ impl ScanOp {
     }
 
     /// Gradients (du, ddelta, dpack) from the gradient of the flat result.
-    pub(crate) fn bwd<T: Real>(&self, u: View3<T>, delta: View3<T>, pack: &[T], grad: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
+    pub(crate) fn bwd<T: Real>(
+        &self,
+        u: View3<T>,
+        delta: View3<T>,
+        pack: &[T],
+        grad: &[T],
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
         let Dims { batch, dim, len, state: n, groups } = self.dims;
         let checkpoints = match self.checkpoints.lock().unwrap().take().map(|b| b.downcast::<Vec<Vec<Lanes<T>>>>()) {
             Some(Ok(c)) => *c,

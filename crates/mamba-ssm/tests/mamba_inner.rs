@@ -28,7 +28,11 @@ fn routes(len: usize) -> Vec<(&'static str, Option<Vec<u32>>)> {
     let mid = len as u32 / 2;
     let rest = (0..len as u32).step_by(2).chain((1..len as u32).step_by(2)).filter(|&p| p != mid);
     let class_first = std::iter::once(mid).chain(rest).collect();
-    vec![("identity", None), ("reverse", Some((0..len as u32).rev().collect())), ("class token first", Some(class_first))]
+    vec![
+        ("identity", None),
+        ("reverse", Some((0..len as u32).rev().collect())),
+        ("class token first", Some(class_first)),
+    ]
 }
 
 /// xz and the weights, in the order: xz, conv weight, conv bias?, x_proj, dt_proj, dt_bias,

@@ -164,8 +164,10 @@ pub fn train<T: Task>(
             if in_step < train.accumulate && b + 1 < batches.len() {
                 continue;
             }
-            let scale = 1.0 / in_step as f64;
-            let averaged = grads.drain().map(|(n, g)| Ok((n, (g * scale)?))).collect::<Result<HashMap<_, _>>>()?;
+            let averaged = match in_step {
+                1 => std::mem::take(&mut grads),
+                n => grads.drain().map(|(name, g)| Ok((name, (g / n as f64)?))).collect::<Result<HashMap<_, _>>>()?,
+            };
             let lr = learning_rate(optim, state.step, total_steps);
             let norm = opt.update(&params, &averaged, lr)?;
             state.step += 1;

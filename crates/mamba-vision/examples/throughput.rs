@@ -13,6 +13,9 @@ use mamba_vision::{ImageShape, Size2d, VisionConfig, VisionModel};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+/// Timed batches per measurement.
+const REPS: usize = 9;
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/vision");
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -34,13 +37,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let model = VisionModel::load(VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu), &config)?;
         let s = shape.image_size;
         let images = Tensor::randn(0f32, 1.0, (batch, shape.channels, s.height, s.width), &Device::Cpu)?;
+        // The median of several timed batches: this shared machine's noise is one-sided.
         let time = |f: &dyn Fn() -> Result<(), Box<dyn std::error::Error>>| -> Result<f64, Box<dyn std::error::Error>> {
             f()?; // warm-up
-            let (start, reps) = (Instant::now(), 3);
-            for _ in 0..reps {
-                f()?;
-            }
-            Ok((reps * batch) as f64 / start.elapsed().as_secs_f64())
+            let mut secs = (0..REPS)
+                .map(|_| {
+                    let start = Instant::now();
+                    f().map(|_| start.elapsed().as_secs_f64())
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            secs.sort_by(f64::total_cmp);
+            Ok(batch as f64 / secs[REPS / 2])
         };
         let infer = time(&|| {
             model.forward(&images, None)?;
