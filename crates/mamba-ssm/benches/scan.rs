@@ -9,7 +9,8 @@
 use candle_core::{Device, Tensor, Var};
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use mamba_ssm::{
-    selective_scan, selective_scan_ref, set_cpu_isa, ssd_chunk_scan, CpuIsa, ScanOutput, ScanParams, SsdParams,
+    causal_conv1d, mamba_inner, selective_scan, selective_scan_ref, set_cpu_isa, ssd_chunk_scan, CpuIsa, InnerWeights,
+    ScanOutput, ScanParams, SsdParams,
 };
 use std::time::Duration;
 
@@ -159,11 +160,90 @@ fn ssd(c: &mut Criterion) {
     g.finish();
 }
 
+/// One route of a Mamba-1 mixer at the shape of the README's Vision Mamba (batch 32, 50 tokens,
+/// d_inner 128, d_state 16, dt_rank 4, d_conv 4), forward and reverse: the fused op against the
+/// composition the mixer ran before it (a gather for the reverse route, the conv and scan
+/// kernels, candle's matmuls, transposes, a scatter back), training (forward + backward):
+/// `cargo bench -p mamba-ssm --bench scan -- mamba_inner`.
+fn route(c: &mut Criterion) {
+    let (batch, len, di, n, r, k) = (32, 50, 128, 16, 4, 4);
+    let vars: Vec<Var> = [
+        rand(&[batch, len, 2 * di], -1.0, 1.0),
+        rand(&[di, 1, k], -0.5, 0.5),
+        rand(&[di], -0.5, 0.5),
+        rand(&[r + 2 * n, di], -0.2, 0.2),
+        rand(&[di, r], -0.5, 0.5),
+        rand(&[di], -3.0, -1.0),
+        rand(&[di, n], 0.0, 2.0),
+        rand(&[di], -1.0, 1.0),
+    ]
+    .iter()
+    .map(|t| Var::from_tensor(t).unwrap())
+    .collect();
+    let t: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+    let w = InnerWeights {
+        conv_weight: t[1],
+        conv_bias: Some(t[2]),
+        x_proj: t[3],
+        dt_proj: t[4],
+        dt_bias: t[5],
+        a_log: t[6],
+        d: t[7],
+    };
+    let fused = |order: Option<&[u32]>| mamba_inner(t[0], &w, order).unwrap().y;
+    let composed = |order: Option<&[u32]>| {
+        let index = |o: &[u32]| Tensor::new(o, &Device::Cpu).unwrap();
+        let xz = match order {
+            Some(o) => t[0].index_select(&index(o), 1).unwrap(),
+            None => t[0].clone(),
+        };
+        let (x, z) = (
+            xz.narrow(2, 0, di).unwrap().transpose(1, 2).unwrap(),
+            xz.narrow(2, di, di).unwrap().transpose(1, 2).unwrap(),
+        );
+        let u = causal_conv1d(&x, t[1], Some(t[2]), true).unwrap();
+        let x_dbl = u.transpose(1, 2).unwrap().broadcast_matmul(&t[3].t().unwrap()).unwrap();
+        let dt = x_dbl.narrow(2, 0, r).unwrap().broadcast_matmul(&t[4].t().unwrap()).unwrap().transpose(1, 2).unwrap();
+        let part = |i: usize| x_dbl.narrow(2, i, n).unwrap().transpose(1, 2).unwrap();
+        let p = ScanParams { d: Some(t[7]), z: Some(&z), delta_bias: Some(t[5]), delta_softplus: true };
+        let a = t[6].exp().unwrap().neg().unwrap();
+        let y = selective_scan(&u, &dt, &a, &part(r), &part(r + n), &p, None).unwrap().y.transpose(1, 2).unwrap();
+        match order {
+            Some(o) => {
+                let mut inverse = vec![0u32; len];
+                for (i, &p) in o.iter().enumerate() {
+                    inverse[p as usize] = i as u32;
+                }
+                y.contiguous().unwrap().index_select(&index(&inverse), 1).unwrap()
+            }
+            None => y,
+        }
+    };
+    let reverse: Vec<u32> = (0..len as u32).rev().collect();
+    for order in [None, Some(reverse.as_slice())] {
+        let err =
+            (fused(order) - composed(order)).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(err < 1e-4, "the composition differs from the fused op by {err}");
+    }
+    let mut g = c.benchmark_group("mamba_inner");
+    g.sample_size(20).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(4));
+    g.throughput(Throughput::Elements((batch * len * di * n) as u64));
+    for (name, order) in [("forward", None), ("reverse", Some(reverse.as_slice()))] {
+        g.bench_function(BenchmarkId::new("fused_fwd_bwd", name), |b| {
+            b.iter(|| fused(order).sum_all().unwrap().backward().unwrap())
+        });
+        g.bench_function(BenchmarkId::new("composed_fwd_bwd", name), |b| {
+            b.iter(|| composed(order).sum_all().unwrap().backward().unwrap())
+        });
+    }
+    g.finish();
+}
+
 fn two_threads() {
     rayon::ThreadPoolBuilder::new().num_threads(2).build_global().expect("rayon pool");
 }
 
-criterion_group!(benches, selective, instruction_sets, ssd);
+criterion_group!(benches, selective, instruction_sets, ssd, route);
 
 fn main() {
     two_threads();

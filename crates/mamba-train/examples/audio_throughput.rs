@@ -16,6 +16,10 @@ use std::time::Instant;
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
+/// The allocator of the `mamba` binary, whose training these numbers stand for.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> Result<()> {
     let default = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/audio/speech-words-mamba1.toml");
     let path = std::env::args().nth(1).map(PathBuf::from).unwrap_or(default);

@@ -23,6 +23,10 @@ const PATTERNS: [(&str, &str); 7] = [
     ("cross-scan (VMamba's 4)", r#"["raster", "column", "reverse_raster", "reverse_column"]"#),
 ];
 
+/// The allocator of the `mamba` binary, whose training these numbers stand for.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let epochs: usize = std::env::args().nth(1).map(|a| a.parse()).transpose()?.unwrap_or(4);
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/vision/mnist-vim.toml");

@@ -39,6 +39,10 @@ fn measure<T: Task>(task: &T, batch: usize) -> Result<(usize, f64, f64)> {
     Ok((params, rate(Split::Validation, false)?, rate(Split::Train, true)?))
 }
 
+/// The allocator of the `mamba` binary, whose training these numbers stand for.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> Result<()> {
     let mut paths: Vec<PathBuf> = std::env::args().skip(1).map(PathBuf::from).collect();
     if paths.is_empty() {

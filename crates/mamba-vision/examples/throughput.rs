@@ -16,6 +16,10 @@ use std::time::Instant;
 /// Timed batches per measurement.
 const REPS: usize = 9;
 
+/// The allocator of the `mamba` binary, whose training these numbers stand for.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/vision");
     let args: Vec<String> = std::env::args().skip(1).collect();
