@@ -622,31 +622,29 @@ simd_fn! {
     /// The branches stay outside the loops so that each loop vectorises.
     fn prepare_dt<T, S>(tiles: &mut Tiles<T>, bias: &Lanes<T>, softplus: bool, grad: bool) {
         let Tiles { u, dt, du, dsp, .. } = tiles;
+        // Flat loops over contiguous values: nested loops over blocks of lanes vectorised with
+        // gathers.
         for (dt, dsp) in dt.iter_mut().zip(dsp.iter_mut()) {
             for w in 0..LANES {
-                let pre = dt[w] + bias[w];
-                dt[w] = pre;
-                dsp[w] = pre;
+                dt[w] += bias[w];
+                dsp[w] = dt[w];
             }
         }
+        let (dt, dsp) = (dt.as_flattened_mut(), dsp.as_flattened_mut());
         if softplus {
-            for dt in dt.iter_mut() {
-                for v in dt.iter_mut() {
-                    *v = v.softplus::<S>();
-                }
+            for v in dt.iter_mut() {
+                *v = v.softplus::<S>();
             }
         }
-        for ((dt, u), du) in dt.iter().zip(u.iter()).zip(du.iter_mut()) {
-            for w in 0..LANES {
-                du[w] = dt[w] * u[w];
-            }
+        for ((d, &t), &x) in du.as_flattened_mut().iter_mut().zip(dt.iter()).zip(u.as_flattened()) {
+            *d = t * x;
         }
-        if grad {
-            for dsp in dsp.iter_mut() {
-                for v in dsp.iter_mut() {
-                    *v = if softplus { v.softplus_grad::<S>() } else { T::ONE };
-                }
+        if grad && softplus {
+            for v in dsp.iter_mut() {
+                *v = v.softplus_grad::<S>();
             }
+        } else if grad {
+            dsp.fill(T::ONE);
         }
     }
 }

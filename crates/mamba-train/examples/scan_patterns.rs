@@ -1,11 +1,12 @@
 //! The scan-pattern experiment: the same small Vision Mamba trained on the bundled MNIST subset
-//! once per set of scan patterns, each from the same seed and for the same number of epochs;
-//! prints a Markdown table of held-out accuracy, training images/s (mean over the run's logged
-//! steps) and inference images/s (the 1,000 test images, batches of 64).
+//! once per set of scan patterns and seed (seeds 0, 1, ...: the initialisation, the batch order
+//! and the augmentation), for the same number of epochs; prints a Markdown table of held-out
+//! accuracy, training images/s (mean over the run's logged steps) and inference images/s (the
+//! 1,000 test images, batches of 64), each as the mean over the seeds and its spread (min-max).
 //!
-//!     cargo run --release -p mamba-train --example scan_patterns [-- EPOCHS]
+//!     cargo run --release -p mamba-train --example scan_patterns [-- EPOCHS [SEEDS]]
 //!
-//! Runs go to runs/scan-patterns/NAME; the config is models/vision/mnist-vim.toml.
+//! Runs go to runs/scan-patterns/NAME-sSEED; the config is models/vision/mnist-vim.toml.
 
 use candle_core::Device;
 use mamba_train::tasks::image::load_classifier;
@@ -28,31 +29,45 @@ const PATTERNS: [(&str, &str); 7] = [
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let epochs: usize = std::env::args().nth(1).map(|a| a.parse()).transpose()?.unwrap_or(4);
+    let arg =
+        |i: usize, default: usize| std::env::args().nth(i).map(|a| a.parse()).transpose().map(|v| v.unwrap_or(default));
+    let (epochs, seeds) = (arg(1, 4)?, arg(2, 1)?);
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/vision/mnist-vim.toml");
     let mut rows = vec![];
     for (name, scan) in PATTERNS {
-        let out = Path::new("runs/scan-patterns").join(name.split(' ').next().unwrap_or(name));
-        let _ = std::fs::remove_dir_all(&out);
-        let sets = [format!("model.scan={scan}"), format!("train.epochs={epochs}")];
-        let summary = train_from_config(&config, &out, false, &sets, &Device::Cpu)?;
-        let accuracy = summary.validation.mean("accuracy").unwrap_or(f64::NAN);
-        let train_rate = mean_rate(&out.join("metrics.jsonl"))?;
-        // Inference: the test images through the best checkpoint, decoding included.
-        let run = mamba_train::RunConfig::load(&summary.best.join("train.toml"), &[])?;
-        let (model, _) = load_classifier(&summary.best, None, &Device::Cpu)?;
-        let mamba_train::AnyTask::Image(task) = &run.task else { return Err("not an image task".into()) };
-        let n = task.len(Split::Validation);
-        let start = Instant::now();
-        for chunk in (0..n).collect::<Vec<_>>().chunks(64) {
-            let batch = task.batch(Split::Validation, 0, chunk, &Device::Cpu)?;
-            model.forward(&batch.inputs, None)?;
+        let mut runs = vec![];
+        for seed in 0..seeds {
+            let short = name.split(' ').next().unwrap_or(name);
+            let out = Path::new("runs/scan-patterns").join(format!("{short}-s{seed}"));
+            let _ = std::fs::remove_dir_all(&out);
+            let sets = [format!("model.scan={scan}"), format!("train.epochs={epochs}"), format!("train.seed={seed}")];
+            let summary = train_from_config(&config, &out, false, &sets, &Device::Cpu)?;
+            let accuracy = summary.validation.mean("accuracy").unwrap_or(f64::NAN);
+            let train_rate = mean_rate(&out.join("metrics.jsonl"))?;
+            // Inference: the test images through the best checkpoint, decoding included.
+            let run = mamba_train::RunConfig::load(&summary.best.join("train.toml"), &[])?;
+            let (model, _) = load_classifier(&summary.best, None, &Device::Cpu)?;
+            let mamba_train::AnyTask::Image(task) = &run.task else { return Err("not an image task".into()) };
+            let n = task.len(Split::Validation);
+            let start = Instant::now();
+            for chunk in (0..n).collect::<Vec<_>>().chunks(64) {
+                let batch = task.batch(Split::Validation, 0, chunk, &Device::Cpu)?;
+                model.forward(&batch.inputs, None)?;
+            }
+            let infer_rate = n as f64 / start.elapsed().as_secs_f64();
+            println!("{name}, seed {seed}: accuracy {accuracy:.4}, train {train_rate:.0} images/s, inference {infer_rate:.0} images/s");
+            runs.push([accuracy * 100.0, train_rate, infer_rate]);
         }
-        let infer_rate = n as f64 / start.elapsed().as_secs_f64();
-        println!("{name}: accuracy {accuracy:.4}, train {train_rate:.0} images/s, inference {infer_rate:.0} images/s");
-        rows.push(format!("| {name} | `{scan}` | {:.1} % | {train_rate:.0} | {infer_rate:.0} |", accuracy * 100.0));
+        let cell = |i: usize, digits: usize| {
+            let v: Vec<f64> = runs.iter().map(|r| r[i]).collect();
+            let (lo, hi) = v.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
+            let mean = v.iter().sum::<f64>() / v.len() as f64;
+            format!("{mean:.digits$} ({lo:.digits$}-{hi:.digits$})")
+        };
+        rows.push(format!("| {name} | `{scan}` | {} | {} | {} |", cell(0, 1), cell(1, 0), cell(2, 0)));
     }
-    println!("\n| patterns | routes | test accuracy | train images/s | inference images/s |");
+    println!("\n{seeds} seeds, {epochs} epochs: mean (min-max)\n");
+    println!("| patterns | routes | test accuracy % | train images/s | inference images/s |");
     println!("|---|---|---|---|---|");
     for r in rows {
         println!("{r}");
