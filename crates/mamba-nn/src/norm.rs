@@ -1,5 +1,5 @@
-//! RMSNorm that candle differentiates (candle_nn's fused version records no gradient on
-//! contiguous inputs).
+//! RMSNorm with its gradient (candle_nn's fused version records none on contiguous inputs): the
+//! fused `mamba_ssm::rms_norm`.
 
 use crate::Result;
 use candle_core::{Tensor, D};
@@ -16,9 +16,9 @@ impl RmsNorm {
         Self { weight, eps }
     }
 
-    /// x: (..., d) -> (..., d) in f32.
+    /// x: (..., d) -> (..., d) in f32 (f64 stays f64).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(normalize(x, self.eps)?.broadcast_mul(&self.weight.to_dtype(candle_core::DType::F32)?)?)
+        Ok(mamba_ssm::rms_norm(x, &self.weight, self.eps)?)
     }
 }
 

@@ -160,52 +160,61 @@ fn ssd(c: &mut Criterion) {
     g.finish();
 }
 
-/// One route of a Mamba-1 mixer at the shape of the README's Vision Mamba (batch 32, 50 tokens,
-/// d_inner 128, d_state 16, dt_rank 4, d_conv 4), forward and reverse: the fused op against the
-/// composition the mixer ran before it (a gather for the reverse route, the conv and scan
-/// kernels, candle's matmuls, transposes, a scatter back), training (forward + backward):
-/// `cargo bench -p mamba-ssm --bench scan -- mamba_inner`.
-fn route(c: &mut Criterion) {
-    let (batch, len, di, n, r, k) = (32, 50, 128, 16, 4, 4);
-    let vars: Vec<Var> = [
-        rand(&[batch, len, 2 * di], -1.0, 1.0),
-        rand(&[di, 1, k], -0.5, 0.5),
-        rand(&[di], -0.5, 0.5),
-        rand(&[r + 2 * n, di], -0.2, 0.2),
-        rand(&[di, r], -0.5, 0.5),
-        rand(&[di], -3.0, -1.0),
-        rand(&[di, n], 0.0, 2.0),
-        rand(&[di], -1.0, 1.0),
-    ]
-    .iter()
-    .map(|t| Var::from_tensor(t).unwrap())
-    .collect();
-    let t: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
-    let w = InnerWeights {
-        conv_weight: t[1],
-        conv_bias: Some(t[2]),
-        x_proj: t[3],
-        dt_proj: t[4],
-        dt_bias: t[5],
-        a_log: t[6],
-        d: t[7],
-    };
-    let fused = |order: Option<&[u32]>| mamba_inner(t[0], &w, order).unwrap().y;
-    let composed = |order: Option<&[u32]>| {
+/// One route of a Mamba-1 mixer: xz and the route's weights, as Vars.
+struct Route {
+    vars: Vec<Var>,
+    /// batch, len, d_inner, d_state, dt_rank.
+    shape: (usize, usize, usize, usize, usize),
+}
+
+impl Route {
+    fn new(batch: usize, len: usize, di: usize, n: usize, r: usize) -> Self {
+        let k = 4;
+        let shapes: [(&[usize], f64, f64); 8] = [
+            (&[batch, len, 2 * di], -1.0, 1.0),
+            (&[di, 1, k], -0.5, 0.5),
+            (&[di], -0.5, 0.5),
+            (&[r + 2 * n, di], -0.2, 0.2),
+            (&[di, r], -0.5, 0.5),
+            (&[di], -3.0, -1.0),
+            (&[di, n], 0.0, 2.0),
+            (&[di], -1.0, 1.0),
+        ];
+        let vars = shapes.iter().map(|&(s, lo, hi)| Var::from_tensor(&rand(s, lo, hi)).unwrap()).collect();
+        Self { vars, shape: (batch, len, di, n, r) }
+    }
+
+    /// The route's gated output, by the fused op or by the composition the mixer ran before it
+    /// (a gather for a reversed route, the conv and scan kernels, candle's matmuls, transposes,
+    /// a scatter back); with `train` the forward pass keeps what the backward pass needs.
+    fn run(&self, fused: bool, order: Option<&[u32]>, train: bool) -> Tensor {
+        let t: Vec<Tensor> =
+            self.vars.iter().map(|v| if train { v.as_tensor().clone() } else { v.as_detached_tensor() }).collect();
+        let (_, len, di, n, r) = self.shape;
+        if fused {
+            let w = InnerWeights {
+                conv_weight: &t[1],
+                conv_bias: Some(&t[2]),
+                x_proj: &t[3],
+                dt_proj: &t[4],
+                dt_bias: &t[5],
+                a_log: &t[6],
+                d: &t[7],
+            };
+            return mamba_inner(&t[0], &w, order).unwrap().y;
+        }
         let index = |o: &[u32]| Tensor::new(o, &Device::Cpu).unwrap();
         let xz = match order {
             Some(o) => t[0].index_select(&index(o), 1).unwrap(),
             None => t[0].clone(),
         };
-        let (x, z) = (
-            xz.narrow(2, 0, di).unwrap().transpose(1, 2).unwrap(),
-            xz.narrow(2, di, di).unwrap().transpose(1, 2).unwrap(),
-        );
-        let u = causal_conv1d(&x, t[1], Some(t[2]), true).unwrap();
+        let half = |i: usize| xz.narrow(2, i * di, di).unwrap().transpose(1, 2).unwrap();
+        let (x, z) = (half(0), half(1));
+        let u = causal_conv1d(&x, &t[1], Some(&t[2]), true).unwrap();
         let x_dbl = u.transpose(1, 2).unwrap().broadcast_matmul(&t[3].t().unwrap()).unwrap();
         let dt = x_dbl.narrow(2, 0, r).unwrap().broadcast_matmul(&t[4].t().unwrap()).unwrap().transpose(1, 2).unwrap();
         let part = |i: usize| x_dbl.narrow(2, i, n).unwrap().transpose(1, 2).unwrap();
-        let p = ScanParams { d: Some(t[7]), z: Some(&z), delta_bias: Some(t[5]), delta_softplus: true };
+        let p = ScanParams { d: Some(&t[7]), z: Some(&z), delta_bias: Some(&t[5]), delta_softplus: true };
         let a = t[6].exp().unwrap().neg().unwrap();
         let y = selective_scan(&u, &dt, &a, &part(r), &part(r + n), &p, None).unwrap().y.transpose(1, 2).unwrap();
         match order {
@@ -218,22 +227,37 @@ fn route(c: &mut Criterion) {
             }
             None => y,
         }
-    };
-    let reverse: Vec<u32> = (0..len as u32).rev().collect();
+    }
+}
+
+/// The fused Mamba-1 route against the composition it replaced:
+/// `cargo bench -p mamba-ssm --bench scan -- mamba_inner`. Training (forward + backward) at the
+/// README's Vision Mamba (batch 32, 50 tokens, d_inner 128, d_state 16, dt_rank 4), forward and
+/// reverse routes; inference (forward) at mamba-130m's prefill of a 512-token prompt (batch 1,
+/// d_inner 1536, dt_rank 48).
+fn routes(c: &mut Criterion) {
+    let vim = Route::new(32, 50, 128, 16, 4);
+    let reverse: Vec<u32> = (0..50).rev().collect();
     for order in [None, Some(reverse.as_slice())] {
-        let err =
-            (fused(order) - composed(order)).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let (a, b) = (vim.run(true, order, false), vim.run(false, order, false));
+        let err = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(err < 1e-4, "the composition differs from the fused op by {err}");
     }
     let mut g = c.benchmark_group("mamba_inner");
     g.sample_size(20).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(4));
-    g.throughput(Throughput::Elements((batch * len * di * n) as u64));
+    g.throughput(Throughput::Elements((32 * 50 * 128 * 16) as u64));
     for (name, order) in [("forward", None), ("reverse", Some(reverse.as_slice()))] {
-        g.bench_function(BenchmarkId::new("fused_fwd_bwd", name), |b| {
-            b.iter(|| fused(order).sum_all().unwrap().backward().unwrap())
-        });
-        g.bench_function(BenchmarkId::new("composed_fwd_bwd", name), |b| {
-            b.iter(|| composed(order).sum_all().unwrap().backward().unwrap())
+        for (kind, fused) in [("fused", true), ("composed", false)] {
+            g.bench_function(BenchmarkId::new(format!("{kind}_fwd_bwd"), name), |b| {
+                b.iter(|| vim.run(fused, order, true).sum_all().unwrap().backward().unwrap())
+            });
+        }
+    }
+    let prefill = Route::new(1, 512, 1536, 16, 48);
+    g.throughput(Throughput::Elements((512 * 1536 * 16) as u64));
+    for (kind, fused) in [("fused", true), ("composed", false)] {
+        g.bench_function(BenchmarkId::new(format!("{kind}_fwd"), "prefill-130m"), |b| {
+            b.iter(|| prefill.run(fused, None, false))
         });
     }
     g.finish();
@@ -243,7 +267,7 @@ fn two_threads() {
     rayon::ThreadPoolBuilder::new().num_threads(2).build_global().expect("rayon pool");
 }
 
-criterion_group!(benches, selective, instruction_sets, ssd, route);
+criterion_group!(benches, selective, instruction_sets, ssd, routes);
 
 fn main() {
     two_threads();

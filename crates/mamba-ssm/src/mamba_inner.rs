@@ -253,9 +253,18 @@ impl<'a, T> Mat<'a, T> {
     }
 }
 
-/// dst (m, n) row-major = lhs (m, k) · rhs (k, n), or dst += lhs · rhs when `accumulate`. One
-/// thread: the callers run one batch row per rayon task.
-fn gemm<T: Real>(m: usize, n: usize, k: usize, dst: &mut [T], accumulate: bool, lhs: Mat<T>, rhs: Mat<T>) {
+/// dst (m, n) row-major = lhs (m, k) · rhs (k, n), or dst += lhs · rhs when `accumulate`.
+#[allow(clippy::too_many_arguments)]
+fn gemm<T: Real>(
+    par: gemm::Parallelism,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    accumulate: bool,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -289,7 +298,7 @@ fn gemm<T: Real>(m: usize, n: usize, k: usize, dst: &mut [T], accumulate: bool, 
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            par,
         )
     }
 }
@@ -300,6 +309,57 @@ struct Conv<T> {
     x: Vec<T>,
     pre: Vec<T>,
     u: Vec<T>,
+}
+
+/// Time steps transposed together: the channel-major side is written or read in runs of this
+/// many, the step rows' cache lines staying in L1 across the channels.
+const STEPS: usize = 16;
+
+/// cols[c * len + t] = rows[row(t) * stride + c] for c < width: time-step rows (channels
+/// contiguous, in any order) to channel-major.
+fn rows_to_cols<T: Copy>(
+    rows: &[T],
+    stride: usize,
+    row: impl Fn(usize) -> usize,
+    width: usize,
+    len: usize,
+    cols: &mut [T],
+) {
+    for t0 in (0..len).step_by(STEPS) {
+        let t1 = (t0 + STEPS).min(len);
+        let mut starts = [0; STEPS];
+        for (s, t) in starts.iter_mut().zip(t0..t1) {
+            *s = row(t) * stride;
+        }
+        for c in 0..width {
+            for (d, &s) in cols[c * len + t0..c * len + t1].iter_mut().zip(&starts) {
+                *d = rows[s + c];
+            }
+        }
+    }
+}
+
+/// The inverse: rows[row(t) * stride + c] = cols[c * len + t].
+fn cols_to_rows<T: Copy>(
+    cols: &[T],
+    stride: usize,
+    row: impl Fn(usize) -> usize,
+    width: usize,
+    len: usize,
+    rows: &mut [T],
+) {
+    for t0 in (0..len).step_by(STEPS) {
+        let t1 = (t0 + STEPS).min(len);
+        let mut starts = [0; STEPS];
+        for (s, t) in starts.iter_mut().zip(t0..t1) {
+            *s = row(t) * stride;
+        }
+        for c in 0..width {
+            for (&v, &s) in cols[c * len + t0..c * len + t1].iter().zip(&starts) {
+                rows[s + c] = v;
+            }
+        }
+    }
 }
 
 simd_fn! {
@@ -364,6 +424,18 @@ impl InnerOp {
         }
     }
 
+    /// A product inside a batch row's task: on one thread when the rows keep the threads busy
+    /// (training batches), on all of them for fewer rows (a prompt).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm<T: Real>(&self, m: usize, n: usize, k: usize, dst: &mut [T], accumulate: bool, lhs: Mat<T>, rhs: Mat<T>) {
+        let par = if self.s.batch >= rayon::current_num_threads() {
+            gemm::Parallelism::None
+        } else {
+            gemm::Parallelism::Rayon(0)
+        };
+        gemm(par, m, n, k, dst, accumulate, lhs, rhs)
+    }
+
     /// The position the route visits at step t.
     fn pos(&self, t: usize) -> usize {
         self.order.as_ref().map_or(t, |o| o[t] as usize)
@@ -373,12 +445,7 @@ impl InnerOp {
     fn conv<T: Real>(&self, w: &Weights<T>, xz_b: &[T]) -> Conv<T> {
         let Sizes { len, di, k, .. } = self.s;
         let mut x = vec![T::ZERO; di * len];
-        for t in 0..len {
-            let row = &xz_b[self.pos(t) * 2 * di..][..di];
-            for (c, &v) in row.iter().enumerate() {
-                x[c * len + t] = v;
-            }
-        }
+        rows_to_cols(xz_b, 2 * di, |t| self.pos(t), di, len, &mut x);
         let mut pre = vec![T::ZERO; di * len];
         for c in 0..di {
             conv_channel(&x[c * len..][..len], &w.conv_w[c * k..][..k], w.conv_b[c], &mut pre[c * len..][..len]);
@@ -442,9 +509,9 @@ impl InnerOp {
                     }
                 }
                 if compute {
-                    gemm(rows, len, di, xd_b, false, Mat::rows(w.x_proj, di), Mat::rows(&conv.u, len));
+                    self.gemm(rows, len, di, xd_b, false, Mat::rows(w.x_proj, di), Mat::rows(&conv.u, len));
                 }
-                gemm(di, len, r, delta_b, false, Mat::rows(w.dt_proj, r), Mat::rows(xd_b, len));
+                self.gemm(di, len, r, delta_b, false, Mat::rows(w.dt_proj, r), Mat::rows(xd_b, len));
                 u_b.copy_from_slice(&conv.u);
             },
         );
@@ -464,16 +531,13 @@ impl InnerOp {
         let last_state = y.split_off(batch * di * len);
         let mut out = zeros(batch * len * di);
         out.par_chunks_mut(len * di).enumerate().for_each_init(
-            || vec![T::ZERO; di],
-            |col, (b, out_b)| {
-                let y_b = &y[b * di * len..][..di * len];
-                for t in 0..len {
+            || vec![T::ZERO; len * di],
+            |y_rows, (b, out_b)| {
+                cols_to_rows(&y[b * di * len..][..di * len], di, |t| t, di, len, y_rows);
+                for (t, y_t) in y_rows.chunks(di).enumerate() {
                     let p = self.pos(t);
-                    for (c, v) in col.iter_mut().enumerate() {
-                        *v = y_b[c * len + t];
-                    }
                     let z = &xz[(b * len + p) * 2 * di + di..][..di];
-                    gate_span(col, z, &mut out_b[p * di..][..di]);
+                    gate_span(y_t, z, &mut out_b[p * di..][..di]);
                 }
             },
         );
@@ -508,21 +572,16 @@ impl InnerOp {
         let mut dy = zeros(batch * di * len + batch * di * n);
         dy[batch * di * len..].copy_from_slice(g_last);
         dxz.par_chunks_mut(len * 2 * di).zip(dy.par_chunks_mut(di * len)).enumerate().for_each_init(
-            || (vec![T::ZERO; di], vec![T::ZERO; di]),
-            |(col, dcol), (b, (dxz_b, dy_b))| {
-                let y_b = &saved.y[b * di * len..][..di * len];
-                for t in 0..len {
+            || (vec![T::ZERO; len * di], vec![T::ZERO; len * di]),
+            |(y_rows, dy_rows), (b, (dxz_b, dy_b))| {
+                cols_to_rows(&saved.y[b * di * len..][..di * len], di, |t| t, di, len, y_rows);
+                for (t, (y_t, dy_t)) in y_rows.chunks(di).zip(dy_rows.chunks_mut(di)).enumerate() {
                     let p = self.pos(t);
-                    for (c, v) in col.iter_mut().enumerate() {
-                        *v = y_b[c * len + t];
-                    }
                     let z = &xz[(b * len + p) * 2 * di + di..][..di];
                     let g = &g_out[(b * len + p) * di..][..di];
-                    gate_grad_span(col, z, g, dcol, &mut dxz_b[p * 2 * di + di..][..di]);
-                    for (c, &v) in dcol.iter().enumerate() {
-                        dy_b[c * len + t] = v;
-                    }
+                    gate_grad_span(y_t, z, g, dy_t, &mut dxz_b[p * 2 * di + di..][..di]);
                 }
+                rows_to_cols(dy_rows, di, |t| t, di, len, dy_b);
             },
         );
         let dims = [batch, di, len];
@@ -548,13 +607,13 @@ impl InnerOp {
                 let ddelta_b = &ddelta[b * di * len..][..di * len];
                 // d x_dbl = [dt_projᵀ · d delta; dB; dC].
                 let mut dx_dbl = vec![T::ZERO; rows * len];
-                gemm(r, len, di, &mut dx_dbl, false, Mat::rows(w.dt_proj, r).t(), Mat::rows(ddelta_b, len));
+                self.gemm(r, len, di, &mut dx_dbl, false, Mat::rows(w.dt_proj, r).t(), Mat::rows(ddelta_b, len));
                 dx_dbl[r * len..(r + n) * len].copy_from_slice(&db[b * n * len..][..n * len]);
                 dx_dbl[(r + n) * len..].copy_from_slice(&dc[b * n * len..][..n * len]);
-                gemm(di, r, len, &mut ddt_proj, true, Mat::rows(ddelta_b, len), Mat::rows(x_dbl, len).t());
-                gemm(rows, di, len, &mut dx_proj, true, Mat::rows(&dx_dbl, len), Mat::rows(&conv.u, len).t());
+                self.gemm(di, r, len, &mut ddt_proj, true, Mat::rows(ddelta_b, len), Mat::rows(x_dbl, len).t());
+                self.gemm(rows, di, len, &mut dx_proj, true, Mat::rows(&dx_dbl, len), Mat::rows(&conv.u, len).t());
                 let mut du = du_scan[b * di * len..][..di * len].to_vec();
-                gemm(di, len, rows, &mut du, true, Mat::rows(w.x_proj, di).t(), Mat::rows(&dx_dbl, len));
+                self.gemm(di, len, rows, &mut du, true, Mat::rows(w.x_proj, di).t(), Mat::rows(&dx_dbl, len));
                 let mut dpre = vec![T::ZERO; di * len];
                 silu_grad(&conv.pre, &du, &mut dpre);
                 // The conv: x[t] feeds pre[t + k - 1 - j] through tap j.
@@ -570,12 +629,7 @@ impl InnerOp {
                         }
                     }
                 }
-                for t in 0..len {
-                    let row = &mut dxz_b[self.pos(t) * 2 * di..][..di];
-                    for (c, v) in row.iter_mut().enumerate() {
-                        *v = dx[c * len + t];
-                    }
-                }
+                cols_to_rows(&dx, 2 * di, |t| self.pos(t), di, len, dxz_b);
                 (dconv, dx_proj, ddt_proj)
             })
             .reduce(weight_grads, |a, b| {

@@ -627,8 +627,8 @@ simd_fn! {
         for (dt, dsp) in dt.iter_mut().zip(dsp.iter_mut()) {
             for w in 0..LANES {
                 dt[w] += bias[w];
-                dsp[w] = dt[w];
             }
+            *dsp = *dt;
         }
         let (dt, dsp) = (dt.as_flattened_mut(), dsp.as_flattened_mut());
         if softplus {
