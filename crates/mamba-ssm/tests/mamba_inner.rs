@@ -117,8 +117,8 @@ fn fused_route_equals_the_composition_f32() {
 #[test]
 fn odd_shapes_f64() {
     // Length 1, a length shorter than the conv, one longer than the scan's chunk and tile (32,
-    // 256) and not a multiple of them, a single batch row, no conv bias, more channels than
-    // one block of lanes (32).
+    // 256) and not a multiple of them, no conv bias, more channels than one block of lanes (32).
+    // A single batch row (fewer rows than threads) runs the kernels' composition instead.
     for c in [
         Case { len: 1, ..BASE },
         Case { len: 3, batch: 1, conv_bias: false, ..BASE },
