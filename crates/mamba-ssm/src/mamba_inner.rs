@@ -185,8 +185,10 @@ fn composed(xz: &Tensor, w: &InnerWeights, order: Option<&[u32]>, reference: boo
     } else {
         causal_conv1d(&x, w.conv_weight, w.conv_bias, true)?
     };
-    let x_dbl = u.transpose(1, 2)?.broadcast_matmul(&w.x_proj.t()?)?;
-    let delta = x_dbl.narrow(2, 0, r)?.broadcast_matmul(&w.dt_proj.t()?)?.transpose(1, 2)?;
+    // The projections may be held in bf16 or f16 (a language model's matrices): widened here.
+    let (x_proj, dt_proj) = (w.x_proj.to_dtype(u.dtype())?, w.dt_proj.to_dtype(u.dtype())?);
+    let x_dbl = u.transpose(1, 2)?.broadcast_matmul(&x_proj.t()?)?;
+    let delta = x_dbl.narrow(2, 0, r)?.broadcast_matmul(&dt_proj.t()?)?.transpose(1, 2)?;
     let (b, c) = (x_dbl.narrow(2, r, n)?.transpose(1, 2)?, x_dbl.narrow(2, r + n, n)?.transpose(1, 2)?);
     let a = w.a_log.exp()?.neg()?;
     let p = ScanParams { d: Some(w.d), z: Some(&z), delta_bias: Some(w.dt_bias), delta_softplus: true };
