@@ -2,7 +2,8 @@
 //! into work items for rayon, and block-of-lanes tile loads and stores.
 
 use crate::math::{Lanes, Real, LANES};
-use candle_core::{CpuStorage, Layout, Result};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
 use rayon::prelude::*;
 
 /// A read-only 3-d view of CPU storage with arbitrary strides: candle hands kernels transposed and
@@ -99,6 +100,51 @@ macro_rules! cpu_storages {
     };
 }
 pub(crate) use cpu_storages;
+
+/// A two-input op whose CPU passes read both inputs, and the gradient of its result, as
+/// contiguous f32 or f64 slices: `flat_fwd2` and `flat_bwd2` do the dispatch on the float type
+/// and the tensor plumbing of its `CustomOp2`.
+pub(crate) trait FlatOp2 {
+    const NAME: &'static str;
+    fn fwd<T: Real>(&self, a: &[T], b: &[T]) -> Vec<T>;
+    /// (da, db) for the gradient g of the flat result.
+    fn bwd<T: Real>(&self, a: &[T], b: &[T], g: &[T]) -> (Vec<T>, Vec<T>);
+}
+
+pub(crate) fn flat_fwd2<O: FlatOp2>(
+    op: &O,
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+) -> Result<CpuStorage> {
+    Ok(match s1 {
+        CpuStorage::F32(_) => CpuStorage::F32(op.fwd::<f32>(flat(s1, l1)?, flat(s2, l2)?)),
+        CpuStorage::F64(_) => CpuStorage::F64(op.fwd::<f64>(flat(s1, l1)?, flat(s2, l2)?)),
+        s => candle_core::bail!("{} computes in f32 or f64, got {:?}", O::NAME, s.dtype()),
+    })
+}
+
+pub(crate) fn flat_bwd2<O: FlatOp2>(
+    op: &O,
+    a: &Tensor,
+    b: &Tensor,
+    grad: &Tensor,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let grad = grad.contiguous()?;
+    let (da, db) = match a.dtype() {
+        DType::F32 => flat_bwd2_as::<O, f32>(op, a, b, &grad)?,
+        DType::F64 => flat_bwd2_as::<O, f64>(op, a, b, &grad)?,
+        dt => candle_core::bail!("{} computes in f32 or f64, got {dt:?}", O::NAME),
+    };
+    Ok((Some(da), Some(db)))
+}
+
+fn flat_bwd2_as<O: FlatOp2, T: Real>(op: &O, a: &Tensor, b: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+    cpu_storages!(O::NAME; (sa, la) = a, (sb, lb) = b, (sg, lg) = grad);
+    let (da, db) = op.bwd::<T>(flat(sa, la)?, flat(sb, lb)?, flat(sg, lg)?);
+    Ok((Tensor::from_vec(da, a.shape(), a.device())?, Tensor::from_vec(db, b.shape(), b.device())?))
+}
 
 /// A vector of zeros written by all threads: glibc clears large reused blocks on one thread.
 pub(crate) fn zeros<T: Real>(n: usize) -> Vec<T> {

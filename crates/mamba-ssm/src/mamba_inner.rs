@@ -13,14 +13,13 @@
 //!   out[order[t], c] = y[c, t] silu(xz[order[t], d_inner + c]).
 
 use crate::conv::{silu_grad, silu_in_place};
-use crate::cpu::{cpu_storages, flat, zeros, View3};
+use crate::cpu::{flat_bwd2, flat_fwd2, zeros, FlatOp2, View3};
 use crate::error::{argument, check, dims, Result};
 use crate::gate::{gate_grad_span, gate_span};
 use crate::math::{madd, simd_fn, Real};
 use crate::selective_scan::{compute_dtype, Dims, ScanOp};
 use crate::{causal_conv1d, causal_conv1d_ref, selective_scan, selective_scan_ref, ScanParams};
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use std::any::Any;
 use std::sync::Mutex;
@@ -501,6 +500,10 @@ impl InnerOp {
         );
         (u, delta, xd, conv_state)
     }
+}
+
+impl FlatOp2 for InnerOp {
+    const NAME: &'static str = "mamba-inner";
 
     fn fwd<T: Real>(&self, xz: &[T], pack: &[T]) -> Vec<T> {
         let Sizes { batch, len, di, n, .. } = self.s;
@@ -637,7 +640,7 @@ impl InnerOp {
 
 impl CustomOp2 for InnerOp {
     fn name(&self) -> &'static str {
-        "mamba-inner"
+        Self::NAME
     }
 
     fn cpu_fwd(
@@ -647,13 +650,8 @@ impl CustomOp2 for InnerOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(self.fwd::<f32>(flat(s1, l1)?, flat(s2, l2)?)),
-            CpuStorage::F64(_) => CpuStorage::F64(self.fwd::<f64>(flat(s1, l1)?, flat(s2, l2)?)),
-            s => candle_core::bail!("mamba-inner computes in f32 or f64, got {:?}", s.dtype()),
-        };
         let Sizes { batch, len, di, k, n, .. } = self.s;
-        Ok((out, Shape::from(batch * (len * di + di * n + di * k))))
+        Ok((flat_fwd2(self, s1, l1, s2, l2)?, Shape::from(batch * (len * di + di * n + di * k))))
     }
 
     fn bwd(
@@ -663,23 +661,6 @@ impl CustomOp2 for InnerOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let (dxz, dpack) = match xz.dtype() {
-            DType::F32 => bwd_tensors::<f32>(self, xz, pack, &grad)?,
-            DType::F64 => bwd_tensors::<f64>(self, xz, pack, &grad)?,
-            dt => candle_core::bail!("mamba-inner computes in f32 or f64, got {dt:?}"),
-        };
-        Ok((Some(dxz), Some(dpack)))
+        flat_bwd2(self, xz, pack, grad)
     }
-}
-
-fn bwd_tensors<T: Real>(
-    op: &InnerOp,
-    xz: &Tensor,
-    pack: &Tensor,
-    grad: &Tensor,
-) -> candle_core::Result<(Tensor, Tensor)> {
-    cpu_storages!("mamba-inner"; (sx, lx) = xz, (sp, lp) = pack, (sg, lg) = grad);
-    let (dxz, dpack) = op.bwd::<T>(flat(sx, lx)?, flat(sp, lp)?, flat(sg, lg)?);
-    Ok((Tensor::from_vec(dxz, xz.shape(), xz.device())?, Tensor::from_vec(dpack, pack.shape(), pack.device())?))
 }

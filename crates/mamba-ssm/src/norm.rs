@@ -2,10 +2,9 @@
 //! From candle ops it is seven passes forward and about fourteen backward, each a tensor of its
 //! own; a residual block runs one per layer.
 
-use crate::cpu::{cpu_storages, flat};
+use crate::cpu::{flat_bwd2, flat_fwd2, FlatOp2};
 use crate::error::{Error, Result};
 use crate::math::Real;
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -48,7 +47,9 @@ fn inv_rms<T: Real>(row: &[T], eps: f64) -> T {
     T::from_f64(1.0 / (ms + eps).sqrt())
 }
 
-impl RmsNormOp {
+impl FlatOp2 for RmsNormOp {
+    const NAME: &'static str = "rms-norm";
+
     fn fwd<T: Real>(&self, x: &[T], w: &[T]) -> Vec<T> {
         let d = w.len();
         let mut y = vec![T::ZERO; x.len()];
@@ -99,7 +100,7 @@ impl RmsNormOp {
 
 impl CustomOp2 for RmsNormOp {
     fn name(&self) -> &'static str {
-        "rms-norm"
+        Self::NAME
     }
 
     fn cpu_fwd(
@@ -109,12 +110,7 @@ impl CustomOp2 for RmsNormOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let y = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(self.fwd::<f32>(flat(s1, l1)?, flat(s2, l2)?)),
-            CpuStorage::F64(_) => CpuStorage::F64(self.fwd::<f64>(flat(s1, l1)?, flat(s2, l2)?)),
-            s => candle_core::bail!("rms-norm computes in f32 or f64, got {:?}", s.dtype()),
-        };
-        Ok((y, l1.shape().clone()))
+        Ok((flat_fwd2(self, s1, l1, s2, l2)?, l1.shape().clone()))
     }
 
     fn bwd(
@@ -124,23 +120,6 @@ impl CustomOp2 for RmsNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let (dx, dw) = match x.dtype() {
-            DType::F32 => bwd_tensors::<f32>(self, x, w, &grad)?,
-            DType::F64 => bwd_tensors::<f64>(self, x, w, &grad)?,
-            dt => candle_core::bail!("rms-norm computes in f32 or f64, got {dt:?}"),
-        };
-        Ok((Some(dx), Some(dw)))
+        flat_bwd2(self, x, w, grad)
     }
-}
-
-fn bwd_tensors<T: Real>(
-    op: &RmsNormOp,
-    x: &Tensor,
-    w: &Tensor,
-    grad: &Tensor,
-) -> candle_core::Result<(Tensor, Tensor)> {
-    cpu_storages!("rms-norm"; (sx, lx) = x, (sw, lw) = w, (sg, lg) = grad);
-    let (dx, dw) = op.bwd::<T>(flat(sx, lx)?, flat(sw, lw)?, flat(sg, lg)?);
-    Ok((Tensor::from_vec(dx, x.shape(), x.device())?, Tensor::from_vec(dw, w.shape(), w.device())?))
 }
