@@ -9,10 +9,15 @@
 use candle_core::{Device, Tensor, Var};
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use mamba_ssm::{
-    causal_conv1d, mamba_inner, selective_scan, selective_scan_ref, set_cpu_isa, ssd_chunk_scan, CpuIsa, InnerWeights,
-    ScanOutput, ScanParams, SsdParams,
+    causal_conv1d, mamba_inner, selective_scan, selective_scan_ref, set_cpu_isa, ssd_chunk_scan, ssd_chunk_scan_ref,
+    CpuIsa, InnerWeights, ScanOutput, ScanParams, SsdParams,
 };
 use std::time::Duration;
+
+/// The allocator of the `mamba` binary, whose training these kernels run in: the system
+/// allocator maps and clears fresh pages for every large buffer.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn rand(shape: &[usize], lo: f64, hi: f64) -> Tensor {
     Tensor::rand(lo as f32, hi as f32, shape, &Device::Cpu).unwrap()
@@ -133,6 +138,17 @@ fn instruction_sets(c: &mut Criterion) {
     g.finish();
 }
 
+type SsdScan = fn(
+    &Tensor,
+    &Tensor,
+    &Tensor,
+    &Tensor,
+    &Tensor,
+    usize,
+    &SsdParams,
+    Option<&Tensor>,
+) -> mamba_ssm::Result<mamba_ssm::ScanOutput>;
+
 fn ssd(c: &mut Criterion) {
     let (len, heads, headdim, state, chunk) = (4096, 24, 64, 128, 256);
     let vars: Vec<Var> = [
@@ -149,14 +165,17 @@ fn ssd(c: &mut Criterion) {
     .collect();
     let t: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
     let p = SsdParams { d: Some(t[5]), dt_bias: Some(t[6]), dt_softplus: true, ..Default::default() };
-    let run = || ssd_chunk_scan(t[0], t[1], t[2], t[3], t[4], chunk, &p, None).unwrap().y;
     let mut g = c.benchmark_group("ssd");
     g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(5));
     g.throughput(Throughput::Elements((len * heads * headdim * state) as u64));
-    g.bench_function(BenchmarkId::new("chunked_fwd", len), |b| b.iter(run));
-    g.bench_function(BenchmarkId::new("chunked_fwd_bwd", len), |b| {
-        b.iter(|| run().sum_all().unwrap().backward().unwrap())
-    });
+    // The kernel beside the same algorithm from candle ops.
+    for (name, scan) in [("chunked", ssd_chunk_scan as SsdScan), ("composed", ssd_chunk_scan_ref)] {
+        let run = || scan(t[0], t[1], t[2], t[3], t[4], chunk, &p, None).unwrap().y;
+        g.bench_function(BenchmarkId::new(format!("{name}_fwd"), len), |b| b.iter(run));
+        g.bench_function(BenchmarkId::new(format!("{name}_fwd_bwd"), len), |b| {
+            b.iter(|| run().sum_all().unwrap().backward().unwrap())
+        });
+    }
     g.finish();
 }
 

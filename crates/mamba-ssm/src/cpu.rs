@@ -257,3 +257,74 @@ pub(crate) fn add_lane_sums<T: Real>(
         }
     }
 }
+
+/// A strided matrix: element (i, j) at `data[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<'a, T> {
+    data: &'a [T],
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a, T> Mat<'a, T> {
+    /// Rows `rs` elements apart, each contiguous: a row-major matrix, or a block of rows of one.
+    pub fn rows(data: &'a [T], rs: usize) -> Self {
+        Self { data, rs, cs: 1 }
+    }
+
+    pub fn t(self) -> Self {
+        Self { data: self.data, rs: self.cs, cs: self.rs }
+    }
+}
+
+/// dst (m, n), rows `dst_rs` apart, = lhs (m, k) · rhs (k, n), or dst += lhs · rhs when
+/// `accumulate`. One thread: the callers run one rayon task per block of the work.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm<T: Real>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(dst_rs >= n && dst.len() >= (m - 1) * dst_rs + n);
+    if k == 0 {
+        if !accumulate {
+            dst.chunks_mut(dst_rs).take(m).for_each(|row| row[..n].fill(T::ZERO));
+        }
+        return;
+    }
+    let last = |a: &Mat<T>, rows: usize, cols: usize| (rows - 1) * a.rs + (cols - 1) * a.cs;
+    assert!(lhs.data.len() > last(&lhs, m, k) && rhs.data.len() > last(&rhs, k, n));
+    // SAFETY: the assertions keep every index the strides reach inside its slice; f32 and f64
+    // (the only `Real`s) are types gemm supports.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            T::ONE,
+            T::ONE,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}

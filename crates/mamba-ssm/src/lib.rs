@@ -18,6 +18,7 @@ mod matmul;
 mod norm;
 mod selective_scan;
 mod ssd;
+mod ssd_cpu;
 mod step;
 
 pub use conv::{causal_conv1d, causal_conv1d_ref, causal_conv1d_update};
@@ -28,7 +29,7 @@ pub use math::{cpu_isa, set_cpu_isa, CpuIsa};
 pub use matmul::{weight_matmul, weight_matmul_ref};
 pub use norm::{rms_norm, rms_norm_ref};
 pub use selective_scan::{selective_scan, selective_scan_ref, selective_state_update_ref, ScanOutput, ScanParams};
-pub use ssd::{ssd_chunk_scan, ssd_quadratic, ssd_scan_ref, ssd_state_update_ref, SsdParams};
+pub use ssd::{ssd_chunk_scan, ssd_chunk_scan_ref, ssd_quadratic, ssd_scan_ref, ssd_state_update_ref, SsdParams};
 pub use step::{selective_state_update, ssd_state_update};
 
 use candle_core::Tensor;

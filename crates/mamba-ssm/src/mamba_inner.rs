@@ -13,7 +13,7 @@
 //!   out[order[t], c] = y[c, t] silu(xz[order[t], d_inner + c]).
 
 use crate::conv::{silu_grad, silu_in_place};
-use crate::cpu::{flat_bwd2, flat_fwd2, zeros, FlatOp2, View3};
+use crate::cpu::{flat_bwd2, flat_fwd2, gemm, zeros, FlatOp2, Mat, View3};
 use crate::error::{argument, check, dims, Result};
 use crate::gate::{gate_grad_span, gate_span};
 use crate::math::{madd, simd_fn, Real};
@@ -239,65 +239,6 @@ struct Weights<'a, T> {
     d: &'a [T],
 }
 
-/// A strided matrix: element (i, j) at `data[i * rs + j * cs]`.
-#[derive(Clone, Copy)]
-struct Mat<'a, T> {
-    data: &'a [T],
-    rs: usize,
-    cs: usize,
-}
-
-impl<'a, T> Mat<'a, T> {
-    /// Row-major with `cols` columns.
-    fn rows(data: &'a [T], cols: usize) -> Self {
-        Self { data, rs: cols, cs: 1 }
-    }
-    fn t(self) -> Self {
-        Self { data: self.data, rs: self.cs, cs: self.rs }
-    }
-}
-
-/// dst (m, n) row-major = lhs (m, k) · rhs (k, n), or dst += lhs · rhs when `accumulate`. One
-/// thread: the callers run one batch row per rayon task.
-fn gemm<T: Real>(m: usize, n: usize, k: usize, dst: &mut [T], accumulate: bool, lhs: Mat<T>, rhs: Mat<T>) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            dst[..m * n].fill(T::ZERO);
-        }
-        return;
-    }
-    let last = |a: &Mat<T>, rows: usize, cols: usize| (rows - 1) * a.rs + (cols - 1) * a.cs;
-    assert!(dst.len() >= m * n && lhs.data.len() > last(&lhs, m, k) && rhs.data.len() > last(&rhs, k, n));
-    // SAFETY: the assertion keeps every index the strides reach inside its slice; f32 and f64
-    // (the only `Real`s) are types gemm supports.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.data.as_ptr(),
-            lhs.cs as isize,
-            lhs.rs as isize,
-            rhs.data.as_ptr(),
-            rhs.cs as isize,
-            rhs.rs as isize,
-            T::ONE,
-            T::ONE,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
-}
-
 /// The per-row inputs of the scan, recomputed from xz: x in route order, the conv's
 /// pre-activation and u = silu of it, all (d_inner, len).
 struct Conv<T> {
@@ -492,9 +433,9 @@ impl InnerOp {
                     }
                 }
                 if compute {
-                    gemm(rows, len, di, xd_b, false, Mat::rows(w.x_proj, di), Mat::rows(&conv.u, len));
+                    gemm(rows, len, di, xd_b, len, false, Mat::rows(w.x_proj, di), Mat::rows(&conv.u, len));
                 }
-                gemm(di, len, r, delta_b, false, Mat::rows(w.dt_proj, r), Mat::rows(xd_b, len));
+                gemm(di, len, r, delta_b, len, false, Mat::rows(w.dt_proj, r), Mat::rows(xd_b, len));
                 u_b.copy_from_slice(&conv.u);
             },
         );
@@ -594,13 +535,13 @@ impl FlatOp2 for InnerOp {
                 let ddelta_b = &ddelta[b * di * len..][..di * len];
                 // d x_dbl = [dt_projᵀ · d delta; dB; dC].
                 let mut dx_dbl = vec![T::ZERO; rows * len];
-                gemm(r, len, di, &mut dx_dbl, false, Mat::rows(w.dt_proj, r).t(), Mat::rows(ddelta_b, len));
+                gemm(r, len, di, &mut dx_dbl, len, false, Mat::rows(w.dt_proj, r).t(), Mat::rows(ddelta_b, len));
                 dx_dbl[r * len..(r + n) * len].copy_from_slice(&db[b * n * len..][..n * len]);
                 dx_dbl[(r + n) * len..].copy_from_slice(&dc[b * n * len..][..n * len]);
-                gemm(di, r, len, &mut ddt_proj, true, Mat::rows(ddelta_b, len), Mat::rows(x_dbl, len).t());
-                gemm(rows, di, len, &mut dx_proj, true, Mat::rows(&dx_dbl, len), Mat::rows(&conv.u, len).t());
+                gemm(di, r, len, &mut ddt_proj, r, true, Mat::rows(ddelta_b, len), Mat::rows(x_dbl, len).t());
+                gemm(rows, di, len, &mut dx_proj, di, true, Mat::rows(&dx_dbl, len), Mat::rows(&conv.u, len).t());
                 let mut du = du_scan[b * di * len..][..di * len].to_vec();
-                gemm(di, len, rows, &mut du, true, Mat::rows(w.x_proj, di).t(), Mat::rows(&dx_dbl, len));
+                gemm(di, len, rows, &mut du, len, true, Mat::rows(w.x_proj, di).t(), Mat::rows(&dx_dbl, len));
                 let mut dpre = vec![T::ZERO; di * len];
                 silu_grad(&conv.pre, &du, &mut dpre);
                 // The conv: x[t] feeds pre[t + k - 1 - j] through tap j.

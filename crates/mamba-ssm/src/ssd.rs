@@ -7,6 +7,7 @@
 
 use crate::error::{argument, check, dims, Result};
 use crate::gate::silu_gate;
+use crate::ssd_cpu::SsdOp;
 use crate::{softplus, ScanOutput};
 use candle_core::{DType, Tensor, D};
 
@@ -31,13 +32,13 @@ impl Default for SsdParams<'_> {
 }
 
 #[derive(Clone, Copy)]
-struct Sizes {
-    batch: usize,
-    len: usize,
-    heads: usize,
-    headdim: usize,
-    groups: usize,
-    state: usize,
+pub(crate) struct Sizes {
+    pub batch: usize,
+    pub len: usize,
+    pub heads: usize,
+    pub headdim: usize,
+    pub groups: usize,
+    pub state: usize,
 }
 
 fn check_inputs(
@@ -144,15 +145,70 @@ fn quadratic(x: &Tensor, dt: &Tensor, cum: &Tensor, b: &Tensor, c: &Tensor) -> R
 /// The SSD chunked scan (Mamba-2) with gradients for every input.
 ///
 /// x: (batch, len, heads, headdim); dt: (batch, len, heads); a: (heads); b, c: (batch, len,
-/// groups, state); initial_states: (batch, heads, headdim, state). Any length: the last chunk is
-/// padded with dt = 0, which leaves the state unchanged. Returns y like x and the final state.
+/// groups, state); initial_states: (batch, heads, headdim, state). Any length. Returns y like x
+/// and the final state.
 ///
-/// On the CPU (and for f64) this is candle ops, differentiated by candle. On a GPU (feature
-/// `cuda`) the scan runs as the kernels of kernels/ssd.cu with their own backward pass, in
-/// chunks of 64 steps whatever `chunk_size` says (the chunking changes only rounding); bf16
-/// stays bf16 there.
+/// The scan runs as one op with its own backward pass, in chunks of 64 steps whatever
+/// `chunk_size` says (the chunking changes only rounding): on the CPU the kernel of
+/// `ssd_cpu.rs`, on a GPU (feature `cuda`) those of kernels/ssd.cu, where bf16 stays bf16.
+/// dt's bias, softplus and limits and the z gate are candle ops around it, and on a GPU the D
+/// skip too.
+/// [`ssd_chunk_scan_ref`] is the same chunked algorithm from candle ops.
 #[allow(clippy::too_many_arguments)]
 pub fn ssd_chunk_scan(
+    x: &Tensor,
+    dt: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    chunk_size: usize,
+    p: &SsdParams,
+    initial_states: Option<&Tensor>,
+) -> Result<ScanOutput> {
+    let s = check_inputs(x, dt, a, b, c, p, initial_states)?;
+    if chunk_size == 0 {
+        return Err(argument("chunk_size", "must be at least 1"));
+    }
+    let ct = crate::selective_scan::compute_dtype(x);
+    let cast = |t: &Tensor| t.to_dtype(ct);
+    let xc = cast(x)?.contiguous()?;
+    let dtc = effective_dt(&cast(dt)?, p)?.contiguous()?;
+    // The CPU kernel adds the skip D x itself, D per (head, headdim).
+    let fused_d = p.d.filter(|_| x.device().is_cpu());
+    let mut pack = vec![cast(a)?];
+    if let Some(d) = fused_d {
+        let d = if d.rank() == 1 { d.unsqueeze(1)?.broadcast_as((s.heads, s.headdim))? } else { d.clone() };
+        pack.push(cast(&d)?.flatten_all()?);
+    }
+    pack.extend([cast(b)?.flatten_all()?, cast(c)?.flatten_all()?]);
+    if let Some(h0) = initial_states {
+        pack.push(cast(h0)?.flatten_all()?);
+    }
+    let pack = Tensor::cat(&pack, 0)?;
+    let keep = xc.track_op() || dtc.track_op() || pack.track_op();
+    // Both ops return the flat [y | final state].
+    let out = match x.device() {
+        #[cfg(feature = "cuda")]
+        d if d.is_cuda() && ct != DType::F64 => gpu::chunk_scan(&xc, &dtc, &pack, s, initial_states.is_some(), keep)?,
+        d if d.is_cpu() => {
+            let has = (fused_d.is_some(), initial_states.is_some());
+            let op = SsdOp { s, has_d: has.0, has_h0: has.1, keep, kept: Default::default() };
+            xc.apply_op3(&dtc, &pack, op)?
+        }
+        _ => return ssd_chunk_scan_ref(x, dt, a, b, c, chunk_size, p, initial_states),
+    };
+    let states = s.batch * s.heads * s.headdim * s.state;
+    let y = out.narrow(0, 0, xc.elem_count())?.reshape(x.shape())?;
+    let last = out.narrow(0, out.elem_count() - states, states)?.reshape((s.batch, s.heads, s.headdim, s.state))?;
+    let y = finish(y, &xc, &SsdParams { d: p.d.filter(|_| fused_d.is_none()), ..*p }, ct)?;
+    Ok(ScanOutput { y: y.to_dtype(x.dtype())?, last_state: last.to_dtype(x.dtype())? })
+}
+
+/// [`ssd_chunk_scan`] from candle ops, differentiated by candle (it keeps one state per chunk):
+/// the reference the kernels are tested against, and the path on devices without a kernel.
+/// The last chunk is padded with dt = 0, which leaves the state unchanged.
+#[allow(clippy::too_many_arguments)]
+pub fn ssd_chunk_scan_ref(
     x: &Tensor,
     dt: &Tensor,
     a: &Tensor,
@@ -165,10 +221,6 @@ pub fn ssd_chunk_scan(
     let sizes = check_inputs(x, dt, a, b, c, p, initial_states)?;
     if chunk_size == 0 {
         return Err(argument("chunk_size", "must be at least 1"));
-    }
-    #[cfg(feature = "cuda")]
-    if x.device().is_cuda() && x.dtype() != DType::F64 {
-        return gpu::chunk_scan(x, dt, a, b, c, p, initial_states, sizes);
     }
     let Sizes { batch, len, heads, headdim, groups, state } = sizes;
     let out_dtype = x.dtype();
@@ -315,46 +367,27 @@ pub fn ssd_scan_ref(
     Ok(ScanOutput { y: Tensor::stack(&ys, 1)?, last_state: h })
 }
 
-/// The scan through the CUDA kernels of kernels/ssd.cu: dt's bias, softplus and limits and the
-/// D skip and z gate stay candle ops around the `ssd-chunk-scan` op, which takes x, the
+/// The scan through the CUDA kernels of kernels/ssd.cu: the `ssd-chunk-scan` op takes x, the
 /// effective dt and the packed [A | B | C | h0?] and returns the flat [y | last state].
 #[cfg(feature = "cuda")]
 mod gpu {
-    use super::{effective_dt, finish, Sizes, SsdParams};
+    use super::Sizes;
     use crate::cuda::{ssd_bwd, ssd_fwd, SsdArgs, SsdKept};
     use crate::error::Result;
-    use crate::selective_scan::compute_dtype;
-    use crate::ScanOutput;
     use candle_core::{CudaStorage, CustomOp3, Layout, Shape, Tensor};
     use std::sync::Mutex;
 
-    #[allow(clippy::too_many_arguments)]
+    /// The flat [y | last state] of the `ssd-chunk-scan` op.
     pub(super) fn chunk_scan(
         x: &Tensor,
         dt: &Tensor,
-        a: &Tensor,
-        b: &Tensor,
-        c: &Tensor,
-        p: &SsdParams,
-        initial_states: Option<&Tensor>,
+        pack: &Tensor,
         s: Sizes,
-    ) -> Result<ScanOutput> {
-        let ct = compute_dtype(x);
-        let cast = |t: &Tensor| t.to_dtype(ct);
-        let xc = cast(x)?.contiguous()?;
-        let dtc = effective_dt(&cast(dt)?, p)?.contiguous()?;
-        let mut pack = vec![cast(a)?, cast(b)?.flatten_all()?, cast(c)?.flatten_all()?];
-        if let Some(h0) = initial_states {
-            pack.push(cast(h0)?.flatten_all()?);
-        }
-        let pack = Tensor::cat(&pack, 0)?;
-        let args = SsdArgs::new([s.batch, s.len, s.heads, s.headdim, s.groups, s.state], initial_states.is_some())?;
-        let keep = xc.track_op() || dtc.track_op() || pack.track_op();
-        let out = xc.apply_op3(&dtc, &pack, SsdOp { args, keep, kept: Mutex::new(None) })?;
-        let y = out.narrow(0, 0, args.x_len())?.reshape(x.shape())?;
-        let last = out.narrow(0, args.x_len(), args.state_len())?.reshape((s.batch, s.heads, s.headdim, s.state))?;
-        let y = finish(y, &xc, p, ct)?;
-        Ok(ScanOutput { y: y.to_dtype(x.dtype())?, last_state: last.to_dtype(x.dtype())? })
+        has_h0: bool,
+        keep: bool,
+    ) -> Result<Tensor> {
+        let args = SsdArgs::new([s.batch, s.len, s.heads, s.headdim, s.groups, s.state], has_h0)?;
+        Ok(x.apply_op3(dt, pack, SsdOp { args, keep, kept: Mutex::new(None) })?)
     }
 
     struct SsdOp {

@@ -1,10 +1,11 @@
-//! The SSD chunked scan against its quadratic form, the step recurrence, the PyTorch fixtures and
-//! finite differences, over lengths that are not multiples of the chunk size and groups > 1.
+//! The SSD chunked scan (the CPU kernel, in chunks of 64 steps) against the same algorithm from
+//! candle ops, its quadratic form, the step recurrence, the PyTorch fixtures and finite
+//! differences, over lengths that are not multiples of the chunk size and groups > 1.
 
 mod common;
 use candle_core::{DType, Tensor, Var};
 use common::*;
-use mamba_ssm::{ssd_chunk_scan, ssd_quadratic, ssd_scan_ref, ScanOutput, SsdParams};
+use mamba_ssm::{ssd_chunk_scan, ssd_chunk_scan_ref, ssd_quadratic, ssd_scan_ref, ScanOutput, SsdParams};
 
 #[derive(Clone, Copy)]
 struct Case {
@@ -63,7 +64,11 @@ fn leaves(c: Case, seed: u64, dtype: DType) -> Vec<Var> {
 }
 
 enum Form {
+    /// The kernel.
     Chunked,
+    /// The chunked algorithm from candle ops, in chunks of `Case::chunk`.
+    Composed,
+    /// The step recurrence.
     Reference,
 }
 
@@ -75,6 +80,7 @@ fn scan(form: &Form, c: Case, t: &[Tensor]) -> ScanOutput {
     let p = SsdParams { d, z, dt_bias: Some(&t[5]), dt_softplus: true, dt_limit: c.limit };
     match form {
         Form::Chunked => ssd_chunk_scan(&t[0], &t[1], &t[2], &t[3], &t[4], c.chunk, &p, h0).unwrap(),
+        Form::Composed => ssd_chunk_scan_ref(&t[0], &t[1], &t[2], &t[3], &t[4], c.chunk, &p, h0).unwrap(),
         Form::Reference => ssd_scan_ref(&t[0], &t[1], &t[2], &t[3], &t[4], &p, h0).unwrap(),
     }
 }
@@ -94,16 +100,33 @@ fn run(form: &Form, c: Case, t: &[Tensor], dtype: DType) -> (ScanOutput, Vec<Ten
     (out, g)
 }
 
-fn compare_chunked_with_reference(c: Case, dtype: DType, tol: f64) {
+fn compare(form: Form, reference: Form, c: Case, dtype: DType, tol: f64) {
     let vars = leaves(c, 3, dtype);
     let t: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-    let (out, g) = run(&Form::Chunked, c, &t, dtype);
-    let (want, g_ref) = run(&Form::Reference, c, &t, dtype);
-    assert_close("y", &out.y, &want.y, tol);
-    assert_close("final state", &out.last_state, &want.last_state, tol);
+    let (out, g) = run(&form, c, &t, dtype);
+    let (want, g_ref) = run(&reference, c, &t, dtype);
+    let at = format!("len {}, batch {}, groups {}", c.len, c.batch, c.groups);
+    assert_close(&format!("y ({at})"), &out.y, &want.y, tol);
+    assert_close(&format!("final state ({at})"), &out.last_state, &want.last_state, tol);
     for (i, (g, r)) in g.iter().zip(&g_ref).enumerate() {
-        assert_close(&format!("gradient of input {i}"), g, r, tol);
+        assert_close(&format!("gradient of input {i} ({at})"), g, r, tol);
     }
+}
+
+fn compare_chunked_with_reference(c: Case, dtype: DType, tol: f64) {
+    compare(Form::Chunked, Form::Reference, c, dtype, tol);
+}
+
+/// Across the kernel's chunk boundaries (64 steps), with the composition in other chunkings.
+#[test]
+fn kernel_matches_candle_composition() {
+    for len in [1, 63, 64, 65, 150] {
+        for c in [Case { len, ..BASE }, Case { len, groups: 1, d: 2, h0: false, chunk: 64, ..BASE }] {
+            compare(Form::Chunked, Form::Composed, c, DType::F32, 1e-5);
+        }
+    }
+    compare(Form::Chunked, Form::Composed, Case { len: 129, batch: 3, ..BASE }, DType::F64, 1e-11);
+    compare(Form::Composed, Form::Reference, Case { len: 70, ..BASE }, DType::F64, 1e-11);
 }
 
 #[test]
@@ -117,6 +140,8 @@ fn odd_shapes() {
     let cases = [
         Case { len: 1, ..BASE },
         Case { len: 24, ..BASE },
+        Case { len: 65, ..BASE },
+        Case { len: 200, batch: 1, groups: 1, ..BASE },
         Case { chunk: 5, ..BASE },
         Case { chunk: 64, ..BASE },
         Case { chunk: 1, len: 6, ..BASE },
@@ -136,7 +161,7 @@ fn chunked_quadratic_and_recurrent_forms_agree() {
     for chunk in [1, 4, 8, 29, 100] {
         let t: Vec<Tensor> = leaves(c, 5, DType::F64).iter().map(|v| v.as_tensor().clone()).collect();
         let c = Case { chunk, ..c };
-        let chunked = scan(&Form::Chunked, c, &t);
+        let chunked = scan(&Form::Composed, c, &t);
         let recurrent = scan(&Form::Reference, c, &t);
         let p =
             SsdParams { d: Some(&t[6]), z: Some(&t[7]), dt_bias: Some(&t[5]), dt_softplus: true, ..Default::default() };
@@ -188,7 +213,7 @@ fn matches_pytorch_fixture() {
 fn finite_differences_f64() {
     let c = Case {
         batch: 1,
-        len: 7,
+        len: 70,
         heads: 2,
         headdim: 2,
         groups: 1,
