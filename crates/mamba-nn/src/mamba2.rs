@@ -10,7 +10,9 @@ use crate::routes::{check_causal, gathered, route_suffix, run_routes, Merge, Rou
 use crate::{compute_dtype, BackboneConfig, Linear, Result};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
-use mamba_ssm::{causal_conv1d, causal_conv1d_update, silu_gate, ssd_chunk_scan, ssd_state_update, SsdParams};
+use mamba_ssm::{
+    causal_conv1d, causal_conv1d_update, rms_norm, silu_gate, ssd_chunk_scan, ssd_state_update, SsdParams,
+};
 
 /// The per-route part: conv over xBC, dt bias, A and D.
 #[derive(Debug, Clone)]
@@ -110,6 +112,9 @@ impl Mamba2Mixer {
     /// y, z: (..., d_inner).
     fn gated_norm(&self, y: &Tensor, z: &Tensor) -> Result<Tensor> {
         let y = silu_gate(y, z)?;
+        if self.cfg.ngroups == 1 {
+            return Ok(rms_norm(&y, &self.norm_weight, self.cfg.norm_eps)?);
+        }
         let mut grouped = y.dims().to_vec();
         let di = grouped.pop().unwrap_or(0);
         grouped.extend([self.cfg.ngroups, di / self.cfg.ngroups]);

@@ -200,7 +200,7 @@ impl SsdOp {
             let rows = next[..slot].par_chunks_mut(hs).zip(done[c * slot..].par_chunks(hs));
             rows.enumerate().for_each(|(bh, (s, prev))| {
                 let decay = self.chunk(inp, bh / heads, c, bh % heads).total().exp::<Plain>();
-                s.iter_mut().zip(prev).for_each(|(s, &p)| *s = madd::<T, Plain>(decay, p, *s));
+                axpy(decay, prev, s);
             });
         }
     }
@@ -245,7 +245,7 @@ impl SsdOp {
                         for t in 0..k {
                             let yt = &mut yc[t * row + h * headdim..][..headdim];
                             let xt = &inp.x[self.x_at(b, t0 + t, h)..];
-                            yt.iter_mut().zip(d).zip(xt).for_each(|((y, &d), &x)| *y = madd::<T, Plain>(d, x, *y));
+                            mul_add_to(d, &xt[..headdim], yt);
                         }
                     }
                 }
@@ -326,7 +326,7 @@ impl SsdOp {
             let rows = upto[c * slot..].par_chunks_mut(hs).zip(after[..slot].par_chunks(hs));
             rows.enumerate().for_each(|(bh, (d, next))| {
                 let decay = self.chunk(inp, bh / heads, c, bh % heads).total().exp::<Plain>();
-                d.iter_mut().zip(next).for_each(|(d, &n)| *d = madd::<T, Plain>(decay, n, *d));
+                axpy(decay, next, d);
             });
         }
     }
@@ -360,10 +360,8 @@ impl SsdOp {
                     for t in 0..k {
                         let at = self.x_at(b, t0 + t, h);
                         let (xt, dyt, dxt) = (&inp.x[at..][..p], &dy[at..][..p], &mut dx[t * row + h * p..][..p]);
-                        for i in 0..p {
-                            dxt[i] = madd::<T, Plain>(d[i], dyt[i], dxt[i]);
-                            dd[i] = madd::<T, Plain>(dyt[i], xt[i], dd[i]);
-                        }
+                        mul_add_to(d, dyt, dxt);
+                        mul_add_to(dyt, xt, dd);
                     }
                 }
 
@@ -376,7 +374,7 @@ impl SsdOp {
                     let w = e * ch.dt[t];
                     let (xt, rt) = (&inp.x[self.x_at(b, t0 + t, h)..][..p], &r[t * p..][..p]);
                     let xr = dot(xt, rt);
-                    dx[t * row + h * p..][..p].iter_mut().zip(rt).for_each(|(d, &v)| *d = madd::<T, Plain>(w, v, *d));
+                    axpy(w, rt, &mut dx[t * row + h * p..][..p]);
                     ddt[t] += e * xr;
                     dcum[t] -= w * xr;
                     end_grad += w * xr;
@@ -422,8 +420,46 @@ struct Grads<'a, T> {
     dd: Option<&'a mut [T]>,
 }
 
+/// a . b, in vector-width partial sums.
 fn dot<T: Real>(a: &[T], b: &[T]) -> T {
-    a.iter().zip(b).fold(T::ZERO, |s, (&x, &y)| madd::<T, Plain>(x, y, s))
+    let mut out = T::ZERO;
+    dot_to(a, b, &mut out);
+    out
+}
+
+simd_fn! {
+    fn dot_to<T, S>(a: &[T], b: &[T], out: &mut T) {
+        let mut acc = [T::ZERO; 16];
+        let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+        let mut sum = ca.remainder().iter().zip(cb.remainder()).fold(T::ZERO, |s, (&x, &y)| madd::<T, S>(x, y, s));
+        for (x, y) in ca.zip(cb) {
+            for i in 0..16 {
+                acc[i] = madd::<T, S>(x[i], y[i], acc[i]);
+            }
+        }
+        for v in acc {
+            sum += v;
+        }
+        *out = sum;
+    }
+}
+
+simd_fn! {
+    /// y += a x.
+    fn axpy<T, S>(a: T, x: &[T], y: &mut [T]) {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = madd::<T, S>(a, x, *y);
+        }
+    }
+}
+
+simd_fn! {
+    /// y += a * b, elementwise.
+    fn mul_add_to<T, S>(a: &[T], b: &[T], y: &mut [T]) {
+        for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
+            *y = madd::<T, S>(a, b, *y);
+        }
+    }
 }
 
 simd_fn! {
