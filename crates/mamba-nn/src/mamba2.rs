@@ -10,9 +10,7 @@ use crate::routes::{check_causal, gathered, route_suffix, run_routes, Merge, Rou
 use crate::{compute_dtype, BackboneConfig, Linear, Result};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
-use mamba_ssm::{
-    causal_conv1d, causal_conv1d_update, rms_norm, silu_gate, ssd_chunk_scan, ssd_state_update, SsdParams,
-};
+use mamba_ssm::{causal_conv1d_update, mamba2_inner, rms_norm, silu_gate, ssd_state_update, Mamba2Weights, SsdParams};
 
 /// The per-route part: conv over xBC, dt bias, A and D.
 #[derive(Debug, Clone)]
@@ -108,12 +106,15 @@ impl Mamba2Mixer {
         (di, di + 2 * self.cfg.ngroups * self.cfg.d_state, self.cfg.nheads())
     }
 
-    /// y * silu(z), then RMSNorm within each of the ngroups groups, times the norm weight.
-    /// y, z: (..., d_inner).
+    /// y * silu(z), then [`Self::norm`]. y, z: (..., d_inner).
     fn gated_norm(&self, y: &Tensor, z: &Tensor) -> Result<Tensor> {
-        let y = silu_gate(y, z)?;
+        self.norm(&silu_gate(y, z)?)
+    }
+
+    /// RMSNorm within each of the ngroups groups, times the norm weight.
+    fn norm(&self, y: &Tensor) -> Result<Tensor> {
         if self.cfg.ngroups == 1 {
-            return Ok(rms_norm(&y, &self.norm_weight, self.cfg.norm_eps)?);
+            return Ok(rms_norm(y, &self.norm_weight, self.cfg.norm_eps)?);
         }
         let mut grouped = y.dims().to_vec();
         let di = grouped.pop().unwrap_or(0);
@@ -125,20 +126,23 @@ impl Mamba2Mixer {
     /// One route over in_proj's output zxbcdt (batch, len, ·) in that route's order: the gated,
     /// normed SSM output (batch, len, d_inner) and the cache after its last token.
     fn route_forward(&self, ssm: &Ssm, zxbcdt: &Tensor) -> Result<(Tensor, MixerCache)> {
-        let (batch, len, _) = zxbcdt.dims3()?;
-        let (h, p, g, n) = (self.cfg.nheads(), self.cfg.headdim, self.cfg.ngroups, self.cfg.d_state);
         let (di, conv_dim, _) = self.split();
-        let z = zxbcdt.narrow(2, 0, di)?;
-        let xbc = zxbcdt.narrow(2, di, conv_dim)?.transpose(1, 2)?; // (batch, conv_dim, len), read in place
-        let dt = zxbcdt.narrow(2, di + conv_dim, h)?.contiguous()?;
-        let conv = causal_conv1d(&xbc, &ssm.conv_weight, ssm.conv_bias.as_ref(), true)?.transpose(1, 2)?;
-        let part = |start: usize, size: usize, shape: &[usize]| conv.narrow(2, start, size)?.reshape(shape);
-        let xs = part(0, di, &[batch, len, h, p])?;
-        let (b, c) = (part(di, g * n, &[batch, len, g, n])?, part(di + g * n, g * n, &[batch, len, g, n])?);
-        let out = ssd_chunk_scan(&xs, &dt, &ssm.a()?, &b, &c, self.cfg.chunk_size, &ssm.params(&self.cfg), None)?;
-        let y = self.gated_norm(&out.y.reshape((batch, len, di))?, &z)?;
-        let conv = MixerCache::last_inputs(&xbc, self.cfg.d_conv)?;
-        Ok((y, MixerCache { conv, ssm: out.last_state }))
+        let cfg = &self.cfg;
+        let w = Mamba2Weights {
+            conv_weight: &ssm.conv_weight,
+            conv_bias: ssm.conv_bias.as_ref(),
+            dt_bias: &ssm.dt_bias,
+            a_log: &ssm.a_log,
+            d: &ssm.d,
+            headdim: cfg.headdim,
+            groups: cfg.ngroups,
+            state: cfg.d_state,
+            dt_limit: cfg.dt_limit,
+        };
+        let out = mamba2_inner(zxbcdt, &w)?;
+        let xbc = zxbcdt.narrow(2, di, conv_dim)?.transpose(1, 2)?; // (batch, conv_dim, len)
+        let conv = MixerCache::last_inputs(&xbc, cfg.d_conv)?;
+        Ok((self.norm(&out.y)?, MixerCache { conv, ssm: out.last_state }))
     }
 
     /// x: (batch, len, d_model) -> (batch, len, d_model), and the cache after the last token of
