@@ -18,9 +18,13 @@ use std::path::{Path, PathBuf};
 
 /// Training allocates and frees tensors of a few hundred kB to a few MB thousands of times a
 /// step; glibc's malloc returns such blocks to the kernel and faults them in again (a fifth of a
-/// training profile in page faults). mimalloc keeps them.
+/// training profile in page faults). mimalloc keeps them, once told not to purge (see `main`).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// `mi_option_purge_delay` in mimalloc.h (the same index in mimalloc 2 and 3; libmimalloc-sys
+/// names no constant for it).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 #[derive(Parser)]
 #[command(
@@ -525,6 +529,11 @@ fn print_confusion(classes: &[String], matrix: &[Vec<usize>]) {
 }
 
 fn main() {
+    // mimalloc hands freed memory back to the kernel after 10 ms; a training step frees and
+    // takes its large buffers again every few ms, and each time the kernel faults the pages
+    // in and clears them (one epoch of the README's config: 10-16 % longer). Keep it.
+    // SAFETY: sets a plain option before any thread but this one exists.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     // candle asks the OS for the core count on every matmul unless this is set.
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let n = std::thread::available_parallelism().map_or(1, |n| n.get());
