@@ -13,7 +13,7 @@ use crate::cpu::{flat_bwd2, flat_fwd2, zeros, FlatOp2};
 use crate::error::{argument, check, dims, Result};
 use crate::gate::{gate_grad_span, gate_span};
 use crate::math::{Plain, Real};
-use crate::ssd::{Sizes, SsdParams};
+use crate::ssd::{ChunkScan, Sizes, SsdParams};
 use crate::ssd_cpu::{mul_add_to, SsdOp};
 use crate::{causal_conv1d, silu_gate, ssd_chunk_scan_ref};
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
@@ -127,10 +127,7 @@ pub fn mamba2_inner_ref(zx: &Tensor, w: &Mamba2Weights) -> Result<Mamba2Output> 
     composed(zx, w, check_inputs(zx, w)?, ssd_chunk_scan_ref)
 }
 
-type Scan =
-    fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor, usize, &SsdParams, Option<&Tensor>) -> Result<crate::ScanOutput>;
-
-fn composed(zx: &Tensor, w: &Mamba2Weights, d: Dims, scan: Scan) -> Result<Mamba2Output> {
+fn composed(zx: &Tensor, w: &Mamba2Weights, d: Dims, scan: ChunkScan) -> Result<Mamba2Output> {
     let Sizes { batch, len, heads, headdim, groups, state } = d.s;
     let (di, conv_dim) = (d.di(), d.conv_dim());
     let z = zx.narrow(2, 0, di)?;

@@ -85,6 +85,29 @@ fn check_inputs(
     Ok(Sizes { batch, len, heads, headdim, groups, state })
 }
 
+/// The signature of [`ssd_chunk_scan`] and [`ssd_chunk_scan_ref`].
+pub(crate) type ChunkScan =
+    fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor, usize, &SsdParams, Option<&Tensor>) -> Result<ScanOutput>;
+
+/// [`check_inputs`] and the chunk size of the chunked forms.
+#[allow(clippy::too_many_arguments)]
+fn check_chunked(
+    x: &Tensor,
+    dt: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    chunk_size: usize,
+    p: &SsdParams,
+    h0: Option<&Tensor>,
+) -> Result<Sizes> {
+    let s = check_inputs(x, dt, a, b, c, p, h0)?;
+    if chunk_size == 0 {
+        return Err(argument("chunk_size", "must be at least 1"));
+    }
+    Ok(s)
+}
+
 /// dt after bias, softplus and limits; the heads are the last dimension.
 pub(crate) fn effective_dt(dt: &Tensor, p: &SsdParams) -> Result<Tensor> {
     let mut dt = dt.clone();
@@ -165,10 +188,7 @@ pub fn ssd_chunk_scan(
     p: &SsdParams,
     initial_states: Option<&Tensor>,
 ) -> Result<ScanOutput> {
-    let s = check_inputs(x, dt, a, b, c, p, initial_states)?;
-    if chunk_size == 0 {
-        return Err(argument("chunk_size", "must be at least 1"));
-    }
+    let s = check_chunked(x, dt, a, b, c, chunk_size, p, initial_states)?;
     let ct = crate::selective_scan::compute_dtype(x);
     let cast = |t: &Tensor| t.to_dtype(ct);
     let xc = cast(x)?.contiguous()?;
@@ -218,11 +238,8 @@ pub fn ssd_chunk_scan_ref(
     p: &SsdParams,
     initial_states: Option<&Tensor>,
 ) -> Result<ScanOutput> {
-    let sizes = check_inputs(x, dt, a, b, c, p, initial_states)?;
-    if chunk_size == 0 {
-        return Err(argument("chunk_size", "must be at least 1"));
-    }
-    let Sizes { batch, len, heads, headdim, groups, state } = sizes;
+    let Sizes { batch, len, heads, headdim, groups, state } =
+        check_chunked(x, dt, a, b, c, chunk_size, p, initial_states)?;
     let out_dtype = x.dtype();
     let ct = if out_dtype == DType::F64 { DType::F64 } else { DType::F32 };
     let (x, a, b, c) = (x.to_dtype(ct)?, a.to_dtype(ct)?, b.to_dtype(ct)?, c.to_dtype(ct)?);
