@@ -90,6 +90,11 @@ impl ImageFolder {
     }
 }
 
+/// The image file at `path`, decoded.
+pub fn decode(path: &Path) -> Result<DynamicImage> {
+    image::open(path).map_err(|e| DataError::Image { path: path.display().to_string(), message: e.to_string() })
+}
+
 /// How an image becomes a tensor: to `channels` (1 grayscale, 3 RGB), resized so that its
 /// shorter side is `resize`, cropped to `crop` x `crop` (centre, or random when training),
 /// flipped left-right with probability `hflip` when training, then (x / 255 - mean) / std per
@@ -108,9 +113,7 @@ impl Transform {
     /// The (channels, crop, crop) tensor of the image at `path`. `rng` is used when training
     /// (random crop and flip), `None` gives the centre crop, unflipped.
     pub fn load(&self, path: &Path, rng: Option<&mut impl Rng>) -> Result<Tensor> {
-        let img = image::open(path)
-            .map_err(|e| DataError::Image { path: path.display().to_string(), message: e.to_string() })?;
-        self.apply(img, rng)
+        self.apply(decode(path)?, rng)
     }
 
     pub fn apply(&self, img: DynamicImage, mut rng: Option<&mut impl Rng>) -> Result<Tensor> {

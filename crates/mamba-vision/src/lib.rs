@@ -9,7 +9,7 @@ mod scan;
 mod vim;
 mod vmamba;
 
-pub use data::{BadImages, DataError, ImageFolder, Transform};
+pub use data::{decode, BadImages, DataError, ImageFolder, Transform};
 pub use layers::{depthwise_conv2d, drop_path, patch_grid, patchify, resize_grid, LayerNorm, PatchEmbed, Size2d};
 pub use model::{ImageShape, VisionConfig, VisionModel};
 pub use scan::{draw_order, pattern, pattern_names, route, ClassToken, Grid};

@@ -97,7 +97,7 @@ impl AudioData {
         let (bins, frames) = frontend.shape();
         let shape =
             ImageShape { image_size: Size2d::new(bins, frames), channels: 1, num_classes: folder.classes.len() };
-        let examples = Files { meta: AudioMeta { classes: folder.classes, frontend }, items: [train, validation] };
+        let examples = Files::new(AudioMeta { classes: folder.classes, frontend }, [train, validation])?;
         Classify::new(examples, shape, (model, backbone), source, d.label_smoothing, seed)
     }
 }
@@ -109,10 +109,21 @@ impl InputMeta for AudioMeta {
         &self.classes
     }
 
+    /// The clip's samples at the front end's rate.
+    type Decoded = Vec<f32>;
+
+    fn decode(&self, path: &Path) -> Result<Vec<f32>> {
+        Ok(mamba_audio::load(path, self.frontend.features.sample_rate)?)
+    }
+
+    fn decoded_bytes(samples: &Vec<f32>) -> usize {
+        samples.len() * 4
+    }
+
     /// A clip's normalised log-mel, (1, mel bins, frames).
-    fn input(&self, path: &Path, rng: Option<&mut StdRng>) -> Result<Tensor> {
+    fn input_from(&self, samples: &Vec<f32>, rng: Option<&mut StdRng>) -> Result<Tensor> {
         let (bins, frames) = self.frontend.shape();
-        Ok(Tensor::from_vec(self.frontend.load(path, rng)?, (1, bins, frames), &Device::Cpu)?)
+        Ok(Tensor::from_vec(self.frontend.spectrogram(samples, rng)?, (1, bins, frames), &Device::Cpu)?)
     }
 }
 

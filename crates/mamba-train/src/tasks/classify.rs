@@ -11,6 +11,7 @@ use candle_nn::VarBuilder;
 use mamba_vision::{ImageShape, VisionConfig, VisionModel};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
+use rayon::prelude::*;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -30,15 +31,56 @@ pub trait Examples: Send + Sync + 'static {
 pub trait InputMeta: serde::Serialize + serde::de::DeserializeOwned + Send + Sync + 'static {
     /// The checkpoint file it is saved as.
     const FILE: &'static str;
+    /// A file decoded, before any augmentation (pixels, samples).
+    type Decoded: Send + Sync + 'static;
     fn classes(&self) -> &[String];
-    /// The input (channels, height, width) of the file at `path`; with `rng`, augmented.
-    fn input(&self, path: &Path, rng: Option<&mut StdRng>) -> Result<Tensor>;
+    fn decode(&self, path: &Path) -> Result<Self::Decoded>;
+    /// The bytes `decoded` holds (for the budget of [`Files::new`]).
+    fn decoded_bytes(decoded: &Self::Decoded) -> usize;
+    /// The input (channels, height, width) of a decoded file; with `rng`, augmented.
+    fn input_from(&self, decoded: &Self::Decoded, rng: Option<&mut StdRng>) -> Result<Tensor>;
+
+    /// The input of the file at `path`.
+    fn input(&self, path: &Path, rng: Option<&mut StdRng>) -> Result<Tensor> {
+        self.input_from(&self.decode(path)?, rng)
+    }
 }
 
-/// Labelled files, (path, class) per split, and how they load.
-pub struct Files<M> {
+/// At most this much decoded data is kept in memory; a larger data set is decoded as it is read.
+const DECODED_BUDGET: usize = 2 << 30;
+
+/// Labelled files, (path, class) per split, and how they load: decoded once when they fit in
+/// memory, else in every epoch.
+pub struct Files<M: InputMeta> {
     pub meta: M,
     pub items: [Vec<(PathBuf, usize)>; 2],
+    decoded: Option<[Vec<M::Decoded>; 2]>,
+}
+
+impl<M: InputMeta> Files<M> {
+    /// Decodes every file (in parallel) unless the decoded data would pass `DECODED_BUDGET`.
+    pub fn new(meta: M, items: [Vec<(PathBuf, usize)>; 2]) -> Result<Self> {
+        let mut files = Self { meta, items, decoded: None };
+        files.decoded = files.decode_all()?;
+        Ok(files)
+    }
+
+    fn decode_all(&self) -> Result<Option<[Vec<M::Decoded>; 2]>> {
+        let mut bytes = 0;
+        let mut out = [Vec::new(), Vec::new()];
+        for (split, items) in out.iter_mut().zip(&self.items) {
+            // In blocks, so that a data set past the budget stops early.
+            for block in items.chunks(256) {
+                let decoded = block.par_iter().map(|(path, _)| self.meta.decode(path)).collect::<Result<Vec<_>>>()?;
+                bytes += decoded.iter().map(M::decoded_bytes).sum::<usize>();
+                if bytes > DECODED_BUDGET {
+                    return Ok(None);
+                }
+                split.extend(decoded);
+            }
+        }
+        Ok(Some(out))
+    }
 }
 
 impl<M: InputMeta> Examples for Files<M> {
@@ -52,7 +94,11 @@ impl<M: InputMeta> Examples for Files<M> {
 
     fn example(&self, split: Split, index: usize, rng: Option<&mut StdRng>) -> Result<(Tensor, usize)> {
         let (path, class) = &self.items[split as usize][index];
-        Ok((self.meta.input(path, rng)?, *class))
+        let input = match &self.decoded {
+            Some(decoded) => self.meta.input_from(&decoded[split as usize][index], rng)?,
+            None => self.meta.input(path, rng)?,
+        };
+        Ok((input, *class))
     }
 
     fn meta_file(&self) -> Result<(String, Vec<u8>)> {
@@ -232,4 +278,58 @@ pub fn rank(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Files whose bytes are the input.
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Bytes {
+        classes: Vec<String>,
+    }
+
+    impl InputMeta for Bytes {
+        const FILE: &'static str = "bytes.json";
+        type Decoded = Vec<u8>;
+
+        fn classes(&self) -> &[String] {
+            &self.classes
+        }
+        fn decode(&self, path: &Path) -> Result<Vec<u8>> {
+            std::fs::read(path).map_err(|e| Error::Config { path: path.display().to_string(), message: e.to_string() })
+        }
+        fn decoded_bytes(b: &Vec<u8>) -> usize {
+            b.len()
+        }
+        fn input_from(&self, b: &Vec<u8>, _: Option<&mut StdRng>) -> Result<Tensor> {
+            let v: Vec<f32> = b.iter().map(|&x| x as f32).collect();
+            Ok(Tensor::from_vec(v, (1, 1, b.len()), &Device::Cpu)?)
+        }
+    }
+
+    #[test]
+    fn files_are_decoded_once() {
+        let dir = std::env::temp_dir().join(format!("mamba-files-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let paths: Vec<PathBuf> = (0..3u8).map(|i| dir.join(format!("{i}.bin"))).collect();
+        for (i, p) in paths.iter().enumerate() {
+            std::fs::write(p, [i as u8, 7, 9]).unwrap();
+        }
+        let items = [vec![(paths[0].clone(), 0), (paths[1].clone(), 1)], vec![(paths[2].clone(), 1)]];
+        let files = Files::new(Bytes { classes: vec!["a".into(), "b".into()] }, items).unwrap();
+        let want: Vec<Vec<f32>> = paths
+            .iter()
+            .map(|p| files.meta.input(p, None).unwrap().flatten_all().unwrap().to_vec1().unwrap())
+            .collect();
+        // The files are gone: what the examples return was decoded when the set was opened.
+        std::fs::remove_dir_all(&dir).unwrap();
+        for (split, index, file) in [(Split::Train, 0, 0), (Split::Train, 1, 1), (Split::Validation, 0, 2)] {
+            let (x, class) = files.example(split, index, None).unwrap();
+            assert_eq!(x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want[file]);
+            assert_eq!(class, files.items[split as usize][index].1);
+        }
+        assert!(files.meta.input(&paths[0], None).is_err(), "reading the file again fails");
+    }
 }

@@ -6,6 +6,7 @@ use super::classify::{read_meta, read_train_config, Classify, Files, InputMeta};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use image::DynamicImage;
 use mamba_vision::{
     resize_pos_embed, BadImages, ImageFolder, ImageShape, Size2d, Transform, VisionConfig, VisionModel,
 };
@@ -29,8 +30,18 @@ impl InputMeta for ImageMeta {
         &self.classes
     }
 
-    fn input(&self, path: &Path, rng: Option<&mut StdRng>) -> Result<Tensor> {
-        self.transform.load(path, rng).map_err(data_error)
+    type Decoded = DynamicImage;
+
+    fn decode(&self, path: &Path) -> Result<DynamicImage> {
+        mamba_vision::decode(path).map_err(data_error)
+    }
+
+    fn decoded_bytes(img: &DynamicImage) -> usize {
+        img.as_bytes().len()
+    }
+
+    fn input_from(&self, img: &DynamicImage, rng: Option<&mut StdRng>) -> Result<Tensor> {
+        self.transform.apply(img.clone(), rng).map_err(data_error)
     }
 }
 
@@ -136,7 +147,7 @@ impl ImageData {
             channels: d.channels,
             num_classes: train.classes.len(),
         };
-        let examples = Files { meta: ImageMeta { classes: train.classes, transform }, items: [train_items, val_items] };
+        let examples = Files::new(ImageMeta { classes: train.classes, transform }, [train_items, val_items])?;
         Classify::new(examples, shape, (model, backbone), source, d.label_smoothing, seed)
     }
 }
