@@ -97,7 +97,7 @@ impl AudioData {
         let (bins, frames) = frontend.shape();
         let shape =
             ImageShape { image_size: Size2d::new(bins, frames), channels: 1, num_classes: folder.classes.len() };
-        let examples = Files::new(AudioMeta { classes: folder.classes, frontend }, [train, validation])?;
+        let examples = Files::new(AudioMeta { classes: folder.classes, frontend }, [train, validation]);
         Classify::new(examples, shape, (model, backbone), source, d.label_smoothing, seed)
     }
 }

@@ -14,6 +14,7 @@ use rand::SeedableRng;
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 /// A labelled data set split in two.
 pub trait Examples: Send + Sync + 'static {
@@ -46,40 +47,39 @@ pub trait InputMeta: serde::Serialize + serde::de::DeserializeOwned + Send + Syn
     }
 }
 
-/// At most this much decoded data is kept in memory; a larger data set is decoded as it is read.
+/// At most this much decoded data of a split is kept in memory; a larger split is decoded as it
+/// is read.
 const DECODED_BUDGET: usize = 2 << 30;
 
-/// Labelled files, (path, class) per split, and how they load: decoded once when they fit in
-/// memory, else in every epoch.
+/// Labelled files, (path, class) per split, and how they load: each split decoded once, the
+/// first time an example of it is read, when it fits in memory (so `mamba eval` decodes only
+/// the validation files), else in every epoch.
 pub struct Files<M: InputMeta> {
     pub meta: M,
     pub items: [Vec<(PathBuf, usize)>; 2],
-    decoded: Option<[Vec<M::Decoded>; 2]>,
+    decoded: [OnceLock<Option<Vec<M::Decoded>>>; 2],
 }
 
 impl<M: InputMeta> Files<M> {
-    /// Decodes every file (in parallel) unless the decoded data would pass `DECODED_BUDGET`.
-    pub fn new(meta: M, items: [Vec<(PathBuf, usize)>; 2]) -> Result<Self> {
-        let mut files = Self { meta, items, decoded: None };
-        files.decoded = files.decode_all()?;
-        Ok(files)
+    pub fn new(meta: M, items: [Vec<(PathBuf, usize)>; 2]) -> Self {
+        Self { meta, items, decoded: Default::default() }
     }
 
-    fn decode_all(&self) -> Result<Option<[Vec<M::Decoded>; 2]>> {
+    /// Every file of `split` decoded (in parallel), or None past the budget or on a bad file
+    /// (which then fails, by name, when its example is read).
+    fn decode_split(&self, split: Split) -> Option<Vec<M::Decoded>> {
         let mut bytes = 0;
-        let mut out = [Vec::new(), Vec::new()];
-        for (split, items) in out.iter_mut().zip(&self.items) {
-            // In blocks, so that a data set past the budget stops early.
-            for block in items.chunks(256) {
-                let decoded = block.par_iter().map(|(path, _)| self.meta.decode(path)).collect::<Result<Vec<_>>>()?;
-                bytes += decoded.iter().map(M::decoded_bytes).sum::<usize>();
-                if bytes > DECODED_BUDGET {
-                    return Ok(None);
-                }
-                split.extend(decoded);
+        let mut out = Vec::new();
+        // In blocks, so that a split past the budget stops early.
+        for block in self.items[split as usize].chunks(256) {
+            let decoded = block.par_iter().map(|(path, _)| self.meta.decode(path)).collect::<Result<Vec<_>>>().ok()?;
+            bytes += decoded.iter().map(M::decoded_bytes).sum::<usize>();
+            if bytes > DECODED_BUDGET {
+                return None;
             }
+            out.extend(decoded);
         }
-        Ok(Some(out))
+        Some(out)
     }
 }
 
@@ -94,8 +94,8 @@ impl<M: InputMeta> Examples for Files<M> {
 
     fn example(&self, split: Split, index: usize, rng: Option<&mut StdRng>) -> Result<(Tensor, usize)> {
         let (path, class) = &self.items[split as usize][index];
-        let input = match &self.decoded {
-            Some(decoded) => self.meta.input_from(&decoded[split as usize][index], rng)?,
+        let input = match self.decoded[split as usize].get_or_init(|| self.decode_split(split)) {
+            Some(decoded) => self.meta.input_from(&decoded[index], rng)?,
             None => self.meta.input(path, rng)?,
         };
         Ok((input, *class))
@@ -318,12 +318,15 @@ mod tests {
             std::fs::write(p, [i as u8, 7, 9]).unwrap();
         }
         let items = [vec![(paths[0].clone(), 0), (paths[1].clone(), 1)], vec![(paths[2].clone(), 1)]];
-        let files = Files::new(Bytes { classes: vec!["a".into(), "b".into()] }, items).unwrap();
+        let files = Files::new(Bytes { classes: vec!["a".into(), "b".into()] }, items);
+        // Reading one example of each split decodes the split.
+        files.example(Split::Train, 0, None).unwrap();
+        files.example(Split::Validation, 0, None).unwrap();
         let want: Vec<Vec<f32>> = paths
             .iter()
             .map(|p| files.meta.input(p, None).unwrap().flatten_all().unwrap().to_vec1().unwrap())
             .collect();
-        // The files are gone: what the examples return was decoded when the set was opened.
+        // The files are gone: what the examples return was decoded when the split was first read.
         std::fs::remove_dir_all(&dir).unwrap();
         for (split, index, file) in [(Split::Train, 0, 0), (Split::Train, 1, 1), (Split::Validation, 0, 2)] {
             let (x, class) = files.example(split, index, None).unwrap();

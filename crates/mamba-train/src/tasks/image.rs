@@ -147,7 +147,7 @@ impl ImageData {
             channels: d.channels,
             num_classes: train.classes.len(),
         };
-        let examples = Files::new(ImageMeta { classes: train.classes, transform }, [train_items, val_items])?;
+        let examples = Files::new(ImageMeta { classes: train.classes, transform }, [train_items, val_items]);
         Classify::new(examples, shape, (model, backbone), source, d.label_smoothing, seed)
     }
 }
