@@ -9,8 +9,8 @@
 use candle_core::{Device, Tensor, Var};
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use mamba_ssm::{
-    causal_conv1d, mamba_inner, selective_scan, selective_scan_ref, set_cpu_isa, ssd_chunk_scan, ssd_chunk_scan_ref,
-    CpuIsa, InnerWeights, ScanOutput, ScanParams, SsdParams,
+    causal_conv1d, mamba2_inner, mamba_inner, selective_scan, selective_scan_ref, set_cpu_isa, ssd_chunk_scan,
+    ssd_chunk_scan_ref, CpuIsa, InnerWeights, Mamba2Weights, ScanOutput, ScanParams, SsdParams,
 };
 use std::time::Duration;
 
@@ -283,11 +283,73 @@ fn routes(c: &mut Criterion) {
     g.finish();
 }
 
+/// One route of a Mamba-2 mixer: in_proj's output [z | xBC | dt] and the route's weights, as Vars.
+struct Route2 {
+    vars: Vec<Var>,
+    /// heads, headdim, state.
+    shape: (usize, usize, usize),
+}
+
+impl Route2 {
+    fn new(batch: usize, len: usize, heads: usize, headdim: usize, state: usize) -> Self {
+        let di = heads * headdim;
+        let conv_dim = di + 2 * state;
+        let shapes: [(&[usize], f64, f64); 6] = [
+            (&[batch, len, di + conv_dim + heads], -1.0, 1.0),
+            (&[conv_dim, 1, 4], -0.5, 0.5),
+            (&[conv_dim], -0.5, 0.5),
+            (&[heads], -3.0, -1.0),
+            (&[heads], 0.0, 2.0),
+            (&[heads], -1.0, 1.0),
+        ];
+        let vars = shapes.iter().map(|&(s, lo, hi)| Var::from_tensor(&rand(s, lo, hi)).unwrap()).collect();
+        Self { vars, shape: (heads, headdim, state) }
+    }
+
+    fn run(&self, train: bool) -> Tensor {
+        let t: Vec<Tensor> =
+            self.vars.iter().map(|v| if train { v.as_tensor().clone() } else { v.as_detached_tensor() }).collect();
+        let (_, headdim, state) = self.shape;
+        let w = Mamba2Weights {
+            conv_weight: &t[1],
+            conv_bias: Some(&t[2]),
+            dt_bias: &t[3],
+            a_log: &t[4],
+            d: &t[5],
+            headdim,
+            groups: 1,
+            state,
+            dt_limit: (0.0, f64::INFINITY),
+        };
+        mamba2_inner(&t[0], &w).unwrap().y
+    }
+}
+
+/// A Mamba-1 and a Mamba-2 route at the width of mamba-130m / mamba2-130m (d_inner 1536;
+/// Mamba-1 d_state 16, dt_rank 48; Mamba-2 24 heads of 64, state 128), both fused ops:
+/// `cargo bench -p mamba-ssm --bench scan -- same_width`. Training (forward + backward) at batch
+/// 8 x 256 tokens, prefill (forward) of one 512-token prompt.
+fn same_width(c: &mut Criterion) {
+    let mut g = c.benchmark_group("same_width");
+    g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(4));
+    for (name, batch, len, train) in [("train_8x256", 8, 256, true), ("prefill_512", 1, 512, false)] {
+        let (m1, m2) = (Route::new(batch, len, 1536, 16, 48), Route2::new(batch, len, 24, 64, 128));
+        let step = |y: Tensor| {
+            if train {
+                y.sum_all().unwrap().backward().unwrap();
+            }
+        };
+        g.bench_function(BenchmarkId::new("mamba1_route", name), |b| b.iter(|| step(m1.run(true, None, train))));
+        g.bench_function(BenchmarkId::new("mamba2_route", name), |b| b.iter(|| step(m2.run(train))));
+    }
+    g.finish();
+}
+
 fn two_threads() {
     rayon::ThreadPoolBuilder::new().num_threads(2).build_global().expect("rayon pool");
 }
 
-criterion_group!(benches, selective, instruction_sets, ssd, routes);
+criterion_group!(benches, selective, instruction_sets, ssd, routes, same_width);
 
 fn main() {
     two_threads();
