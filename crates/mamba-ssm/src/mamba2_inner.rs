@@ -72,7 +72,7 @@ impl Dims {
 }
 
 fn check_inputs(zx: &Tensor, w: &Mamba2Weights) -> Result<Dims> {
-    let [batch, len, row] = dims("zxbcdt", zx, ["batch", "len", "d_in_proj"])?;
+    let [batch, len, _] = dims("zxbcdt", zx, ["batch", "len", "d_in_proj"])?;
     let [heads] = dims("A_log", w.a_log, ["heads"])?;
     let (headdim, groups, state) = (w.headdim, w.groups, w.state);
     if len == 0 || headdim == 0 || groups == 0 || heads % groups != 0 {
@@ -83,7 +83,6 @@ fn check_inputs(zx: &Tensor, w: &Mamba2Weights) -> Result<Dims> {
     let width = *w.conv_weight.dims().last().unwrap_or(&0);
     let d = Dims { s, width, has_bias: w.conv_bias.is_some() };
     check("zxbcdt", zx, &[("batch", batch), ("len", len), ("d_inner + conv_dim + heads", d.row())])?;
-    debug_assert_eq!(row, d.row());
     if w.conv_weight.elem_count() != conv_dim * width || width == 0 {
         return Err(argument("conv_weight", format!("expected (conv_dim, 1, d_conv) with conv_dim {conv_dim}")));
     }

@@ -25,8 +25,9 @@ use std::sync::Mutex;
 const CHUNK: usize = 64;
 
 /// The scan as a candle op over (x, effective dt, [A | D? | B | C | h0?]), all contiguous, to
-/// the flat [y | final state], y with the skip D x (D per head and headdim) added. When a backward pass may follow (`keep`), the op keeps the state at
-/// every chunk's start for it: (chunks + 1, batch, heads, headdim, state), slot-major.
+/// the flat [y | final state], y with the skip D x (D per head and headdim) added. When a
+/// backward pass may follow (`keep`), the op keeps the state at every chunk's start for it in
+/// `kept`: (chunks + 1, batch, heads, headdim, state), slot-major.
 pub(crate) struct SsdOp {
     pub s: Sizes,
     pub has_d: bool,
