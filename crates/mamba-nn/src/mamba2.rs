@@ -138,11 +138,12 @@ impl Mamba2Mixer {
             groups: cfg.ngroups,
             state: cfg.d_state,
             dt_limit: cfg.dt_limit,
+            norm: Some((&self.norm_weight, cfg.norm_eps)),
         };
         let out = mamba2_inner(zxbcdt, &w)?;
         let xbc = zxbcdt.narrow(2, di, conv_dim)?.transpose(1, 2)?; // (batch, conv_dim, len)
         let conv = MixerCache::last_inputs(&xbc, cfg.d_conv)?;
-        Ok((self.norm(&out.y)?, MixerCache { conv, ssm: out.last_state }))
+        Ok((out.y, MixerCache { conv, ssm: out.last_state }))
     }
 
     /// x: (batch, len, d_model) -> (batch, len, d_model), and the cache after the last token of

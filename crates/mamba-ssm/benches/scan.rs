@@ -294,13 +294,14 @@ impl Route2 {
     fn new(batch: usize, len: usize, heads: usize, headdim: usize, state: usize) -> Self {
         let di = heads * headdim;
         let conv_dim = di + 2 * state;
-        let shapes: [(&[usize], f64, f64); 6] = [
+        let shapes: [(&[usize], f64, f64); 7] = [
             (&[batch, len, di + conv_dim + heads], -1.0, 1.0),
             (&[conv_dim, 1, 4], -0.5, 0.5),
             (&[conv_dim], -0.5, 0.5),
             (&[heads], -3.0, -1.0),
             (&[heads], 0.0, 2.0),
             (&[heads], -1.0, 1.0),
+            (&[di], 0.5, 1.5),
         ];
         let vars = shapes.iter().map(|&(s, lo, hi)| Var::from_tensor(&rand(s, lo, hi)).unwrap()).collect();
         Self { vars, shape: (heads, headdim, state) }
@@ -320,13 +321,15 @@ impl Route2 {
             groups: 1,
             state,
             dt_limit: (0.0, f64::INFINITY),
+            norm: Some((&t[6], 1e-5)),
         };
         mamba2_inner(&t[0], &w).unwrap().y
     }
 }
 
 /// A Mamba-1 and a Mamba-2 route at the width of mamba-130m / mamba2-130m (d_inner 1536;
-/// Mamba-1 d_state 16, dt_rank 48; Mamba-2 24 heads of 64, state 128), both fused ops:
+/// Mamba-1 d_state 16, dt_rank 48; Mamba-2 24 heads of 64, state 128, with its gated RMSNorm),
+/// both fused ops:
 /// `cargo bench -p mamba-ssm --bench scan -- same_width`. Training (forward + backward) at batch
 /// 8 x 256 tokens, prefill (forward) of one 512-token prompt.
 fn same_width(c: &mut Criterion) {

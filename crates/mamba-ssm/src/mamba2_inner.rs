@@ -1,7 +1,7 @@
 //! One Mamba-2 mixer route as one op, in the manner of mamba_ssm's
 //! `mamba_split_conv1d_scan_combined`: from in_proj's output [z | xBC | dt] (batch, len, ·) to
 //! y * silu(z) (batch, len, d_inner), through the causal conv + SiLU of xBC, dt's bias, softplus
-//! and limits, the SSD kernel with its D skip, and the gate. in_proj's output is read whole and
+//! and limits, the SSD kernel with its D skip, and the gate, then the gated RMSNorm if asked. in_proj's output is read whole and
 //! its gradient written whole: the three slices of it that the composition takes each cost a
 //! zero-padded copy of the whole tensor in candle's backward pass.
 //!
@@ -13,6 +13,7 @@ use crate::cpu::{flat_bwd2, flat_fwd2, zeros, FlatOp2};
 use crate::error::{argument, check, dims, Result};
 use crate::gate::{gate_grad_span, gate_span};
 use crate::math::{Plain, Real};
+use crate::norm::{norm_row, norm_row_grad};
 use crate::ssd::{ChunkScan, Sizes, SsdParams};
 use crate::ssd_cpu::{mul_add_to, SsdOp};
 use crate::{causal_conv1d, silu_gate, ssd_chunk_scan_ref};
@@ -37,6 +38,9 @@ pub struct Mamba2Weights<'a> {
     pub state: usize,
     /// dt is clamped to [lo, hi] after the softplus.
     pub dt_limit: (f64, f64),
+    /// The RMSNorm after the gate, over groups of d_inner / groups channels: its weight
+    /// (d_inner) and eps.
+    pub norm: Option<(&'a Tensor, f64)>,
 }
 
 /// The gated output (batch, len, d_inner) and the SSD state after the last step.
@@ -91,6 +95,9 @@ fn check_inputs(zx: &Tensor, w: &Mamba2Weights) -> Result<Dims> {
     }
     check("dt_bias", w.dt_bias, &[("heads", heads)])?;
     check("D", w.d, &[("heads", heads)])?;
+    if let Some((nw, _)) = w.norm {
+        check("norm weight", nw, &[("d_inner", heads * headdim)])?;
+    }
     Ok(d)
 }
 
@@ -109,10 +116,13 @@ pub fn mamba2_inner(zx: &Tensor, w: &Mamba2Weights) -> Result<Mamba2Output> {
         pack.push(cast(b)?);
     }
     pack.extend([cast(w.dt_bias)?, cast(w.a_log)?, cast(w.d)?]);
+    if let Some((nw, _)) = w.norm {
+        pack.push(cast(nw)?);
+    }
     let pack = Tensor::cat(&pack, 0)?;
     let zxc = zx.to_dtype(ct)?.contiguous()?;
     let keep = zxc.track_op() || pack.track_op();
-    let op = Mamba2Op { d, dt_limit: w.dt_limit, keep, kept: Mutex::new(None) };
+    let op = Mamba2Op { d, dt_limit: w.dt_limit, norm_eps: w.norm.map(|n| n.1), keep, kept: Mutex::new(None) };
     let out = zxc.apply_op2(&pack, op)?;
     let s = d.s;
     let n_y = d.rows() * d.di();
@@ -140,13 +150,21 @@ fn composed(zx: &Tensor, w: &Mamba2Weights, d: Dims, scan: ChunkScan) -> Result<
     let a = w.a_log.exp()?.neg()?;
     let p = SsdParams { d: Some(w.d), z: None, dt_bias: Some(w.dt_bias), dt_softplus: true, dt_limit: w.dt_limit };
     let out = scan(&xs, &dt, &a, &b, &c, 64, &p, None)?;
-    let y = silu_gate(&out.y.reshape((batch, len, di))?, &z)?;
+    let mut y = silu_gate(&out.y.reshape((batch, len, di))?, &z)?;
+    if let Some((nw, eps)) = w.norm {
+        let grouped = y.reshape((batch, len, groups, di / groups))?;
+        let ms = grouped.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+        let normed = grouped.broadcast_div(&(ms + eps)?.sqrt()?)?.reshape((batch, len, di))?;
+        y = normed.broadcast_mul(nw)?;
+    }
     Ok(Mamba2Output { y, last_state: out.last_state })
 }
 
 struct Mamba2Op {
     d: Dims,
     dt_limit: (f64, f64),
+    /// The gated RMSNorm's eps, when the op ends with it.
+    norm_eps: Option<f64>,
     /// Whether a backward pass may follow: then the forward pass keeps [ungated y | chunk states].
     keep: bool,
     kept: Mutex<Option<(CpuStorage, CpuStorage)>>,
@@ -160,6 +178,7 @@ struct Weights<'a, T> {
     dt_bias: &'a [T],
     a_log: &'a [T],
     d: &'a [T],
+    norm_w: Option<&'a [T]>,
 }
 
 /// What the conv and dt give the SSD: x (rows, d_inner), the SSD's pack [A | D | B | C], the
@@ -181,9 +200,10 @@ impl Mamba2Op {
         let (w, rest) = pack.split_at(cd * k);
         let (conv_b, rest) = rest.split_at(if self.d.has_bias { cd } else { 0 });
         let (dt_bias, rest) = rest.split_at(h);
-        let (a_log, d) = rest.split_at(h);
+        let (a_log, rest) = rest.split_at(h);
+        let (d, norm_w) = rest.split_at(h);
         let conv_t = (0..k).flat_map(|j| (0..cd).map(move |c| w[c * k + j])).collect();
-        Weights { conv_t, conv_b, dt_bias, a_log, d }
+        Weights { conv_t, conv_b, dt_bias, a_log, d, norm_w: self.norm_eps.map(|_| norm_w) }
     }
 
     /// The conv + SiLU of xBC and dt after bias, softplus and limits, from in_proj's output.
@@ -251,8 +271,19 @@ impl FlatOp2 for Mamba2Op {
         let (ungated, states) = ssd.forward(&inp.x, &inp.dt, &inp.pack);
         let mut out = zeros::<T>(ungated.len());
         let (y, last) = out.split_at_mut(d.rows() * di);
+        let group = di / d.s.groups;
         y.par_chunks_mut(di).zip(ungated.par_chunks(di)).enumerate().with_min_len(8).for_each(|(i, (y, u))| {
-            gate_span(u, &zx[i * row..][..di], y);
+            let z = &zx[i * row..][..di];
+            match (w.norm_w, self.norm_eps) {
+                (Some(nw), Some(eps)) => {
+                    let mut gated = vec![T::ZERO; di];
+                    gate_span(u, z, &mut gated);
+                    for ((y, g), nw) in y.chunks_mut(group).zip(gated.chunks(group)).zip(nw.chunks(group)) {
+                        norm_row(g, nw, eps, y);
+                    }
+                }
+                _ => gate_span(u, z, y),
+            }
         });
         last.copy_from_slice(&ungated[d.rows() * di..]);
         if self.keep {
@@ -273,14 +304,39 @@ impl FlatOp2 for Mamba2Op {
         let inp = self.inputs(&w, zx, true);
         let mut dzx = zeros::<T>(zx.len());
 
-        // The gate: dz into dzx, and the gradient of the ungated y (followed by the last state's).
+        // The norm and the gate: dz into dzx, the gradient of the ungated y (followed by the
+        // last state's) into dssd, the norm weight's summed over rows.
         let mut dssd = zeros::<T>(grad.len());
         dssd[rows * di..].copy_from_slice(&grad[rows * di..]);
+        let group = di / d.s.groups;
         let gate_rows = dzx.par_chunks_mut(row).zip(dssd[..rows * di].par_chunks_mut(di));
-        gate_rows.enumerate().with_min_len(8).for_each(|(i, (dzx_row, dy))| {
-            let (u, z, g) = (&ungated[i * di..][..di], &zx[i * row..][..di], &grad[i * di..][..di]);
-            gate_grad_span(u, z, g, dy, &mut dzx_row[..di]);
-        });
+        let d_norm_w = gate_rows
+            .enumerate()
+            .with_min_len(8)
+            .fold(
+                || vec![T::ZERO; if self.norm_eps.is_some() { di } else { 0 }],
+                |mut dnw, (i, (dzx_row, dy))| {
+                    let (u, z, g) = (&ungated[i * di..][..di], &zx[i * row..][..di], &grad[i * di..][..di]);
+                    match (w.norm_w, self.norm_eps) {
+                        (Some(nw), Some(eps)) => {
+                            let (mut gated, mut dg) = (vec![T::ZERO; di], vec![T::ZERO; di]);
+                            gate_span(u, z, &mut gated);
+                            let parts = gated.chunks(group).zip(nw.chunks(group)).zip(g.chunks(group));
+                            for (((x, nw), g), (dx, dw)) in parts.zip(dg.chunks_mut(group).zip(dnw.chunks_mut(group))) {
+                                norm_row_grad(x, nw, g, eps, dx, dw);
+                            }
+                            gate_grad_span(u, z, &dg, dy, &mut dzx_row[..di]);
+                        }
+                        _ => gate_grad_span(u, z, g, dy, &mut dzx_row[..di]),
+                    }
+                    dnw
+                },
+            )
+            .reduce(Vec::new, |a, b| match (a.is_empty(), b.is_empty()) {
+                (true, _) => b,
+                (_, true) => a,
+                _ => a.into_iter().zip(b).map(|(x, y)| x + y).collect(),
+            });
         let (dx, ddt, dpack) = self.ssd().backward(&inp.x, &inp.dt, &inp.pack, states, &dssd);
 
         // dt: through the limits (no gradient where clamped) and the softplus.
@@ -351,6 +407,10 @@ impl FlatOp2 for Mamba2Op {
         dwpack.extend(
             dpack[heads..heads + heads * headdim].chunks(headdim).map(|c| c.iter().fold(T::ZERO, |s, &v| s + v)),
         );
+        if self.norm_eps.is_some() {
+            // Empty when there were no rows to fold.
+            dwpack.extend(if d_norm_w.is_empty() { vec![T::ZERO; di] } else { d_norm_w });
+        }
         (dzx, dwpack)
     }
 }

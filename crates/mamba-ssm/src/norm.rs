@@ -53,16 +53,10 @@ impl FlatOp2 for RmsNormOp {
     fn fwd<T: Real>(&self, x: &[T], w: &[T]) -> Vec<T> {
         let d = w.len();
         let mut y = vec![T::ZERO; x.len()];
-        y.par_chunks_mut(d).zip(x.par_chunks(d)).with_min_len(ROWS).for_each(|(y, x)| {
-            let r = inv_rms(x, self.eps);
-            for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
-                *y = x * r * w;
-            }
-        });
+        y.par_chunks_mut(d).zip(x.par_chunks(d)).with_min_len(ROWS).for_each(|(y, x)| norm_row(x, w, self.eps, y));
         y
     }
 
-    /// (dx, dw) for the output gradient g: with x̂ = x r, dx = r (g w - x̂ mean(g w x̂)), dw = Σ g x̂.
     fn bwd<T: Real>(&self, x: &[T], w: &[T], g: &[T]) -> (Vec<T>, Vec<T>) {
         let d = w.len();
         let mut dx = vec![T::ZERO; x.len()];
@@ -73,17 +67,7 @@ impl FlatOp2 for RmsNormOp {
             .fold(
                 || vec![T::ZERO; d],
                 |mut dw, (dx, (x, g))| {
-                    let r = inv_rms(x, self.eps);
-                    let mut dot = T::ZERO;
-                    for i in 0..d {
-                        let xh = x[i] * r;
-                        dot += g[i] * w[i] * xh;
-                        dw[i] += g[i] * xh;
-                    }
-                    let mean = dot / T::from_f64(d as f64);
-                    for i in 0..d {
-                        dx[i] = r * (g[i] * w[i] - x[i] * r * mean);
-                    }
+                    norm_row_grad(x, w, g, self.eps, dx, &mut dw);
                     dw
                 },
             )
@@ -95,6 +79,31 @@ impl FlatOp2 for RmsNormOp {
                 },
             );
         (dx, dw)
+    }
+}
+
+/// One row: y = x r w, r = 1 / sqrt(mean(x^2) + eps).
+pub(crate) fn norm_row<T: Real>(x: &[T], w: &[T], eps: f64, y: &mut [T]) {
+    let r = inv_rms(x, eps);
+    for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+        *y = x * r * w;
+    }
+}
+
+/// One row's gradients for the output gradient g: with x̂ = x r, dx = r (g w - x̂ mean(g w x̂))
+/// (written), dw += g x̂.
+pub(crate) fn norm_row_grad<T: Real>(x: &[T], w: &[T], g: &[T], eps: f64, dx: &mut [T], dw: &mut [T]) {
+    let d = w.len();
+    let r = inv_rms(x, eps);
+    let mut dot = T::ZERO;
+    for i in 0..d {
+        let xh = x[i] * r;
+        dot += g[i] * w[i] * xh;
+        dw[i] += g[i] * xh;
+    }
+    let mean = dot / T::from_f64(d as f64);
+    for i in 0..d {
+        dx[i] = r * (g[i] * w[i] - x[i] * r * mean);
     }
 }
 

@@ -1,6 +1,7 @@
 //! The fused Mamba-2 route against its composition (the conv op, the SSD's candle-ops form and
 //! the gate) and f64 finite differences: forward and every gradient, over lengths across the
-//! SSD's 64-step chunks, batch > 1, groups, with and without the conv bias and dt limits.
+//! SSD's 64-step chunks, batch > 1, groups, with and without the conv bias, dt limits and the
+//! gated RMSNorm.
 
 mod common;
 use candle_core::{DType, Tensor, Var};
@@ -18,6 +19,7 @@ struct Case {
     k: usize,
     conv_bias: bool,
     dt_limit: (f64, f64),
+    norm: bool,
 }
 
 const BASE: Case = Case {
@@ -30,9 +32,10 @@ const BASE: Case = Case {
     k: 4,
     conv_bias: true,
     dt_limit: (0.0, f64::INFINITY),
+    norm: true,
 };
 
-/// zxbcdt, then conv weight, conv bias?, dt_bias, A_log, D.
+/// zxbcdt, then conv weight, conv bias?, dt_bias, A_log, D, norm weight?.
 fn inputs(c: Case, seed: u64, dtype: DType) -> Vec<Tensor> {
     let (di, bc) = (c.heads * c.headdim, c.groups * c.state);
     let conv_dim = di + 2 * bc;
@@ -48,6 +51,9 @@ fn inputs(c: Case, seed: u64, dtype: DType) -> Vec<Tensor> {
         uniform(&[c.heads], seed + 4, -1.0, 1.0, dtype),
         uniform(&[c.heads], seed + 5, -1.0, 1.0, dtype),
     ]);
+    if c.norm {
+        v.push(uniform(&[di], seed + 6, 0.5, 1.5, dtype));
+    }
     v
 }
 
@@ -65,6 +71,7 @@ fn call(f: Route, c: Case, t: &[Tensor]) -> Mamba2Output {
         groups: c.groups,
         state: c.state,
         dt_limit: c.dt_limit,
+        norm: c.norm.then(|| (&rest[3], 1e-5)),
     };
     f(&t[0], &w).unwrap()
 }
@@ -104,6 +111,8 @@ fn fused_matches_composition() {
         compare(Case { len, ..BASE }, DType::F32, 1e-5);
     }
     compare(Case { groups: 1, conv_bias: false, batch: 3, ..BASE }, DType::F32, 1e-5);
+    compare(Case { norm: false, ..BASE }, DType::F32, 1e-5);
+    compare(Case { norm: false, groups: 1, len: 65, ..BASE }, DType::F32, 1e-5);
     compare(Case { dt_limit: (0.05, 0.6), k: 2, ..BASE }, DType::F32, 1e-5);
     compare(Case { len: 100, ..BASE }, DType::F64, 1e-11);
 }
@@ -137,6 +146,7 @@ fn bad_shapes_are_named() {
         groups: 2,
         state: 5,
         dt_limit: (0.0, f64::INFINITY),
+        norm: None,
     };
     let msg = mamba2_inner(&bad[0], &w).err().expect("a narrow input is an error").to_string();
     assert!(msg.contains("zxbcdt"), "{msg}");
