@@ -6,7 +6,7 @@
 
 use crate::model::MixerCache;
 use crate::norm::normalize;
-use crate::routes::{check_causal, gathered, route_suffix, run_routes, Merge, Route, RouteParams};
+use crate::routes::{check_causal, gather, route_suffix, run_routes, Merge, Route, RouteParams};
 use crate::{compute_dtype, BackboneConfig, Linear, Result};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
@@ -123,9 +123,10 @@ impl Mamba2Mixer {
         Ok(normed.broadcast_mul(&self.norm_weight)?)
     }
 
-    /// One route over in_proj's output zxbcdt (batch, len, ·) in that route's order: the gated,
-    /// normed SSM output (batch, len, d_inner) and the cache after its last token.
-    fn route_forward(&self, ssm: &Ssm, zxbcdt: &Tensor) -> Result<(Tensor, MixerCache)> {
+    /// One route over in_proj's output zxbcdt (batch, len, ·), visiting the positions in `order`:
+    /// the gated, normed SSM output (batch, len, d_inner) in sequence order and the cache after
+    /// the route's last token.
+    fn route_forward(&self, ssm: &Ssm, zxbcdt: &Tensor, order: Option<&[u32]>) -> Result<(Tensor, MixerCache)> {
         let (di, conv_dim, _) = self.split();
         let cfg = &self.cfg;
         let w = Mamba2Weights {
@@ -140,9 +141,13 @@ impl Mamba2Mixer {
             dt_limit: cfg.dt_limit,
             norm: Some((&self.norm_weight, cfg.norm_eps)),
         };
-        let out = mamba2_inner(zxbcdt, &w)?;
-        let xbc = zxbcdt.narrow(2, di, conv_dim)?.transpose(1, 2)?; // (batch, conv_dim, len)
-        let conv = MixerCache::last_inputs(&xbc, cfg.d_conv)?;
+        let out = mamba2_inner(zxbcdt, &w, order)?;
+        // The conv's last inputs along the route.
+        let last = match order {
+            Some(o) => gather(zxbcdt, &o[o.len().saturating_sub(cfg.d_conv)..])?,
+            None => zxbcdt.clone(),
+        };
+        let conv = MixerCache::last_inputs(&last.narrow(2, di, conv_dim)?.transpose(1, 2)?, cfg.d_conv)?;
         Ok((out.y, MixerCache { conv, ssm: out.last_state }))
     }
 
@@ -152,7 +157,7 @@ impl Mamba2Mixer {
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, MixerCache)> {
         let zxbcdt = self.in_proj.forward(x)?;
         let (y, cache) = run_routes(&self.routes, self.merge, zxbcdt.dim(1)?, |i, order| {
-            gathered(&zxbcdt, order, |t| self.route_forward(self.ssm(i), t))
+            self.route_forward(self.ssm(i), &zxbcdt, order)
         })?;
         Ok((self.out_proj.forward(&y)?, cache))
     }

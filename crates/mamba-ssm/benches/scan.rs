@@ -323,7 +323,7 @@ impl Route2 {
             dt_limit: (0.0, f64::INFINITY),
             norm: Some((&t[6], 1e-5)),
         };
-        mamba2_inner(&t[0], &w).unwrap().y
+        mamba2_inner(&t[0], &w, None).unwrap().y
     }
 }
 

@@ -328,3 +328,15 @@ pub(crate) fn gemm<T: Real>(
         )
     }
 }
+
+/// The sum of `parts` (each `len` long), added in their order. Parts computed over fixed pieces
+/// of the work (a batch row, a block of rows) then give the same total on every run, where
+/// rayon's `fold` sums wherever its threads happened to split the work (training runs were not
+/// reproducible with it).
+pub(crate) fn sum_in_order<T: Real>(parts: impl IntoIterator<Item = Vec<T>>, len: usize) -> Vec<T> {
+    let mut total = vec![T::ZERO; len];
+    for part in parts {
+        total.iter_mut().zip(part).for_each(|(t, v)| *t += v);
+    }
+    total
+}

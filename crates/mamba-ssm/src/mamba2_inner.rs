@@ -9,9 +9,10 @@
 //! ungated y from the forward pass. `mamba2_inner_ref` is the same route from candle ops.
 
 use crate::conv::{silu_grad, silu_in_place};
-use crate::cpu::{flat_bwd2, flat_fwd2, zeros, FlatOp2};
+use crate::cpu::{flat_bwd2, flat_fwd2, sum_in_order, zeros, FlatOp2};
 use crate::error::{argument, check, dims, Result};
 use crate::gate::{gate_grad_span, gate_span};
+use crate::mamba_inner::check_order;
 use crate::math::{Plain, Real};
 use crate::norm::{norm_row, norm_row_grad};
 use crate::ssd::{ChunkScan, Sizes, SsdParams};
@@ -75,7 +76,7 @@ impl Dims {
     }
 }
 
-fn check_inputs(zx: &Tensor, w: &Mamba2Weights) -> Result<Dims> {
+fn check_inputs(zx: &Tensor, w: &Mamba2Weights, order: Option<&[u32]>) -> Result<Dims> {
     let [batch, len, _] = dims("zxbcdt", zx, ["batch", "len", "d_in_proj"])?;
     let [heads] = dims("A_log", w.a_log, ["heads"])?;
     let (headdim, groups, state) = (w.headdim, w.groups, w.state);
@@ -98,16 +99,17 @@ fn check_inputs(zx: &Tensor, w: &Mamba2Weights) -> Result<Dims> {
     if let Some((nw, _)) = w.norm {
         check("norm weight", nw, &[("d_inner", heads * headdim)])?;
     }
+    check_order(order, len)?;
     Ok(d)
 }
 
 /// One Mamba-2 route fused (see the module's note). zxbcdt: (batch, len, d_inner + conv_dim +
 /// heads) in the route's order. On the CPU this is one op; on a GPU the composition of the
 /// CUDA conv and SSD kernels.
-pub fn mamba2_inner(zx: &Tensor, w: &Mamba2Weights) -> Result<Mamba2Output> {
-    let d = check_inputs(zx, w)?;
+pub fn mamba2_inner(zx: &Tensor, w: &Mamba2Weights, order: Option<&[u32]>) -> Result<Mamba2Output> {
+    let d = check_inputs(zx, w, order)?;
     if !zx.device().is_cpu() {
-        return composed(zx, w, d, crate::ssd_chunk_scan);
+        return composed(zx, w, order, d, crate::ssd_chunk_scan);
     }
     let ct = crate::selective_scan::compute_dtype(zx);
     let cast = |t: &Tensor| t.to_dtype(ct).and_then(|t| t.flatten_all());
@@ -122,7 +124,8 @@ pub fn mamba2_inner(zx: &Tensor, w: &Mamba2Weights) -> Result<Mamba2Output> {
     let pack = Tensor::cat(&pack, 0)?;
     let zxc = zx.to_dtype(ct)?.contiguous()?;
     let keep = zxc.track_op() || pack.track_op();
-    let op = Mamba2Op { d, dt_limit: w.dt_limit, norm_eps: w.norm.map(|n| n.1), keep, kept: Mutex::new(None) };
+    let order = order.map(<[u32]>::to_vec);
+    let op = Mamba2Op { d, dt_limit: w.dt_limit, norm_eps: w.norm.map(|n| n.1), order, keep, kept: Mutex::new(None) };
     let out = zxc.apply_op2(&pack, op)?;
     let s = d.s;
     let n_y = d.rows() * d.di();
@@ -132,11 +135,24 @@ pub fn mamba2_inner(zx: &Tensor, w: &Mamba2Weights) -> Result<Mamba2Output> {
 }
 
 /// [`mamba2_inner`] from candle ops: the conv op, the SSD's candle-ops composition and the gate.
-pub fn mamba2_inner_ref(zx: &Tensor, w: &Mamba2Weights) -> Result<Mamba2Output> {
-    composed(zx, w, check_inputs(zx, w)?, ssd_chunk_scan_ref)
+pub fn mamba2_inner_ref(zx: &Tensor, w: &Mamba2Weights, order: Option<&[u32]>) -> Result<Mamba2Output> {
+    composed(zx, w, order, check_inputs(zx, w, order)?, ssd_chunk_scan_ref)
 }
 
-fn composed(zx: &Tensor, w: &Mamba2Weights, d: Dims, scan: ChunkScan) -> Result<Mamba2Output> {
+/// The route through candle ops: in_proj's output gathered into the route's order, the route,
+/// its output scattered back.
+fn composed(zx: &Tensor, w: &Mamba2Weights, order: Option<&[u32]>, d: Dims, scan: ChunkScan) -> Result<Mamba2Output> {
+    let Some(order) = order else { return composed_in_order(zx, w, d, scan) };
+    let index = |o: &[u32]| Tensor::new(o, zx.device());
+    let out = composed_in_order(&zx.index_select(&index(order)?, 1)?, w, d, scan)?;
+    let mut inverse = vec![0u32; order.len()];
+    for (t, &p) in order.iter().enumerate() {
+        inverse[p as usize] = t as u32;
+    }
+    Ok(Mamba2Output { y: out.y.index_select(&index(&inverse)?, 1)?, last_state: out.last_state })
+}
+
+fn composed_in_order(zx: &Tensor, w: &Mamba2Weights, d: Dims, scan: ChunkScan) -> Result<Mamba2Output> {
     let Sizes { batch, len, heads, headdim, groups, state } = d.s;
     let (di, conv_dim) = (d.di(), d.conv_dim());
     let z = zx.narrow(2, 0, di)?;
@@ -160,11 +176,17 @@ fn composed(zx: &Tensor, w: &Mamba2Weights, d: Dims, scan: ChunkScan) -> Result<
     Ok(Mamba2Output { y, last_state: out.last_state })
 }
 
+/// Rows per rayon task where the backward pass sums over rows: fixed blocks, summed in order,
+/// so that a run repeats exactly.
+const BLOCK: usize = 64;
+
 struct Mamba2Op {
     d: Dims,
     dt_limit: (f64, f64),
     /// The gated RMSNorm's eps, when the op ends with it.
     norm_eps: Option<f64>,
+    /// The route: step t of each batch row is position order[t] (None: in sequence order).
+    order: Option<Vec<u32>>,
     /// Whether a backward pass may follow: then the forward pass keeps [ungated y | chunk states].
     keep: bool,
     kept: Mutex<Option<(CpuStorage, CpuStorage)>>,
@@ -259,10 +281,47 @@ fn clamp<T: Real>(v: T, lo: T, hi: T) -> T {
     }
 }
 
+/// Rows of a (batch, len, row) buffer moved by the route: `to_route` gathers position order[t]
+/// into step t, else step t is scattered back to position order[t].
+fn reorder<T: Copy + Default>(src: &[T], len: usize, row: usize, order: &[u32], to_route: bool) -> Vec<T> {
+    let mut out = vec![T::default(); src.len()];
+    for (dst, src) in out.chunks_mut(len * row).zip(src.chunks(len * row)) {
+        for (t, &p) in order.iter().enumerate() {
+            let (a, b) = if to_route { (t, p as usize) } else { (p as usize, t) };
+            dst[a * row..][..row].copy_from_slice(&src[b * row..][..row]);
+        }
+    }
+    out
+}
+
 impl FlatOp2 for Mamba2Op {
     const NAME: &'static str = "mamba2-inner";
 
+    /// In the route's order, the rows are moved on the way in and out (a copy of each; the
+    /// composition gathers and scatters candle tensors, with their backward passes).
     fn fwd<T: Real>(&self, zx: &[T], pack: &[T]) -> Vec<T> {
+        let Some(order) = &self.order else { return self.fwd_in_order(zx, pack) };
+        let (len, di, row) = (self.d.s.len, self.d.di(), self.d.row());
+        let mut out = self.fwd_in_order(&reorder(zx, len, row, order, true), pack);
+        let n_y = self.d.rows() * di;
+        let y = reorder(&out[..n_y], len, di, order, false);
+        out[..n_y].copy_from_slice(&y);
+        out
+    }
+
+    fn bwd<T: Real>(&self, zx: &[T], pack: &[T], grad: &[T]) -> (Vec<T>, Vec<T>) {
+        let Some(order) = &self.order else { return self.bwd_in_order(zx, pack, grad) };
+        let (len, di, row) = (self.d.s.len, self.d.di(), self.d.row());
+        let n_y = self.d.rows() * di;
+        let mut grad_route = reorder(&grad[..n_y], len, di, order, true);
+        grad_route.extend_from_slice(&grad[n_y..]);
+        let (dzx, dpack) = self.bwd_in_order(&reorder(zx, len, row, order, true), pack, &grad_route);
+        (reorder(&dzx, len, row, order, false), dpack)
+    }
+}
+
+impl Mamba2Op {
+    fn fwd_in_order<T: Real>(&self, zx: &[T], pack: &[T]) -> Vec<T> {
         let d = self.d;
         let (di, row) = (d.di(), d.row());
         let w = self.unpack(pack);
@@ -292,7 +351,7 @@ impl FlatOp2 for Mamba2Op {
         out
     }
 
-    fn bwd<T: Real>(&self, zx: &[T], pack: &[T], grad: &[T]) -> (Vec<T>, Vec<T>) {
+    fn bwd_in_order<T: Real>(&self, zx: &[T], pack: &[T], grad: &[T]) -> (Vec<T>, Vec<T>) {
         let d = self.d;
         let Sizes { len, heads, headdim, .. } = d.s;
         let (di, bc, cd, row, k) = (d.di(), d.bc(), d.conv_dim(), d.row(), d.width);
@@ -309,13 +368,14 @@ impl FlatOp2 for Mamba2Op {
         let mut dssd = zeros::<T>(grad.len());
         dssd[rows * di..].copy_from_slice(&grad[rows * di..]);
         let group = di / d.s.groups;
-        let gate_rows = dzx.par_chunks_mut(row).zip(dssd[..rows * di].par_chunks_mut(di));
-        let d_norm_w = gate_rows
+        let dnw_len = if self.norm_eps.is_some() { di } else { 0 };
+        let blocks = dzx.par_chunks_mut(BLOCK * row).zip(dssd[..rows * di].par_chunks_mut(BLOCK * di));
+        let parts: Vec<Vec<T>> = blocks
             .enumerate()
-            .with_min_len(8)
-            .fold(
-                || vec![T::ZERO; if self.norm_eps.is_some() { di } else { 0 }],
-                |mut dnw, (i, (dzx_row, dy))| {
+            .map(|(blk, (dzx_blk, dy_blk))| {
+                let mut dnw = vec![T::ZERO; dnw_len];
+                for (r, (dzx_row, dy)) in dzx_blk.chunks_mut(row).zip(dy_blk.chunks_mut(di)).enumerate() {
+                    let i = blk * BLOCK + r;
                     let (u, z, g) = (&ungated[i * di..][..di], &zx[i * row..][..di], &grad[i * di..][..di]);
                     match (w.norm_w, self.norm_eps) {
                         (Some(nw), Some(eps)) => {
@@ -329,14 +389,11 @@ impl FlatOp2 for Mamba2Op {
                         }
                         _ => gate_grad_span(u, z, g, dy, &mut dzx_row[..di]),
                     }
-                    dnw
-                },
-            )
-            .reduce(Vec::new, |a, b| match (a.is_empty(), b.is_empty()) {
-                (true, _) => b,
-                (_, true) => a,
-                _ => a.into_iter().zip(b).map(|(x, y)| x + y).collect(),
-            });
+                }
+                dnw
+            })
+            .collect();
+        let d_norm_w = sum_in_order(parts, dnw_len);
         let (dx, ddt, dpack) = self.ssd().backward(&inp.x, &inp.dt, &inp.pack, states, &dssd);
 
         // dt: through the limits (no gradient where clamped) and the softplus.
@@ -372,29 +429,23 @@ impl FlatOp2 for Mamba2Op {
                 mul_add_to(&w.conv_t[(k - 1 - j) * cd..][..cd], &dpre[(i + j) * cd..][..cd], out);
             }
         });
-        let (dw_t, dcb) = (0..rows)
+        let parts: Vec<(Vec<T>, Vec<T>)> = (0..rows.div_ceil(BLOCK))
             .into_par_iter()
-            .with_min_len(16)
-            .fold(
-                || (vec![T::ZERO; k * cd], vec![T::ZERO; cd]),
-                |(mut dw, mut db), i| {
+            .map(|blk| {
+                let (mut dw, mut db) = (vec![T::ZERO; k * cd], vec![T::ZERO; cd]);
+                for i in blk * BLOCK..rows.min((blk + 1) * BLOCK) {
                     let (t, g) = (i % len, &dpre[i * cd..][..cd]);
                     for j in (k - 1).saturating_sub(t)..k {
                         let src = &zx[(i + j + 1 - k) * row + di..][..cd];
                         mul_add_to(g, src, &mut dw[j * cd..][..cd]);
                     }
                     db.iter_mut().zip(g).for_each(|(b, &v)| *b += v);
-                    (dw, db)
-                },
-            )
-            .reduce(
-                || (vec![T::ZERO; k * cd], vec![T::ZERO; cd]),
-                |(mut a, mut b), (c, e)| {
-                    a.iter_mut().zip(c).for_each(|(x, y)| *x += y);
-                    b.iter_mut().zip(e).for_each(|(x, y)| *x += y);
-                    (a, b)
-                },
-            );
+                }
+                (dw, db)
+            })
+            .collect();
+        let (dw_parts, db_parts): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
+        let (dw_t, dcb) = (sum_in_order(dw_parts, k * cd), sum_in_order(db_parts, cd));
 
         let mut dwpack: Vec<T> = (0..cd * k).map(|i| dw_t[(i % k) * cd + i / k]).collect();
         if d.has_bias {
@@ -407,10 +458,7 @@ impl FlatOp2 for Mamba2Op {
         dwpack.extend(
             dpack[heads..heads + heads * headdim].chunks(headdim).map(|c| c.iter().fold(T::ZERO, |s, &v| s + v)),
         );
-        if self.norm_eps.is_some() {
-            // Empty when there were no rows to fold.
-            dwpack.extend(if d_norm_w.is_empty() { vec![T::ZERO; di] } else { d_norm_w });
-        }
+        dwpack.extend(d_norm_w);
         (dzx, dwpack)
     }
 }

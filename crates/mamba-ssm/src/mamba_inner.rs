@@ -13,7 +13,7 @@
 //!   out[order[t], c] = y[c, t] silu(xz[order[t], d_inner + c]).
 
 use crate::conv::{silu_grad, silu_in_place};
-use crate::cpu::{flat_bwd2, flat_fwd2, gemm, zeros, FlatOp2, Mat, View3};
+use crate::cpu::{flat_bwd2, flat_fwd2, gemm, sum_in_order, zeros, FlatOp2, Mat, View3};
 use crate::error::{argument, check, dims, Result};
 use crate::gate::{gate_grad_span, gate_span};
 use crate::math::{madd, simd_fn, Real};
@@ -101,6 +101,12 @@ fn check_inputs(xz: &Tensor, w: &InnerWeights, order: Option<&[u32]>) -> Result<
             check(name, t, &[("d_inner", di)])?;
         }
     }
+    check_order(order, len)?;
+    Ok(Sizes { batch, len, di, k, r, n })
+}
+
+/// A route's order must visit each of the len positions once.
+pub(crate) fn check_order(order: Option<&[u32]>, len: usize) -> Result<()> {
     if let Some(order) = order {
         let mut seen = vec![false; len];
         let ok = order.len() == len
@@ -109,7 +115,7 @@ fn check_inputs(xz: &Tensor, w: &InnerWeights, order: Option<&[u32]>) -> Result<
             return Err(argument("order", format!("must be a permutation of 0..{len}")));
         }
     }
-    Ok(Sizes { batch, len, di, k, r, n })
+    Ok(())
 }
 
 /// The route of x given as xz (batch, len, 2 d_inner) in sequence order, through the weights:
@@ -524,12 +530,13 @@ impl FlatOp2 for InnerOp {
         let (dd, d_dt_bias) = rest.split_at(di);
 
         // Through the projections and the conv, one batch row per task; the weight gradients
-        // are summed per task and then over the tasks.
-        let weight_grads = || (vec![T::ZERO; di * k + di], vec![T::ZERO; rows * di], vec![T::ZERO; di * r]);
-        let (dconv, dx_proj, ddt_proj) = dxz
+        // of each row, then summed over the rows in order.
+        let per_row: Vec<_> = dxz
             .par_chunks_mut(len * 2 * di)
             .enumerate()
-            .fold(weight_grads, |(mut dconv, mut dx_proj, mut ddt_proj), (b, dxz_b)| {
+            .map(|(b, dxz_b)| {
+                let (mut dconv, mut dx_proj, mut ddt_proj) =
+                    (vec![T::ZERO; di * k + di], vec![T::ZERO; rows * di], vec![T::ZERO; di * r]);
                 let conv = self.conv(&w, &xz[b * len * 2 * di..][..len * 2 * di]);
                 let x_dbl = &saved.x_dbl[b * rows * len..][..rows * len];
                 let ddelta_b = &ddelta[b * di * len..][..di * len];
@@ -560,13 +567,16 @@ impl FlatOp2 for InnerOp {
                 cols_to_rows(&dx, 2 * di, |t| self.pos(t), di, len, dxz_b);
                 (dconv, dx_proj, ddt_proj)
             })
-            .reduce(weight_grads, |a, b| {
-                let add = |mut x: Vec<T>, y: Vec<T>| {
-                    x.iter_mut().zip(y).for_each(|(p, q)| *p += q);
-                    x
-                };
-                (add(a.0, b.0), add(a.1, b.1), add(a.2, b.2))
-            });
+            .collect();
+        let mut parts = (Vec::new(), Vec::new(), Vec::new());
+        for (a, b, c) in per_row {
+            parts.0.push(a);
+            parts.1.push(b);
+            parts.2.push(c);
+        }
+        let dconv = sum_in_order(parts.0, di * k + di);
+        let dx_proj = sum_in_order(parts.1, rows * di);
+        let ddt_proj = sum_in_order(parts.2, di * r);
         // d A_log = dA A, with A = -exp(A_log).
         let da_log = da.iter().zip(w.a_log).map(|(&g, &a)| -g * a.exp::<crate::math::Plain>());
         let mut dpack = dconv;

@@ -2,7 +2,7 @@
 //! From candle ops it is seven passes forward and about fourteen backward, each a tensor of its
 //! own; a residual block runs one per layer.
 
-use crate::cpu::{flat_bwd2, flat_fwd2, FlatOp2};
+use crate::cpu::{flat_bwd2, flat_fwd2, sum_in_order, FlatOp2};
 use crate::error::{Error, Result};
 use crate::math::Real;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
@@ -60,24 +60,18 @@ impl FlatOp2 for RmsNormOp {
     fn bwd<T: Real>(&self, x: &[T], w: &[T], g: &[T]) -> (Vec<T>, Vec<T>) {
         let d = w.len();
         let mut dx = vec![T::ZERO; x.len()];
-        let dw = dx
-            .par_chunks_mut(d)
-            .zip(x.par_chunks(d).zip(g.par_chunks(d)))
-            .with_min_len(ROWS)
-            .fold(
-                || vec![T::ZERO; d],
-                |mut dw, (dx, (x, g))| {
+        let parts: Vec<Vec<T>> = dx
+            .par_chunks_mut(ROWS * d)
+            .zip(x.par_chunks(ROWS * d).zip(g.par_chunks(ROWS * d)))
+            .map(|(dx, (x, g))| {
+                let mut dw = vec![T::ZERO; d];
+                for ((dx, x), g) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
                     norm_row_grad(x, w, g, self.eps, dx, &mut dw);
-                    dw
-                },
-            )
-            .reduce(
-                || vec![T::ZERO; d],
-                |mut a, b| {
-                    a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
-                    a
-                },
-            );
+                }
+                dw
+            })
+            .collect();
+        let dw = sum_in_order(parts, d);
         (dx, dw)
     }
 }

@@ -57,9 +57,21 @@ fn inputs(c: Case, seed: u64, dtype: DType) -> Vec<Tensor> {
     v
 }
 
-type Route = fn(&Tensor, &Mamba2Weights) -> mamba_ssm::Result<Mamba2Output>;
+type Route = fn(&Tensor, &Mamba2Weights, Option<&[u32]>) -> mamba_ssm::Result<Mamba2Output>;
+
+/// The routes of a case: none (identity), reverse, and a class token at position len / 2
+/// visited first, then the even positions and then the odd ones.
+fn routes(len: usize) -> Vec<Option<Vec<u32>>> {
+    let mid = len as u32 / 2;
+    let rest = (0..len as u32).step_by(2).chain((1..len as u32).step_by(2)).filter(|&p| p != mid);
+    vec![None, Some((0..len as u32).rev().collect()), Some(std::iter::once(mid).chain(rest).collect())]
+}
 
 fn call(f: Route, c: Case, t: &[Tensor]) -> Mamba2Output {
+    call_route(f, c, t, None)
+}
+
+fn call_route(f: Route, c: Case, t: &[Tensor], order: Option<&[u32]>) -> Mamba2Output {
     let (bias, rest) = if c.conv_bias { (Some(&t[2]), &t[3..]) } else { (None, &t[2..]) };
     let w = Mamba2Weights {
         conv_weight: &t[1],
@@ -73,7 +85,7 @@ fn call(f: Route, c: Case, t: &[Tensor]) -> Mamba2Output {
         dt_limit: c.dt_limit,
         norm: c.norm.then(|| (&rest[3], 1e-5)),
     };
-    f(&t[0], &w).unwrap()
+    f(&t[0], &w, order).unwrap()
 }
 
 /// A loss that weighs y and the last state.
@@ -86,18 +98,22 @@ fn loss(out: &Mamba2Output, seed: u64) -> Tensor {
 /// round differently (softplus and its derivative, sums over every step), so each is held to
 /// the exact result rather than to the other's rounding.
 fn compare(c: Case, dtype: DType, tol: f64) {
+    compare_route(c, None, dtype, tol);
+}
+
+fn compare_route(c: Case, order: Option<&[u32]>, dtype: DType, tol: f64) {
     let t = inputs(c, 11, dtype);
     let run = |f: Route, dtype: DType| {
         let vars: Vec<Var> = t.iter().map(|x| var(&x.to_dtype(dtype).unwrap())).collect();
         let tv: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-        let out = call(f, c, &tv);
+        let out = call_route(f, c, &tv, order);
         let g = loss(&out, 50).backward().unwrap();
         let grads: Vec<Tensor> = tv.iter().map(|v| g.get(v).unwrap().to_dtype(DType::F64).unwrap()).collect();
         (out.y.to_dtype(DType::F64).unwrap(), out.last_state.to_dtype(DType::F64).unwrap(), grads)
     };
     let (y, last, grads) = run(mamba2_inner, dtype);
     let (y_ref, last_ref, grads_ref) = run(mamba2_inner_ref, DType::F64);
-    let at = format!("{c:?}");
+    let at = format!("{c:?}, route {order:?}");
     assert_close(&format!("y ({at})"), &y, &y_ref, tol);
     assert_close(&format!("last state ({at})"), &last, &last_ref, tol);
     for (i, (g, r)) in grads.iter().zip(&grads_ref).enumerate() {
@@ -115,6 +131,15 @@ fn fused_matches_composition() {
     compare(Case { norm: false, groups: 1, len: 65, ..BASE }, DType::F32, 1e-5);
     compare(Case { dt_limit: (0.05, 0.6), k: 2, ..BASE }, DType::F32, 1e-5);
     compare(Case { len: 100, ..BASE }, DType::F64, 1e-11);
+}
+
+#[test]
+fn every_route_kind() {
+    for len in [1, 37, 70] {
+        for order in routes(len) {
+            compare_route(Case { len, ..BASE }, order.as_deref(), DType::F32, 1e-5);
+        }
+    }
 }
 
 #[test]
@@ -148,6 +173,9 @@ fn bad_shapes_are_named() {
         dt_limit: (0.0, f64::INFINITY),
         norm: None,
     };
-    let msg = mamba2_inner(&bad[0], &w).err().expect("a narrow input is an error").to_string();
+    let msg = mamba2_inner(&bad[0], &w, None).err().expect("a narrow input is an error").to_string();
     assert!(msg.contains("zxbcdt"), "{msg}");
+    let w = Mamba2Weights { conv_weight: &t[1], conv_bias: Some(&t[2]), dt_bias: &t[3], a_log: &t[4], d: &t[5], ..w };
+    let msg = mamba2_inner(&t[0], &w, Some(&[0, 0, 1])).err().expect("not a permutation").to_string();
+    assert!(msg.contains("order"), "{msg}");
 }
