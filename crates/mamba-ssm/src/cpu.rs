@@ -3,7 +3,7 @@
 
 use crate::math::{Lanes, Real, LANES};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// A read-only 3-d view of CPU storage with arbitrary strides: candle hands kernels transposed and
@@ -102,47 +102,48 @@ macro_rules! cpu_storages {
 pub(crate) use cpu_storages;
 
 /// A two-input op whose CPU passes read both inputs, and the gradient of its result, as
-/// contiguous f32 or f64 slices: `flat_fwd2` and `flat_bwd2` do the dispatch on the float type
-/// and the tensor plumbing of its `CustomOp2`.
+/// contiguous f32 or f64 slices. [`Flat`] makes it a candle `CustomOp2`: the dispatch on the
+/// float type and the tensor plumbing.
 pub(crate) trait FlatOp2 {
     const NAME: &'static str;
+    /// The result's shape for a first input laid out as `a`.
+    fn out_shape(&self, a: &Layout) -> Shape;
     fn fwd<T: Real>(&self, a: &[T], b: &[T]) -> Vec<T>;
     /// (da, db) for the gradient g of the flat result.
-    fn bwd<T: Real>(&self, a: &[T], b: &[T], g: &[T]) -> (Vec<T>, Vec<T>);
+    fn bwd<T: Real>(&self, a: &[T], b: &[T], g: &[T]) -> Result<(Vec<T>, Vec<T>)>;
 }
 
-pub(crate) fn flat_fwd2<O: FlatOp2>(
-    op: &O,
-    s1: &CpuStorage,
-    l1: &Layout,
-    s2: &CpuStorage,
-    l2: &Layout,
-) -> Result<CpuStorage> {
-    Ok(match s1 {
-        CpuStorage::F32(_) => CpuStorage::F32(op.fwd::<f32>(flat(s1, l1)?, flat(s2, l2)?)),
-        CpuStorage::F64(_) => CpuStorage::F64(op.fwd::<f64>(flat(s1, l1)?, flat(s2, l2)?)),
-        s => candle_core::bail!("{} computes in f32 or f64, got {:?}", O::NAME, s.dtype()),
-    })
-}
+/// A [`FlatOp2`] as a candle op: `a.apply_op2(&b, Flat(op))`.
+pub(crate) struct Flat<O>(pub O);
 
-pub(crate) fn flat_bwd2<O: FlatOp2>(
-    op: &O,
-    a: &Tensor,
-    b: &Tensor,
-    grad: &Tensor,
-) -> Result<(Option<Tensor>, Option<Tensor>)> {
-    let grad = grad.contiguous()?;
-    let (da, db) = match a.dtype() {
-        DType::F32 => flat_bwd2_as::<O, f32>(op, a, b, &grad)?,
-        DType::F64 => flat_bwd2_as::<O, f64>(op, a, b, &grad)?,
-        dt => candle_core::bail!("{} computes in f32 or f64, got {dt:?}", O::NAME),
-    };
-    Ok((Some(da), Some(db)))
+impl<O: FlatOp2 + Send + Sync> CustomOp2 for Flat<O> {
+    fn name(&self) -> &'static str {
+        O::NAME
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(self.0.fwd::<f32>(flat(s1, l1)?, flat(s2, l2)?)),
+            CpuStorage::F64(_) => CpuStorage::F64(self.0.fwd::<f64>(flat(s1, l1)?, flat(s2, l2)?)),
+            s => candle_core::bail!("{} computes in f32 or f64, got {:?}", O::NAME, s.dtype()),
+        };
+        Ok((out, self.0.out_shape(l1)))
+    }
+
+    fn bwd(&self, a: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (da, db) = match a.dtype() {
+            DType::F32 => flat_bwd2_as::<O, f32>(&self.0, a, b, &grad)?,
+            DType::F64 => flat_bwd2_as::<O, f64>(&self.0, a, b, &grad)?,
+            dt => candle_core::bail!("{} computes in f32 or f64, got {dt:?}", O::NAME),
+        };
+        Ok((Some(da), Some(db)))
+    }
 }
 
 fn flat_bwd2_as<O: FlatOp2, T: Real>(op: &O, a: &Tensor, b: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
     cpu_storages!(O::NAME; (sa, la) = a, (sb, lb) = b, (sg, lg) = grad);
-    let (da, db) = op.bwd::<T>(flat(sa, la)?, flat(sb, lb)?, flat(sg, lg)?);
+    let (da, db) = op.bwd::<T>(flat(sa, la)?, flat(sb, lb)?, flat(sg, lg)?)?;
     Ok((Tensor::from_vec(da, a.shape(), a.device())?, Tensor::from_vec(db, b.shape(), b.device())?))
 }
 

@@ -9,7 +9,7 @@
 //! ungated y from the forward pass. `mamba2_inner_ref` is the same route from candle ops.
 
 use crate::conv::{silu_grad, silu_in_place};
-use crate::cpu::{flat_bwd2, flat_fwd2, sum_in_order, zeros, FlatOp2};
+use crate::cpu::{sum_in_order, zeros, Flat, FlatOp2};
 use crate::error::{argument, check, dims, Result};
 use crate::gate::{gate_grad_span, gate_span};
 use crate::mamba_inner::check_order;
@@ -18,7 +18,7 @@ use crate::norm::{norm_row, norm_row_grad};
 use crate::ssd::{ChunkScan, Sizes, SsdParams};
 use crate::ssd_cpu::{mul_add_to, SsdOp};
 use crate::{causal_conv1d, silu_gate, ssd_chunk_scan_ref};
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
@@ -126,7 +126,7 @@ pub fn mamba2_inner(zx: &Tensor, w: &Mamba2Weights, order: Option<&[u32]>) -> Re
     let keep = zxc.track_op() || pack.track_op();
     let order = order.map(<[u32]>::to_vec);
     let op = Mamba2Op { d, dt_limit: w.dt_limit, norm_eps: w.norm.map(|n| n.1), order, keep, kept: Mutex::new(None) };
-    let out = zxc.apply_op2(&pack, op)?;
+    let out = zxc.apply_op2(&pack, Flat(op))?;
     let s = d.s;
     let n_y = d.rows() * d.di();
     let y = out.narrow(0, 0, n_y)?.reshape((s.batch, s.len, d.di()))?.to_dtype(zx.dtype())?;
@@ -297,6 +297,11 @@ fn reorder<T: Copy + Default>(src: &[T], len: usize, row: usize, order: &[u32], 
 impl FlatOp2 for Mamba2Op {
     const NAME: &'static str = "mamba2-inner";
 
+    fn out_shape(&self, _: &Layout) -> Shape {
+        let d = self.d;
+        Shape::from(d.rows() * d.di() + d.s.batch * d.s.heads * d.s.headdim * d.s.state)
+    }
+
     /// In the route's order, the rows are moved on the way in and out (a copy of each; the
     /// composition gathers and scatters candle tensors, with their backward passes).
     fn fwd<T: Real>(&self, zx: &[T], pack: &[T]) -> Vec<T> {
@@ -309,14 +314,14 @@ impl FlatOp2 for Mamba2Op {
         out
     }
 
-    fn bwd<T: Real>(&self, zx: &[T], pack: &[T], grad: &[T]) -> (Vec<T>, Vec<T>) {
+    fn bwd<T: Real>(&self, zx: &[T], pack: &[T], grad: &[T]) -> candle_core::Result<(Vec<T>, Vec<T>)> {
         let Some(order) = &self.order else { return self.bwd_in_order(zx, pack, grad) };
         let (len, di, row) = (self.d.s.len, self.d.di(), self.d.row());
         let n_y = self.d.rows() * di;
         let mut grad_route = reorder(&grad[..n_y], len, di, order, true);
         grad_route.extend_from_slice(&grad[n_y..]);
-        let (dzx, dpack) = self.bwd_in_order(&reorder(zx, len, row, order, true), pack, &grad_route);
-        (reorder(&dzx, len, row, order, false), dpack)
+        let (dzx, dpack) = self.bwd_in_order(&reorder(zx, len, row, order, true), pack, &grad_route)?;
+        Ok((reorder(&dzx, len, row, order, false), dpack))
     }
 }
 
@@ -331,19 +336,22 @@ impl Mamba2Op {
         let mut out = zeros::<T>(ungated.len());
         let (y, last) = out.split_at_mut(d.rows() * di);
         let group = di / d.s.groups;
-        y.par_chunks_mut(di).zip(ungated.par_chunks(di)).enumerate().with_min_len(8).for_each(|(i, (y, u))| {
-            let z = &zx[i * row..][..di];
-            match (w.norm_w, self.norm_eps) {
-                (Some(nw), Some(eps)) => {
-                    let mut gated = vec![T::ZERO; di];
-                    gate_span(u, z, &mut gated);
-                    for ((y, g), nw) in y.chunks_mut(group).zip(gated.chunks(group)).zip(nw.chunks(group)) {
-                        norm_row(g, nw, eps, y);
+        let rows_y = y.par_chunks_mut(di).zip(ungated.par_chunks(di)).enumerate().with_min_len(8);
+        rows_y.for_each_init(
+            || vec![T::ZERO; di],
+            |gated, (i, (y, u))| {
+                let z = &zx[i * row..][..di];
+                match (w.norm_w, self.norm_eps) {
+                    (Some(nw), Some(eps)) => {
+                        gate_span(u, z, gated);
+                        for ((y, g), nw) in y.chunks_mut(group).zip(gated.chunks(group)).zip(nw.chunks(group)) {
+                            norm_row(g, nw, eps, y);
+                        }
                     }
+                    _ => gate_span(u, z, y),
                 }
-                _ => gate_span(u, z, y),
-            }
-        });
+            },
+        );
         last.copy_from_slice(&ungated[d.rows() * di..]);
         if self.keep {
             *self.kept.lock().unwrap() = Some((T::to_cpu_storage_owned(ungated), T::to_cpu_storage_owned(states)));
@@ -351,16 +359,23 @@ impl Mamba2Op {
         out
     }
 
-    fn bwd_in_order<T: Real>(&self, zx: &[T], pack: &[T], grad: &[T]) -> (Vec<T>, Vec<T>) {
+    fn bwd_in_order<T: Real>(&self, zx: &[T], pack: &[T], grad: &[T]) -> candle_core::Result<(Vec<T>, Vec<T>)> {
         let d = self.d;
         let Sizes { len, heads, headdim, .. } = d.s;
         let (di, bc, cd, row, k) = (d.di(), d.bc(), d.conv_dim(), d.row(), d.width);
         let rows = d.rows();
-        let (ungated, states) =
-            self.kept.lock().unwrap().take().expect("mamba2-inner: backward without a forward pass");
-        let (ungated, states) = (T::cpu_storage_as_slice(&ungated).unwrap(), T::cpu_storage_as_slice(&states).unwrap());
         let w = self.unpack(pack);
         let inp = self.inputs(&w, zx, true);
+        let kept = self.kept.lock().unwrap().take();
+        let recomputed;
+        let (ungated, states): (&[T], &[T]) = match &kept {
+            Some((u, s)) => (T::cpu_storage_as_slice(u)?, T::cpu_storage_as_slice(s)?),
+            // The forward pass kept nothing (or a backward pass took it): run the SSD again.
+            None => {
+                recomputed = self.ssd().forward(&inp.x, &inp.dt, &inp.pack);
+                (&recomputed.0, &recomputed.1)
+            }
+        };
         let mut dzx = zeros::<T>(zx.len());
 
         // The norm and the gate: dz into dzx, the gradient of the ungated y (followed by the
@@ -374,12 +389,12 @@ impl Mamba2Op {
             .enumerate()
             .map(|(blk, (dzx_blk, dy_blk))| {
                 let mut dnw = vec![T::ZERO; dnw_len];
+                let (mut gated, mut dg) = (vec![T::ZERO; dnw_len], vec![T::ZERO; dnw_len]);
                 for (r, (dzx_row, dy)) in dzx_blk.chunks_mut(row).zip(dy_blk.chunks_mut(di)).enumerate() {
                     let i = blk * BLOCK + r;
                     let (u, z, g) = (&ungated[i * di..][..di], &zx[i * row..][..di], &grad[i * di..][..di]);
                     match (w.norm_w, self.norm_eps) {
                         (Some(nw), Some(eps)) => {
-                            let (mut gated, mut dg) = (vec![T::ZERO; di], vec![T::ZERO; di]);
                             gate_span(u, z, &mut gated);
                             let parts = gated.chunks(group).zip(nw.chunks(group)).zip(g.chunks(group));
                             for (((x, nw), g), (dx, dw)) in parts.zip(dg.chunks_mut(group).zip(dnw.chunks_mut(group))) {
@@ -414,13 +429,17 @@ impl Mamba2Op {
         // The SiLU after the conv, then the conv itself, its taps transposed.
         let mut dpre = zeros::<T>(rows * cd);
         let (db_all, dc_all) = dpack[heads + heads * headdim..].split_at(rows * bc);
-        dpre.par_chunks_mut(cd).enumerate().with_min_len(8).for_each(|(i, out)| {
-            out[..di].copy_from_slice(&dx[i * di..][..di]);
-            out[di..di + bc].copy_from_slice(&db_all[i * bc..][..bc]);
-            out[di + bc..].copy_from_slice(&dc_all[i * bc..][..bc]);
-            let g = out.to_vec();
-            silu_grad(&inp.pre[i * cd..][..cd], &g, out);
-        });
+        // The gradient of the conv's activations, a row of [dx | dB | dC], through the SiLU.
+        let dpre_rows = dpre.par_chunks_mut(cd).enumerate().with_min_len(8);
+        dpre_rows.for_each_init(
+            || vec![T::ZERO; cd],
+            |g, (i, out)| {
+                g[..di].copy_from_slice(&dx[i * di..][..di]);
+                g[di..di + bc].copy_from_slice(&db_all[i * bc..][..bc]);
+                g[di + bc..].copy_from_slice(&dc_all[i * bc..][..bc]);
+                silu_grad(&inp.pre[i * cd..][..cd], g, out);
+            },
+        );
         dzx.par_chunks_mut(row).enumerate().with_min_len(8).for_each(|(i, dzx_row)| {
             let t = i % len;
             let out = &mut dzx_row[di..di + cd];
@@ -459,37 +478,6 @@ impl Mamba2Op {
             dpack[heads..heads + heads * headdim].chunks(headdim).map(|c| c.iter().fold(T::ZERO, |s, &v| s + v)),
         );
         dwpack.extend(d_norm_w);
-        (dzx, dwpack)
-    }
-}
-
-impl CustomOp2 for Mamba2Op {
-    fn name(&self) -> &'static str {
-        Self::NAME
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let d = self.d;
-        let n = d.rows() * d.di() + d.s.batch * d.s.heads * d.s.headdim * d.s.state;
-        Ok((flat_fwd2(self, s1, l1, s2, l2)?, Shape::from(n)))
-    }
-
-    fn bwd(
-        &self,
-        zx: &Tensor,
-        pack: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        if self.kept.lock().unwrap().is_none() {
-            candle_core::bail!("mamba2-inner: the forward pass kept nothing for the backward pass");
-        }
-        flat_bwd2(self, zx, pack, grad)
+        Ok((dzx, dwpack))
     }
 }

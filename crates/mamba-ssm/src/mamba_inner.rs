@@ -13,13 +13,13 @@
 //!   out[order[t], c] = y[c, t] silu(xz[order[t], d_inner + c]).
 
 use crate::conv::{silu_grad, silu_in_place};
-use crate::cpu::{flat_bwd2, flat_fwd2, gemm, sum_in_order, zeros, FlatOp2, Mat, View3};
+use crate::cpu::{gemm, sum_in_order, zeros, Flat, FlatOp2, Mat, View3};
 use crate::error::{argument, check, dims, Result};
 use crate::gate::{gate_grad_span, gate_span};
 use crate::math::{madd, simd_fn, Real};
 use crate::selective_scan::{compute_dtype, Dims, ScanOp};
 use crate::{causal_conv1d, causal_conv1d_ref, selective_scan, selective_scan_ref, ScanParams};
-use candle_core::{CpuStorage, CustomOp2, Device, Layout, Shape, Tensor};
+use candle_core::{Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use std::any::Any;
 use std::sync::Mutex;
@@ -155,7 +155,7 @@ pub fn mamba_inner(xz: &Tensor, w: &InnerWeights, order: Option<&[u32]>) -> Resu
         keep: xz_c.track_op() || pack.track_op(),
         saved: Mutex::new(None),
     };
-    let out = xz_c.apply_op2(&pack, op)?;
+    let out = xz_c.apply_op2(&pack, Flat(op))?;
     let Sizes { batch, len, di, k, n, .. } = s;
     let (ny, ns) = (batch * len * di, batch * di * n);
     let part = |start: usize, size: usize, shape: (usize, usize, usize)| -> Result<Tensor> {
@@ -452,6 +452,11 @@ impl InnerOp {
 impl FlatOp2 for InnerOp {
     const NAME: &'static str = "mamba-inner";
 
+    fn out_shape(&self, _: &Layout) -> Shape {
+        let Sizes { batch, len, di, k, n, .. } = self.s;
+        Shape::from(batch * (len * di + di * n + di * k))
+    }
+
     fn fwd<T: Real>(&self, xz: &[T], pack: &[T]) -> Vec<T> {
         let Sizes { batch, len, di, n, .. } = self.s;
         let w = self.unpack(pack);
@@ -485,7 +490,7 @@ impl FlatOp2 for InnerOp {
     }
 
     /// (dxz, dpack) from the gradient of the flat result.
-    fn bwd<T: Real>(&self, xz: &[T], pack: &[T], grad: &[T]) -> (Vec<T>, Vec<T>) {
+    fn bwd<T: Real>(&self, xz: &[T], pack: &[T], grad: &[T]) -> candle_core::Result<(Vec<T>, Vec<T>)> {
         let Sizes { batch, len, di, k, r, n } = self.s;
         let rows = self.s.rows();
         let saved = match self.saved.lock().unwrap().take().map(|b| b.downcast::<Saved<T>>()) {
@@ -585,33 +590,6 @@ impl FlatOp2 for InnerOp {
         dpack.extend_from_slice(d_dt_bias);
         dpack.extend(da_log);
         dpack.extend_from_slice(dd);
-        (dxz, dpack)
-    }
-}
-
-impl CustomOp2 for InnerOp {
-    fn name(&self) -> &'static str {
-        Self::NAME
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let Sizes { batch, len, di, k, n, .. } = self.s;
-        Ok((flat_fwd2(self, s1, l1, s2, l2)?, Shape::from(batch * (len * di + di * n + di * k))))
-    }
-
-    fn bwd(
-        &self,
-        xz: &Tensor,
-        pack: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        flat_bwd2(self, xz, pack, grad)
+        Ok((dxz, dpack))
     }
 }

@@ -2,10 +2,10 @@
 //! From candle ops it is seven passes forward and about fourteen backward, each a tensor of its
 //! own; a residual block runs one per layer.
 
-use crate::cpu::{flat_bwd2, flat_fwd2, sum_in_order, FlatOp2};
+use crate::cpu::{sum_in_order, Flat, FlatOp2};
 use crate::error::{Error, Result};
 use crate::math::Real;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
+use candle_core::{DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
 /// Rows per rayon task.
@@ -26,7 +26,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     if !x.device().is_cpu() || d == 0 {
         return rms_norm_ref(x, weight, eps);
     }
-    Ok(x.to_dtype(dt)?.contiguous()?.apply_op2(&weight.to_dtype(dt)?.contiguous()?, RmsNormOp { eps })?)
+    Ok(x.to_dtype(dt)?.contiguous()?.apply_op2(&weight.to_dtype(dt)?.contiguous()?, Flat(RmsNormOp { eps }))?)
 }
 
 /// The reference from candle ops, on any device.
@@ -50,6 +50,10 @@ fn inv_rms<T: Real>(row: &[T], eps: f64) -> T {
 impl FlatOp2 for RmsNormOp {
     const NAME: &'static str = "rms-norm";
 
+    fn out_shape(&self, x: &Layout) -> Shape {
+        x.shape().clone()
+    }
+
     fn fwd<T: Real>(&self, x: &[T], w: &[T]) -> Vec<T> {
         let d = w.len();
         let mut y = vec![T::ZERO; x.len()];
@@ -57,7 +61,7 @@ impl FlatOp2 for RmsNormOp {
         y
     }
 
-    fn bwd<T: Real>(&self, x: &[T], w: &[T], g: &[T]) -> (Vec<T>, Vec<T>) {
+    fn bwd<T: Real>(&self, x: &[T], w: &[T], g: &[T]) -> candle_core::Result<(Vec<T>, Vec<T>)> {
         let d = w.len();
         let mut dx = vec![T::ZERO; x.len()];
         let parts: Vec<Vec<T>> = dx
@@ -72,7 +76,7 @@ impl FlatOp2 for RmsNormOp {
             })
             .collect();
         let dw = sum_in_order(parts, d);
-        (dx, dw)
+        Ok((dx, dw))
     }
 }
 
@@ -98,31 +102,5 @@ pub(crate) fn norm_row_grad<T: Real>(x: &[T], w: &[T], g: &[T], eps: f64, dx: &m
     let mean = dot / T::from_f64(d as f64);
     for i in 0..d {
         dx[i] = r * (g[i] * w[i] - x[i] * r * mean);
-    }
-}
-
-impl CustomOp2 for RmsNormOp {
-    fn name(&self) -> &'static str {
-        Self::NAME
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Ok((flat_fwd2(self, s1, l1, s2, l2)?, l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        flat_bwd2(self, x, w, grad)
     }
 }

@@ -179,3 +179,17 @@ fn bad_shapes_are_named() {
     let msg = mamba2_inner(&t[0], &w, Some(&[0, 0, 1])).err().expect("not a permutation").to_string();
     assert!(msg.contains("order"), "{msg}");
 }
+
+/// A second backward pass over the same graph finds nothing kept and recomputes the SSD: the
+/// same gradients.
+#[test]
+fn second_backward_recomputes() {
+    let vars: Vec<Var> = inputs(Case { len: 70, ..BASE }, 31, DType::F32).iter().map(var).collect();
+    let t: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let order: Vec<u32> = (0..70).rev().collect();
+    let l = loss(&call_route(mamba2_inner, Case { len: 70, ..BASE }, &t, Some(&order)), 70);
+    let (first, second) = (l.backward().unwrap(), l.backward().unwrap());
+    for (i, v) in t.iter().enumerate() {
+        assert_close(&format!("gradient of input {i}"), second.get(v).unwrap(), first.get(v).unwrap(), 0.0);
+    }
+}
