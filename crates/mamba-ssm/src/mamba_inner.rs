@@ -415,8 +415,15 @@ impl InnerOp {
     }
 
     /// Per batch row: u and delta before its bias, both (d_inner, len), and x_dbl (rows, len)
-    /// (computed here unless given), with the conv state written to `conv_state` (d_inner, d_conv).
-    fn inputs<T: Real>(&self, w: &Weights<T>, xz: &[T], x_dbl: Option<&[T]>) -> (Vec<T>, Vec<T>, Vec<T>, Vec<T>) {
+    /// (computed here unless given), with the conv state written to `conv_state` (d_inner, d_conv);
+    /// the convs of the rows too when x_dbl is given (the backward pass needs them).
+    #[allow(clippy::type_complexity)]
+    fn inputs<T: Real>(
+        &self,
+        w: &Weights<T>,
+        xz: &[T],
+        x_dbl: Option<&[T]>,
+    ) -> (Vec<T>, Vec<T>, Vec<T>, Vec<T>, Vec<Option<Conv<T>>>) {
         let Sizes { batch, len, di, k, r, .. } = self.s;
         let rows = self.s.rows();
         let (mut u, mut delta, mut conv_state) =
@@ -427,7 +434,7 @@ impl InnerOp {
         };
         let compute = x_dbl.is_none();
         let parts = (u.par_chunks_mut(di * len), delta.par_chunks_mut(di * len), xd.par_chunks_mut(rows * len));
-        parts.into_par_iter().zip(conv_state.par_chunks_mut(di * k)).enumerate().for_each(
+        let convs = parts.into_par_iter().zip(conv_state.par_chunks_mut(di * k)).enumerate().map(
             |(b, ((u_b, delta_b, xd_b), cs_b))| {
                 let conv = self.conv(w, &xz[b * len * 2 * di..][..len * 2 * di]);
                 for c in 0..di {
@@ -443,9 +450,11 @@ impl InnerOp {
                 }
                 gemm(di, len, r, delta_b, len, false, Mat::rows(w.dt_proj, r), Mat::rows(xd_b, len));
                 u_b.copy_from_slice(&conv.u);
+                (!compute).then_some(conv)
             },
         );
-        (u, delta, xd, conv_state)
+        let convs = convs.collect();
+        (u, delta, xd, conv_state, convs)
     }
 }
 
@@ -460,7 +469,7 @@ impl FlatOp2 for InnerOp {
     fn fwd<T: Real>(&self, xz: &[T], pack: &[T]) -> Vec<T> {
         let Sizes { batch, len, di, n, .. } = self.s;
         let w = self.unpack(pack);
-        let (u, delta, x_dbl, conv_state) = self.inputs(&w, xz, None);
+        let (u, delta, x_dbl, conv_state, _) = self.inputs(&w, xz, None);
         let scan = self.scan_op(self.keep);
         let mut y = scan.fwd(
             View3::from_slice(&u, [batch, di, len]),
@@ -505,7 +514,7 @@ impl FlatOp2 for InnerOp {
         let w = self.unpack(pack);
         let (g_out, rest) = grad.split_at(batch * len * di);
         let (g_last, g_conv) = rest.split_at(batch * di * n);
-        let (u, delta, _, _) = self.inputs(&w, xz, Some(&saved.x_dbl));
+        let (u, delta, _, _, mut convs) = self.inputs(&w, xz, Some(&saved.x_dbl));
         // The gate: dz into dxz, dy (batch, d_inner, len) for the scan.
         let mut dxz = zeros(batch * len * 2 * di);
         let mut dy = zeros(batch * di * len + batch * di * n);
@@ -538,11 +547,12 @@ impl FlatOp2 for InnerOp {
         // of each row, then summed over the rows in order.
         let per_row: Vec<_> = dxz
             .par_chunks_mut(len * 2 * di)
+            .zip(convs.par_iter_mut())
             .enumerate()
-            .map(|(b, dxz_b)| {
+            .map(|(b, (dxz_b, conv))| {
                 let (mut dconv, mut dx_proj, mut ddt_proj) =
                     (vec![T::ZERO; di * k + di], vec![T::ZERO; rows * di], vec![T::ZERO; di * r]);
-                let conv = self.conv(&w, &xz[b * len * 2 * di..][..len * 2 * di]);
+                let conv = conv.take().expect("inputs keeps the convs when given x_dbl");
                 let x_dbl = &saved.x_dbl[b * rows * len..][..rows * len];
                 let ddelta_b = &ddelta[b * di * len..][..di * len];
                 // d x_dbl = [dt_projᵀ · d delta; dB; dC].
