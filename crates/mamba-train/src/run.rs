@@ -5,7 +5,7 @@
 
 use crate::optim::OptimConfig;
 use crate::tasks::audio::{AudioData, AudioTask};
-use crate::tasks::classify::{Classify, Examples};
+use crate::tasks::classify::{read_meta, Classify, Examples};
 use crate::tasks::forecast::{ForecastData, ForecastTask};
 use crate::tasks::image::{ImageData, ImageTask};
 use crate::tasks::series::{SeriesData, SeriesTask};
@@ -96,6 +96,17 @@ impl RunConfig {
     /// Reads `path`, applies `sets` ("section.key=value", the value in TOML syntax or a bare
     /// string) and builds the task (reading its data).
     pub fn load(path: &Path, sets: &[String]) -> Result<Self> {
+        Self::read(path, sets, None)
+    }
+
+    /// A checkpoint directory's train.toml, its task built to evaluate the checkpoint: inputs
+    /// are made as its meta file (image.json, audio.json) says, and the training data is not
+    /// decoded or measured again.
+    pub fn for_checkpoint(dir: &Path) -> Result<Self> {
+        Self::read(&dir.join("train.toml"), &[], Some(dir))
+    }
+
+    fn read(path: &Path, sets: &[String], checkpoint: Option<&Path>) -> Result<Self> {
         let source = path.display().to_string();
         let err = |message: String| Error::Config { path: source.clone(), message };
         let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: source.clone(), source: e })?;
@@ -121,7 +132,8 @@ impl RunConfig {
             for key in ["data", "tokenizer", "train", "validation", "validation_list", "test"] {
                 if let Some(toml::Value::String(p)) = task.get(key) {
                     let resolved = base.join(p);
-                    if !resolved.exists() {
+                    // A checkpoint's evaluation reads only what it needs (not the training data).
+                    if !resolved.exists() && checkpoint.is_none() {
                         return Err(err(format!("[task] {key} = {p:?}: no such file ({})", resolved.display())));
                     }
                     let resolved = resolved.canonicalize().unwrap_or(resolved);
@@ -134,10 +146,12 @@ impl RunConfig {
         let seed = file.train.seed;
         let task = match file.task {
             TaskSection::ImageClassification(data) => {
-                AnyTask::Image(data.task(file.model, file.backbone, &source, seed)?)
+                let trained = checkpoint.map(read_meta).transpose()?;
+                AnyTask::Image(data.task(file.model, file.backbone, &source, seed, trained)?)
             }
             TaskSection::AudioClassification(data) => {
-                AnyTask::Audio(data.task(file.model, file.backbone, &source, seed)?)
+                let trained = checkpoint.map(read_meta).transpose()?;
+                AnyTask::Audio(data.task(file.model, file.backbone, &source, seed, trained)?)
             }
             TaskSection::SeriesClassification(data) => {
                 AnyTask::Series(data.task(file.model, file.backbone, &source, seed)?)
@@ -220,7 +234,7 @@ pub struct Evaluation {
 /// `mamba eval`: the validation metrics of a checkpoint directory (its train.toml and weights),
 /// the model and batches on `device`.
 pub fn evaluate_checkpoint(dir: &Path, device: &Device) -> Result<Evaluation> {
-    let run = RunConfig::load(&dir.join("train.toml"), &[])?;
+    let run = RunConfig::for_checkpoint(dir)?;
     let vb = checkpoint_weights(dir, device)?;
     Ok(match &run.task {
         AnyTask::Lm(t) => {

@@ -5,6 +5,7 @@ use candle_core::{Device, Tensor};
 use image::imageops::FilterType;
 use image::DynamicImage;
 use rand::Rng;
+use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +39,8 @@ pub struct ImageFolder {
     pub items: Vec<(PathBuf, usize)>,
     /// Files left out under `BadImages::Skip`, with the reason.
     pub skipped: Vec<(PathBuf, String)>,
+    /// The images of `items`, in their order, when [`ImageFolder::open_keeping`] kept them.
+    pub decoded: Option<Vec<DynamicImage>>,
 }
 
 const EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
@@ -57,26 +60,18 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 impl ImageFolder {
-    /// Scans `root` and checks that every image decodes (its header and pixels): a corrupt file
-    /// is found here, not in the middle of training.
-    pub fn open(root: &Path, bad: BadImages) -> Result<Self> {
+    /// Lists `root/CLASS/*.{png,jpg,jpeg}` without reading the files (a checkpoint's evaluation
+    /// needs the names, not a check of data it was trained on).
+    pub fn scan(root: &Path) -> Result<Self> {
         let mut classes = vec![];
         let mut items = vec![];
-        let mut skipped = vec![];
         for dir in sorted_entries(root)?.into_iter().filter(|p| p.is_dir()) {
             let class = classes.len();
             classes.push(dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
             for file in sorted_entries(&dir)? {
                 let ext = file.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
-                if !ext.is_some_and(|e| EXTENSIONS.contains(&e.as_str())) {
-                    continue;
-                }
-                match image::open(&file) {
-                    Ok(_) => items.push((file, class)),
-                    Err(e) if bad == BadImages::Skip => skipped.push((file, e.to_string())),
-                    Err(e) => {
-                        return Err(DataError::Image { path: file.display().to_string(), message: e.to_string() })
-                    }
+                if ext.is_some_and(|e| EXTENSIONS.contains(&e.as_str())) {
+                    items.push((file, class));
                 }
             }
         }
@@ -86,7 +81,49 @@ impl ImageFolder {
                 message: format!("no images (root/CLASS/*.{{{}}}) found", EXTENSIONS.join(",")),
             });
         }
-        Ok(Self { classes, items, skipped })
+        Ok(Self { classes, items, skipped: vec![], decoded: None })
+    }
+
+    /// Scans `root` and checks that every image decodes (its header and pixels): a corrupt file
+    /// is found here, not in the middle of training.
+    pub fn open(root: &Path, bad: BadImages) -> Result<Self> {
+        Self::open_keeping(root, bad, 0)
+    }
+
+    /// As [`ImageFolder::open`], decoding in parallel, and keeping the decoded images in
+    /// `decoded` while they take at most `budget` bytes (so that training does not decode them
+    /// a second time).
+    pub fn open_keeping(root: &Path, bad: BadImages, budget: usize) -> Result<Self> {
+        let listed = Self::scan(root)?;
+        let (mut items, mut skipped, mut kept) = (vec![], vec![], Some(vec![]));
+        let mut bytes = 0;
+        // In blocks, so that past the budget the images already kept are let go early.
+        for block in listed.items.chunks(256) {
+            let images: Vec<_> = block.par_iter().map(|(file, _)| image::open(file)).collect();
+            for ((file, class), image) in block.iter().zip(images) {
+                match image {
+                    Ok(img) => {
+                        items.push((file.clone(), *class));
+                        bytes += img.as_bytes().len();
+                        kept = kept.filter(|_| bytes <= budget);
+                        if let Some(k) = &mut kept {
+                            k.push(img);
+                        }
+                    }
+                    Err(e) if bad == BadImages::Skip => skipped.push((file.clone(), e.to_string())),
+                    Err(e) => {
+                        return Err(DataError::Image { path: file.display().to_string(), message: e.to_string() })
+                    }
+                }
+            }
+        }
+        if items.is_empty() {
+            return Err(DataError::Image {
+                path: root.display().to_string(),
+                message: format!("no image in it decodes ({} skipped)", skipped.len()),
+            });
+        }
+        Ok(Self { classes: listed.classes, items, skipped, decoded: kept })
     }
 }
 

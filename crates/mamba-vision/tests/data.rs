@@ -52,6 +52,17 @@ fn corrupt_images_fail_or_are_skipped_by_choice() {
     let skip = ImageFolder::open(&root, BadImages::Skip).unwrap();
     assert_eq!(skip.items.len(), 2);
     assert!(skip.skipped.len() == 1 && skip.skipped[0].0.ends_with("b/broken.png"));
+    assert!(skip.decoded.is_none(), "open keeps no pixels");
+    // Kept within the budget, in the order of the items; past it, none.
+    let kept = ImageFolder::open_keeping(&root, BadImages::Skip, 1 << 20).unwrap();
+    assert_eq!(kept.items, skip.items);
+    let decoded = kept.decoded.expect("two 28 x 28 images fit in 1 MiB");
+    for ((path, _), img) in kept.items.iter().zip(&decoded) {
+        assert_eq!(img.as_bytes(), mamba_vision::decode(path).unwrap().as_bytes());
+    }
+    assert!(ImageFolder::open_keeping(&root, BadImages::Skip, 28 * 28).unwrap().decoded.is_none());
+    // A scan lists the files without reading them: the broken one too.
+    assert_eq!(ImageFolder::scan(&root).unwrap().items.len(), 3);
     let empty = ImageFolder::open(&root.join("a/nothing"), BadImages::Fail).unwrap_err().to_string();
     assert!(empty.contains("nothing"), "{empty}");
     std::fs::remove_dir_all(&root).unwrap();

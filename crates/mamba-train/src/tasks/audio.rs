@@ -61,7 +61,16 @@ pub type AudioTask = Classify<Files<AudioMeta>>;
 impl AudioData {
     /// The task: opens the folder (every file's WAV header read), splits it, measures the normalisation
     /// if not given, and builds the model config (mel bins x frames, one channel, the classes).
-    pub fn task(self, model: toml::Table, backbone: Option<toml::Table>, source: &str, seed: u64) -> Result<AudioTask> {
+    /// With `trained` (a checkpoint's audio.json), for evaluation: the front end and classes are
+    /// the checkpoint's, and the training clips are left unread.
+    pub fn task(
+        self,
+        model: toml::Table,
+        backbone: Option<toml::Table>,
+        source: &str,
+        seed: u64,
+        trained: Option<AudioMeta>,
+    ) -> Result<AudioTask> {
         let d = self;
         let err = |message: String| Error::Config { path: source.to_string(), message };
         d.features.check().map_err(|m| err(format!("[task.features] {m}")))?;
@@ -87,13 +96,28 @@ impl AudioData {
             }
             _ => return Err(err("[task] give one of held_out, validation_list and validation_fraction".into())),
         };
-        let mut frontend = Frontend::new(d.features, d.duration, d.augment);
-        frontend.bin_mean = d.bin_mean;
-        match (d.mean, d.std) {
-            (Some(mean), Some(std)) if std > 0.0 => (frontend.mean, frontend.std) = (mean, std),
-            (None, None) => frontend.measure(train.iter().map(|(p, _)| p.as_path()))?,
-            _ => return Err(err("[task] give mean and std (positive), or neither (then they are measured)".into())),
-        }
+        let (train, frontend) = match trained {
+            Some(meta) if meta.classes != folder.classes => {
+                return Err(err(format!(
+                    "[task] the checkpoint's classes {:?} differ from the data's {:?}",
+                    meta.classes, folder.classes
+                )))
+            }
+            Some(meta) => (vec![], meta.frontend),
+            None => {
+                let mut frontend = Frontend::new(d.features, d.duration, d.augment);
+                frontend.bin_mean = d.bin_mean;
+                match (d.mean, d.std) {
+                    (Some(mean), Some(std)) if std > 0.0 => (frontend.mean, frontend.std) = (mean, std),
+                    (None, None) => frontend.measure(train.iter().map(|(p, _)| p.as_path()))?,
+                    _ => {
+                        let message = "[task] give mean and std (positive), or neither (then they are measured)";
+                        return Err(err(message.into()));
+                    }
+                }
+                (train, frontend)
+            }
+        };
         let (bins, frames) = frontend.shape();
         let shape =
             ImageShape { image_size: Size2d::new(bins, frames), channels: 1, num_classes: folder.classes.len() };

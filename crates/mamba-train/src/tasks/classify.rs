@@ -49,7 +49,7 @@ pub trait InputMeta: serde::Serialize + serde::de::DeserializeOwned + Send + Syn
 
 /// At most this much decoded data of a split is kept in memory; a larger split is decoded as it
 /// is read.
-const DECODED_BUDGET: usize = 2 << 30;
+pub(crate) const DECODED_BUDGET: usize = 2 << 30;
 
 /// Labelled files, (path, class) per split, and how they load: each split decoded once, the
 /// first time an example of it is read, when it fits in memory (so `mamba eval` decodes only
@@ -63,6 +63,14 @@ pub struct Files<M: InputMeta> {
 impl<M: InputMeta> Files<M> {
     pub fn new(meta: M, items: [Vec<(PathBuf, usize)>; 2]) -> Self {
         Self { meta, items, decoded: Default::default() }
+    }
+
+    /// With `split`'s files already decoded (in the order of its items), as opening the data
+    /// did to check them.
+    pub fn with_decoded(self, split: Split, decoded: Vec<M::Decoded>) -> Self {
+        assert_eq!(decoded.len(), self.items[split as usize].len(), "one decoded file per item");
+        let _ = self.decoded[split as usize].set(Some(decoded));
+        self
     }
 
     /// Every file of `split` decoded (in parallel), or None past the budget or on a bad file
@@ -133,8 +141,9 @@ impl<E: Examples> Classify<E> {
         label_smoothing: f64,
         seed: u64,
     ) -> Result<Self> {
-        if examples.len(Split::Train) == 0 || examples.len(Split::Validation) == 0 {
-            let message = "[task] both the training and the validation split need examples".into();
+        // An empty training split is the trainer's to refuse: evaluation reads only validation.
+        if examples.len(Split::Validation) == 0 {
+            let message = "[task] the validation split needs examples".into();
             return Err(Error::Config { path: source.to_string(), message });
         }
         let config = VisionConfig::from_tables(model, backbone, source, Some(shape))?;

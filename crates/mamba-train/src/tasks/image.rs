@@ -2,7 +2,8 @@
 //! crops and flips for training, centre crops for validation (the loss, metrics and confusion
 //! matrix are `classify`'s).
 
-use super::classify::{read_meta, read_train_config, Classify, Files, InputMeta};
+use super::classify::{read_meta, read_train_config, Classify, Files, InputMeta, DECODED_BUDGET};
+use crate::task::Split;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -87,68 +88,143 @@ fn data_error(e: mamba_vision::DataError) -> Error {
 }
 
 impl ImageData {
-    /// The task: opens the folders (every image decoded once: a corrupt one fails here or is skipped and
-    /// listed), splits off validation if no folder is given, measures mean and std if not given,
-    /// and builds the model config (image size, channels and classes from the data).
-    pub fn task(self, model: toml::Table, backbone: Option<toml::Table>, source: &str, seed: u64) -> Result<ImageTask> {
+    /// The task: opens the folders (every image decoded once, in parallel, and kept when the set
+    /// fits in memory: a corrupt one fails here or is skipped and listed), splits off
+    /// validation if no folder is given, measures mean and std if not given, and builds the
+    /// model config (image size, channels and classes from the data).
+    ///
+    /// With `trained` (a checkpoint's image.json), for evaluation: the transform and classes are
+    /// the checkpoint's and only the validation images are read. The training folder is listed,
+    /// not decoded, and only when validation is a fraction of it.
+    pub fn task(
+        self,
+        model: toml::Table,
+        backbone: Option<toml::Table>,
+        source: &str,
+        seed: u64,
+        trained: Option<ImageMeta>,
+    ) -> Result<ImageTask> {
         let d = self;
         let err = |message: String| Error::Config { path: source.to_string(), message };
         if d.channels != 1 && d.channels != 3 {
             return Err(err(format!("[task] channels = {}: 1 (grayscale) or 3 (RGB)", d.channels)));
         }
-        let train = ImageFolder::open(&d.train, d.bad_images).map_err(data_error)?;
-        report_skipped(&train);
-        let (train_items, val_items) = match &d.validation {
+        let evaluating = trained.is_some();
+        let open = |root: &Path, keep: bool| -> Result<ImageFolder> {
+            let folder = match (keep, d.bad_images) {
+                (true, _) => ImageFolder::open_keeping(root, d.bad_images, DECODED_BUDGET),
+                // Training failed on any bad image, so the listing is what it split.
+                (false, BadImages::Fail) if evaluating => ImageFolder::scan(root),
+                (false, _) => ImageFolder::open(root, d.bad_images),
+            }
+            .map_err(data_error)?;
+            report_skipped(&folder);
+            Ok(folder)
+        };
+        let (classes, mut splits) = match &d.validation {
             Some(root) => {
-                let val = ImageFolder::open(root, d.bad_images).map_err(data_error)?;
-                report_skipped(&val);
-                if val.classes != train.classes {
+                let val = open(root, true)?;
+                let train = if evaluating { None } else { Some(open(&d.train, true)?) };
+                let classes = train.as_ref().map_or(&val.classes, |t| &t.classes);
+                if val.classes != *classes {
                     return Err(err(format!(
                         "[task] validation {}: classes {:?} differ from the training set's {:?}",
                         root.display(),
                         val.classes,
-                        train.classes
+                        classes
                     )));
                 }
-                (train.items.clone(), val.items)
+                let train = train.map_or_else(SplitFiles::empty, SplitFiles::of);
+                (val.classes.clone(), [train, SplitFiles::of(val)])
             }
             None => {
                 if !(0.0..1.0).contains(&d.validation_fraction) {
                     return Err(err("[task] validation_fraction must be in [0, 1)".into()));
                 }
+                let folder = open(&d.train, !evaluating)?;
                 // A seeded shuffle, then the last fraction: every class in both splits (likely).
-                let mut items = train.items.clone();
-                items.shuffle(&mut StdRng::seed_from_u64(seed));
-                let n_val = (items.len() as f64 * d.validation_fraction).round() as usize;
-                let val = items.split_off(items.len() - n_val);
-                (items, val)
+                let mut order: Vec<usize> = (0..folder.items.len()).collect();
+                order.shuffle(&mut StdRng::seed_from_u64(seed));
+                let n_val = (order.len() as f64 * d.validation_fraction).round() as usize;
+                let val_order = order.split_off(order.len() - n_val);
+                let train = if evaluating { SplitFiles::empty() } else { SplitFiles::pick(&folder, &order) };
+                (folder.classes.clone(), [train, SplitFiles::pick(&folder, &val_order)])
             }
         };
-        let resize = d.resize.unwrap_or(d.image_size) as u32;
-        let mut transform = Transform {
-            channels: d.channels,
-            resize,
-            crop: d.image_size as u32,
-            hflip: d.hflip,
-            mean: vec![0.0; d.channels],
-            std: vec![1.0; d.channels],
+        let transform = match trained {
+            Some(meta) => {
+                if meta.classes != classes {
+                    return Err(err(format!(
+                        "[task] the checkpoint's classes {:?} differ from the data's {classes:?}",
+                        meta.classes
+                    )));
+                }
+                meta.transform
+            }
+            None => {
+                let resize = d.resize.unwrap_or(d.image_size) as u32;
+                let mut transform = Transform {
+                    channels: d.channels,
+                    resize,
+                    crop: d.image_size as u32,
+                    hflip: d.hflip,
+                    mean: vec![0.0; d.channels],
+                    std: vec![1.0; d.channels],
+                };
+                let (mean, std) = match (d.mean, d.std) {
+                    (Some(m), Some(s)) => (m, s),
+                    (None, None) => channel_stats(&transform, &splits[0], seed)?,
+                    _ => return Err(err("[task] give both mean and std, or neither (then they are measured)".into())),
+                };
+                if mean.len() != d.channels || std.len() != d.channels || std.iter().any(|&s| s <= 0.0) {
+                    return Err(err(format!("[task] mean and std need {} values each, std positive", d.channels)));
+                }
+                (transform.mean, transform.std) = (mean, std);
+                transform
+            }
         };
-        let (mean, std) = match (d.mean, d.std) {
-            (Some(m), Some(s)) => (m, s),
-            (None, None) => channel_stats(&transform, &train_items, seed)?,
-            _ => return Err(err("[task] give both mean and std, or neither (then they are measured)".into())),
-        };
-        if mean.len() != d.channels || std.len() != d.channels || std.iter().any(|&s| s <= 0.0) {
-            return Err(err(format!("[task] mean and std need {} values each, std positive", d.channels)));
-        }
-        (transform.mean, transform.std) = (mean, std);
         let shape = ImageShape {
-            image_size: Size2d::square(d.image_size),
-            channels: d.channels,
-            num_classes: train.classes.len(),
+            image_size: Size2d::square(transform.crop as usize),
+            channels: transform.channels,
+            num_classes: classes.len(),
         };
-        let examples = Files::new(ImageMeta { classes: train.classes, transform }, [train_items, val_items]);
+        let decoded = splits.each_mut().map(|s| s.decoded.take());
+        let mut examples = Files::new(ImageMeta { classes, transform }, splits.map(|s| s.items));
+        for (split, decoded) in [Split::Train, Split::Validation].into_iter().zip(decoded) {
+            if let Some(images) = decoded {
+                examples = examples.with_decoded(split, images);
+            }
+        }
         Classify::new(examples, shape, (model, backbone), source, d.label_smoothing, seed)
+    }
+}
+
+/// A split's files and, when they were kept, their decoded images in the same order.
+struct SplitFiles {
+    items: Vec<(PathBuf, usize)>,
+    decoded: Option<Vec<DynamicImage>>,
+}
+
+impl SplitFiles {
+    fn empty() -> Self {
+        Self { items: vec![], decoded: None }
+    }
+    fn of(folder: ImageFolder) -> Self {
+        Self { items: folder.items, decoded: folder.decoded }
+    }
+    /// The folder's files at `indices`, in that order.
+    fn pick(folder: &ImageFolder, indices: &[usize]) -> Self {
+        Self {
+            items: indices.iter().map(|&i| folder.items[i].clone()).collect(),
+            decoded: folder.decoded.as_ref().map(|d| indices.iter().map(|&i| d[i].clone()).collect()),
+        }
+    }
+    /// Image `i`, decoded now unless it was kept.
+    fn image(&self, i: usize) -> Result<DynamicImage> {
+        match &self.decoded {
+            Some(d) => Ok(d[i].clone()),
+            None => mamba_vision::decode(&self.items[i].0).map_err(data_error),
+        }
     }
 }
 
@@ -159,14 +235,14 @@ fn report_skipped(folder: &ImageFolder) {
 }
 
 /// Per-channel mean and std of the (centre-cropped) training images, over up to 2,000 of them.
-fn channel_stats(t: &Transform, items: &[(PathBuf, usize)], seed: u64) -> Result<(Vec<f32>, Vec<f32>)> {
-    let mut sample: Vec<&PathBuf> = items.iter().map(|(p, _)| p).collect();
+fn channel_stats(t: &Transform, train: &SplitFiles, seed: u64) -> Result<(Vec<f32>, Vec<f32>)> {
+    let mut sample: Vec<usize> = (0..train.items.len()).collect();
     sample.shuffle(&mut StdRng::seed_from_u64(seed));
     sample.truncate(2000);
     let c = t.channels;
     let (mut sum, mut sq, mut n) = (vec![0f64; c], vec![0f64; c], 0usize);
-    for path in sample {
-        let x = t.load(path, None::<&mut StdRng>).map_err(data_error)?;
+    for i in sample {
+        let x = t.apply(train.image(i)?, None::<&mut StdRng>).map_err(data_error)?;
         let x = x.reshape((c, ()))?.to_vec2::<f32>()?;
         for (ch, row) in x.iter().enumerate() {
             sum[ch] += row.iter().map(|&v| v as f64).sum::<f64>();
