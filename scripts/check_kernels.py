@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Compiles every kernels/*.cu with NVRTC, as the `cuda` feature does at run time: the source
 after kernels/common.cuh, no include path, for each target architecture. A kernel that does not
-compile fails with NVRTC's log. Needs no GPU and no CUDA toolkit, only libnvrtc.so.12, e.g. from
-the pip package nvidia-cuda-nvrtc-cu12 (found on $NVRTC_LIB, or in site-packages).
+compile fails with NVRTC's log. Needs no GPU and no CUDA toolkit, only libnvrtc (12 or 13), e.g.
+from NVIDIA's pip packages or PyTorch's (found on $NVRTC_LIB, or in site-packages' nvidia/*/lib).
 
-    python3 scripts/check_kernels.py [--nvrtc PATH/libnvrtc.so.12]
+    python3 scripts/check_kernels.py [--nvrtc PATH/libnvrtc.so.13]
 """
 
 import ctypes
@@ -22,11 +22,11 @@ def find_nvrtc():
     if os.environ.get("NVRTC_LIB"):
         return os.environ["NVRTC_LIB"]
     for base in sys.path:
-        hit = glob.glob(os.path.join(base, "nvidia", "cuda_nvrtc", "lib", "libnvrtc.so.*"))
+        hit = sorted(glob.glob(os.path.join(base, "nvidia", "*", "lib", "libnvrtc.so.*")))
         hit = [h for h in hit if "alt" not in h and "builtins" not in h]
         if hit:
             return hit[0]
-    sys.exit("libnvrtc.so.12 not found: pip install nvidia-cuda-nvrtc-cu12, or set NVRTC_LIB")
+    sys.exit("libnvrtc not found: pip install nvidia-cuda-nvrtc, or set NVRTC_LIB")
 
 
 def compile_source(lib, name, source, arch):

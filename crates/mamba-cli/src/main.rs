@@ -227,6 +227,18 @@ impl DeviceArg {
         if !cfg!(feature = "cuda") {
             bail!("--device {name}: this mamba was built without CUDA (build it with `--features cuda`)");
         }
+        // Without this, the first CUDA call would panic in the loader.
+        #[cfg(feature = "cuda")]
+        {
+            let missing = mamba_ssm::missing_cuda_libraries();
+            if !missing.is_empty() {
+                bail!(
+                    "--device {name}: no CUDA device here: cannot load {} (on a machine with an NVIDIA GPU, put the \
+                     CUDA 13 libraries, e.g. PyTorch's nvidia/*/lib folders, on LD_LIBRARY_PATH)",
+                    missing.join(", ")
+                );
+            }
+        }
         Device::new_cuda(ordinal).with_context(|| format!("--device {name}"))
     }
 }

@@ -9,7 +9,7 @@ use common::mamba;
 use std::path::PathBuf;
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+    common::repo().join("tests/fixtures")
 }
 
 /// The prompt ids and the fixture tensors of a tiny model.

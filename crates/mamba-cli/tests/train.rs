@@ -74,7 +74,7 @@ fn a_killed_run_resumes_to_the_uninterrupted_weights() {
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
 
     // Kill the second run as soon as it has a checkpoint in the middle of the first epoch.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mamba"))
+    let mut child = Command::new(common::mamba_bin())
         .args(["train", cfg, "--out", killed.to_str().unwrap()])
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -103,6 +103,24 @@ impl Module {
     }
 }
 
+/// The libraries a `cuda` build loads when it runs (the NVIDIA driver's libcuda, cuBLAS,
+/// cuBLASLt, cuRAND and NVRTC, found the way the dynamic loader finds them) that this machine
+/// cannot load: empty where CUDA can start.
+pub fn missing_cuda_libraries() -> Vec<&'static str> {
+    use candle_core::cuda_backend::cudarc::{cublas, cublaslt, curand, driver, nvrtc};
+    // SAFETY: each call only tries to open its library.
+    let present = unsafe {
+        [
+            ("libcuda (the NVIDIA driver)", driver::sys::is_culib_present()),
+            ("libcublas", cublas::sys::is_culib_present()),
+            ("libcublasLt", cublaslt::sys::is_culib_present()),
+            ("libcurand", curand::sys::is_culib_present()),
+            ("libnvrtc", nvrtc::sys::is_culib_present()),
+        ]
+    };
+    present.into_iter().filter(|(_, found)| !found).map(|(name, _)| name).collect()
+}
+
 /// A contiguous input from its storage and layout.
 fn contiguous<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
     match l.contiguous_offsets() {

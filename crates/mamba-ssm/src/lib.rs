@@ -23,6 +23,8 @@ mod ssd_cpu;
 mod step;
 
 pub use conv::{causal_conv1d, causal_conv1d_ref, causal_conv1d_update};
+#[cfg(feature = "cuda")]
+pub use cuda::missing_cuda_libraries;
 pub use error::{Error, Result};
 pub use gate::silu_gate;
 pub use mamba2_inner::{mamba2_inner, mamba2_inner_ref, Mamba2Output, Mamba2Weights};

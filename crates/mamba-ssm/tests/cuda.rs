@@ -2,7 +2,7 @@
 //! and PyTorch): forward outputs and every gradient, over odd shapes (length 1, lengths around
 //! the kernels' chunks of 1024 (selective scan) and 64 (SSD) steps, batch > 1, B/C groups, every
 //! optional part), f32 and bf16.
-//! Built with `--features cuda`, run on a machine with an NVIDIA GPU (scripts/gpu-check.sh).
+//! Built with `--features cuda`, run on a machine with an NVIDIA GPU (the bundle of scripts/gpu-bundle.sh).
 #![cfg(feature = "cuda")]
 
 mod common;

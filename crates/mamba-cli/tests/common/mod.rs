@@ -6,7 +6,20 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 
 pub fn mamba(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mamba")).args(args).output().expect("run mamba")
+    Command::new(mamba_bin()).args(args).output().expect("run mamba")
+}
+
+/// The `mamba` binary cargo built, or `$MAMBA_BIN` (the GPU bundle runs these tests away from
+/// the build: scripts/gpu-bundle.sh).
+pub fn mamba_bin() -> PathBuf {
+    std::env::var_os("MAMBA_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_mamba")), PathBuf::from)
+}
+
+/// The repository root the tests read fixtures and data from, or `$MAMBA_REPO` (the bundle's
+/// copy of those files).
+pub fn repo() -> PathBuf {
+    std::env::var_os("MAMBA_REPO")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."), PathBuf::from)
 }
 
 /// stdout then stderr.
