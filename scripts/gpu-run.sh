@@ -105,6 +105,10 @@ fi
   echo "| step | result | time |"
   echo "|---|---|---|"
   printf '%s\n' "${rows[@]}"
+  # The benchmarks' own tables: ours, then PyTorch's on the same GPU.
+  for f in "$log/scan-benchmarks.txt" "$log/pytorch-scans.txt"; do
+    [ -f "$f" ] && { echo; grep '^|' "$f"; }
+  done
   for f in "$log"/*.txt; do
     echo
     echo "## $(basename "$f" .txt)"
