@@ -45,7 +45,13 @@ def compile_source(lib, name, source, arch):
 
 
 def main():
-    lib = ctypes.CDLL(find_nvrtc())
+    path = find_nvrtc()
+    # NVRTC opens its builtins library by name; load the one beside it first, so that no
+    # library path has to be set.
+    for builtins in sorted(glob.glob(os.path.join(os.path.dirname(path), "libnvrtc-builtins.so.*"))):
+        if "alt" not in builtins:
+            ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
+    lib = ctypes.CDLL(path)
     major, minor = ctypes.c_int(), ctypes.c_int()
     lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
     common = open(os.path.join(ROOT, "kernels", "common.cuh")).read()
