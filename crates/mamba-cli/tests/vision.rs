@@ -153,6 +153,36 @@ fn corrupt_images_fail_the_run_or_are_skipped_by_choice() {
     assert!(text(&o).contains("skipped") && text(&o).contains("broken.png"), "{}", text(&o));
 }
 
+/// Validation split off the training folder (with a file that does not decode, skipped): `mamba
+/// eval` splits it again as training did, without decoding the training part, and scores what
+/// training scored.
+#[test]
+fn eval_redoes_a_fraction_split() {
+    let dir = scratch("fraction");
+    colour_folder(&dir.join("train"), 6, 7);
+    std::fs::write(dir.join("train/colour3/broken.png"), b"not a png").unwrap();
+    let val_line = format!("validation = \"{}\"\n", dir.join("val").display());
+    let text_cfg = config(&dir, VMAMBA, "bad_images = \"skip\"\nvalidation_fraction = 0.25")
+        .replace(&val_line, "")
+        .replace("epochs = 8", "epochs = 1");
+    let cfg = dir.join("fraction.toml");
+    std::fs::write(&cfg, text_cfg).unwrap();
+    let out = dir.join("run");
+    let o = mamba(&["train", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let trained = text(&o)
+        .lines()
+        .find_map(|l| l.strip_prefix("validation: accuracy "))
+        .and_then(|v| v.split(',').next()?.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no validation line in {}", text(&o)));
+    let o = mamba(&["eval", "--checkpoint", out.join("best").to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let evaluated = eval_accuracy(&text(&o));
+    assert!((trained - evaluated).abs() < 1e-4, "training scored {trained}, eval {evaluated}");
+    // Which files decode decides the split, so eval checks them again and says so.
+    assert!(text(&o).contains("skipped") && text(&o).contains("broken.png"), "{}", text(&o));
+}
+
 #[test]
 fn bad_vision_configs_name_the_key() {
     let dir = scratch("config");

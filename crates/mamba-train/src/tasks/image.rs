@@ -147,8 +147,10 @@ impl ImageData {
                 order.shuffle(&mut StdRng::seed_from_u64(seed));
                 let n_val = (order.len() as f64 * d.validation_fraction).round() as usize;
                 let val_order = order.split_off(order.len() - n_val);
-                let train = if evaluating { SplitFiles::empty() } else { SplitFiles::pick(&folder, &order) };
-                (folder.classes.clone(), [train, SplitFiles::pick(&folder, &val_order)])
+                if evaluating {
+                    order.clear();
+                }
+                (folder.classes.clone(), SplitFiles::split(folder, [&order, &val_order]))
             }
         };
         let transform = match trained {
@@ -212,12 +214,16 @@ impl SplitFiles {
     fn of(folder: ImageFolder) -> Self {
         Self { items: folder.items, decoded: folder.decoded }
     }
-    /// The folder's files at `indices`, in that order.
-    fn pick(folder: &ImageFolder, indices: &[usize]) -> Self {
-        Self {
+    /// The folder's files at each part's indices, in that order (the parts do not overlap: the
+    /// decoded images move, they are not copied).
+    fn split(folder: ImageFolder, parts: [&[usize]; 2]) -> [Self; 2] {
+        let mut decoded: Option<Vec<Option<DynamicImage>>> = folder.decoded.map(|d| d.into_iter().map(Some).collect());
+        parts.map(|indices| Self {
             items: indices.iter().map(|&i| folder.items[i].clone()).collect(),
-            decoded: folder.decoded.as_ref().map(|d| indices.iter().map(|&i| d[i].clone()).collect()),
-        }
+            decoded: decoded
+                .as_mut()
+                .map(|d| indices.iter().map(|&i| d[i].take().expect("the parts of a split do not overlap")).collect()),
+        })
     }
     /// Image `i`, decoded now unless it was kept.
     fn image(&self, i: usize) -> Result<DynamicImage> {
