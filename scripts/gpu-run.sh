@@ -20,7 +20,14 @@ report="${OUT:-$bundle}/report.md"
 log="$(mktemp -d)"
 # The binaries and data travel compressed (the device tool moves at most 64 MiB).
 export here="$(mktemp -d)"
-tar -xJf "$bundle/payload.tar.xz" -C "$here" || { echo "run.sh: cannot unpack $bundle/payload.tar.xz" >&2; exit 1; }
+unpack() {
+  if command -v xz > /dev/null; then
+    tar -xJf "$bundle/payload.tar.xz" -C "$here"
+  else # Python's lzma, where the machine has no xz
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1], "r:xz").extractall(sys.argv[2])' "$bundle/payload.tar.xz" "$here"
+  fi
+}
+unpack || { echo "run.sh: cannot unpack $bundle/payload.tar.xz" >&2; exit 1; }
 
 # The CUDA libraries: every nvidia/*/lib folder on the Python path (PyTorch's wheels put cuBLAS,
 # cuRAND, NVRTC and the runtime there), found now rather than assumed.
