@@ -423,7 +423,7 @@ impl InnerOp {
         w: &Weights<T>,
         xz: &[T],
         x_dbl: Option<&[T]>,
-    ) -> (Vec<T>, Vec<T>, Vec<T>, Vec<T>, Vec<Option<Conv<T>>>) {
+    ) -> (Vec<T>, Vec<T>, Vec<T>, Vec<T>, Vec<Conv<T>>) {
         let Sizes { batch, len, di, k, r, .. } = self.s;
         let rows = self.s.rows();
         let (mut u, mut delta, mut conv_state) =
@@ -434,7 +434,7 @@ impl InnerOp {
         };
         let compute = x_dbl.is_none();
         let parts = (u.par_chunks_mut(di * len), delta.par_chunks_mut(di * len), xd.par_chunks_mut(rows * len));
-        let convs = parts.into_par_iter().zip(conv_state.par_chunks_mut(di * k)).enumerate().map(
+        let convs = parts.into_par_iter().zip(conv_state.par_chunks_mut(di * k)).enumerate().filter_map(
             |(b, ((u_b, delta_b, xd_b), cs_b))| {
                 let conv = self.conv(w, &xz[b * len * 2 * di..][..len * 2 * di]);
                 for c in 0..di {
@@ -453,6 +453,7 @@ impl InnerOp {
                 (!compute).then_some(conv)
             },
         );
+        // In batch-row order (rayon's collect keeps it); empty when x_dbl was computed here.
         let convs = convs.collect();
         (u, delta, xd, conv_state, convs)
     }
@@ -514,7 +515,8 @@ impl FlatOp2 for InnerOp {
         let w = self.unpack(pack);
         let (g_out, rest) = grad.split_at(batch * len * di);
         let (g_last, g_conv) = rest.split_at(batch * di * n);
-        let (u, delta, _, _, mut convs) = self.inputs(&w, xz, Some(&saved.x_dbl));
+        let (u, delta, _, _, convs) = self.inputs(&w, xz, Some(&saved.x_dbl));
+        debug_assert_eq!(convs.len(), batch, "one conv per batch row");
         // The gate: dz into dxz, dy (batch, d_inner, len) for the scan.
         let mut dxz = zeros(batch * len * 2 * di);
         let mut dy = zeros(batch * di * len + batch * di * n);
@@ -547,12 +549,11 @@ impl FlatOp2 for InnerOp {
         // of each row, then summed over the rows in order.
         let per_row: Vec<_> = dxz
             .par_chunks_mut(len * 2 * di)
-            .zip(convs.par_iter_mut())
+            .zip(convs.into_par_iter())
             .enumerate()
             .map(|(b, (dxz_b, conv))| {
                 let (mut dconv, mut dx_proj, mut ddt_proj) =
                     (vec![T::ZERO; di * k + di], vec![T::ZERO; rows * di], vec![T::ZERO; di * r]);
-                let conv = conv.take().expect("inputs keeps the convs when given x_dbl");
                 let x_dbl = &saved.x_dbl[b * rows * len..][..rows * len];
                 let ddelta_b = &ddelta[b * di * len..][..di * len];
                 // d x_dbl = [dt_projᵀ · d delta; dB; dC].
