@@ -17,12 +17,10 @@ if [ ! -x "$dir/nvidia/cu13/bin/nvcc" ]; then
     "nvidia-cuda-nvcc==$version" "nvidia-nvvm==$version" "nvidia-cuda-crt==$version" \
     "nvidia-cuda-runtime==13.0.96" "nvidia-cuda-cccl==13.0.85" "nvidia-cuda-nvrtc==$version" \
     "nvidia-cublas==13.0.2.14" "nvidia-curand==10.4.0.35" >&2
-  # The linker wants unversioned names (-lcudart); the wheels ship only the versioned files.
+  # candle's kernels link the runtime (-lcudart), and the wheel ships only libcudart.so.13; the
+  # other libraries are opened at run time, by their versioned names.
   mkdir -p "$dir.partial/link"
-  for lib in cudart cublas cublasLt curand nvrtc; do
-    file="$(cd "$dir.partial/nvidia/cu13/lib" && ls "lib$lib.so."* | grep -v -e alt -e builtins | head -1)"
-    ln -s "../nvidia/cu13/lib/$file" "$dir.partial/link/lib$lib.so"
-  done
+  ln -s ../nvidia/cu13/lib/libcudart.so.13 "$dir.partial/link/libcudart.so"
   mv "$dir.partial" "$dir"
 fi
 export CUDA_HOME="$dir/nvidia/cu13"

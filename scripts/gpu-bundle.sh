@@ -77,5 +77,6 @@ fi
 if [ "${1:-}" = "--check" ]; then
   # Resolve the CUDA libraries from the toolkit's wheels, laid out as PyTorch's are
   # (nvidia/cu13/lib), exactly as run.sh resolves them on the GPU machine.
-  PYTHONPATH="${MAMBA_CUDA_DIR:-$HOME/.cache/mamba-rs/cuda-13.0.88}" OUT="$out" bash "$out/run.sh" --check
+  wheels="$(cuda sh -c 'dirname "$(dirname "$CUDA_HOME")"')"
+  PYTHONPATH="$wheels" OUT="$out" bash "$out/run.sh" --check
 fi

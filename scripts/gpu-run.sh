@@ -20,6 +20,7 @@ report="${OUT:-$bundle}/report.md"
 log="$(mktemp -d)"
 # The binaries and data travel compressed (the device tool moves at most 64 MiB).
 export here="$(mktemp -d)"
+trap 'rm -rf "$here" "$log"' EXIT
 unpack() {
   if command -v xz > /dev/null; then
     tar -xJf "$bundle/payload.tar.xz" -C "$here"
@@ -42,7 +43,6 @@ print(":".join(dirs))
 EOF
 )"
 export LD_LIBRARY_PATH="${lib_dirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-export NVRTC_LIB="${NVRTC_LIB:-$(for d in ${lib_dirs//:/ }; do ls "$d"/libnvrtc.so.* 2>/dev/null; done | grep -v -e alt -e builtins | head -1)}"
 export MAMBA_BIN="$here/bin/mamba" MAMBA_REPO="$here/repo" RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-$(nproc)}"
 
 rows=()
@@ -73,8 +73,10 @@ if $check; then
   ldd_all() {
     local missing=0
     for bin in "$here"/bin/*; do
-      if ldd "$bin" | grep "not found"; then missing=1; fi
-      ldd "$bin" | sed "s|^|$(basename "$bin"): |"
+      local out
+      out="$(ldd "$bin")"
+      echo "$out" | sed "s|^|$(basename "$bin"): |"
+      if echo "$out" | grep -q "not found"; then missing=1; fi
     done
     return $missing
   }
