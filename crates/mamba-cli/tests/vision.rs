@@ -154,8 +154,8 @@ fn corrupt_images_fail_the_run_or_are_skipped_by_choice() {
 }
 
 /// Validation split off the training folder (with a file that does not decode, skipped): `mamba
-/// eval` splits it again as training did, without decoding the training part, and scores what
-/// training scored.
+/// eval` splits it again as training did (checking which files decode, since the split depends on
+/// it) and scores what training scored.
 #[test]
 fn eval_redoes_a_fraction_split() {
     let dir = scratch("fraction");
