@@ -148,6 +148,20 @@ pub(crate) fn zeros<T: Real>(n: usize) -> Vec<T> {
     v
 }
 
+/// A buffer for a kernel that writes every element before anything reads it: no zero fill, which
+/// is a full pass over the output (7 % of the selective scan's forward time). candle's own CPU
+/// ops allocate their outputs the same way (`alloc_uninit`).
+///
+/// # Safety
+/// The caller writes every element before the buffer is read or returned. (Every bit pattern is
+/// a valid f32 or f64, the only `Real` types.)
+pub(crate) unsafe fn for_writing<T: Real>(n: usize) -> Vec<T> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: the capacity is n; the caller's contract covers the contents.
+    unsafe { v.set_len(n) };
+    v
+}
+
 /// The contiguous slice of a 1-d packed tensor.
 pub(crate) fn flat<'a, T: Real>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
     match layout.contiguous_offsets() {

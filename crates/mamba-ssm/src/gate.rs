@@ -1,7 +1,7 @@
 //! The SiLU gate y * silu(z) of both mixers as one parallel pass with its backward (candle's
 //! element-wise ops run on one core and call libm's exp).
 
-use crate::cpu::{cpu_storages, flat, zeros, View3};
+use crate::cpu::{cpu_storages, flat, for_writing, View3};
 use crate::error::{Error, Result};
 use crate::math::{simd_fn, Real};
 use candle_core::backend::BackendStorage;
@@ -70,7 +70,8 @@ simd_fn! {
 
 fn gate_fwd<T: Real>(y: &[T], (z, mid): (View3<T>, usize)) -> Vec<T> {
     let row = z.row_len();
-    let mut out = zeros(y.len());
+    // SAFETY: the rows cover `out`, and gate_span writes each of its elements.
+    let mut out = unsafe { for_writing(y.len()) };
     let rows = out.par_chunks_mut(row).zip(y.par_chunks(row)).enumerate().with_min_len(min_rows(row));
     rows.for_each_init(Vec::new, |buf, (r, (o, y))| gate_span(y, z.row(r / mid, r % mid, buf), o));
     out
@@ -79,7 +80,8 @@ fn gate_fwd<T: Real>(y: &[T], (z, mid): (View3<T>, usize)) -> Vec<T> {
 /// (dy, dz) for the output gradient g; both contiguous.
 fn gate_bwd<T: Real>(y: &[T], (z, mid): (View3<T>, usize), g: &[T]) -> (Vec<T>, Vec<T>) {
     let row = z.row_len();
-    let (mut dy, mut dz) = (zeros(y.len()), zeros(y.len()));
+    // SAFETY: the rows cover both, and gate_grad_span writes each element of both.
+    let (mut dy, mut dz) = unsafe { (for_writing(y.len()), for_writing(y.len())) };
     let outs = dy.par_chunks_mut(row).zip(dz.par_chunks_mut(row));
     let rows = outs.zip(y.par_chunks(row).zip(g.par_chunks(row))).enumerate().with_min_len(min_rows(row));
     rows.for_each_init(Vec::new, |buf, (r, ((dy, dz), (y, g)))| {

@@ -4,7 +4,9 @@
 //! Per channel d and state index n, with dt = softplus(delta + delta_bias) (each part optional):
 //!   h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t,    y_t = C_t . h_t + D u_t,    y_t *= silu(z_t)
 
-use crate::cpu::{add_lane_sums, cpu_storages, flat, plan, split_items, store_tile, transpose_last, zeros, View3};
+use crate::cpu::{
+    add_lane_sums, cpu_storages, flat, for_writing, plan, split_items, store_tile, transpose_last, View3,
+};
 use crate::error::{argument, check, dims, Result};
 use crate::gate::silu_gate;
 use crate::math::{madd, simd_fn, Lanes, Real, LANES};
@@ -375,7 +377,8 @@ impl ScanOp {
         let Dims { batch, dim, len, state: n, groups } = self.dims;
         let p = self.unpack(pack);
         let items = plan(batch, dim, groups);
-        let mut out = zeros(batch * dim * (len + n));
+        // SAFETY: every block of every item stores its rows of y over all of len, and its last states.
+        let mut out = unsafe { for_writing(batch * dim * (len + n)) };
         let (ys, lasts) = out.split_at_mut(batch * dim * len);
         let chunks = self.chunks();
         let mut checkpoints: Vec<Vec<Lanes<T>>> = if self.keep_checkpoints {
@@ -448,7 +451,8 @@ impl ScanOp {
         let chunks = self.chunks();
         let (dy_all, dlast_all) = grad.split_at(batch * dim * len);
         let dy = View3::from_slice(dy_all, [batch, dim, len]);
-        let (mut du, mut ddelta) = (zeros(batch * dim * len), zeros(batch * dim * len));
+        // SAFETY: every block stores its rows of du and d(delta) for every chunk.
+        let (mut du, mut ddelta) = unsafe { (for_writing(batch * dim * len), for_writing(batch * dim * len)) };
         // Per-batch partial sums of the parameter gradients, summed over the batch at the end.
         let (mut da, mut dd, mut dbias, mut dh0) = (
             vec![T::ZERO; batch * dim * n],
@@ -622,22 +626,27 @@ simd_fn! {
     /// The branches stay outside the loops so that each loop vectorises.
     fn prepare_dt<T, S>(tiles: &mut Tiles<T>, bias: &Lanes<T>, softplus: bool, grad: bool) {
         let Tiles { u, dt, du, dsp, .. } = tiles;
-        // Flat loops over contiguous values: nested loops over blocks of lanes vectorised with
-        // gathers.
-        for (dt, dsp) in dt.iter_mut().zip(dsp.iter_mut()) {
+        for dt in dt.iter_mut() {
             for w in 0..LANES {
                 dt[w] += bias[w];
             }
-            *dsp = *dt;
         }
+        if grad {
+            dsp.copy_from_slice(dt);
+        }
+        // Flat loops over contiguous values: nested loops over blocks of lanes vectorised with
+        // gathers.
         let (dt, dsp) = (dt.as_flattened_mut(), dsp.as_flattened_mut());
+        let dt_u = du.as_flattened_mut().iter_mut().zip(dt.iter_mut()).zip(u.as_flattened());
         if softplus {
-            for v in dt.iter_mut() {
-                *v = v.softplus::<S>();
+            for ((d, t), &x) in dt_u {
+                *t = t.softplus::<S>();
+                *d = *t * x;
             }
-        }
-        for ((d, &t), &x) in du.as_flattened_mut().iter_mut().zip(dt.iter()).zip(u.as_flattened()) {
-            *d = t * x;
+        } else {
+            for ((d, &mut t), &x) in dt_u {
+                *d = t * x;
+            }
         }
         if grad && softplus {
             for v in dsp.iter_mut() {
