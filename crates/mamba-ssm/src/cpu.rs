@@ -154,7 +154,9 @@ pub(crate) fn zeros<T: Real>(n: usize) -> Vec<T> {
 ///
 /// # Safety
 /// The caller writes every element before the buffer is read or returned. (Every bit pattern is
-/// a valid f32 or f64, the only `Real` types.)
+/// a valid f32 or f64, the only `Real` types, and no value is read before it is written: what
+/// clippy's `uninit_vec` warns of, reading uninitialised values, does not happen.)
+#[allow(clippy::uninit_vec)]
 pub(crate) unsafe fn for_writing<T: Real>(n: usize) -> Vec<T> {
     let mut v = Vec::with_capacity(n);
     // SAFETY: the capacity is n; the caller's contract covers the contents.
