@@ -172,11 +172,6 @@ pub(crate) fn flat<'a, T: Real>(storage: &'a CpuStorage, layout: &Layout) -> Res
     }
 }
 
-/// Writes lanes `0 .. width` of a tile into `width` rows of length `row_len`, starting at column `t0`.
-pub(crate) fn store_tile<T: Real>(tile: &[Lanes<T>], width: usize, rows: &mut [T], row_len: usize, t0: usize) {
-    tile_into_rows(tile, width, rows, row_len, t0);
-}
-
 /// Side of the square blocks the tile transposes move through registers.
 const BLOCK: usize = 8;
 
@@ -245,8 +240,9 @@ simd_fn! {
 }
 
 simd_fn! {
-    /// The inverse of [`rows_into_tile`]: `rows[w * row_len + t0 + k] = tile[k][w]`.
-    fn tile_into_rows<T, S>(tile: &[Lanes<T>], width: usize, rows: &mut [T], row_len: usize, t0: usize) {
+    /// Writes lanes `0 .. width` of a tile into `width` rows of length `row_len` from column `t0`,
+    /// `rows[w * row_len + t0 + k] = tile[k][w]`: the inverse of [`rows_into_tile`].
+    pub(crate) fn store_tile<T, S>(tile: &[Lanes<T>], width: usize, rows: &mut [T], row_len: usize, t0: usize) {
         let (wb, kb) = (width / BLOCK * BLOCK, tile.len() / BLOCK * BLOCK);
         let flat = tile.as_flattened();
         for w0 in (0..wb).step_by(BLOCK) {
