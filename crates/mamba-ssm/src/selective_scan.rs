@@ -9,7 +9,7 @@ use crate::cpu::{
 };
 use crate::error::{argument, check, dims, Result};
 use crate::gate::silu_gate;
-use crate::math::{madd, simd_fn, Lanes, Real, LANES};
+use crate::math::{madd, simd_fn, Isa, Lanes, Real, LANES};
 use crate::softplus;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
@@ -24,6 +24,8 @@ const CHUNK: usize = 32;
 const TILE: usize = 8 * CHUNK;
 /// Time steps whose decays are computed together before the recurrence uses them.
 const SUB: usize = 8;
+/// States whose adjoints the backward pass carries together through a chunk (in registers).
+const GROUP: usize = 4;
 
 /// The optional parts of the selective scan, as in the reference `selective_scan_ref`.
 #[derive(Clone, Copy, Default)]
@@ -716,31 +718,23 @@ simd_fn! {
                 }
             }
         }
-        for k in (0..kc).rev() {
-            let (dtk, duk, dyk) = (&tiles.dt[k], &tiles.du[k], &tiles.y[k]);
-            let (mut ddt_k, mut gb_k) = ([T::ZERO; LANES], [T::ZERO; LANES]);
-            for s in 0..n {
-                let (b, c) = (bt[k * n + s], ct[k * n + s]);
-                let (hp, hn, dk) = (&h[k * n + s], &h[(k + 1) * n + s], &decay[k * n + s]);
-                let (gs, das, dbs, dcs) = (&mut g[s], &mut da[s], &mut db[k * n + s], &mut dc[k * n + s]);
-                for w in 0..LANES {
-                    let gt = madd::<T, S>(c, dyk[w], gs[w]);
-                    dcs[w] = madd::<T, S>(dyk[w], hn[w], dcs[w]);
-                    // d(loss)/d(decay) times the decay: both dt and A see it through dt A.
-                    let t1 = gt * hp[w] * dk[w];
-                    ddt_k[w] = madd::<T, S>(t1, a2[s][w], ddt_k[w]);
-                    das[w] = madd::<T, S>(t1, dtk[w], das[w]);
-                    gb_k[w] = madd::<T, S>(gt, b, gb_k[w]);
-                    dbs[w] = madd::<T, S>(gt, duk[w], dbs[w]);
-                    gs[w] = dk[w] * gt;
-                }
-            }
-            // a2 carries a factor log2(e) that d(dt) must not.
-            for v in ddt_k.iter_mut() {
-                *v /= T::LOG2_E;
-            }
-            ddt[k] = ddt_k;
-            gb[k] = gb_k;
+        // The states in groups of GROUP, each group walking the whole chunk, so that its g and
+        // dA stay in registers from step to step; the sums over the states (ddt, gb) still add
+        // in the order of s, so the result is the same to the bit.
+        ddt.fill([T::ZERO; LANES]);
+        gb.fill([T::ZERO; LANES]);
+        let steps = [&tiles.dt[..], &tiles.du[..], &tiles.y[..]];
+        let mut s0 = 0;
+        while s0 + GROUP <= n {
+            adjoint::<T, S, GROUP>(s0, a2, steps, bt, ct, h, decay, g, da, db, dc, ddt, gb);
+            s0 += GROUP;
+        }
+        for s0 in s0..n {
+            adjoint::<T, S, 1>(s0, a2, steps, bt, ct, h, decay, g, da, db, dc, ddt, gb);
+        }
+        // a2 carries a factor log2(e) that d(dt) must not.
+        for v in ddt.as_flattened_mut() {
+            *v /= T::LOG2_E;
         }
         // The parts outside the recurrence: du = (sum_n G B) dt + D dy into tiles.y (which held
         // dy), d(pre-softplus delta) into work.ddt, and the sums for dD and d(delta_bias).
@@ -756,6 +750,56 @@ simd_fn! {
             }
         }
     }
+}
+
+/// The adjoint recurrence of one chunk for the G states from `s0`, walking back in time: g =
+/// d(loss)/d(state) through the decays, dA, dB and dC (lane-wise), and the per-step sums over
+/// the states of d(dt) (times log2 e) and of G B. steps = [dt, du, dy]; h and decay as the
+/// chunk's recomputation left them.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn adjoint<T: Real, S: Isa, const G: usize>(
+    s0: usize,
+    a2: &[Lanes<T>],
+    steps: [&[Lanes<T>]; 3],
+    bt: &[T],
+    ct: &[T],
+    h: &[Lanes<T>],
+    decay: &[Lanes<T>],
+    g: &mut [Lanes<T>],
+    da: &mut [Lanes<T>],
+    db: &mut [Lanes<T>],
+    dc: &mut [Lanes<T>],
+    ddt: &mut [Lanes<T>],
+    gb: &mut [Lanes<T>],
+) {
+    let [dt, du, dy] = steps;
+    let n = g.len();
+    let mut gr: [Lanes<T>; G] = std::array::from_fn(|j| g[s0 + j]);
+    let mut dar: [Lanes<T>; G] = std::array::from_fn(|j| da[s0 + j]);
+    for k in (0..dt.len()).rev() {
+        let (dtk, duk, dyk) = (&dt[k], &du[k], &dy[k]);
+        let (mut ddt_k, mut gb_k) = (ddt[k], gb[k]);
+        for j in 0..G {
+            let (s, i) = (s0 + j, k * n + s0 + j);
+            let (b, c, hp, hn, dk) = (bt[i], ct[i], &h[i], &h[i + n], &decay[i]);
+            let (dbs, dcs) = (&mut db[i], &mut dc[i]);
+            for w in 0..LANES {
+                let gt = madd::<T, S>(c, dyk[w], gr[j][w]);
+                dcs[w] = madd::<T, S>(dyk[w], hn[w], dcs[w]);
+                // d(loss)/d(decay) times the decay: both dt and A see it through dt A.
+                let t1 = gt * hp[w] * dk[w];
+                ddt_k[w] = madd::<T, S>(t1, a2[s][w], ddt_k[w]);
+                dar[j][w] = madd::<T, S>(t1, dtk[w], dar[j][w]);
+                gb_k[w] = madd::<T, S>(gt, b, gb_k[w]);
+                dbs[w] = madd::<T, S>(gt, duk[w], dbs[w]);
+                gr[j][w] = dk[w] * gt;
+            }
+        }
+        (ddt[k], gb[k]) = (ddt_k, gb_k);
+    }
+    g[s0..s0 + G].copy_from_slice(&gr);
+    da[s0..s0 + G].copy_from_slice(&dar);
 }
 
 fn run_fwd<T: Real>(
