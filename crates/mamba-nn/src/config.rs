@@ -91,6 +91,28 @@ impl BackboneConfig {
     }
 
     fn from_section(b: BackboneSection, source: &str) -> Result<Self> {
+        let err = |message: String| Error::Config { path: source.to_string(), message };
+        // A key of the other mixer kind would be ignored by the model: refuse it.
+        let (this, other, other_keys): (_, _, &[(&str, bool)]) = match b.kind {
+            MixerKind::Mamba1 => (
+                "mamba1",
+                "mamba2",
+                &[
+                    ("headdim", b.headdim.is_some()),
+                    ("ngroups", b.ngroups.is_some()),
+                    ("chunk_size", b.chunk_size.is_some()),
+                    ("dt_limit", b.dt_limit.is_some()),
+                ],
+            ),
+            MixerKind::Mamba2 => {
+                ("mamba2", "mamba1", &[("dt_rank", b.dt_rank.is_some()), ("selective", b.selective.is_some())])
+            }
+        };
+        if let Some((key, _)) = other_keys.iter().find(|(_, given)| *given) {
+            return Err(err(format!(
+                "[backbone] `{key}` is a key of kind = \"{other}\"; this backbone is kind = \"{this}\""
+            )));
+        }
         let backbone = BackboneConfig {
             kind: b.kind,
             d_model: b.d_model,
@@ -99,9 +121,9 @@ impl BackboneConfig {
             d_conv: b.d_conv,
             expand: b.expand,
             dt_rank: b.dt_rank.unwrap_or(b.d_model.div_ceil(16)),
-            headdim: b.headdim,
-            ngroups: b.ngroups,
-            chunk_size: b.chunk_size,
+            headdim: b.headdim.unwrap_or(64),
+            ngroups: b.ngroups.unwrap_or(1),
+            chunk_size: b.chunk_size.unwrap_or(256),
             dt_limit: b.dt_limit.unwrap_or((0.0, f64::INFINITY)),
             norm_eps: b.norm_eps,
             conv_bias: b.conv_bias,
@@ -109,9 +131,9 @@ impl BackboneConfig {
             routes: b.routes,
             route_params: b.route_params,
             merge: b.merge,
-            selective: b.selective,
+            selective: b.selective.unwrap_or(true),
         };
-        backbone.validate().map_err(|message| Error::Config { path: source.to_string(), message })?;
+        backbone.validate().map_err(err)?;
         Ok(backbone)
     }
 
@@ -159,13 +181,13 @@ struct BackboneSection {
     d_conv: usize,
     #[serde(default = "two")]
     expand: usize,
+    // The keys of one mixer kind are optional here so that from_section can tell a key of the
+    // other kind, which the model would ignore, from a default.
     dt_rank: Option<usize>,
-    #[serde(default = "sixty_four")]
-    headdim: usize,
-    #[serde(default = "one")]
-    ngroups: usize,
-    #[serde(default = "chunk")]
-    chunk_size: usize,
+    selective: Option<bool>,
+    headdim: Option<usize>,
+    ngroups: Option<usize>,
+    chunk_size: Option<usize>,
     dt_limit: Option<(f64, f64)>,
     #[serde(default = "eps")]
     norm_eps: f64,
@@ -179,8 +201,6 @@ struct BackboneSection {
     route_params: RouteParams,
     #[serde(default)]
     merge: Merge,
-    #[serde(default = "yes")]
-    selective: bool,
 }
 
 fn causal() -> Vec<String> {
@@ -190,20 +210,11 @@ fn causal() -> Vec<String> {
 fn yes() -> bool {
     true
 }
-fn one() -> usize {
-    1
-}
 fn two() -> usize {
     2
 }
 fn four() -> usize {
     4
-}
-fn sixty_four() -> usize {
-    64
-}
-fn chunk() -> usize {
-    256
 }
 fn eps() -> f64 {
     1e-5
@@ -514,5 +525,23 @@ mod tests {
         assert!(msg.contains("n_layer"), "{msg}");
         let msg = LmConfig::from_toml(&TOML.replace("headdim = 32", "headdim = 48"), "m.toml").unwrap_err().to_string();
         assert!(msg.contains("`headdim` (48)"), "{msg}");
+    }
+
+    /// A key that only the other mixer kind reads would be ignored: it is an error naming the
+    /// file and the key.
+    #[test]
+    fn keys_of_the_other_mixer_kind_are_refused() {
+        let mamba1 = TOML.replace("mamba2", "mamba1").replace("headdim = 32\n", "");
+        LmConfig::from_toml(&mamba1, "m.toml").unwrap();
+        for (text, key) in [
+            (mamba1.clone() + "headdim = 32\n", "headdim"),
+            (mamba1.clone() + "chunk_size = 64\n", "chunk_size"),
+            (mamba1.clone() + "dt_limit = [0.0, 1.0]\n", "dt_limit"),
+            (TOML.to_string() + "dt_rank = 4\n", "dt_rank"),
+            (TOML.to_string() + "selective = true\n", "selective"),
+        ] {
+            let msg = LmConfig::from_toml(&text, "dir/m.toml").unwrap_err().to_string();
+            assert!(msg.contains("dir/m.toml") && msg.contains(&format!("`{key}`")), "{msg}");
+        }
     }
 }

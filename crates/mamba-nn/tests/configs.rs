@@ -1,9 +1,11 @@
 //! The model files in models/ parse, and their parameter counts are those of the released
 //! checkpoints: worked out by hand from the architectures (tied heads counted once), and within
-//! 1 % of the sizes in the checkpoints' names.
+//! 1 % of the sizes in the checkpoints' names. Every other config there with a `[backbone]`
+//! builds one, so that a typo or a key of the other mixer kind in a bundled file fails here
+//! rather than in a user's run.
 
-use mamba_nn::{LmConfig, MambaLm};
-use std::path::PathBuf;
+use mamba_nn::{BackboneConfig, LmConfig, MambaLm};
+use std::path::{Path, PathBuf};
 
 fn count(name: &str) -> f64 {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../../models/{name}.toml"));
@@ -26,4 +28,31 @@ fn published_sizes() {
         assert_eq!(n, by_hand, "{name}");
         assert!((n / nominal - 1.0).abs() < 0.01, "{name}: {n} parameters");
     }
+}
+
+fn toml_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            toml_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "toml") {
+            out.push(path);
+        }
+    }
+}
+
+#[test]
+fn every_bundled_backbone_is_valid() {
+    let mut files = Vec::new();
+    toml_files(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models"), &mut files);
+    let mut backbones = 0;
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        let mut table: toml::Table = text.parse().unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        if let Some(toml::Value::Table(b)) = table.remove("backbone") {
+            BackboneConfig::from_toml_table(b, &file.display().to_string()).unwrap_or_else(|e| panic!("{e}"));
+            backbones += 1;
+        }
+    }
+    assert!(backbones >= 20, "found {backbones} backbones in {} files", files.len());
 }
