@@ -411,6 +411,22 @@ fn from_state_spaces(json: &Value) -> std::result::Result<Value, String> {
     let d_model = int(json.get("d_model"), "d_model", 0)?;
     let expand = int(ssm.get("expand"), "ssm_cfg.expand", 2)?;
     let headdim = int(ssm.get("headdim"), "ssm_cfg.headdim", 64)?;
+    // Keys that change what the model computes, against what these mixers compute (mamba_ssm's
+    // defaults). residual_in_fp32 changes nothing here: the residual stream is always f32.
+    let flag = |v: &Value, key: &str| v.get(key).and_then(Value::as_bool);
+    let unsupported = [
+        (flag(json, "rms_norm") == Some(false), "rms_norm = false (LayerNorm blocks)"),
+        (mamba2 && flag(&ssm, "rmsnorm") == Some(false), "ssm_cfg.rmsnorm = false (no gated norm before out_proj)"),
+        (mamba2 && flag(&ssm, "norm_before_gate") == Some(true), "ssm_cfg.norm_before_gate = true"),
+        (mamba2 && flag(&ssm, "D_has_hdim") == Some(true), "ssm_cfg.D_has_hdim = true"),
+        (
+            mamba2 && ssm.get("d_ssm").is_some_and(|v| !v.is_null() && v.as_u64() != Some(expand * d_model)),
+            "ssm_cfg.d_ssm other than expand x d_model (an SSM over part of the channels)",
+        ),
+    ];
+    if let Some((_, what)) = unsupported.iter().find(|(refused, _)| *refused) {
+        return Err(format!("{what} is not implemented"));
+    }
     let vocab = int(json.get("vocab_size"), "vocab_size", 0)?;
     let pad = int(json.get("pad_vocab_size_multiple"), "pad_vocab_size_multiple", 8)?.max(1);
     let mut out = serde_json::json!({
@@ -525,6 +541,30 @@ mod tests {
         assert!(msg.contains("n_layer"), "{msg}");
         let msg = LmConfig::from_toml(&TOML.replace("headdim = 32", "headdim = 48"), "m.toml").unwrap_err().to_string();
         assert!(msg.contains("`headdim` (48)"), "{msg}");
+    }
+
+    /// A state-spaces config whose keys ask for a computation these mixers do not do is refused,
+    /// naming the key.
+    #[test]
+    fn state_spaces_keys_that_change_the_computation() {
+        let base = r#"{"d_model": 32, "n_layer": 2, "vocab_size": 60, EXTRA
+            "ssm_cfg": {"layer": "Mamba2", "d_state": 16, "headdim": 16 SSM}}"#;
+        let config = |extra: &str, ssm: &str| base.replace("EXTRA", extra).replace("SSM", ssm);
+        let ok = LmConfig::from_hf_json(
+            &config(r#""rms_norm": true, "residual_in_fp32": false,"#, r#", "d_ssm": 64"#),
+            "c.json",
+        );
+        assert_eq!(ok.unwrap().backbone.nheads(), 4);
+        for (extra, ssm, key) in [
+            (r#""rms_norm": false,"#, "", "rms_norm"),
+            ("", r#", "rmsnorm": false"#, "rmsnorm"),
+            ("", r#", "norm_before_gate": true"#, "norm_before_gate"),
+            ("", r#", "D_has_hdim": true"#, "D_has_hdim"),
+            ("", r#", "d_ssm": 32"#, "d_ssm"),
+        ] {
+            let msg = LmConfig::from_hf_json(&config(extra, ssm), "dir/config.json").unwrap_err().to_string();
+            assert!(msg.contains("dir/config.json") && msg.contains(key), "{msg}");
+        }
     }
 
     /// A key that only the other mixer kind reads would be ignored: it is an error naming the

@@ -4,8 +4,9 @@ use candle_core::{DType, Device, Tensor};
 use mamba_nn::{init_params, InitConfig, LmConfig, MambaLm};
 
 fn config(kind: &str, extra: &str) -> LmConfig {
+    let headdim = if kind == "mamba2" { "headdim = 16\n" } else { "" };
     let text = format!(
-        "[model]\nvocab_size = 300\n[backbone]\nkind = \"{kind}\"\nd_model = 64\nn_layer = 4\nd_state = 8\nheaddim = 16\n{extra}"
+        "[model]\nvocab_size = 300\n[backbone]\nkind = \"{kind}\"\nd_model = 64\nn_layer = 4\nd_state = 8\n{headdim}{extra}"
     );
     LmConfig::from_toml(&text, "test.toml").unwrap()
 }
