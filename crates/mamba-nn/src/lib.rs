@@ -8,6 +8,7 @@
 
 mod config;
 mod error;
+mod hf_config;
 mod init;
 mod linear;
 mod mamba1;
