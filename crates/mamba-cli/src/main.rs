@@ -95,6 +95,10 @@ enum Command {
     Eval {
         #[arg(long)]
         checkpoint: PathBuf,
+        /// Evaluate on this instead of the run's validation set: an ImageFolder root for an image
+        /// classifier, a .ts or .tsv file for a series classifier.
+        #[arg(long)]
+        data: Option<PathBuf>,
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
@@ -477,8 +481,14 @@ fn forecast_files(dir: &Path, paths: &[PathBuf], out: Option<&Path>, device: &De
     Ok(())
 }
 
-fn run_eval(checkpoint: &Path, json: bool, confusion_svg: Option<&Path>, device: &DeviceArg) -> Result<()> {
-    let evaluation = mamba_train::evaluate_checkpoint(checkpoint, &device.open()?)?;
+fn run_eval(
+    checkpoint: &Path,
+    data: Option<&Path>,
+    json: bool,
+    confusion_svg: Option<&Path>,
+    device: &DeviceArg,
+) -> Result<()> {
+    let evaluation = mamba_train::evaluate_checkpoint(checkpoint, data, &device.open()?)?;
     if let Some(svg) = confusion_svg {
         let Some((classes, matrix)) = &evaluation.confusion else {
             bail!("--confusion: {} is not a classifier", checkpoint.display());
@@ -556,8 +566,8 @@ fn main() {
         Command::Logits { model, ids, out, dtype, device } => run_logits(&model, &ids, &out, dtype, &device),
         Command::Inspect { model } => run_inspect(&model),
         Command::Train { config, out, resume, sets, device } => run_train(&config, out, resume, &sets, &device),
-        Command::Eval { checkpoint, json, confusion, device } => {
-            run_eval(&checkpoint, json, confusion.as_deref(), &device)
+        Command::Eval { checkpoint, data, json, confusion, device } => {
+            run_eval(&checkpoint, data.as_deref(), json, confusion.as_deref(), &device)
         }
         Command::Predict(args) => run_predict(args),
         Command::Scan { command: ScanCommand::Show { pattern, grid, out, cell } } => {

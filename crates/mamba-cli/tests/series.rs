@@ -84,6 +84,22 @@ fn a_ts_archive_trains_and_bad_ones_are_named() {
     // the bound holds whatever rounding a CPU's gemm kernels bring.
     assert!(accuracy >= 0.9, "chance is 0.5: {report}");
     assert!(report.contains("slow") && report.contains("fast"));
+    // --data: the checkpoint on another archive file's 10 cases instead of the test file's 20.
+    let other = dir.join("other.ts");
+    archive(&other, 10, 8);
+    let best = out.join("best");
+    let o = mamba(&["eval", "--checkpoint", best.to_str().unwrap(), "--data", other.to_str().unwrap(), "--json"]);
+    let value: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap_or_else(|e| panic!("{e}: {}", text(&o)));
+    let cases: u64 = value["confusion"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.as_array().unwrap())
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(cases, 10, "{value}");
+    assert!(value["accuracy"].as_f64().unwrap() >= 0.8, "chance is 0.5: {value}");
     // The checkpoint classifies an archive's cases without the training data: one line each,
     // top class first (even cases are "slow").
     let test = dir.join("test.ts");

@@ -117,6 +117,31 @@ fn any_image_folder_trains_evaluates_and_predicts() {
         assert!(accuracy >= 0.9, "{name}: accuracy {accuracy}\n{report}");
         assert!(report.contains("confusion (rows: true, columns: predicted)") && report.contains("colour5"));
         assert!(report.contains("top5"), "six classes get a top-5 accuracy: {report}");
+        // --data: another folder (2 images per class, not the validation set's 3).
+        colour_folder(&dir.join("other"), 2, 3);
+        let o = mamba(&[
+            "eval",
+            "--checkpoint",
+            best.to_str().unwrap(),
+            "--data",
+            dir.join("other").to_str().unwrap(),
+            "--json",
+        ]);
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        let value: serde_json::Value =
+            serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {}", text(&o)));
+        let counted: u64 = value["confusion"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.as_array().unwrap())
+            .map(|v| v.as_u64().unwrap())
+            .sum();
+        assert_eq!(counted, 12, "{name}: {value}");
+        assert!(value["accuracy"].as_f64().unwrap() >= 0.9, "{name}: {value}");
+        let o =
+            mamba(&["eval", "--checkpoint", best.to_str().unwrap(), "--data", dir.join("nowhere").to_str().unwrap()]);
+        assert!(!o.status.success() && text(&o).contains("nowhere"), "{}", text(&o));
         std::fs::rename(dir.join("train-away"), dir.join("train")).unwrap();
 
         let img = dir.join("val/colour2/0.png");

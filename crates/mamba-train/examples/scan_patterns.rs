@@ -45,7 +45,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let accuracy = summary.validation.mean("accuracy").unwrap_or(f64::NAN);
             let train_rate = mean_rate(&out.join("metrics.jsonl"))?;
             // Inference: the test images through the best checkpoint, decoding included.
-            let run = mamba_train::RunConfig::for_checkpoint(&summary.best)?;
+            let run = mamba_train::RunConfig::for_checkpoint(&summary.best, None)?;
             let (model, _) = load_classifier(&summary.best, None, &Device::Cpu)?;
             let mamba_train::AnyTask::Image(task) = &run.task else { return Err("not an image task".into()) };
             let n = task.len(Split::Validation);

@@ -96,17 +96,18 @@ impl RunConfig {
     /// Reads `path`, applies `sets` ("section.key=value", the value in TOML syntax or a bare
     /// string) and builds the task (reading its data).
     pub fn load(path: &Path, sets: &[String]) -> Result<Self> {
-        Self::read(path, sets, None)
+        Self::read(path, sets, None, None)
     }
 
     /// A checkpoint directory's train.toml, its task built to evaluate the checkpoint: inputs
     /// are made as its meta file (image.json, audio.json) says, and the training data is not
-    /// decoded or measured again.
-    pub fn for_checkpoint(dir: &Path) -> Result<Self> {
-        Self::read(&dir.join("train.toml"), &[], Some(dir))
+    /// decoded or measured again. `data` replaces the set the run validated on (see
+    /// [`evaluate_checkpoint`]).
+    pub fn for_checkpoint(dir: &Path, data: Option<&Path>) -> Result<Self> {
+        Self::read(&dir.join("train.toml"), &[], Some(dir), data)
     }
 
-    fn read(path: &Path, sets: &[String], checkpoint: Option<&Path>) -> Result<Self> {
+    fn read(path: &Path, sets: &[String], checkpoint: Option<&Path>, data: Option<&Path>) -> Result<Self> {
         let source = path.display().to_string();
         let err = |message: String| Error::Config { path: source.clone(), message };
         let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: source.clone(), source: e })?;
@@ -125,6 +126,9 @@ impl RunConfig {
                 return Err(err(format!("--set {set}: there is no [{section}] section")));
             };
             s.insert(field.to_string(), value);
+        }
+        if let Some(data) = data {
+            evaluate_on(&mut table, data)?;
         }
         // Data paths are relative to the config file; the saved config holds them resolved.
         let base = path.parent().unwrap_or(Path::new("."));
@@ -232,9 +236,10 @@ pub struct Evaluation {
 }
 
 /// `mamba eval`: the validation metrics of a checkpoint directory (its train.toml and weights),
-/// the model and batches on `device`.
-pub fn evaluate_checkpoint(dir: &Path, device: &Device) -> Result<Evaluation> {
-    let run = RunConfig::for_checkpoint(dir)?;
+/// the model and batches on `device`; with `data`, the metrics on that ImageFolder root (image
+/// classifiers) or archive file (series classifiers) instead.
+pub fn evaluate_checkpoint(dir: &Path, data: Option<&Path>, device: &Device) -> Result<Evaluation> {
+    let run = RunConfig::for_checkpoint(dir, data)?;
     let vb = checkpoint_weights(dir, device)?;
     Ok(match &run.task {
         AnyTask::Lm(t) => {
@@ -249,6 +254,28 @@ pub fn evaluate_checkpoint(dir: &Path, device: &Device) -> Result<Evaluation> {
         AnyTask::Audio(t) => classifier_evaluation(t, vb, device)?,
         AnyTask::Series(t) => classifier_evaluation(t, vb, device)?,
     })
+}
+
+/// Points a saved run's `[task]` at `data` for its evaluation: the held-out key of the task kinds
+/// whose evaluated set is one folder or file.
+fn evaluate_on(table: &mut toml::Table, data: &Path) -> Result<()> {
+    let err = |message: String| Error::Config { path: data.display().to_string(), message };
+    let Some(toml::Value::Table(task)) = table.get_mut("task") else {
+        return Err(err("--data: the checkpoint's train.toml has no [task] section".into()));
+    };
+    let kind = task.get("kind").and_then(toml::Value::as_str).unwrap_or_default();
+    let key = match kind {
+        "image_classification" => "validation",
+        "series_classification" => "test",
+        _ => {
+            return Err(err(format!(
+                "--data evaluates image_classification (an ImageFolder root) and series_classification (a .ts or .tsv file) checkpoints; this one is {kind:?}"
+            )))
+        }
+    };
+    let path = data.canonicalize().map_err(|e| Error::Io { path: data.display().to_string(), source: e })?;
+    task.insert(key.into(), toml::Value::String(path.display().to_string()));
+    Ok(())
 }
 
 fn classifier_evaluation<E: Examples>(
