@@ -96,7 +96,8 @@ enum Command {
         #[arg(long)]
         checkpoint: PathBuf,
         /// Evaluate on this instead of the run's validation set: an ImageFolder root for an image
-        /// classifier, a .ts or .tsv file for a series classifier.
+        /// classifier, an AudioFolder root (every clip) for an audio classifier, a .ts or .tsv
+        /// file for a series classifier.
         #[arg(long)]
         data: Option<PathBuf>,
         /// Print one JSON object instead of text.

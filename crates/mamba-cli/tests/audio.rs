@@ -125,6 +125,22 @@ fn a_wav_folder_trains_on_some_speakers_and_labels_another() {
         // Twelve clips of a speaker never heard, three words: chance is 1/3. Over seeds 0 to
         // 4 (`--set train.seed=N`, on an AVX-512 CPU) the worst run got 11 of 12 right.
         assert!(accuracy >= 0.9, "{name}: accuracy {accuracy}\n{report}");
+        // --data: every clip of another folder (two takes per speaker and word: 24 clips, where
+        // the held-out speaker has 12).
+        let other = dir.join(format!("other-{name}"));
+        word_folder(&other, 2);
+        let o = mamba(&["eval", "--checkpoint", best.to_str().unwrap(), "--data", other.to_str().unwrap(), "--json"]);
+        let value: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim())
+            .unwrap_or_else(|e| panic!("{e}: {}", text(&o)));
+        let clips: u64 = value["confusion"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.as_array().unwrap())
+            .map(|v| v.as_u64().unwrap())
+            .sum();
+        assert_eq!(clips, 24, "{name}: {value}");
+        assert!(value["accuracy"].as_f64().unwrap() >= 0.75, "{name}: chance is 1/3: {value}");
 
         // Predict reads the checkpoint's audio.json: no training data needed, any format. It
         // ranks all three words, `flat` first, with probabilities that sum to 1. How sure the

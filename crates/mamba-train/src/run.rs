@@ -236,8 +236,8 @@ pub struct Evaluation {
 }
 
 /// `mamba eval`: the validation metrics of a checkpoint directory (its train.toml and weights),
-/// the model and batches on `device`; with `data`, the metrics on that ImageFolder root (image
-/// classifiers) or archive file (series classifiers) instead.
+/// the model and batches on `device`; with `data`, the metrics on that ImageFolder or AudioFolder
+/// root (image and audio classifiers) or archive file (series classifiers) instead.
 pub fn evaluate_checkpoint(dir: &Path, data: Option<&Path>, device: &Device) -> Result<Evaluation> {
     let run = RunConfig::for_checkpoint(dir, data)?;
     let vb = checkpoint_weights(dir, device)?;
@@ -267,9 +267,16 @@ fn evaluate_on(table: &mut toml::Table, data: &Path) -> Result<()> {
     let key = match kind {
         "image_classification" => "validation",
         "series_classification" => "test",
+        "audio_classification" => {
+            // Every clip of the folder is evaluated.
+            task.remove("held_out");
+            task.remove("validation_list");
+            task.insert("validation_fraction".into(), toml::Value::Float(1.0));
+            "data"
+        }
         _ => {
             return Err(err(format!(
-                "--data evaluates image_classification (an ImageFolder root) and series_classification (a .ts or .tsv file) checkpoints; this one is {kind:?}"
+                "--data evaluates image, audio and series classification checkpoints (an ImageFolder root, an AudioFolder root, a .ts or .tsv file); this one is {kind:?}"
             )))
         }
     };
