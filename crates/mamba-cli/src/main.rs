@@ -406,28 +406,34 @@ fn run_predict(a: PredictArgs) -> Result<()> {
     let device = a.device.open()?;
     let (dir, inputs) = (a.checkpoint.as_path(), &a.inputs);
     let paths: Vec<PathBuf> = inputs.iter().map(PathBuf::from).collect();
-    if dir.join("forecast.json").exists() {
-        return forecast_files(dir, &paths, a.out.as_deref(), &device);
-    }
+    // What to do follows the task the checkpoint was trained for.
+    let kind = mamba_train::checkpoint_kind(dir)?;
     // One line per file, or per case of an archive.
     let file_names = || paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>();
-    let ranked = if dir.join("image.json").exists() {
-        let (model, meta) = load_classifier(dir, a.image_size, &device)?;
-        Some((classify_files(&model, &meta, &paths, &device)?, file_names()))
-    } else if dir.join("audio.json").exists() {
-        let (model, meta) = load_audio_classifier(dir, &device)?;
-        Some((classify_files(&model, &meta, &paths, &device)?, file_names()))
-    } else if dir.join("series.json").exists() {
-        let (model, meta) = load_series_classifier(dir, &device)?;
-        let (mut ranked, mut names) = (vec![], vec![]);
-        for path in &paths {
-            let cases = read_archive(path)?;
-            ranked.extend(classify_cases(&model, &meta, &cases.series, &device)?);
-            names.extend((1..=cases.series.len()).map(|i| format!("{} case {i}", path.display())));
+    let ranked = match kind.as_deref() {
+        Some("forecasting") => return forecast_files(dir, &paths, a.out.as_deref(), &device),
+        Some("image_classification") => {
+            let (model, meta) = load_classifier(dir, a.image_size, &device)?;
+            Some((classify_files(&model, &meta, &paths, &device)?, file_names()))
         }
-        Some((ranked, names))
-    } else {
-        None
+        Some("audio_classification") => {
+            let (model, meta) = load_audio_classifier(dir, &device)?;
+            Some((classify_files(&model, &meta, &paths, &device)?, file_names()))
+        }
+        Some("series_classification") => {
+            let (model, meta) = load_series_classifier(dir, &device)?;
+            let (mut ranked, mut names) = (vec![], vec![]);
+            for path in &paths {
+                let cases = read_archive(path)?;
+                ranked.extend(classify_cases(&model, &meta, &cases.series, &device)?);
+                names.extend((1..=cases.series.len()).map(|i| format!("{} case {i}", path.display())));
+            }
+            Some((ranked, names))
+        }
+        None | Some("text" | "selective_copying" | "induction_heads") => None,
+        Some(other) => {
+            bail!("{}: [task] kind = {other:?} is not a task `mamba predict` knows", dir.join("train.toml").display())
+        }
     };
     if let Some((ranked, names)) = ranked {
         let mut out = std::io::stdout().lock();

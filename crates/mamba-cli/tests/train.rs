@@ -228,6 +228,21 @@ fn bad_configs_stop_before_training_naming_file_and_key() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// predict and eval follow the `[task] kind` that a checkpoint's train.toml records; one this
+/// `mamba` does not know stops both, naming the file and the kind.
+#[test]
+fn a_checkpoint_of_an_unknown_task_kind_is_named() {
+    let dir = scratch("unknown-kind");
+    std::fs::write(dir.join("train.toml"), "[task]\nkind = \"telepathy\"\n").unwrap();
+    let checkpoint = dir.to_str().unwrap();
+    for args in [&["predict", "--checkpoint", checkpoint, "1,2"][..], &["eval", "--checkpoint", checkpoint]] {
+        let run = mamba(args);
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert!(!run.status.success() && err.contains("train.toml") && err.contains("telepathy"), "{args:?}: {err}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn a_diverging_loss_stops_with_the_last_good_checkpoint_intact() {
     let dir = scratch("nan");

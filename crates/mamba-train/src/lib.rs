@@ -16,6 +16,8 @@ mod trainer;
 pub use error::{Error, Result};
 pub use optim::{decays, learning_rate, AdamW, OptimConfig, Params};
 pub use plot::{plot_confusion, plot_forecast, plot_metrics};
-pub use run::{checkpoint_weights, evaluate_checkpoint, train_from_config, AnyTask, Evaluation, RunConfig};
+pub use run::{
+    checkpoint_kind, checkpoint_weights, evaluate_checkpoint, train_from_config, AnyTask, Evaluation, RunConfig,
+};
 pub use task::{Metrics, Split, Task};
 pub use trainer::{evaluate, summary_line, train, Summary, TrainConfig, TrainerState};

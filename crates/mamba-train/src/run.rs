@@ -256,6 +256,23 @@ pub fn evaluate_checkpoint(dir: &Path, data: Option<&Path>, device: &Device) -> 
     })
 }
 
+/// The `[task] kind` that a checkpoint's train.toml records, or None for a directory without one
+/// (a Hugging Face or state-spaces model directory).
+pub fn checkpoint_kind(dir: &Path) -> Result<Option<String>> {
+    let path = dir.join("train.toml");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let source = path.display().to_string();
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::Io { path: source.clone(), source: e })?;
+    let table: toml::Table =
+        text.parse().map_err(|e: toml::de::Error| Error::Config { path: source.clone(), message: e.to_string() })?;
+    match table.get("task").and_then(|t| t.get("kind")).and_then(toml::Value::as_str) {
+        Some(kind) => Ok(Some(kind.to_string())),
+        None => Err(Error::Config { path: source, message: "no [task] kind".into() }),
+    }
+}
+
 /// Points a saved run's `[task]` at `data` for its evaluation: the held-out key of the task kinds
 /// whose evaluated set is one folder or file.
 fn evaluate_on(table: &mut toml::Table, data: &Path) -> Result<()> {
