@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{eval_accuracy, mamba, scratch, text};
+use common::{eval_accuracy, eval_on_data, mamba, scratch, text};
 use std::f64::consts::PI;
 use std::path::Path;
 
@@ -129,18 +129,9 @@ fn a_wav_folder_trains_on_some_speakers_and_labels_another() {
         // the held-out speaker has 12).
         let other = dir.join(format!("other-{name}"));
         word_folder(&other, 2);
-        let o = mamba(&["eval", "--checkpoint", best.to_str().unwrap(), "--data", other.to_str().unwrap(), "--json"]);
-        let value: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim())
-            .unwrap_or_else(|e| panic!("{e}: {}", text(&o)));
-        let clips: u64 = value["confusion"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .flat_map(|r| r.as_array().unwrap())
-            .map(|v| v.as_u64().unwrap())
-            .sum();
-        assert_eq!(clips, 24, "{name}: {value}");
-        assert!(value["accuracy"].as_f64().unwrap() >= 0.75, "{name}: chance is 1/3: {value}");
+        let (clips, accuracy) = eval_on_data(&best, &other);
+        assert_eq!(clips, 24, "{name}");
+        assert!(accuracy >= 0.75, "{name}: accuracy {accuracy}, chance is 1/3");
 
         // Predict reads the checkpoint's audio.json: no training data needed, any format. It
         // ranks all three words, `flat` first, with probabilities that sum to 1. How sure the

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{eval_accuracy, mamba, scratch, text};
+use common::{eval_accuracy, eval_on_data, mamba, scratch, text};
 use std::path::Path;
 
 /// Class "slow": a sine of one cycle; class "fast": three cycles; the second dimension is the
@@ -87,19 +87,9 @@ fn a_ts_archive_trains_and_bad_ones_are_named() {
     // --data: the checkpoint on another archive file's 10 cases instead of the test file's 20.
     let other = dir.join("other.ts");
     archive(&other, 10, 8);
-    let best = out.join("best");
-    let o = mamba(&["eval", "--checkpoint", best.to_str().unwrap(), "--data", other.to_str().unwrap(), "--json"]);
-    let value: serde_json::Value =
-        serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap_or_else(|e| panic!("{e}: {}", text(&o)));
-    let cases: u64 = value["confusion"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|r| r.as_array().unwrap())
-        .map(|v| v.as_u64().unwrap())
-        .sum();
-    assert_eq!(cases, 10, "{value}");
-    assert!(value["accuracy"].as_f64().unwrap() >= 0.8, "chance is 0.5: {value}");
+    let (cases, accuracy) = eval_on_data(&out.join("best"), &other);
+    assert_eq!(cases, 10);
+    assert!(accuracy >= 0.8, "accuracy {accuracy}, chance is 0.5");
     // The checkpoint classifies an archive's cases without the training data: one line each,
     // top class first (even cases are "slow").
     let test = dir.join("test.ts");

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{assert_cuda_refused, eval_accuracy, mamba, scratch, text};
+use common::{assert_cuda_refused, eval_accuracy, eval_on_data, mamba, scratch, text};
 use std::path::Path;
 
 /// Six classes of 20 x 16 RGB images, each class a colour with noise on top, JPEG and PNG mixed:
@@ -119,26 +119,9 @@ fn any_image_folder_trains_evaluates_and_predicts() {
         assert!(report.contains("top5"), "six classes get a top-5 accuracy: {report}");
         // --data: another folder (2 images per class, not the validation set's 3).
         colour_folder(&dir.join("other"), 2, 3);
-        let o = mamba(&[
-            "eval",
-            "--checkpoint",
-            best.to_str().unwrap(),
-            "--data",
-            dir.join("other").to_str().unwrap(),
-            "--json",
-        ]);
-        let stdout = String::from_utf8_lossy(&o.stdout);
-        let value: serde_json::Value =
-            serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {}", text(&o)));
-        let counted: u64 = value["confusion"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .flat_map(|r| r.as_array().unwrap())
-            .map(|v| v.as_u64().unwrap())
-            .sum();
-        assert_eq!(counted, 12, "{name}: {value}");
-        assert!(value["accuracy"].as_f64().unwrap() >= 0.9, "{name}: {value}");
+        let (images, accuracy) = eval_on_data(&best, &dir.join("other"));
+        assert_eq!(images, 12, "{name}");
+        assert!(accuracy >= 0.9, "{name}: accuracy {accuracy}");
         let o =
             mamba(&["eval", "--checkpoint", best.to_str().unwrap(), "--data", dir.join("nowhere").to_str().unwrap()]);
         assert!(!o.status.success() && text(&o).contains("nowhere"), "{}", text(&o));

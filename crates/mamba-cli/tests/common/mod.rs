@@ -2,7 +2,7 @@
 // Each test binary uses its own subset.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub fn mamba(args: &[&str]) -> Output {
@@ -49,4 +49,15 @@ pub fn eval_accuracy(report: &str) -> f64 {
         .find_map(|l| l.strip_prefix("accuracy "))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no accuracy in {report}"))
+}
+
+/// `mamba eval --checkpoint CHECKPOINT --data DATA --json`: how many examples it scored (the
+/// confusion matrix's total) and the accuracy.
+pub fn eval_on_data(checkpoint: &Path, data: &Path) -> (u64, f64) {
+    let args = ["eval", "--checkpoint", checkpoint.to_str().unwrap(), "--data", data.to_str().unwrap(), "--json"];
+    let o = mamba(&args);
+    let value: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&o)));
+    let rows = value["confusion"].as_array().unwrap_or_else(|| panic!("no confusion matrix: {value}"));
+    let examples = rows.iter().flat_map(|r| r.as_array().unwrap()).map(|v| v.as_u64().unwrap()).sum();
+    (examples, value["accuracy"].as_f64().unwrap())
 }
