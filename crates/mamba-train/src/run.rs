@@ -8,7 +8,7 @@ use crate::tasks::audio::{AudioData, AudioTask};
 use crate::tasks::classify::{read_meta, Classify, Examples};
 use crate::tasks::forecast::{ForecastData, ForecastTask};
 use crate::tasks::image::{ImageData, ImageTask};
-use crate::tasks::series::{SeriesData, SeriesTask};
+use crate::tasks::series::{SeriesData, SeriesMeta, SeriesTask};
 use crate::tasks::{LmTask, Source, TextData};
 use crate::trainer::{evaluate, train, Summary, TrainConfig};
 use crate::Result;
@@ -158,7 +158,8 @@ impl RunConfig {
                 AnyTask::Audio(data.task(file.model, file.backbone, &source, seed, trained)?)
             }
             TaskSection::SeriesClassification(data) => {
-                AnyTask::Series(data.task(file.model, file.backbone, &source, seed)?)
+                let trained = checkpoint.map(SeriesMeta::read).transpose()?;
+                AnyTask::Series(data.task(file.model, file.backbone, &source, seed, trained)?)
             }
             TaskSection::Forecasting(data) => AnyTask::Forecast(data.task(file.model, file.backbone, &source)?),
             lm => AnyTask::Lm(lm_task(lm, file.model, file.backbone, &source, seed)?),

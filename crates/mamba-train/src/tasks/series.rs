@@ -65,16 +65,22 @@ pub fn read_archive(path: &Path) -> Result<Labelled> {
 
 impl SeriesData {
     /// The task: reads both files, checks that they agree (dimensions, classes) and that no
-    /// value is missing, and builds the model config (dimensions x length, one channel).
+    /// value is missing, and builds the model config (dimensions x length, one channel). With
+    /// `trained` (a checkpoint's series.json), for evaluation: the classes, dimensions and length
+    /// are the checkpoint's, and the training file is left unread.
     pub fn task(
         self,
         model: toml::Table,
         backbone: Option<toml::Table>,
         source: &str,
         seed: u64,
+        trained: Option<SeriesMeta>,
     ) -> Result<SeriesTask> {
         let err = |message: String| Error::Config { path: source.to_string(), message };
-        let train = read_archive(&self.train)?;
+        let train = match &trained {
+            Some(meta) => Labelled { series: vec![], labels: vec![], classes: meta.classes.clone(), missing: 0 },
+            None => read_archive(&self.train)?,
+        };
         let mut test = read_archive(&self.test)?;
         for (set, path) in [(&train, &self.train), (&test, &self.test)] {
             if set.missing > 0 {
@@ -85,8 +91,9 @@ impl SeriesData {
                 return Err(Error::Config { path: path.display().to_string(), message: "cases without labels".into() });
             }
         }
-        if train.dims() != test.dims() {
-            return Err(err(format!("[task] train has {} dimensions, test {}", train.dims(), test.dims())));
+        let dims = trained.as_ref().map_or(train.dims(), |m| m.dims);
+        if dims != test.dims() {
+            return Err(err(format!("[task] train has {dims} dimensions, test {}", test.dims())));
         }
         // Test labels as indices into the training classes.
         let mut labels = Vec::with_capacity(test.labels.len());
@@ -96,7 +103,11 @@ impl SeriesData {
             labels.push(i.ok_or_else(|| err(format!("[task] test class {name:?} is not among the training classes")))?);
         }
         (test.labels, test.classes) = (labels, train.classes.clone());
-        let meta = SeriesMeta { classes: train.classes.clone(), dims: train.dims(), length: train.max_len() };
+        let meta = trained.unwrap_or_else(|| SeriesMeta {
+            classes: train.classes.clone(),
+            dims: train.dims(),
+            length: train.max_len(),
+        });
         let shape = ImageShape {
             image_size: Size2d::new(meta.dims, meta.length),
             channels: 1,
@@ -108,6 +119,14 @@ impl SeriesData {
 }
 
 impl SeriesMeta {
+    /// The checkpoint file it is saved as.
+    const FILE: &'static str = "series.json";
+
+    /// A checkpoint's series.json.
+    pub fn read(dir: &Path) -> Result<Self> {
+        read_json(&dir.join(Self::FILE))
+    }
+
     /// One case (dimensions x any length) as (1, dims, length).
     pub fn input(&self, case: &[Vec<f32>]) -> Result<Tensor> {
         let mut values = Vec::with_capacity(self.dims * self.length);
@@ -149,14 +168,14 @@ impl Examples for SeriesExamples {
 
     fn meta_file(&self) -> Result<(String, Vec<u8>)> {
         let json = serde_json::to_vec_pretty(&self.meta)
-            .map_err(|e| Error::Config { path: "series.json".into(), message: e.to_string() })?;
-        Ok(("series.json".into(), json))
+            .map_err(|e| Error::Config { path: SeriesMeta::FILE.into(), message: e.to_string() })?;
+        Ok((SeriesMeta::FILE.into(), json))
     }
 }
 
 /// A series classification checkpoint: its model (on `device`) and `series.json`.
 pub fn load_series_classifier(dir: &Path, device: &Device) -> Result<(VisionModel, SeriesMeta)> {
-    let meta: SeriesMeta = read_json(&dir.join("series.json"))?;
+    let meta = SeriesMeta::read(dir)?;
     let (table, source) = read_train_config(dir)?;
     let image_size = Size2d::new(meta.dims, meta.length);
     let shape = ImageShape { image_size, channels: 1, num_classes: meta.classes.len() };
