@@ -95,6 +95,10 @@ impl LmConfig {
             Some("mamba2") => MixerKind::Mamba2,
             other => return Err(err(format!("key `model_type` must be \"mamba\" or \"mamba2\", got {other:?}"))),
         };
+        // The mixers gate and activate with SiLU, transformers' default ("silu", alias "swish").
+        if let Some(act) = get("hidden_act").filter(|v| !matches!(v.as_str(), Some("silu" | "swish"))) {
+            return Err(err(format!("key `hidden_act` = {act}: only \"silu\" is implemented")));
+        }
         let d_model = int("hidden_size")?;
         let expand = int_or("expand", 2)?;
         let d_inner = int_or("intermediate_size", expand * d_model)?;
@@ -285,6 +289,11 @@ mod tests {
         assert!(msg.contains("`n_groups` (3)"), "{msg}");
         let msg = LmConfig::from_hf_json(r#"{"model_type": "llama"}"#, "c.json").unwrap_err().to_string();
         assert!(msg.contains("`model_type`"), "{msg}");
+        let gelu = MAMBA2.replace("LIMIT", "1.0").replace("\"vocab_size\"", "\"hidden_act\": \"gelu\", \"vocab_size\"");
+        let msg = LmConfig::from_hf_json(&gelu, "c.json").unwrap_err().to_string();
+        assert!(msg.contains("`hidden_act`") && msg.contains("gelu"), "{msg}");
+        let silu = MAMBA2.replace("LIMIT", "1.0").replace("\"vocab_size\"", "\"hidden_act\": \"silu\", \"vocab_size\"");
+        LmConfig::from_hf_json(&silu, "c.json").unwrap();
     }
 
     /// A state-spaces config whose keys ask for a computation these mixers do not do is refused,
