@@ -5,7 +5,7 @@
 
 use crate::optim::OptimConfig;
 use crate::tasks::audio::{AudioData, AudioTask};
-use crate::tasks::classify::{read_meta, Classify, Examples};
+use crate::tasks::classify::{read_meta, read_train_config, Classify, Examples};
 use crate::tasks::forecast::{ForecastData, ForecastTask};
 use crate::tasks::image::{ImageData, ImageTask};
 use crate::tasks::series::{SeriesData, SeriesMeta, SeriesTask};
@@ -260,14 +260,10 @@ pub fn evaluate_checkpoint(dir: &Path, data: Option<&Path>, device: &Device) -> 
 /// The `[task] kind` that a checkpoint's train.toml records, or None for a directory without one
 /// (a Hugging Face or state-spaces model directory).
 pub fn checkpoint_kind(dir: &Path) -> Result<Option<String>> {
-    let path = dir.join("train.toml");
-    if !path.exists() {
+    if !dir.join("train.toml").exists() {
         return Ok(None);
     }
-    let source = path.display().to_string();
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::Io { path: source.clone(), source: e })?;
-    let table: toml::Table =
-        text.parse().map_err(|e: toml::de::Error| Error::Config { path: source.clone(), message: e.to_string() })?;
+    let (table, source) = read_train_config(dir)?;
     match table.get("task").and_then(|t| t.get("kind")).and_then(toml::Value::as_str) {
         Some(kind) => Ok(Some(kind.to_string())),
         None => Err(Error::Config { path: source, message: "no [task] kind".into() }),
