@@ -220,7 +220,7 @@ impl ScanOp {
                         let (a, d, bias) = &prm[j];
                         self.load_inputs(&u, &delta, item.batch, c0, width, t0, bias, &mut tiles, true);
                         dy.load_tile(item.batch, c0, width, t0, &mut tiles.y);
-                        work.h[..n].copy_from_slice(&ckpt[(j * chunks + chunk) * n..][..n]);
+                        work.h0.copy_from_slice(&ckpt[(j * chunks + chunk) * n..][..n]);
                         let sums = [&mut dd_acc[j], &mut dbias_acc[j]];
                         scan_chunk_bwd(a, d, &mut tiles, bt, ct, &mut g[j], &mut da_acc[j], sums, &mut work);
                         let rows = (c0 - item.start) * len;
@@ -311,9 +311,12 @@ impl<T: Real> Tiles<T> {
 
 /// Scratch of the backward pass for one chunk.
 struct BwdWork<T> {
-    /// States before each step and after the last: (k + 1, state).
+    /// The chunk's start state: (state).
+    h0: Vec<Lanes<T>>,
+    /// One group of states recomputed over the chunk, small enough to stay in L1 between the walk
+    /// forward and the walk back: the states before each step and after the last, (k + 1, GROUP),
+    /// and exp(dt A) of each step, (k, GROUP).
     h: Vec<Lanes<T>>,
-    /// exp(dt A) of each step: (k, state).
     decay: Vec<Lanes<T>>,
     /// Lane-wise partial sums of dB and dC over the blocks of an item: (k, state).
     db: Vec<Lanes<T>>,
@@ -326,12 +329,10 @@ struct BwdWork<T> {
 impl<T: Real> BwdWork<T> {
     fn new(k: usize, n: usize) -> Self {
         let z = |m: usize| vec![[T::ZERO; LANES]; m];
-        Self { h: z((k + 1) * n), decay: z(k * n), db: z(k * n), dc: z(k * n), ddt: z(k), s: z(k) }
+        Self { h0: z(n), h: z((k + 1) * GROUP), decay: z(k * GROUP), db: z(k * n), dc: z(k * n), ddt: z(k), s: z(k) }
     }
     fn resize(&mut self, k: usize, n: usize) {
         let zero = [T::ZERO; LANES];
-        self.h.resize((k + 1) * n, zero);
-        self.decay.resize(k * n, zero);
         for v in [&mut self.db, &mut self.dc] {
             v.clear();
             v.resize(k * n, zero);
@@ -415,40 +416,28 @@ simd_fn! {
 }
 
 simd_fn! {
-    /// The backward pass over one chunk for one block: recomputes the states from `work.h[..n]`
-    /// (the chunk's start state), then walks back in time carrying `g` = d(loss)/d(state)
+    /// The backward pass over one chunk for one block: recomputes the states from `work.h0`
+    /// (the chunk's start state), a group of states at a time, and walks back in time carrying `g` = d(loss)/d(state)
     /// through the decays. Leaves du in tiles.y (which brings dy) and d(delta) in work.ddt;
     /// accumulates dA, dB, dC (lane-wise), and dD and d(delta_bias) in `sums`. a2 = A log2(e).
     fn scan_chunk_bwd<T, S>(a2: &[Lanes<T>], d: &Lanes<T>, tiles: &mut Tiles<T>, bt: &[T], ct: &[T], g: &mut [Lanes<T>], da: &mut [Lanes<T>], sums: [&mut Lanes<T>; 2], work: &mut BwdWork<T>) {
         let [dd, dbias] = sums;
         let n = g.len();
         let kc = tiles.dt.len();
-        let BwdWork { h, decay, db, dc, ddt, s: gb } = work;
-        for k in 0..kc {
-            let (dtk, duk) = (&tiles.dt[k], &tiles.du[k]);
-            let (prev, next) = h.split_at_mut((k + 1) * n);
-            for s in 0..n {
-                let b = bt[k * n + s];
-                let (hp, hn, dk) = (&prev[k * n + s], &mut next[s], &mut decay[k * n + s]);
-                for w in 0..LANES {
-                    dk[w] = (dtk[w] * a2[s][w]).pow2::<S>();
-                    hn[w] = madd::<T, S>(dk[w], hp[w], duk[w] * b);
-                }
-            }
-        }
-        // The states in groups of GROUP, each group walking the whole chunk, so that its g and
-        // dA stay in registers from step to step; the sums over the states (ddt, gb) still add
-        // in the order of s, so the result is the same to the bit.
+        let BwdWork { h0, h, decay, db, dc, ddt, s: gb } = work;
+        // The states in groups of GROUP, each group recomputed forward over the chunk and then
+        // walked back, so that its states and decays stay in L1 and its g and dA in registers;
+        // the sums over the states (ddt, gb) still add in the order of s.
         ddt.fill([T::ZERO; LANES]);
         gb.fill([T::ZERO; LANES]);
         let steps = [&tiles.dt[..], &tiles.du[..], &tiles.y[..]];
         let mut s0 = 0;
         while s0 + GROUP <= n {
-            adjoint::<T, S, GROUP>(s0, a2, steps, bt, ct, h, decay, g, da, db, dc, ddt, gb);
+            adjoint::<T, S, GROUP>(s0, a2, steps, bt, ct, h0, h, decay, g, da, db, dc, ddt, gb);
             s0 += GROUP;
         }
         for s0 in s0..n {
-            adjoint::<T, S, 1>(s0, a2, steps, bt, ct, h, decay, g, da, db, dc, ddt, gb);
+            adjoint::<T, S, 1>(s0, a2, steps, bt, ct, h0, h, decay, g, da, db, dc, ddt, gb);
         }
         // a2 carries a factor log2(e) that d(dt) must not.
         for v in ddt.as_flattened_mut() {
@@ -470,10 +459,10 @@ simd_fn! {
     }
 }
 
-/// The adjoint recurrence of one chunk for the G states from `s0`, walking back in time: g =
-/// d(loss)/d(state) through the decays, dA, dB and dC (lane-wise), and the per-step sums over
-/// the states of d(dt) (times log2 e) and of G B. steps = [dt, du, dy]; h and decay as the
-/// chunk's recomputation left them.
+/// The states from `s0` to `s0 + G` over one chunk: recomputed forward from their start states
+/// `h0`, then walked back in time, carrying g = d(loss)/d(state) through the decays; dA, dB and
+/// dC (lane-wise), and the per-step sums over the states of d(dt) (times log2 e) and of G B.
+/// steps = [dt, du, dy]; `hs` ((k + 1, G)) and `decay` ((k, G)) are scratch.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn adjoint<T: Real, S: Isa, const G: usize>(
@@ -482,8 +471,9 @@ fn adjoint<T: Real, S: Isa, const G: usize>(
     steps: [&[Lanes<T>]; 3],
     bt: &[T],
     ct: &[T],
-    h: &[Lanes<T>],
-    decay: &[Lanes<T>],
+    h0: &[Lanes<T>],
+    hs: &mut [Lanes<T>],
+    decay: &mut [Lanes<T>],
     g: &mut [Lanes<T>],
     da: &mut [Lanes<T>],
     db: &mut [Lanes<T>],
@@ -493,14 +483,27 @@ fn adjoint<T: Real, S: Isa, const G: usize>(
 ) {
     let [dt, du, dy] = steps;
     let n = g.len();
+    hs[..G].copy_from_slice(&h0[s0..s0 + G]);
+    for k in 0..dt.len() {
+        let (dtk, duk) = (&dt[k], &du[k]);
+        let (prev, next) = hs.split_at_mut((k + 1) * G);
+        for j in 0..G {
+            let (s, b) = (s0 + j, bt[k * n + s0 + j]);
+            let (hp, hn, dk) = (&prev[k * G + j], &mut next[j], &mut decay[k * G + j]);
+            for w in 0..LANES {
+                dk[w] = (dtk[w] * a2[s][w]).pow2::<S>();
+                hn[w] = madd::<T, S>(dk[w], hp[w], duk[w] * b);
+            }
+        }
+    }
     let mut gr: [Lanes<T>; G] = std::array::from_fn(|j| g[s0 + j]);
     let mut dar: [Lanes<T>; G] = std::array::from_fn(|j| da[s0 + j]);
     for k in (0..dt.len()).rev() {
         let (dtk, duk, dyk) = (&dt[k], &du[k], &dy[k]);
         let (mut ddt_k, mut gb_k) = (ddt[k], gb[k]);
         for j in 0..G {
-            let (s, i) = (s0 + j, k * n + s0 + j);
-            let (b, c, hp, hn, dk) = (bt[i], ct[i], &h[i], &h[i + n], &decay[i]);
+            let (s, i, l) = (s0 + j, k * n + s0 + j, k * G + j);
+            let (b, c, hp, hn, dk) = (bt[i], ct[i], &hs[l], &hs[l + G], &decay[l]);
             let (dbs, dcs) = (&mut db[i], &mut dc[i]);
             for w in 0..LANES {
                 let gt = madd::<T, S>(c, dyk[w], gr[j][w]);
