@@ -33,8 +33,9 @@ for line in sys.stdin:
 }
 
 echo "building with the CUDA toolkit of scripts/cuda-env.sh (compute capability ${CUDA_COMPUTE_CAP:-90})" >&2
-cuda cargo build --release --locked -p mamba-cli --features cuda
-cuda cargo build --release --locked -p mamba-ssm --features cuda --example gpu_scan
+# One build for the binary and the example: built apart, `-p mamba-ssm` alone resolves its build
+# tools' features differently, and candle's CUDA kernels would go through nvcc a second time.
+cuda cargo build --release --locked -p mamba-cli -p mamba-ssm --features cuda --bin mamba --example gpu_scan
 tests="$(cuda cargo test --release --locked --features cuda -p mamba-ssm --test cuda -p mamba-cli --test cli --test train \
   --no-run --message-format=json-render-diagnostics | executables)"
 
