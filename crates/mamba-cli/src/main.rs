@@ -320,8 +320,8 @@ fn run_inspect(dir: &Path) -> Result<()> {
     let config = LmConfig::from_hf_file(&dir.join("config.json"))?;
     // Checks that the checkpoint fits the configuration; nothing runs, so the CPU is enough.
     load(dir, WeightDType::F32, &Device::Cpu)?;
-    let shapes = MambaLm::tensor_shapes(&config);
-    let params: usize = shapes.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+    let declared = MambaLm::params(&config);
+    let params = mamba_nn::num_params(&declared);
     let b = &config.backbone;
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", dir.display())?;
@@ -343,15 +343,15 @@ fn run_inspect(dir: &Path) -> Result<()> {
     }
     writeln!(out, "vocab {}, tied head {}", config.vocab_size, config.tie_embeddings)?;
     writeln!(out, "parameters: {params} ({:.2} M)", params as f64 / 1e6)?;
-    for (name, shape) in shapes {
-        writeln!(out, "  {name} {shape:?}")?;
+    for p in declared {
+        writeln!(out, "  {} {:?}", p.name, p.shape)?;
     }
     Ok(())
 }
 
 fn inspect_vision(path: &Path) -> Result<()> {
     let config = VisionConfig::from_toml_file(path)?;
-    let shapes = config.tensor_shapes();
+    let declared = config.params();
     let params = config.num_params();
     let mut out = std::io::stdout().lock();
     let kind = match &config {
@@ -368,8 +368,8 @@ fn inspect_vision(path: &Path) -> Result<()> {
     };
     writeln!(out, "{}\n{kind}", path.display())?;
     writeln!(out, "parameters: {params} ({:.2} M)", params as f64 / 1e6)?;
-    for (name, shape) in shapes {
-        writeln!(out, "  {name} {shape:?}")?;
+    for p in declared {
+        writeln!(out, "  {} {:?}", p.name, p.shape)?;
     }
     Ok(())
 }

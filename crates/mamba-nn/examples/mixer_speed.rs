@@ -12,8 +12,8 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
-use mamba_nn::{init_tensor, Block, InitConfig, LmConfig};
-use rand::{rngs::StdRng, SeedableRng};
+use mamba_nn::{init_tensors, Block, InitConfig, LmConfig};
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
@@ -34,14 +34,12 @@ struct Case {
 fn load(name: &'static str, file: &str) -> Result<Case> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models").join(file);
     let cfg = LmConfig::from_toml_file(&path)?.backbone;
-    let mut rng = StdRng::seed_from_u64(0);
-    let mut tensors = std::collections::HashMap::new();
-    let mut weights = Vec::new();
-    for (key, shape) in Block::tensor_shapes(&cfg) {
-        let var = Var::from_tensor(&init_tensor(&key, &shape, &cfg, &InitConfig::default(), &mut rng)?)?;
-        tensors.insert(key, var.as_tensor().clone());
-        weights.push(var);
-    }
+    let vars = init_tensors(&Block::params(&cfg), &InitConfig::default(), 0)?
+        .into_iter()
+        .map(|(n, t)| Ok((n, Var::from_tensor(&t)?)))
+        .collect::<Result<HashMap<_, _>>>()?;
+    let tensors = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+    let weights = vars.into_values().collect();
     let block = Block::load(VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu), &cfg)?;
     Ok(Case { name, block, weights })
 }

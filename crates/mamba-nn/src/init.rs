@@ -9,9 +9,11 @@
 //! - A: Mamba-1 S4D-real, A_log[d, n] = log(n + 1); Mamba-2 one A per head, U(a_init_range).
 //! - D and every norm weight one; embeddings (and an untied head) N(0, 0.02).
 //! - The time-invariant ablation (`selective = false`): B ones, C U(±1/sqrt(d_state)).
+//!
+//! Each layer states its tensors' rules in its parameter list ([`crate::Param`]); this file
+//! draws them.
 
-use crate::model::expected_tensors;
-use crate::{BackboneConfig, Error, LmConfig, MixerKind, Result};
+use crate::{Error, Init, LmConfig, Param, Result};
 use candle_core::{Device, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
@@ -42,71 +44,50 @@ impl Default for InitConfig {
     }
 }
 
-/// Every tensor of a fresh `config` model, f32 on the CPU, under its checkpoint name.
+/// Every tensor of a fresh `config` language model, f32 on the CPU, under its checkpoint name.
 pub fn init_params(config: &LmConfig, init: &InitConfig, seed: u64) -> Result<HashMap<String, Tensor>> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut out = HashMap::new();
-    for (name, shape) in expected_tensors(config) {
-        let t = init_tensor(&name, &shape, &config.backbone, init, &mut rng)?;
-        out.insert(name, t);
-    }
-    Ok(out)
+    init_tensors(&crate::MambaLm::params(config), init, seed)
 }
 
-/// One fresh tensor of a backbone by its checkpoint name (the rules above), f32 on the CPU.
-/// Models that embed Mamba blocks (vision, audio) use it for their blocks' tensors.
-pub fn init_tensor(
-    name: &str,
-    shape: &[usize],
-    b: &BackboneConfig,
-    init: &InitConfig,
-    rng: &mut StdRng,
-) -> Result<Tensor> {
-    let numel: usize = shape.iter().product();
-    // The parameter's own name, without its layer path and route suffix.
-    let leaf = name.rsplit("mixer.").next().unwrap_or(name);
+/// Fresh tensors for `params`, drawn in their order from one generator seeded with `seed`, f32
+/// on the CPU, by name.
+pub fn init_tensors(params: &[Param], init: &InitConfig, seed: u64) -> Result<HashMap<String, Tensor>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    params.iter().map(|p| Ok((p.name.clone(), init_tensor(p, init, &mut rng)?))).collect()
+}
+
+/// One fresh tensor by its rule, f32 on the CPU.
+fn init_tensor(p: &Param, init: &InitConfig, rng: &mut StdRng) -> Result<Tensor> {
+    let numel = p.numel();
     let uniform = |rng: &mut StdRng, bound: f64| -> Vec<f32> {
         (0..numel).map(|_| rng.random_range(-bound..=bound) as f32).collect()
     };
-    let fan_in_bound = 1.0 / (shape[1..].iter().product::<usize>() as f64).sqrt();
-    let values: Vec<f32> = if name.ends_with("embeddings.weight") || name == "lm_head.weight" {
-        let normal = Normal::new(0.0, init.embedding_std).map_err(|e| bad(name, e.to_string()))?;
-        (0..numel).map(|_| normal.sample(rng) as f32).collect()
-    } else if name.ends_with("norm.weight") || name.ends_with("norm_f.weight") || leaf.starts_with('D') {
-        vec![1.0; numel]
-    } else if leaf == "in_proj.bias" || leaf == "out_proj.bias" {
-        vec![0.0; numel]
-    } else if leaf == "out_proj.weight" {
-        uniform(rng, fan_in_bound / (b.n_layer as f64).sqrt())
-    } else if leaf.starts_with("in_proj.") || leaf.starts_with("x_proj") || leaf.starts_with("conv1d") {
-        // A conv bias's fan-in is the weight's: 1 x d_conv.
-        let bound = if leaf.ends_with(".bias") { 1.0 / (b.d_conv as f64).sqrt() } else { fan_in_bound };
-        uniform(rng, bound)
-    } else if leaf.starts_with("dt_proj") && leaf.ends_with(".weight") {
-        uniform(rng, init.dt_scale / (b.dt_rank as f64).sqrt())
-    } else if (leaf.starts_with("dt_proj") && leaf.ends_with(".bias")) || leaf.starts_with("dt_bias") {
-        dt_biases(numel, init, rng)
-    } else if leaf == "B" || leaf.starts_with("B_") {
-        // The time-invariant ablation's input and output vectors.
-        vec![1.0; numel]
-    } else if leaf == "C" || leaf.starts_with("C_") {
-        uniform(rng, 1.0 / (b.d_state as f64).sqrt())
-    } else if leaf.starts_with('A') && leaf.ends_with("_log") {
-        match b.kind {
-            MixerKind::Mamba1 => (0..numel).map(|i| ((i % b.d_state + 1) as f32).ln()).collect(),
-            MixerKind::Mamba2 => {
-                let (lo, hi) = init.a_init_range;
-                (0..numel).map(|_| rng.random_range(lo..=hi).ln() as f32).collect()
-            }
-        }
-    } else {
-        return Err(bad(name, "no initialisation rule for this tensor".into()));
+    let normal = |rng: &mut StdRng, std: f64| -> Result<Vec<f32>> {
+        let normal = Normal::new(0.0, std).map_err(|e| bad(&p.name, e.to_string()))?;
+        Ok((0..numel).map(|_| normal.sample(rng) as f32).collect())
     };
-    Ok(Tensor::from_vec(values, shape, &Device::Cpu)?)
+    let values = match p.init {
+        Init::Zeros => vec![0.0; numel],
+        Init::Ones => vec![1.0; numel],
+        Init::Uniform(bound) => uniform(rng, bound),
+        Init::Normal(std) => normal(rng, std)?,
+        Init::Embedding => normal(rng, init.embedding_std)?,
+        Init::DtProj { dt_rank } => uniform(rng, init.dt_scale / (dt_rank as f64).sqrt()),
+        Init::DtBias => dt_biases(numel, init, rng),
+        Init::S4dReal => {
+            let n = *p.shape.last().ok_or_else(|| bad(&p.name, "S4D-real A needs a state dimension".into()))?;
+            (0..numel).map(|i| ((i % n + 1) as f32).ln()).collect()
+        }
+        Init::LogUniformA => {
+            let (lo, hi) = init.a_init_range;
+            (0..numel).map(|_| rng.random_range(lo..=hi).ln() as f32).collect()
+        }
+    };
+    Ok(Tensor::from_vec(values, p.shape.as_slice(), &Device::Cpu)?)
 }
 
 /// dt biases: the inverse softplus of dt drawn log-uniformly in [dt_min, dt_max], floored.
-pub fn dt_biases(n: usize, init: &InitConfig, rng: &mut StdRng) -> Vec<f32> {
+fn dt_biases(n: usize, init: &InitConfig, rng: &mut StdRng) -> Vec<f32> {
     let (lo, hi) = (init.dt_min.ln(), init.dt_max.ln());
     (0..n)
         .map(|_| {

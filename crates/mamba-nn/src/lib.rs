@@ -15,14 +15,16 @@ mod mamba1;
 mod mamba2;
 mod model;
 mod norm;
+mod param;
 mod routes;
 
 pub use config::{BackboneConfig, LmConfig, MixerKind};
 pub use error::{Error, Result};
-pub use init::{dt_biases, init_params, init_tensor, inverse_softplus, InitConfig};
+pub use init::{init_params, init_tensors, inverse_softplus, InitConfig};
 pub use linear::{compute_dtype, Linear};
 pub use mamba1::Mamba1Mixer;
 pub use mamba2::Mamba2Mixer;
 pub use model::{save_hf, Backbone, Block, MambaLm, Mixer, MixerCache};
 pub use norm::RmsNorm;
+pub use param::{fan_in_bound, num_params, Init, Param};
 pub use routes::{gather, inverse, Merge, Route, RouteParams};

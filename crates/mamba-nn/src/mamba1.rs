@@ -7,7 +7,7 @@
 
 use crate::model::MixerCache;
 use crate::routes::{check_causal, gathered, route_suffix, run_routes, Merge, Route, RouteParams};
-use crate::{compute_dtype, BackboneConfig, Linear, Result};
+use crate::{compute_dtype, fan_in_bound, BackboneConfig, Init, Linear, Param, Result};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use mamba_ssm::{
@@ -168,23 +168,32 @@ impl Mamba1Mixer {
     }
 
     /// The names and shapes of route `i`'s own SSM parameters.
-    pub(crate) fn ssm_tensors(cfg: &BackboneConfig, i: usize) -> Vec<(String, Vec<usize>)> {
+    pub(crate) fn ssm_params(cfg: &BackboneConfig, i: usize) -> Vec<Param> {
         let (di, r, n, k) = (cfg.d_inner(), cfg.dt_rank, cfg.d_state, cfg.d_conv);
         let s = route_suffix(i);
         let mut v = vec![
-            (format!("conv1d{s}.weight"), vec![di, 1, k]),
-            (format!("A{s}_log"), vec![di, n]),
-            (format!("D{s}"), vec![di]),
+            Param::fan_in(format!("conv1d{s}.weight"), vec![di, 1, k]),
+            Param::new(format!("A{s}_log"), vec![di, n], Init::S4dReal).no_decay(),
+            Param::new(format!("D{s}"), vec![di], Init::Ones).no_decay(),
         ];
         if cfg.selective {
-            v.push((format!("x_proj{s}.weight"), vec![r + 2 * n, di]));
-            v.push((format!("dt_proj{s}.weight"), vec![di, r]));
-            v.push((format!("dt_proj{s}.bias"), vec![di]));
+            v.push(Param::fan_in(format!("x_proj{s}.weight"), vec![r + 2 * n, di]).matrix());
+            v.push(Param::new(format!("dt_proj{s}.weight"), vec![di, r], Init::DtProj { dt_rank: r }).matrix());
+            v.push(Param::new(format!("dt_proj{s}.bias"), vec![di], Init::DtBias).no_decay());
         } else {
-            v.extend([(format!("dt_bias{s}"), vec![di]), (format!("B{s}"), vec![n]), (format!("C{s}"), vec![n])]);
+            // The time-invariant ablation's input and output vectors (decayed, as the ablation
+            // was run).
+            v.extend([
+                Param::new(format!("dt_bias{s}"), vec![di], Init::DtBias).no_decay(),
+                Param::new(format!("B{s}"), vec![n], Init::Ones),
+                Param::new(format!("C{s}"), vec![n], Init::Uniform(1.0 / (n as f64).sqrt())),
+            ]);
         }
         if cfg.conv_bias {
-            v.push((format!("conv1d{s}.bias"), vec![di]));
+            // A conv bias's fan-in is its weight's: 1 x d_conv.
+            v.push(
+                Param::new(format!("conv1d{s}.bias"), vec![di], Init::Uniform(fan_in_bound(&[di, 1, k]))).no_decay(),
+            );
         }
         v
     }

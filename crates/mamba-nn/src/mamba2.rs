@@ -7,7 +7,7 @@
 use crate::model::MixerCache;
 use crate::norm::normalize;
 use crate::routes::{check_causal, gather, route_suffix, run_routes, Merge, Route, RouteParams};
-use crate::{compute_dtype, BackboneConfig, Linear, Result};
+use crate::{compute_dtype, fan_in_bound, BackboneConfig, Init, Linear, Param, Result};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use mamba_ssm::{causal_conv1d_update, mamba2_inner, rms_norm, silu_gate, ssd_state_update, Mamba2Weights, SsdParams};
@@ -81,17 +81,18 @@ impl Mamba2Mixer {
     }
 
     /// The names and shapes of route `i`'s own parameters.
-    pub(crate) fn ssm_tensors(cfg: &BackboneConfig, i: usize) -> Vec<(String, Vec<usize>)> {
-        let (h, conv_dim) = (cfg.nheads(), cfg.d_inner() + 2 * cfg.ngroups * cfg.d_state);
+    pub(crate) fn ssm_params(cfg: &BackboneConfig, i: usize) -> Vec<Param> {
+        let (h, conv_dim, k) = (cfg.nheads(), cfg.d_inner() + 2 * cfg.ngroups * cfg.d_state, cfg.d_conv);
         let s = route_suffix(i);
         let mut v = vec![
-            (format!("conv1d{s}.weight"), vec![conv_dim, 1, cfg.d_conv]),
-            (format!("dt_bias{s}"), vec![h]),
-            (format!("A{s}_log"), vec![h]),
-            (format!("D{s}"), vec![h]),
+            Param::fan_in(format!("conv1d{s}.weight"), vec![conv_dim, 1, k]),
+            Param::new(format!("dt_bias{s}"), vec![h], Init::DtBias).no_decay(),
+            Param::new(format!("A{s}_log"), vec![h], Init::LogUniformA).no_decay(),
+            Param::new(format!("D{s}"), vec![h], Init::Ones).no_decay(),
         ];
         if cfg.conv_bias {
-            v.push((format!("conv1d{s}.bias"), vec![conv_dim]));
+            let bound = fan_in_bound(&[conv_dim, 1, k]);
+            v.push(Param::new(format!("conv1d{s}.bias"), vec![conv_dim], Init::Uniform(bound)).no_decay());
         }
         v
     }

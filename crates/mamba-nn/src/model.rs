@@ -2,7 +2,8 @@
 //! `save_pretrained` directories (one safetensors file or a sharded index).
 
 use crate::{
-    compute_dtype, BackboneConfig, Error, Linear, LmConfig, Mamba1Mixer, Mamba2Mixer, MixerKind, Result, RmsNorm, Route,
+    compute_dtype, fan_in_bound, BackboneConfig, Error, Init, Linear, LmConfig, Mamba1Mixer, Mamba2Mixer, MixerKind,
+    Param, Result, RmsNorm, Route,
 };
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -92,35 +93,31 @@ impl Block {
         Ok(self.mixer.forward(&self.norm.forward(h)?)?.0.to_dtype(DType::F32)?)
     }
 
-    /// The names (under the block's path) and shapes of a block's tensors.
-    pub fn tensor_shapes(c: &BackboneConfig) -> Vec<(String, Vec<usize>)> {
-        let (d, di, n) = (c.d_model, c.d_inner(), c.d_state);
-        let mut out = vec![("norm.weight".to_string(), vec![d])];
-        let mut mixer: Vec<(&str, Vec<usize>)> = match c.kind {
-            MixerKind::Mamba1 => vec![("in_proj.weight", vec![2 * di, d]), ("out_proj.weight", vec![d, di])],
-            MixerKind::Mamba2 => {
-                let (h, conv) = (c.nheads(), di + 2 * c.ngroups * n);
-                vec![
-                    ("in_proj.weight", vec![di + conv + h, d]),
-                    ("norm.weight", vec![di]),
-                    ("out_proj.weight", vec![d, di]),
-                ]
-            }
+    /// A block's tensors, named under the block's path.
+    pub fn params(c: &BackboneConfig) -> Vec<Param> {
+        let (d, di) = (c.d_model, c.d_inner());
+        let in_out = match c.kind {
+            MixerKind::Mamba1 => 2 * di,
+            MixerKind::Mamba2 => 2 * di + 2 * c.ngroups * c.d_state + c.nheads(),
         };
+        let mut mixer = vec![Param::fan_in("in_proj.weight", vec![in_out, d]).matrix()];
+        if c.kind == MixerKind::Mamba2 {
+            mixer.push(Param::new("norm.weight", vec![di], Init::Ones).no_decay());
+        }
+        // GPT-2's prenorm residual rescaling.
+        let out_bound = fan_in_bound(&[d, di]) / (c.n_layer as f64).sqrt();
+        mixer.push(Param::new("out_proj.weight", vec![d, di], Init::Uniform(out_bound)).matrix());
         if c.proj_bias {
-            let in_out = mixer[0].1[0];
-            mixer.push(("in_proj.bias", vec![in_out]));
-            mixer.push(("out_proj.bias", vec![d]));
+            mixer.push(Param::new("in_proj.bias", vec![in_out], Init::Zeros).no_decay());
+            mixer.push(Param::new("out_proj.bias", vec![d], Init::Zeros).no_decay());
         }
-        out.extend(mixer.into_iter().map(|(name, shape)| (format!("mixer.{name}"), shape)));
         let own = if c.route_params == crate::RouteParams::PerRoute { c.routes.len() } else { 1 };
-        for r in 0..own {
-            let ssm = match c.kind {
-                MixerKind::Mamba1 => Mamba1Mixer::ssm_tensors(c, r),
-                MixerKind::Mamba2 => Mamba2Mixer::ssm_tensors(c, r),
-            };
-            out.extend(ssm.into_iter().map(|(name, shape)| (format!("mixer.{name}"), shape)));
-        }
+        mixer.extend((0..own).flat_map(|r| match c.kind {
+            MixerKind::Mamba1 => Mamba1Mixer::ssm_params(c, r),
+            MixerKind::Mamba2 => Mamba2Mixer::ssm_params(c, r),
+        }));
+        let mut out = vec![Param::new("norm.weight", vec![d], Init::Ones).no_decay()];
+        out.extend(mixer.into_iter().map(|p| p.under("mixer")));
         out
     }
 
@@ -214,12 +211,20 @@ impl MambaLm {
     /// but the matrices, whose bytes dominate both memory and decoding time.
     pub fn load_hf(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let config = LmConfig::from_hf_file(&dir.join("config.json"))?;
-        let mut tensors = read_safetensors(dir, dtype, device)?;
-        // The original state-spaces checkpoints name the embedding in the singular.
+        let expected = Self::params(&config);
+        // A tied head may still be stored, and state-spaces names the embedding in the singular.
+        let matrices: std::collections::HashSet<&str> = expected
+            .iter()
+            .filter(|p| p.matrix)
+            .map(|p| p.name.as_str())
+            .chain(["lm_head.weight", "backbone.embedding.weight"])
+            .collect();
+        let held_as = |name: &str| if matrices.contains(name) { dtype } else { compute_dtype(dtype) };
+        let mut tensors = read_safetensors(dir, device, held_as)?;
         if let Some(t) = tensors.remove("backbone.embedding.weight") {
             tensors.entry("backbone.embeddings.weight".into()).or_insert(t);
         }
-        check_tensors(&tensors, &expected_tensors(&config), &dir.display().to_string())?;
+        check_tensors(&tensors, &expected, &dir.display().to_string())?;
         Self::load(VarBuilder::from_tensors(tensors, dtype, device), config)
     }
 
@@ -246,9 +251,19 @@ impl MambaLm {
         self.backbone.empty_caches(batch)
     }
 
-    /// Every tensor a checkpoint of `config` holds, with its shape.
-    pub fn tensor_shapes(config: &LmConfig) -> Vec<(String, Vec<usize>)> {
-        expected_tensors(config)
+    /// Every tensor a checkpoint of `config` holds.
+    pub fn params(config: &LmConfig) -> Vec<Param> {
+        let c = &config.backbone;
+        let embedding = |name: &str| Param::new(name, vec![config.vocab_size, c.d_model], Init::Embedding).matrix();
+        let mut out = vec![embedding("backbone.embeddings.weight")];
+        out.push(Param::new("backbone.norm_f.weight", vec![c.d_model], Init::Ones).no_decay());
+        if !config.tie_embeddings {
+            out.push(embedding("lm_head.weight"));
+        }
+        for i in 0..c.n_layer {
+            out.extend(Block::params(c).into_iter().map(|p| p.under(&format!("backbone.layers.{i}"))));
+        }
+        out
     }
 
     /// ids: (batch) -> logits (batch, vocab) f32; advances the caches.
@@ -262,7 +277,7 @@ impl MambaLm {
 /// (those of a VarMap built through this crate's VarBuilder paths) and are checked against the
 /// configuration first.
 pub fn save_hf(dir: &Path, config: &LmConfig, tensors: &HashMap<String, Tensor>) -> Result<()> {
-    check_tensors(tensors, &expected_tensors(config), &dir.display().to_string())?;
+    check_tensors(tensors, &MambaLm::params(config), &dir.display().to_string())?;
     let io = |path: &Path| {
         let path = path.display().to_string();
         move |source| Error::Io { path, source }
@@ -279,26 +294,10 @@ pub fn save_hf(dir: &Path, config: &LmConfig, tensors: &HashMap<String, Tensor>)
     Ok(())
 }
 
-/// Every tensor a checkpoint of this configuration holds, with its shape.
-pub(crate) fn expected_tensors(config: &LmConfig) -> Vec<(String, Vec<usize>)> {
-    let c = &config.backbone;
-    let mut out = vec![("backbone.embeddings.weight".to_string(), vec![config.vocab_size, c.d_model])];
-    out.push(("backbone.norm_f.weight".into(), vec![c.d_model]));
-    if !config.tie_embeddings {
-        out.push(("lm_head.weight".into(), vec![config.vocab_size, c.d_model]));
-    }
-    for i in 0..c.n_layer {
-        out.extend(
-            Block::tensor_shapes(c).into_iter().map(|(name, shape)| (format!("backbone.layers.{i}.{name}"), shape)),
-        );
-    }
-    out
-}
-
 /// One error listing every missing, unexpected and mis-shaped tensor.
-fn check_tensors(tensors: &HashMap<String, Tensor>, expected: &[(String, Vec<usize>)], path: &str) -> Result<()> {
+fn check_tensors(tensors: &HashMap<String, Tensor>, expected: &[Param], path: &str) -> Result<()> {
     let mut problems = vec![];
-    for (name, shape) in expected {
+    for Param { name, shape, .. } in expected {
         match tensors.get(name) {
             None => problems.push(format!("missing {name} {shape:?}")),
             Some(t) if t.dims() != shape.as_slice() => {
@@ -307,7 +306,7 @@ fn check_tensors(tensors: &HashMap<String, Tensor>, expected: &[(String, Vec<usi
             Some(_) => {}
         }
     }
-    let known: std::collections::HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+    let known: std::collections::HashSet<&str> = expected.iter().map(|p| p.name.as_str()).collect();
     let mut extra: Vec<&String> = tensors.keys().filter(|k| !known.contains(k.as_str())).collect();
     extra.sort();
     // A tied head may still be stored.
@@ -319,18 +318,10 @@ fn check_tensors(tensors: &HashMap<String, Tensor>, expected: &[(String, Vec<usi
     }
 }
 
-/// Whether a checkpoint tensor is a projection or embedding matrix, held in the weight dtype.
-fn is_matrix(name: &str) -> bool {
-    name.ends_with("embeddings.weight")
-        || name.ends_with("embedding.weight")
-        || name == "lm_head.weight"
-        || (name.contains("proj") && name.ends_with(".weight"))
-}
-
-/// All tensors of model.safetensors, or of every shard named in model.safetensors.index.json:
-/// matrices in `dtype`, the rest in `compute_dtype(dtype)`. Files are mapped, not read, and each
-/// tensor is converted as it is copied out, so loading needs no second copy of the weights.
-fn read_safetensors(dir: &Path, dtype: DType, device: &Device) -> Result<HashMap<String, Tensor>> {
+/// All tensors of model.safetensors, or of every shard named in model.safetensors.index.json,
+/// each in the dtype `held_as` gives its name. Files are mapped, not read, and each tensor is
+/// converted as it is copied out, so loading needs no second copy of the weights.
+fn read_safetensors(dir: &Path, device: &Device, held_as: impl Fn(&str) -> DType) -> Result<HashMap<String, Tensor>> {
     let single = dir.join("model.safetensors");
     let files = if single.exists() {
         vec![single]
@@ -358,8 +349,8 @@ fn read_safetensors(dir: &Path, dtype: DType, device: &Device) -> Result<HashMap
         let mapped = unsafe { candle_core::safetensors::MmapedSafetensors::new(&file) }.map_err(bad)?;
         for (name, view) in mapped.tensors() {
             let t = candle_core::safetensors::Load::load(&view, device).map_err(bad)?;
-            let want = if is_matrix(&name) { dtype } else { compute_dtype(dtype) };
-            tensors.insert(name, t.to_dtype(want)?);
+            let t = t.to_dtype(held_as(&name))?;
+            tensors.insert(name, t);
         }
     }
     Ok(tensors)

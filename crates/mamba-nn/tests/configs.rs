@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 fn count(name: &str) -> f64 {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../../models/{name}.toml"));
     let cfg = LmConfig::from_toml_file(&path).unwrap();
-    MambaLm::tensor_shapes(&cfg).iter().map(|(_, s)| s.iter().product::<usize>()).sum::<usize>() as f64
+    mamba_nn::num_params(&MambaLm::params(&cfg)) as f64
 }
 
 #[test]

@@ -60,7 +60,7 @@ fn random_tensors(config: &LmConfig, seed: u64) -> HashMap<String, Tensor> {
         (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
     };
     let mut tensors = HashMap::new();
-    for (name, shape) in MambaLm::tensor_shapes(config) {
+    for mamba_nn::Param { name, shape, .. } in MambaLm::params(config) {
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n).map(|_| if name.ends_with("A_log") { next() + 0.6 } else { next() }).collect();
         tensors.insert(name, Tensor::from_vec(v, shape, &CPU).unwrap());

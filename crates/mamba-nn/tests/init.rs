@@ -1,7 +1,8 @@
 //! The reference initialisation: every checkpoint tensor, in the reference's ranges, repeatable.
 
 use candle_core::{DType, Device, Tensor};
-use mamba_nn::{init_params, InitConfig, LmConfig, MambaLm};
+use mamba_nn::{init_params, InitConfig, LmConfig, MambaLm, Param};
+use std::collections::BTreeSet;
 
 fn config(kind: &str, extra: &str) -> LmConfig {
     let headdim = if kind == "mamba2" { "headdim = 16\n" } else { "" };
@@ -30,9 +31,9 @@ fn every_tensor_is_initialised_in_the_reference_ranges() {
         config("mamba2", "routes = [\"forward\", \"reverse\"]\nroute_params = \"per_route\""),
     ] {
         let p = init_params(&cfg, &init, 0).unwrap();
-        let shapes = MambaLm::tensor_shapes(&cfg);
-        assert_eq!(p.len(), shapes.len());
-        for (name, shape) in &shapes {
+        let declared = MambaLm::params(&cfg);
+        assert_eq!(p.len(), declared.len());
+        for Param { name, shape, .. } in &declared {
             assert_eq!(p[name].dims(), shape.as_slice(), "{name}");
         }
         let b = &cfg.backbone;
@@ -68,6 +69,64 @@ fn every_tensor_is_initialised_in_the_reference_ranges() {
             }
         }
     }
+}
+
+/// The names, outside layers 1.., that `pick` selects, with layer 0's path cut.
+fn picked(cfg: &LmConfig, pick: fn(&Param) -> bool) -> BTreeSet<String> {
+    let outside = |p: &&Param| p.name.starts_with("backbone.layers.0.") || !p.name.contains(".layers.");
+    let cut = |p: &Param| p.name.trim_start_matches("backbone.layers.0.").to_string();
+    MambaLm::params(cfg).iter().filter(outside).filter(|p| pick(p)).map(cut).collect()
+}
+
+fn names(list: &[&str]) -> BTreeSet<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+/// mamba_ssm's recipe exempts A_log, D, the dt biases, norms and biases from weight decay; the
+/// projections and embeddings are the matrices a bf16 model holds in bf16.
+#[test]
+fn the_groups_are_the_reference_recipes() {
+    let cfg = config("mamba1", "routes = [\"forward\", \"reverse\"]\nroute_params = \"per_route\"\nproj_bias = true");
+    let exempt = [
+        "backbone.norm_f.weight",
+        "norm.weight",
+        "mixer.in_proj.bias",
+        "mixer.out_proj.bias",
+        "mixer.A_log",
+        "mixer.A_b_log",
+        "mixer.D",
+        "mixer.D_b",
+        "mixer.dt_proj.bias",
+        "mixer.dt_proj_b.bias",
+        "mixer.conv1d.bias",
+        "mixer.conv1d_b.bias",
+    ];
+    assert_eq!(picked(&cfg, |p| !p.decay), names(&exempt));
+    let matrices = [
+        "backbone.embeddings.weight",
+        "mixer.in_proj.weight",
+        "mixer.out_proj.weight",
+        "mixer.x_proj.weight",
+        "mixer.x_proj_b.weight",
+        "mixer.dt_proj.weight",
+        "mixer.dt_proj_b.weight",
+    ];
+    assert_eq!(picked(&cfg, |p| p.matrix), names(&matrices));
+
+    let text = "[model]\nvocab_size = 300\ntie_embeddings = false\n[backbone]\nkind = \"mamba2\"\nd_model = 64\nn_layer = 2\nd_state = 8\nheaddim = 16";
+    let cfg = LmConfig::from_toml(text, "untied.toml").unwrap();
+    let exempt = [
+        "backbone.norm_f.weight",
+        "norm.weight",
+        "mixer.norm.weight",
+        "mixer.A_log",
+        "mixer.D",
+        "mixer.dt_bias",
+        "mixer.conv1d.bias",
+    ];
+    assert_eq!(picked(&cfg, |p| !p.decay), names(&exempt));
+    let matrices = ["backbone.embeddings.weight", "lm_head.weight", "mixer.in_proj.weight", "mixer.out_proj.weight"];
+    assert_eq!(picked(&cfg, |p| p.matrix), names(&matrices));
 }
 
 #[test]

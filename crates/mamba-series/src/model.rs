@@ -8,11 +8,11 @@
 //! Every model maps a batch of lookbacks (batch, variables, lookback) of standardised values to
 //! forecasts (batch, variables, horizon).
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{Tensor, D};
 use candle_nn::VarBuilder;
-use mamba_nn::{init_tensor, BackboneConfig, Block, Error, InitConfig, Linear, Result, RmsNorm, Route};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use mamba_nn::{
+    init_tensors, num_params, BackboneConfig, Block, Error, Init, InitConfig, Linear, Param, Result, RmsNorm, Route,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
@@ -185,77 +185,46 @@ impl ForecastConfig {
         }
     }
 
-    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+    /// Every tensor, drawn as the reference models draw them: Mamba blocks as mamba_ssm's,
+    /// linear layers as PyTorch's (U(±1/sqrt(fan_in)) for weight and bias), the position
+    /// embedding U(±0.02) as PatchTST's, norms and RevIN's scale one, its shift zero.
+    pub fn params(&self) -> Vec<Param> {
         let ForecastShape { lookback, horizon, variables } = self.shape;
-        let mut out: Vec<(String, Vec<usize>)> = vec![];
+        let mut out = vec![];
         if self.revin == Revin::Affine {
-            out.push(("revin.weight".into(), vec![variables]));
-            out.push(("revin.bias".into(), vec![variables]));
+            out.push(Param::new("revin.weight", vec![variables], Init::Ones));
+            out.push(Param::new("revin.bias", vec![variables], Init::Zeros).no_decay());
         }
-        let mut linear = |name: &str, o: usize, i: usize| {
-            out.push((format!("{name}.weight"), vec![o, i]));
-            out.push((format!("{name}.bias"), vec![o]));
-        };
+        let linear = |name: &str, o: usize, i: usize| Param::torch_layer(name, vec![o, i]).map(Param::matrix);
         match &self.arch {
             ForecastArch::Mamba { tokens, backbone, .. } => {
                 let d = backbone.d_model;
                 let (token_in, head_in) = self.token_sizes();
-                linear("embed", d, token_in);
-                linear("head", horizon, head_in);
+                out.extend(linear("embed", d, token_in));
+                out.extend(linear("head", horizon, head_in));
                 if *tokens == Tokens::Patch {
-                    out.push(("pos_embed".into(), vec![self.patches(), d]));
+                    out.push(Param::new("pos_embed", vec![self.patches(), d], Init::Uniform(0.02)).no_decay());
                 }
-                out.push(("norm_f.weight".into(), vec![d]));
+                out.push(Param::new("norm_f.weight", vec![d], Init::Ones).no_decay());
                 for i in 0..backbone.n_layer {
-                    out.extend(Block::tensor_shapes(backbone).into_iter().map(|(n, s)| (format!("layers.{i}.{n}"), s)));
+                    out.extend(Block::params(backbone).into_iter().map(|p| p.under(&format!("layers.{i}"))));
                 }
             }
             ForecastArch::DLinear { .. } => {
-                linear("linear_seasonal", horizon, lookback);
-                linear("linear_trend", horizon, lookback);
+                out.extend(linear("linear_seasonal", horizon, lookback));
+                out.extend(linear("linear_trend", horizon, lookback));
             }
         }
         out
     }
 
     pub fn num_params(&self) -> usize {
-        self.tensor_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+        num_params(&self.params())
     }
 
-    /// Fresh parameters, seeded: Mamba blocks as mamba_ssm initialises them, linear layers as
-    /// PyTorch's (U(+-1/sqrt(fan_in)) for weight and bias), the position embedding U(+-0.02) as
-    /// PatchTST's, norms and RevIN's scale one, its shift zero.
+    /// Fresh parameters, seeded, drawn as [`Self::params`] says.
     pub fn init_params(&self, seed: u64) -> Result<HashMap<String, Tensor>> {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let init = InitConfig::default();
-        let shapes = self.tensor_shapes();
-        let fan_in: HashMap<String, usize> =
-            shapes.iter().filter(|(_, s)| s.len() == 2).map(|(n, s)| (n.replace(".weight", ""), s[1])).collect();
-        let mut out = HashMap::new();
-        for (name, shape) in shapes {
-            let numel: usize = shape.iter().product();
-            let mut uniform = |bound: f64| (0..numel).map(|_| rng.random_range(-bound..=bound) as f32).collect();
-            let values: Vec<f32> = match (&self.arch, name.as_str()) {
-                (ForecastArch::Mamba { backbone, .. }, n) if n.starts_with("layers.") => {
-                    let t = init_tensor(n, &shape, backbone, &init, &mut rng)?;
-                    out.insert(name, t);
-                    continue;
-                }
-                (_, "revin.bias") => vec![0.0; numel],
-                (_, "revin.weight" | "norm_f.weight") => vec![1.0; numel],
-                (_, "pos_embed") => uniform(0.02),
-                (_, n) => {
-                    let layer = n.trim_end_matches(".weight").trim_end_matches(".bias");
-                    let fan = fan_in.get(layer).copied().ok_or_else(|| Error::Config {
-                        path: name.clone(),
-                        message: "no initialisation rule".into(),
-                    })?;
-                    uniform(1.0 / (fan as f64).sqrt())
-                }
-            };
-            out.insert(name, Tensor::from_vec(values, shape, &Device::Cpu)?);
-        }
-        Ok(out)
+        init_tensors(&self.params(), &InitConfig::default(), seed)
     }
 }
 

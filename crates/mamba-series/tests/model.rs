@@ -239,3 +239,13 @@ fn bad_configs_and_inputs_are_named() {
     let e = model.forward(&wrong).unwrap_err().to_string();
     assert!(e.contains("2 variables x 11 steps") && e.contains("3 x 11"), "{e}");
 }
+
+#[test]
+fn biases_norms_and_the_position_embedding_take_no_weight_decay() {
+    let exempt = |text: &str| -> Vec<String> {
+        let params = config(text, SHAPE).unwrap().params();
+        params.into_iter().filter(|p| !p.decay && !p.name.starts_with("layers.")).map(|p| p.name).collect()
+    };
+    assert_eq!(exempt(PATCH), ["revin.bias", "embed.bias", "head.bias", "pos_embed", "norm_f.weight"]);
+    assert_eq!(exempt(DLINEAR), ["linear_seasonal.bias", "linear_trend.bias"]);
+}

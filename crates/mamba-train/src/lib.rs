@@ -14,7 +14,7 @@ pub mod tasks;
 mod trainer;
 
 pub use error::{Error, Result};
-pub use optim::{decays, learning_rate, AdamW, OptimConfig, Params};
+pub use optim::{learning_rate, AdamW, OptimConfig, Params};
 pub use plot::{plot_confusion, plot_forecast, plot_metrics};
 pub use run::{
     checkpoint_kind, checkpoint_weights, evaluate_checkpoint, train_from_config, AnyTask, Evaluation, RunConfig,

@@ -6,26 +6,13 @@
 use crate::{Error, Result};
 use candle_core::backend::BackendStorage;
 use candle_core::{backprop::GradStore, CpuStorage, DType, InplaceOp2, Layout, Tensor, Var, WithDType};
+use mamba_nn::Param;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// The model's trainable tensors by checkpoint name, in name order (so every run visits them in
 /// the same order).
 pub type Params = BTreeMap<String, Var>;
-
-/// Whether a parameter takes weight decay: matrices do; A_log, D, dt biases, norms, biases,
-/// position embeddings and class tokens do not (as in the reference recipes).
-pub fn decays(name: &str) -> bool {
-    let leaf = name.rsplit('.').next().unwrap_or(name);
-    let exempt = leaf.starts_with("A_") && leaf.ends_with("log")
-        || leaf.starts_with('D')
-        || leaf.starts_with("dt_bias")
-        || leaf == "bias"
-        || name.contains("norm")
-        || name.contains("pos_embed")
-        || name.contains("cls_token");
-    !exempt
-}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -80,12 +67,21 @@ pub struct AdamW {
     moments: HashMap<String, Tensor>,
     /// Moving average of the weights, when `ema` > 0.
     ema: HashMap<String, Tensor>,
+    /// The parameters that take weight decay, as the model declares them.
+    decayed: HashSet<String>,
     /// Optimizer steps taken.
     pub step: usize,
 }
 
 impl AdamW {
-    pub fn new(config: OptimConfig, params: &Params) -> Result<Self> {
+    /// An optimizer for `params`, each decayed or not as `declared` (the model's tensor list)
+    /// says.
+    pub fn new(config: OptimConfig, params: &Params, declared: &[Param]) -> Result<Self> {
+        let known: HashSet<&str> = declared.iter().map(|p| p.name.as_str()).collect();
+        if let Some(name) = params.keys().find(|n| !known.contains(n.as_str())) {
+            return Err(Error::Config { path: name.clone(), message: "a parameter the model does not declare".into() });
+        }
+        let decayed = declared.iter().filter(|p| p.decay).map(|p| p.name.clone()).collect();
         let moments = params
             .iter()
             .map(|(n, p)| {
@@ -99,7 +95,7 @@ impl AdamW {
         } else {
             HashMap::new()
         };
-        Ok(Self { config, moments, ema, step: 0 })
+        Ok(Self { config, moments, ema, decayed, step: 0 })
     }
 
     /// The global L2 norm of the gradients: read in place on the CPU, else one host sync.
@@ -134,7 +130,7 @@ impl AdamW {
         let ema_decay = c.ema.min((1.0 + self.step as f64) / (10.0 + self.step as f64));
         for (name, p) in params {
             let Some(g) = grads.get(name) else { continue };
-            let decay = if decays(name) { 1.0 - lr * c.weight_decay } else { 1.0 };
+            let decay = if self.decayed.contains(name) { 1.0 - lr * c.weight_decay } else { 1.0 };
             let step = AdamStep { betas: c.betas, fix, eps: c.eps, lr, decay, scale };
             let moments = &self.moments[name];
             let g = g.detach().contiguous()?;
@@ -375,25 +371,26 @@ mod tests {
         toml::from_str(&format!("lr = {lr:?}")).unwrap()
     }
 
+    /// `params` declared as a model would: biases exempt from weight decay, the rest decayed.
+    fn declared(params: &Params) -> Vec<Param> {
+        params
+            .iter()
+            .map(|(n, p)| {
+                let d = Param::new(n.as_str(), p.dims().to_vec(), mamba_nn::Init::Zeros);
+                if n.ends_with(".bias") {
+                    d.no_decay()
+                } else {
+                    d
+                }
+            })
+            .collect()
+    }
+
     #[test]
-    fn weight_decay_skips_the_reference_exemptions() {
-        for name in ["backbone.layers.0.mixer.in_proj.weight", "lm_head.weight", "backbone.embeddings.weight"] {
-            assert!(decays(name), "{name}");
-        }
-        for name in [
-            "backbone.layers.0.mixer.A_log",
-            "backbone.layers.0.mixer.A_b_log",
-            "backbone.layers.0.mixer.D",
-            "backbone.layers.0.mixer.D_b",
-            "backbone.layers.0.mixer.dt_bias",
-            "backbone.layers.0.mixer.dt_proj.bias",
-            "backbone.layers.0.norm.weight",
-            "backbone.norm_f.weight",
-            "pos_embed",
-            "cls_token",
-        ] {
-            assert!(!decays(name), "{name}");
-        }
+    fn a_parameter_the_model_does_not_declare_is_an_error() {
+        let params: Params = [("w.weight".to_string(), Var::new(&[1.0f32], &Device::Cpu).unwrap())].into();
+        let err = AdamW::new(config(0.1), &params, &[]).err().expect("an undeclared parameter").to_string();
+        assert!(err.contains("w.weight"), "{err}");
     }
 
     #[test]
@@ -412,7 +409,7 @@ mod tests {
         let p = Var::new(&[2.0f64], &Device::Cpu).unwrap();
         let params: Params = [("w.weight".to_string(), p.clone())].into();
         let c = OptimConfig { weight_decay: 0.5, betas: (0.9, 0.99), ..config(0.1) };
-        let mut opt = AdamW::new(c, &params).unwrap();
+        let mut opt = AdamW::new(c, &params, &declared(&params)).unwrap();
         let grads = [("w.weight".to_string(), Tensor::new(&[4.0f64], &Device::Cpu).unwrap())].into();
         let norm = opt.update(&params, &grads, 0.1).unwrap();
         assert_eq!(norm, 4.0);
@@ -431,7 +428,7 @@ mod tests {
         let params: Params =
             init.iter().map(|(n, v)| (n.to_string(), Var::new(v.as_slice(), &Device::Cpu).unwrap())).collect();
         let c = OptimConfig { weight_decay: 0.1, betas: (0.8, 0.95), ema: 0.9, clip_grad_norm: 1.5, ..config(0.05) };
-        let mut opt = AdamW::new(c.clone(), &params).unwrap();
+        let mut opt = AdamW::new(c.clone(), &params, &declared(&params)).unwrap();
         // The expected state per element: weight, m, v, average.
         let mut want: Vec<(String, Vec<[f64; 4]>)> = init
             .iter()
@@ -455,7 +452,7 @@ mod tests {
             let d = c.ema.min((1.0 + step as f64) / (10.0 + step as f64));
             for (name, elems) in want.iter_mut() {
                 let g: Vec<f32> = grads[name].to_vec1().unwrap();
-                let decay = if decays(name) { 1.0 - lr * c.weight_decay } else { 1.0 };
+                let decay = if name.ends_with(".bias") { 1.0 } else { 1.0 - lr * c.weight_decay };
                 for (e, &g) in elems.iter_mut().zip(&g) {
                     let g = g as f64 * scale;
                     e[1] = b1 * e[1] + (1.0 - b1) * g;
@@ -469,7 +466,7 @@ mod tests {
             assert!((got_norm - norm).abs() < 1e-5 * norm, "norm {got_norm} vs {norm}");
             if step == 3 {
                 let (state, at) = (opt.state(), opt.step);
-                opt = AdamW::new(c.clone(), &params).unwrap();
+                opt = AdamW::new(c.clone(), &params, &declared(&params)).unwrap();
                 opt.load_state(state, at, "memory").unwrap();
             }
             for (name, elems) in &want {
@@ -489,7 +486,7 @@ mod tests {
     fn the_state_holds_no_graph() {
         let p = Var::new(&[2.0f32, 1.0], &Device::Cpu).unwrap();
         let params: Params = [("w.weight".to_string(), p.clone())].into();
-        let mut opt = AdamW::new(OptimConfig { ema: 0.9, ..config(0.1) }, &params).unwrap();
+        let mut opt = AdamW::new(OptimConfig { ema: 0.9, ..config(0.1) }, &params, &declared(&params)).unwrap();
         // A gradient that is itself the result of ops on the parameter, as backward's can be.
         let grads = [("w.weight".to_string(), (p.as_tensor() * 2.0).unwrap())].into();
         for _ in 0..3 {

@@ -5,6 +5,7 @@
 use crate::Result;
 use candle_core::{Device, Tensor};
 use candle_nn::VarBuilder;
+use mamba_nn::{init_tensors, InitConfig, Param};
 use std::collections::{BTreeMap, HashMap};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,8 +18,12 @@ pub trait Task: Send + Sync + 'static {
     type Model;
     type Batch: Send + 'static;
 
-    /// Fresh parameters by checkpoint name.
-    fn init_params(&self, seed: u64) -> Result<HashMap<String, Tensor>>;
+    /// The model's tensors: names, shapes, initialisation and weight-decay groups.
+    fn params(&self) -> Vec<Param>;
+    /// Fresh parameters by name, seeded, drawn as [`Task::params`] declares them.
+    fn init_params(&self, seed: u64) -> Result<HashMap<String, Tensor>> {
+        Ok(init_tensors(&self.params(), &InitConfig::default(), seed)?)
+    }
     /// The model over parameters held by `vb` (whose tensors are the trainer's variables).
     fn build_model(&self, vb: VarBuilder) -> Result<Self::Model>;
     /// Examples in a split (one epoch of training).

@@ -101,11 +101,12 @@ pub fn train<T: Task>(
     if n_train == 0 {
         return Err(Error::Config { path: "[task]".into(), message: "the training split is empty".into() });
     }
+    let declared = task.params();
     let (params, mut opt, mut state) = if resume {
         let dir = last_checkpoint(out)?;
         let state: TrainerState = read_json(&dir.join("trainer.json"))?;
         let params = to_params(read_safetensors(&dir.join("model.safetensors"), device)?, device)?;
-        let mut opt = AdamW::new(optim.clone(), &params)?;
+        let mut opt = AdamW::new(optim.clone(), &params, &declared)?;
         let opt_path = dir.join("optimizer.safetensors");
         opt.load_state(read_safetensors(&opt_path, device)?, state.step, &opt_path.display().to_string())?;
         truncate_metrics(&out.join("metrics.jsonl"), state.step)?;
@@ -120,7 +121,7 @@ pub fn train<T: Task>(
         std::fs::create_dir_all(out).map_err(io(out))?;
         std::fs::write(out.join("metrics.jsonl"), "").map_err(io(out))?;
         let params = to_params(task.init_params(train.seed)?, device)?;
-        let opt = AdamW::new(optim.clone(), &params)?;
+        let opt = AdamW::new(optim.clone(), &params, &declared)?;
         (params, opt, TrainerState::default())
     };
     let model = task.build_model(var_builder(&params, device))?;

@@ -5,12 +5,10 @@ use crate::layers::{patch_grid, Size2d};
 use crate::scan::{pattern, ClassToken};
 use crate::vim::{Vim, VimConfig};
 use crate::vmamba::{VMamba, VMambaConfig};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use candle_nn::VarBuilder;
-use mamba_nn::{dt_biases, init_tensor, BackboneConfig, Error, InitConfig, Result};
+use mamba_nn::{init_tensors, num_params, BackboneConfig, Error, InitConfig, Param, Result};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-use rand_distr::{Distribution, Normal};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::Path;
@@ -203,62 +201,21 @@ impl VisionConfig {
         }
     }
 
-    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+    /// Every tensor of the model, with its initialisation and weight-decay group.
+    pub fn params(&self) -> Vec<Param> {
         match self {
-            VisionConfig::Vim(c) => c.tensor_shapes(),
-            VisionConfig::VMamba(c) => c.tensor_shapes(),
+            VisionConfig::Vim(c) => c.params(),
+            VisionConfig::VMamba(c) => c.params(),
         }
     }
 
     pub fn num_params(&self) -> usize {
-        self.tensor_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+        num_params(&self.params())
     }
 
-    /// Fresh parameters, seeded. Mamba blocks as mamba_ssm initialises them (`init_tensor`);
-    /// around them as the Vim and VMamba code does: class token, position embedding, head and
-    /// (VMamba) every linear layer N(0, 0.02) with zero biases, LayerNorms one and zero, convs
-    /// PyTorch's U(±1/sqrt(fan_in)); SS2D's dt, A and D as Mamba's.
+    /// Fresh parameters, seeded, drawn as [`Self::params`] says.
     pub fn init_params(&self, seed: u64) -> Result<HashMap<String, Tensor>> {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let init = InitConfig::default();
-        let shapes = self.tensor_shapes();
-        // A conv bias's fan-in is its weight's.
-        let fan_ins: HashMap<&str, f64> =
-            shapes.iter().map(|(n, s)| (n.as_str(), s[1..].iter().product::<usize>().max(1) as f64)).collect();
-        let mut out = HashMap::new();
-        for (name, shape) in shapes.iter().cloned() {
-            let numel: usize = shape.iter().product();
-            let uniform = |rng: &mut StdRng, bound: f64| -> Vec<f32> {
-                (0..numel).map(|_| rng.random_range(-bound..=bound) as f32).collect()
-            };
-            let normal = |rng: &mut StdRng| -> Vec<f32> {
-                let n = Normal::new(0.0, 0.02).expect("a valid normal");
-                (0..numel).map(|_| n.sample(rng) as f32).collect()
-            };
-            let values = match self {
-                VisionConfig::Vim(c) if name.starts_with("layers.") => {
-                    out.insert(name.clone(), init_tensor(&name, &shape, &c.backbone, &init, &mut rng)?);
-                    continue;
-                }
-                _ if name.contains("norm") && name.ends_with(".weight") => vec![1.0; numel],
-                _ if name.contains("norm") && name.ends_with(".bias") => vec![0.0; numel],
-                _ if name == "cls_token" || name == "pos_embed" => normal(&mut rng),
-                _ if name.starts_with("patch_embed.proj") || name.contains("conv") => {
-                    let weight = name.replace(".bias", ".weight");
-                    uniform(&mut rng, 1.0 / fan_ins.get(weight.as_str()).copied().unwrap_or(1.0).sqrt())
-                }
-                _ if name.ends_with("x_proj_weight") => uniform(&mut rng, 1.0 / (shape[2] as f64).sqrt()),
-                _ if name.ends_with("dt_projs_weight") => uniform(&mut rng, 1.0 / (shape[2] as f64).sqrt()),
-                _ if name.ends_with("dt_projs_bias") => dt_biases(numel, &init, &mut rng),
-                _ if name.ends_with("A_logs") => (0..numel).map(|i| ((i % shape[1] + 1) as f32).ln()).collect(),
-                _ if name.ends_with("Ds") => vec![1.0; numel],
-                _ if name.ends_with(".bias") => vec![0.0; numel],
-                _ if name.ends_with(".weight") => normal(&mut rng),
-                _ => return Err(Error::Config { path: name, message: "no initialisation rule".into() }),
-            };
-            out.insert(name, Tensor::from_vec(values, shape, &Device::Cpu)?);
-        }
-        Ok(out)
+        init_tensors(&self.params(), &InitConfig::default(), seed)
     }
 }
 

@@ -10,7 +10,7 @@ use crate::layers::{drop_path, patch_grid, resize_grid, PatchEmbed, Size2d};
 use crate::scan::{route, ClassToken, Grid};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
-use mamba_nn::{BackboneConfig, Block, Error, Linear, Result, RmsNorm};
+use mamba_nn::{BackboneConfig, Block, Error, Init, Linear, Param, Result, RmsNorm};
 use rand::rngs::StdRng;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -40,23 +40,25 @@ impl VimConfig {
         self.class_token.tokens(g.rows * g.cols)
     }
 
-    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+    /// Every tensor, drawn as the Vim code draws it: the patch embedding as PyTorch's conv; class
+    /// token, position embedding and head weight N(0, 0.02) (timm's trunc_normal_, whose bounds
+    /// of ±2 lie a hundred deviations out); the head's bias zero; the blocks as mamba_ssm's.
+    pub fn params(&self) -> Vec<Param> {
         let (d, p, c) = (self.backbone.d_model, self.patch_size, self.channels);
-        let mut out = vec![
-            ("patch_embed.proj.weight".to_string(), vec![d, c, p.height, p.width]),
-            ("patch_embed.proj.bias".to_string(), vec![d]),
-            ("norm_f.weight".to_string(), vec![d]),
-            ("head.weight".to_string(), vec![self.num_classes, d]),
-            ("head.bias".to_string(), vec![self.num_classes]),
-        ];
+        let mut out = Vec::from(Param::torch_layer("patch_embed.proj", vec![d, c, p.height, p.width]));
+        out.extend([
+            Param::new("norm_f.weight", vec![d], Init::Ones).no_decay(),
+            Param::new("head.weight", vec![self.num_classes, d], Init::Normal(0.02)).matrix(),
+            Param::new("head.bias", vec![self.num_classes], Init::Zeros).no_decay(),
+        ]);
         if self.class_token != ClassToken::None {
-            out.push(("cls_token".into(), vec![1, 1, d]));
+            out.push(Param::new("cls_token", vec![1, 1, d], Init::Normal(0.02)).no_decay());
         }
         if self.pos_embed {
-            out.push(("pos_embed".into(), vec![1, self.tokens(), d]));
+            out.push(Param::new("pos_embed", vec![1, self.tokens(), d], Init::Normal(0.02)).no_decay());
         }
         for i in 0..self.backbone.n_layer {
-            out.extend(Block::tensor_shapes(&self.backbone).into_iter().map(|(n, s)| (format!("layers.{i}.{n}"), s)));
+            out.extend(Block::params(&self.backbone).into_iter().map(|p| p.under(&format!("layers.{i}"))));
         }
         out
     }

@@ -13,7 +13,7 @@ use crate::layers::{depthwise_conv2d, drop_path, patch_grid, LayerNorm, PatchEmb
 use crate::scan::{pattern, Grid};
 use candle_core::{Device, Tensor};
 use candle_nn::VarBuilder;
-use mamba_nn::{inverse, Linear, Result};
+use mamba_nn::{inverse, Init, Linear, Param, Result};
 use mamba_ssm::{selective_scan, ScanParams};
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
@@ -123,63 +123,74 @@ impl VMambaConfig {
         }
     }
 
-    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+    /// Every tensor, drawn as the VMamba code draws it: linear layers N(0, 0.02) with zero
+    /// biases, LayerNorms one and zero, convs as PyTorch's, SS2D's x_proj and dt_proj
+    /// U(±1/sqrt(fan_in)) and its dt, A and D as Mamba's. Weight decay as in the Swin optimizer
+    /// VMamba trains with: biases and one-dimensional tensors are exempt, every other tensor
+    /// decays (A_logs and dt_projs_bias too).
+    pub fn params(&self) -> Vec<Param> {
         let (c0, p) = (self.dims[0], self.patch_size);
-        let mut out: Vec<(String, Vec<usize>)> = vec![
-            ("patch_embed.proj.weight".into(), vec![c0, self.channels, p, p]),
-            ("patch_embed.proj.bias".into(), vec![c0]),
-        ];
-        let norm = |out: &mut Vec<(String, Vec<usize>)>, name: String, c: usize| {
-            out.push((format!("{name}.weight"), vec![c]));
-            out.push((format!("{name}.bias"), vec![c]));
+        let norm = |name: &str, c: usize| {
+            [
+                Param::new(format!("{name}.weight"), vec![c], Init::Ones).no_decay(),
+                Param::new(format!("{name}.bias"), vec![c], Init::Zeros).no_decay(),
+            ]
         };
-        norm(&mut out, "patch_embed.norm".into(), c0);
+        let linear = |name: &str, shape: Vec<usize>| Param::new(name, shape, Init::Normal(0.02)).matrix();
+        let linear_bias = |name: &str, c: usize| Param::new(name, vec![c], Init::Zeros).no_decay();
+        let mut out = Vec::from(Param::torch_layer("patch_embed.proj", vec![c0, self.channels, p, p]));
+        out.extend(norm("patch_embed.norm", c0));
         let k = self.scan.len();
         for (s, (&c, &depth)) in self.dims.iter().zip(&self.depths).enumerate() {
             let (di, r, n) = (self.d_inner(c), self.dt_rank(c), self.d_state);
             for b in 0..depth {
                 let p = format!("layers.{s}.blocks.{b}");
-                norm(&mut out, format!("{p}.norm"), c);
-                out.push((format!("{p}.op.in_proj.weight"), vec![di * (1 + usize::from(self.gate)), c]));
-                out.push((format!("{p}.op.conv2d.weight"), vec![di, 1, self.d_conv, self.d_conv]));
+                out.extend(norm(&format!("{p}.norm"), c));
+                out.push(linear(&format!("{p}.op.in_proj.weight"), vec![di * (1 + usize::from(self.gate)), c]));
+                let [conv_weight, conv_bias] =
+                    Param::torch_layer(&format!("{p}.op.conv2d"), vec![di, 1, self.d_conv, self.d_conv]);
+                out.push(conv_weight);
                 if self.conv_bias {
-                    out.push((format!("{p}.op.conv2d.bias"), vec![di]));
+                    out.push(conv_bias);
                 }
-                out.push((format!("{p}.op.x_proj_weight"), vec![k, r + 2 * n, di]));
-                out.push((format!("{p}.op.dt_projs_weight"), vec![k, di, r]));
-                out.push((format!("{p}.op.dt_projs_bias"), vec![k, di]));
-                out.push((format!("{p}.op.A_logs"), vec![k * di, n]));
-                out.push((format!("{p}.op.Ds"), vec![k * di]));
-                norm(&mut out, format!("{p}.op.out_norm"), di);
-                out.push((format!("{p}.op.out_proj.weight"), vec![c, di]));
+                let per_route = |name: &str, shape: Vec<usize>| {
+                    let bound = 1.0 / (shape[2] as f64).sqrt();
+                    Param::new(format!("{p}.op.{name}"), shape, Init::Uniform(bound))
+                };
+                out.push(per_route("x_proj_weight", vec![k, r + 2 * n, di]));
+                out.push(per_route("dt_projs_weight", vec![k, di, r]));
+                out.push(Param::new(format!("{p}.op.dt_projs_bias"), vec![k, di], Init::DtBias));
+                out.push(Param::new(format!("{p}.op.A_logs"), vec![k * di, n], Init::S4dReal));
+                out.push(Param::new(format!("{p}.op.Ds"), vec![k * di], Init::Ones).no_decay());
+                out.extend(norm(&format!("{p}.op.out_norm"), di));
+                out.push(linear(&format!("{p}.op.out_proj.weight"), vec![c, di]));
                 if self.mlp_ratio > 0.0 {
                     let hidden = (self.mlp_ratio * c as f64).round() as usize;
-                    norm(&mut out, format!("{p}.norm2"), c);
-                    out.push((format!("{p}.mlp.fc1.weight"), vec![hidden, c]));
-                    out.push((format!("{p}.mlp.fc1.bias"), vec![hidden]));
-                    out.push((format!("{p}.mlp.fc2.weight"), vec![c, hidden]));
-                    out.push((format!("{p}.mlp.fc2.bias"), vec![c]));
+                    out.extend(norm(&format!("{p}.norm2"), c));
+                    out.push(linear(&format!("{p}.mlp.fc1.weight"), vec![hidden, c]));
+                    out.push(linear_bias(&format!("{p}.mlp.fc1.bias"), hidden));
+                    out.push(linear(&format!("{p}.mlp.fc2.weight"), vec![c, hidden]));
+                    out.push(linear_bias(&format!("{p}.mlp.fc2.bias"), c));
                 }
             }
             if s + 1 < self.dims.len() {
                 let (p, next) = (format!("layers.{s}.downsample"), self.dims[s + 1]);
                 match self.downsample {
                     Downsample::Conv => {
-                        out.push((format!("{p}.conv.weight"), vec![next, c, 3, 3]));
-                        out.push((format!("{p}.conv.bias"), vec![next]));
-                        norm(&mut out, format!("{p}.norm"), next);
+                        out.extend(Param::torch_layer(&format!("{p}.conv"), vec![next, c, 3, 3]));
+                        out.extend(norm(&format!("{p}.norm"), next));
                     }
                     Downsample::Merge => {
-                        norm(&mut out, format!("{p}.norm"), 4 * c);
-                        out.push((format!("{p}.reduction.weight"), vec![next, 4 * c]));
+                        out.extend(norm(&format!("{p}.norm"), 4 * c));
+                        out.push(linear(&format!("{p}.reduction.weight"), vec![next, 4 * c]));
                     }
                 }
             }
         }
         let last = *self.dims.last().unwrap_or(&c0);
-        norm(&mut out, "classifier.norm".into(), last);
-        out.push(("classifier.head.weight".into(), vec![self.num_classes, last]));
-        out.push(("classifier.head.bias".into(), vec![self.num_classes]));
+        out.extend(norm("classifier.norm", last));
+        out.push(linear("classifier.head.weight", vec![self.num_classes, last]));
+        out.push(linear_bias("classifier.head.bias", self.num_classes));
         out
     }
 }

@@ -262,3 +262,30 @@ fn position_embeddings_follow_the_image_size() {
         pos.get(0).unwrap().get(8).unwrap().to_vec1::<f32>().unwrap()
     );
 }
+
+#[test]
+fn weight_decay_groups_are_the_recipes() {
+    // Vim: mamba_ssm's exemptions (A_log, D, dt and conv biases, norms) and the Vim code's
+    // no_weight_decay list (class token, position embedding).
+    let shape = ImageShape { image_size: Size2d::square(16), channels: 3, num_classes: 5 };
+    let params = config(SMALL_VIM, shape).params();
+    let mut exempt: Vec<String> =
+        params.iter().filter(|p| !p.decay && !p.name.starts_with("layers.1.")).map(|p| p.name.clone()).collect();
+    let mut want: Vec<String> =
+        ["patch_embed.proj.bias", "norm_f.weight", "head.bias", "cls_token", "pos_embed", "layers.0.norm.weight"]
+            .map(String::from)
+            .into();
+    for s in ["", "_b"] {
+        let leaves = [format!("A{s}_log"), format!("D{s}"), format!("dt_proj{s}.bias"), format!("conv1d{s}.bias")];
+        want.extend(leaves.map(|n| format!("layers.0.mixer.{n}")));
+    }
+    exempt.sort();
+    want.sort();
+    assert_eq!(exempt, want);
+
+    // VMamba, as the Swin optimizer it trains with: biases and one-dimensional tensors only.
+    let vmamba = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/vision/vmamba-tiny.toml");
+    for p in VisionConfig::from_toml_file(&vmamba).unwrap().params() {
+        assert_eq!(!p.decay, p.shape.len() == 1 || p.name.ends_with(".bias"), "{}", p.name);
+    }
+}

@@ -8,11 +8,11 @@ use crate::task::{Metrics, Split, Task};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
+use mamba_nn::Param;
 use mamba_vision::{ImageShape, VisionConfig, VisionModel};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rayon::prelude::*;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -194,8 +194,8 @@ impl<E: Examples> Task for Classify<E> {
     type Model = VisionModel;
     type Batch = ClassifyBatch;
 
-    fn init_params(&self, seed: u64) -> Result<HashMap<String, Tensor>> {
-        Ok(self.config.init_params(seed)?)
+    fn params(&self) -> Vec<Param> {
+        self.config.params()
     }
 
     fn build_model(&self, vb: VarBuilder) -> Result<VisionModel> {

@@ -9,12 +9,12 @@ use crate::task::{Metrics, Split, Task};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use mamba_nn::Param;
 use mamba_series::{
     evaluate, next_times, read_csv, windows, write_csv, Errors, ForecastConfig, ForecastModel, ForecastShape, Naive,
     Scaler, SeasonalNaive, SplitRule, Splits, Table,
 };
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// The `[task]` keys of a forecasting run.
@@ -222,8 +222,8 @@ impl Task for ForecastTask {
     type Model = ForecastModel;
     type Batch = ForecastBatch;
 
-    fn init_params(&self, seed: u64) -> Result<HashMap<String, Tensor>> {
-        Ok(self.config.init_params(seed)?)
+    fn params(&self) -> Vec<Param> {
+        self.config.params()
     }
 
     fn build_model(&self, vb: VarBuilder) -> Result<ForecastModel> {

@@ -15,9 +15,8 @@ use crate::trainer::io;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
-use mamba_nn::{init_params, InitConfig, LmConfig, MambaLm};
+use mamba_nn::{LmConfig, MambaLm, Param};
 use rand::{rngs::StdRng, seq::index::sample, Rng, SeedableRng};
-use std::collections::HashMap;
 use std::path::Path;
 
 /// Token ids, targets and a loss mask for a batch of sequences of one length.
@@ -146,8 +145,8 @@ impl Task for LmTask {
     type Model = MambaLm;
     type Batch = LmBatch;
 
-    fn init_params(&self, seed: u64) -> Result<HashMap<String, Tensor>> {
-        Ok(init_params(&self.config, &InitConfig::default(), seed)?)
+    fn params(&self) -> Vec<Param> {
+        MambaLm::params(&self.config)
     }
 
     fn build_model(&self, vb: VarBuilder) -> Result<MambaLm> {
