@@ -90,6 +90,15 @@ impl LmConfig {
                 Some(v) => v.as_bool().ok_or_else(|| err(format!("key `{key}` must be true or false, got {v}"))),
             }
         };
+        // Every key of transformers' MambaConfig and Mamba2Config (checked against 5.13 and 5.25)
+        // that changes what a loaded checkpoint computes is read below or refused. The others do
+        // not: time_step_{scale,min,max,floor,init_scheme}, initializer_range and
+        // rescale_prenorm_residual only initialise; use_cache, use_mambapy and
+        // use_associative_scan choose an algorithm for the same result; pad / bos / eos ids
+        // concern generation; Mamba-2's rms_norm and time_step_rank are never used by its
+        // modeling code. residual_in_fp32: the residual stream here is always f32, which is what
+        // true asks for and, with f32 weights, what false computes too (with bf16 weights false
+        // would round the residual to bf16 at every block).
         let kind = match get("model_type").and_then(Value::as_str) {
             Some("mamba") => MixerKind::Mamba1,
             Some("mamba2") => MixerKind::Mamba2,
