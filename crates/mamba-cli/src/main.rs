@@ -278,6 +278,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
             writeln!(out)?;
         }
         (None, Some(ids)) => {
+            check_ids(&model, ids)?;
             generate(&model, ids, a.max_new_tokens, sampling, &a.stop, |id| {
                 let _ = write!(out, "{id} ");
                 let _ = out.flush();

@@ -94,6 +94,10 @@ fn bad_input_is_reported() {
         mamba(&["logits", "--model", model.to_str().unwrap(), "--ids", "1,99", "--out", "/tmp/never.safetensors"]);
     assert!(String::from_utf8_lossy(&run.stderr).contains("token id 99"));
     assert!(!std::path::Path::new("/tmp/never.safetensors").exists());
+    // generate checks its prompt ids as logits does.
+    let run = mamba(&["generate", "--model", model.to_str().unwrap(), "--ids", "1,99", "--max-new-tokens", "2"]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success() && stderr.contains("token id 99 is outside the vocabulary"), "{stderr}");
     // --device: a name it does not know, and CUDA in a build without it.
     let m = model.to_str().unwrap();
     let run = mamba(&["generate", "--model", m, "--ids", "1,2", "--device", "gpu"]);

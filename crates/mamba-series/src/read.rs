@@ -180,6 +180,9 @@ pub fn read_ts(path: &Path) -> Result<Labelled> {
         } else {
             None
         };
+        if fields.is_empty() {
+            return Err(err(line_no, 0, format!("a case with no values, only the label {:?}", label.unwrap_or(""))));
+        }
         match dims {
             Some(d) if d != fields.len() => {
                 let message = format!("{} dimensions, expected {d}", fields.len());

@@ -95,6 +95,8 @@ fn ts_files_multivariate_unequal_and_broken() {
         (format!("{header}@equalLength true\n@data\n1,2:3,4,5:a\n"), 8, 0, "equal length"),
         (format!("{header}@timeStamps true\n@data\n"), 6, 0, "time-stamped"),
         (format!("{header}\n"), 6, 0, "no cases"),
+        // Labels but no @dimensions, and a line without `:`: the label is all there is.
+        ("@classLabel true\n@data\n5\n".to_string(), 3, 0, "no values"),
     ];
     for (text, line, column, expect) in cases {
         let (l, c, msg) = parse_error(read_ts(&scratch("bad.ts", &text)).unwrap_err());

@@ -304,8 +304,10 @@ fn last_checkpoint(out: &Path) -> Result<PathBuf> {
     Err(Error::Checkpoint { path: out.join("last").display().to_string(), message: "no checkpoint to resume".into() })
 }
 
-/// Writes a checkpoint directory atomically: everything into `.NAME.tmp`, then renames. `best`
-/// holds the moving average of the weights when one is kept.
+/// Writes a checkpoint directory atomically and durably: everything into `.NAME.tmp`, each file
+/// and the directory flushed to the disk, then renamed, then the parent flushed (a rename alone
+/// can point at data a power cut never let reach the disk). `best` holds the moving average of
+/// the weights when one is kept.
 fn save_checkpoint<T: Task>(
     dir: &Path,
     params: &Params,
@@ -316,7 +318,7 @@ fn save_checkpoint<T: Task>(
     use_ema: bool,
 ) -> Result<()> {
     let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("checkpoint");
-    let parent = dir.parent().unwrap_or(Path::new("."));
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let (tmp, old) = (parent.join(format!(".{name}.tmp")), parent.join(format!(".{name}.old")));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
@@ -341,6 +343,10 @@ fn save_checkpoint<T: Task>(
         let path = tmp.join(&file);
         std::fs::write(&path, bytes).map_err(io(&path))?;
     }
+    for entry in std::fs::read_dir(&tmp).map_err(io(&tmp))? {
+        sync(&entry.map_err(io(&tmp))?.path())?;
+    }
+    sync(&tmp)?;
     if dir.exists() {
         if old.exists() {
             std::fs::remove_dir_all(&old).map_err(io(&old))?;
@@ -348,10 +354,16 @@ fn save_checkpoint<T: Task>(
         std::fs::rename(dir, &old).map_err(io(dir))?;
     }
     std::fs::rename(&tmp, dir).map_err(io(dir))?;
+    sync(parent)?;
     if old.exists() {
         std::fs::remove_dir_all(&old).map_err(io(&old))?;
     }
     Ok(())
+}
+
+/// fsync of a file or a directory.
+fn sync(path: &Path) -> Result<()> {
+    std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(io(path))
 }
 
 /// Appends JSON lines, flushed as they come.
@@ -372,17 +384,48 @@ impl MetricsLog {
 
 /// Drops the lines a killed run logged after the checkpoint it resumes from.
 fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
-    let kept: Vec<&str> = text
-        .lines()
-        .filter(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
-            v["step"].as_u64().is_some_and(|s| s as usize <= step)
-        })
-        .collect();
+    let text = match std::fs::read_to_string(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        read => read.map_err(io(path))?,
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    let mut kept = vec![];
+    for (i, line) in lines.iter().enumerate() {
+        match serde_json::from_str::<serde_json::Value>(line) {
+            Ok(v) if v["step"].as_u64().is_some_and(|s| s as usize <= step) => kept.push(*line),
+            Ok(_) => {}
+            // A run killed while it appended leaves its last line cut short.
+            Err(_) if i + 1 == lines.len() && !text.ends_with('\n') => {}
+            Err(e) => {
+                let path = format!("{}:{}", path.display(), i + 1);
+                return Err(Error::Checkpoint { path, message: format!("not a metrics line ({e}): {line:?}") });
+            }
+        }
+    }
     let mut out = kept.join("\n");
     if !out.is_empty() {
         out.push('\n');
     }
     std::fs::write(path, out).map_err(io(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resuming_keeps_the_metrics_up_to_the_checkpoint_and_names_a_corrupt_line() {
+        let dir = std::env::temp_dir().join(format!("mamba-metrics-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("metrics.jsonl");
+        // Steps 1 to 3, then a line cut short by a kill: kept up to step 2, the torn line dropped.
+        std::fs::write(&path, "{\"step\":1}\n{\"step\":2}\n{\"step\":3}\n{\"step\":4,\"lo").unwrap();
+        truncate_metrics(&path, 2).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"step\":1}\n{\"step\":2}\n");
+        // A line that does not parse in the middle is corruption, not a torn write.
+        std::fs::write(&path, "{\"step\":1}\nnot json\n{\"step\":2}\n").unwrap();
+        let err = truncate_metrics(&path, 2).unwrap_err().to_string();
+        assert!(err.contains("metrics.jsonl:2") && err.contains("not json"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
