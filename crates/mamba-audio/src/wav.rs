@@ -31,6 +31,10 @@ pub fn read_wav(path: &Path) -> Result<Audio> {
     if spec.channels == 0 {
         return Err(bad("the file has no channels".into()));
     }
+    // hound accepts a zero rate when the byte rate is zero too; every duration divides by it.
+    if spec.sample_rate == 0 {
+        return Err(bad("the header gives a sample rate of 0".into()));
+    }
     let interleaved: Vec<f32> = match (spec.sample_format, spec.bits_per_sample) {
         (SampleFormat::Float, 32) => reader.samples::<f32>().collect::<std::result::Result<_, _>>(),
         (SampleFormat::Int, bits @ 1..=32) => {

@@ -125,6 +125,17 @@ fn every_wav_format_loads_and_bad_files_name_their_path() {
     let msg = read_wav(&text).unwrap_err().to_string();
     assert!(msg.contains("notes.wav") && msg.contains("not a readable WAV"), "{msg}");
     assert!(read_wav(&dir.join("missing.wav")).unwrap_err().to_string().contains("missing.wav"));
+    // A header whose sample rate (bytes 24..28 of the canonical header) is 0: every later
+    // length in samples or seconds would divide by it.
+    let mut zero_rate = good.clone();
+    zero_rate[24..32].fill(0); // and the byte rate, which hound checks against it
+    let path = dir.join("zero-rate.wav");
+    std::fs::write(&path, &zero_rate).unwrap();
+    let msg = match read_wav(&path) {
+        Ok(a) => panic!("read with sample rate {}", a.sample_rate),
+        Err(e) => e.to_string(),
+    };
+    assert!(msg.contains("zero-rate.wav") && msg.contains("sample rate"), "{msg}");
 }
 
 #[test]

@@ -381,9 +381,15 @@ fn run_scan_show(pattern: &str, grid: &str, out: &Path, cell: u32) -> Result<()>
         .and_then(|(r, c)| Some((r.parse::<usize>().ok()?, c.parse::<usize>().ok()?)))
         .filter(|&(r, c)| r > 0 && c > 0)
         .with_context(|| format!("--grid {grid}: expected ROWSxCOLS, e.g. 14x14"))?;
+    // Bounds that keep the order and the picture in memory: a 1024 x 1024 grid, 16384 pixels a side.
+    let (cell, side) = (cell.max(4) as u64, 16_384);
+    let too_big = |n: usize| (n as u64).saturating_mul(cell) > side;
+    if rows.checked_mul(cols).is_none_or(|n| n > 1 << 20) || too_big(rows) || too_big(cols) {
+        bail!("--grid {grid} at --cell {cell}: at most 1024 x 1024 cells and {side} pixels a side");
+    }
     let grid = Grid::new(rows, cols);
     let order = mamba_vision::pattern(pattern, grid)?;
-    let img = mamba_vision::draw_order(&order, grid, cell.max(4));
+    let img = mamba_vision::draw_order(&order, grid, cell as u32);
     // Written beside the target and renamed: never half a file.
     let tmp = out.with_extension("png.tmp");
     img.save_with_format(&tmp, image::ImageFormat::Png).with_context(|| format!("cannot write {}", tmp.display()))?;

@@ -223,9 +223,13 @@ fn scan_show_draws_the_pattern() {
     assert_eq!(img.dimensions(), (10 * 32, 6 * 32));
     // The first cell (top-left) carries the white start mark at its centre.
     assert_eq!(img.get_pixel(16, 16).0, [255, 255, 255]);
-    for (args, needle) in
-        [(["--pattern", "zigzag", "--grid", "4x4"], "zigzag"), (["--pattern", "raster", "--grid", "4by4"], "4by4")]
-    {
+    for (args, needle) in [
+        (["--pattern", "zigzag", "--grid", "4x4"], "zigzag"),
+        (["--pattern", "raster", "--grid", "4by4"], "4by4"),
+        (["--pattern", "raster", "--grid", "100000x100000"], "at most 1024 x 1024 cells"),
+        (["--pattern", "raster", "--grid", "18446744073709551615x3"], "at most 1024 x 1024 cells"),
+        (["--pattern", "raster", "--grid", "600x2"], "16384 pixels a side"),
+    ] {
         let o = mamba(&["scan", "show", args[0], args[1], args[2], args[3], "--out", png.to_str().unwrap()]);
         assert!(!o.status.success() && text(&o).contains(needle), "{}", text(&o));
     }
