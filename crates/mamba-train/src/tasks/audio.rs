@@ -3,7 +3,9 @@
 //! backbone, the Audio Mamba recipe: patches or frame tokens, bidirectional routes. Validation
 //! clips are held-out speakers, a Speech Commands list, or a seeded fraction.
 
-use super::classify::{read_meta, read_train_config, Classify, Files, InputMeta};
+use super::classify::{
+    check_classes, check_standardisation, read_meta, read_train_config, Checked, Classify, Files, InputMeta,
+};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
 use mamba_audio::{AudioFolder, Augment, Frontend, MelConfig};
@@ -125,6 +127,20 @@ impl AudioData {
             ImageShape { image_size: Size2d::new(bins, frames), channels: 1, num_classes: folder.classes.len() };
         let examples = Files::new(AudioMeta { classes: folder.classes, frontend }, [train, validation]);
         Classify::new(examples, shape, (model, backbone), source, d.label_smoothing, seed)
+    }
+}
+
+impl Checked for AudioMeta {
+    fn check(&self) -> std::result::Result<(), String> {
+        let (f, mel) = (&self.frontend, &self.frontend.features);
+        check_classes(&self.classes)?;
+        if mel.sample_rate == 0 || mel.n_fft == 0 || mel.hop_length == 0 || mel.n_mels == 0 || f.samples == 0 {
+            return Err(format!(
+                "sample_rate {}, n_fft {}, hop_length {}, n_mels {}, samples {}: each must be at least 1",
+                mel.sample_rate, mel.n_fft, mel.hop_length, mel.n_mels, f.samples
+            ));
+        }
+        check_standardisation(&[f.mean], &[f.std], 1)
     }
 }
 

@@ -29,7 +29,7 @@ pub trait Examples: Send + Sync + 'static {
 
 /// What turns a file into a model input, as a checkpoint carries it (`image.json`, `audio.json`),
 /// so that new files can be classified without the training data.
-pub trait InputMeta: serde::Serialize + serde::de::DeserializeOwned + Send + Sync + 'static {
+pub trait InputMeta: Checked + serde::Serialize + serde::de::DeserializeOwned + Send + Sync + 'static {
     /// The checkpoint file it is saved as.
     const FILE: &'static str;
     /// A file decoded, before any augmentation (pixels, samples).
@@ -238,7 +238,44 @@ impl<E: Examples> Task for Classify<E> {
 
 /// A checkpoint's meta file (`M::FILE`), parsed.
 pub fn read_meta<M: InputMeta>(dir: &Path) -> Result<M> {
-    read_json(&dir.join(M::FILE))
+    read_checked(&dir.join(M::FILE))
+}
+
+/// A checkpoint side file whose values are checked as it is read: a std of 0, a crop of 0 or no
+/// classes could not have come from training, and would reach the model as infinities or a
+/// division by zero.
+pub trait Checked {
+    /// What is wrong, if anything.
+    fn check(&self) -> std::result::Result<(), String>;
+}
+
+/// A checkpoint's JSON side file, checked.
+pub fn read_checked<T: serde::de::DeserializeOwned + Checked>(path: &Path) -> Result<T> {
+    let value: T = read_json(path)?;
+    value.check().map_err(|message| Error::Checkpoint { path: path.display().to_string(), message })?;
+    Ok(value)
+}
+
+/// `count` finite means and positive, finite stds.
+pub fn check_standardisation(mean: &[f32], std: &[f32], count: usize) -> std::result::Result<(), String> {
+    if mean.len() != count || std.len() != count {
+        return Err(format!("{} means and {} stds for {count} channels", mean.len(), std.len()));
+    }
+    if let Some(m) = mean.iter().find(|m| !m.is_finite()) {
+        return Err(format!("a mean of {m}"));
+    }
+    match std.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+        Some(s) => Err(format!("a std of {s}: every std must be positive")),
+        None => Ok(()),
+    }
+}
+
+/// At least one class.
+pub fn check_classes(classes: &[String]) -> std::result::Result<(), String> {
+    if classes.is_empty() {
+        return Err("no classes".into());
+    }
+    Ok(())
 }
 
 /// A checkpoint's JSON file.
@@ -297,6 +334,12 @@ mod tests {
     #[derive(serde::Serialize, serde::Deserialize)]
     struct Bytes {
         classes: Vec<String>,
+    }
+
+    impl Checked for Bytes {
+        fn check(&self) -> std::result::Result<(), String> {
+            check_classes(&self.classes)
+        }
     }
 
     impl InputMeta for Bytes {

@@ -4,7 +4,7 @@
 //! `mamba eval` adds the test split, beside the naive and seasonal-naive forecasts of the same
 //! windows. A checkpoint forecasts new CSV files of the same variables (`forecast_table`).
 
-use super::classify::{read_json, read_train_config};
+use super::classify::{check_standardisation, read_checked, read_train_config, Checked};
 use crate::task::{Metrics, Split, Task};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
@@ -84,6 +84,25 @@ pub struct ForecastMeta {
     /// The training rows' standardisation.
     pub scaler: Scaler,
     pub period: Option<usize>,
+}
+
+impl Checked for ForecastMeta {
+    fn check(&self) -> std::result::Result<(), String> {
+        let s = self.shape;
+        if s.lookback == 0 || s.horizon == 0 || s.variables != self.variables.len() || s.variables == 0 {
+            return Err(format!(
+                "lookback {}, horizon {}, {} variables named for {}: each must be at least 1, and the names one per variable",
+                s.lookback,
+                s.horizon,
+                self.variables.len(),
+                s.variables
+            ));
+        }
+        if self.period == Some(0) {
+            return Err("period 0".into());
+        }
+        check_standardisation(&self.scaler.mean, &self.scaler.std, s.variables)
+    }
 }
 
 impl ForecastMeta {
@@ -264,7 +283,7 @@ impl Task for ForecastTask {
 
 /// A forecasting checkpoint: its model (on `device`) and `forecast.json`.
 pub fn load_forecaster(dir: &Path, device: &Device) -> Result<(ForecastModel, ForecastMeta)> {
-    let meta: ForecastMeta = read_json(&dir.join(ForecastMeta::FILE))?;
+    let meta: ForecastMeta = read_checked(&dir.join(ForecastMeta::FILE))?;
     let (mut table, source) = read_train_config(dir)?;
     let mut section = |name: &str| match table.remove(name) {
         Some(toml::Value::Table(t)) => Some(t),

@@ -2,7 +2,10 @@
 //! crops and flips for training, centre crops for validation (the loss, metrics and confusion
 //! matrix are `classify`'s).
 
-use super::classify::{read_meta, read_train_config, Classify, Files, InputMeta, DECODED_BUDGET};
+use super::classify::{
+    check_classes, check_standardisation, read_meta, read_train_config, Checked, Classify, Files, InputMeta,
+    DECODED_BUDGET,
+};
 use crate::task::Split;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
@@ -22,6 +25,23 @@ use std::path::{Path, PathBuf};
 pub struct ImageMeta {
     pub classes: Vec<String>,
     pub transform: Transform,
+}
+
+impl Checked for ImageMeta {
+    fn check(&self) -> std::result::Result<(), String> {
+        let t = &self.transform;
+        check_classes(&self.classes)?;
+        if t.channels == 0 || t.crop == 0 || t.resize == 0 {
+            return Err(format!(
+                "channels {}, resize {}, crop {}: each must be at least 1",
+                t.channels, t.resize, t.crop
+            ));
+        }
+        if !(0.0..=1.0).contains(&t.hflip) {
+            return Err(format!("hflip {}: a probability is in [0, 1]", t.hflip));
+        }
+        check_standardisation(&t.mean, &t.std, t.channels)
+    }
 }
 
 impl InputMeta for ImageMeta {
@@ -297,4 +317,32 @@ pub fn load_classifier(dir: &Path, image_size: Option<usize>, device: &Device) -
     };
     let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
     Ok((VisionModel::load(vb, &config)?, meta))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_side_file_that_training_could_not_have_written_is_refused_by_name() {
+        let dir = std::env::temp_dir().join(format!("mamba-image-json-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = Transform { channels: 1, resize: 28, crop: 28, hflip: 0.0, mean: vec![0.1], std: vec![0.3] };
+        let write = |transform: Transform| {
+            let meta = ImageMeta { classes: vec!["0".into(), "1".into()], transform };
+            std::fs::write(dir.join("image.json"), serde_json::to_vec(&meta).unwrap()).unwrap();
+        };
+        write(good.clone());
+        assert_eq!(read_meta::<ImageMeta>(&dir).unwrap().transform.std, [0.3]);
+        for (bad, needle) in [
+            (Transform { std: vec![0.0], ..good.clone() }, "a std of 0"),
+            (Transform { crop: 0, ..good.clone() }, "crop 0"),
+            (Transform { mean: vec![], ..good.clone() }, "0 means and 1 stds"),
+        ] {
+            write(bad);
+            let err = read_meta::<ImageMeta>(&dir).unwrap_err().to_string();
+            assert!(err.contains("image.json") && err.contains(needle), "{err}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -3,7 +3,7 @@
 //! (all dimensions of k steps) and whose raster / reverse-raster routes are a bidirectional scan
 //! over time. Validation is the archive's own test split.
 
-use super::classify::{rank, read_json, read_train_config, Classify, Examples};
+use super::classify::{check_classes, rank, read_checked, read_train_config, Checked, Classify, Examples};
 use crate::task::Split;
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
@@ -118,13 +118,23 @@ impl SeriesData {
     }
 }
 
+impl Checked for SeriesMeta {
+    fn check(&self) -> std::result::Result<(), String> {
+        check_classes(&self.classes)?;
+        if self.dims == 0 || self.length == 0 {
+            return Err(format!("dims {}, length {}: each must be at least 1", self.dims, self.length));
+        }
+        Ok(())
+    }
+}
+
 impl SeriesMeta {
     /// The checkpoint file it is saved as.
     const FILE: &'static str = "series.json";
 
     /// A checkpoint's series.json.
     pub fn read(dir: &Path) -> Result<Self> {
-        read_json(&dir.join(Self::FILE))
+        read_checked(&dir.join(Self::FILE))
     }
 
     /// One case (dimensions x any length) as (1, dims, length).
