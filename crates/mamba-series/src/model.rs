@@ -195,7 +195,10 @@ impl ForecastConfig {
             out.push(Param::new("revin.weight", vec![variables], Init::Ones));
             out.push(Param::new("revin.bias", vec![variables], Init::Zeros).no_decay());
         }
-        let linear = |name: &str, o: usize, i: usize| Param::torch_layer(name, vec![o, i]).map(Param::matrix);
+        let linear = |name: &str, o: usize, i: usize| {
+            let [weight, bias] = Param::torch_layer(name, vec![o, i]);
+            [weight.matrix(), bias]
+        };
         match &self.arch {
             ForecastArch::Mamba { tokens, backbone, .. } => {
                 let d = backbone.d_model;

@@ -248,4 +248,8 @@ fn biases_norms_and_the_position_embedding_take_no_weight_decay() {
     };
     assert_eq!(exempt(PATCH), ["revin.bias", "embed.bias", "head.bias", "pos_embed", "norm_f.weight"]);
     assert_eq!(exempt(DLINEAR), ["linear_seasonal.bias", "linear_trend.bias"]);
+    // The linear layers' weights are the matrices; their biases are not.
+    let params = config(DLINEAR, SHAPE).unwrap().params();
+    let matrices: Vec<&str> = params.iter().filter(|p| p.matrix).map(|p| p.name.as_str()).collect();
+    assert_eq!(matrices, ["linear_seasonal.weight", "linear_trend.weight"]);
 }
