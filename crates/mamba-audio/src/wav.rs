@@ -35,6 +35,15 @@ pub fn read_wav(path: &Path) -> Result<Audio> {
     if spec.sample_rate == 0 {
         return Err(bad("the header gives a sample rate of 0".into()));
     }
+    // The sample iterators reserve what the header claims: a claim past the file's size is a
+    // corrupt header, not a reason to allocate gigabytes.
+    let claimed = reader.len() as u64 * spec.bits_per_sample.div_ceil(8) as u64;
+    let size = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?.len();
+    if claimed > size {
+        return Err(bad(format!(
+            "truncated or corrupt: the header claims {claimed} bytes of samples, the file has {size}"
+        )));
+    }
     let interleaved: Vec<f32> = match (spec.sample_format, spec.bits_per_sample) {
         (SampleFormat::Float, 32) => reader.samples::<f32>().collect::<std::result::Result<_, _>>(),
         (SampleFormat::Int, bits @ 1..=32) => {
@@ -44,6 +53,10 @@ pub fn read_wav(path: &Path) -> Result<Audio> {
         (format, bits) => return Err(bad(format!("unsupported sample format {format:?} with {bits} bits"))),
     }
     .map_err(|e| bad(format!("truncated or corrupt sample data: {e}")))?;
+    if let Some(i) = interleaved.iter().position(|v| !v.is_finite()) {
+        let (frame, channel) = (i / spec.channels as usize, i % spec.channels as usize + 1);
+        return Err(bad(format!("sample {frame} of channel {channel} is {}", interleaved[i])));
+    }
     let c = spec.channels as usize;
     let samples = interleaved.chunks_exact(c).map(|frame| frame.iter().sum::<f32>() / c as f32).collect();
     Ok(Audio { samples, sample_rate: spec.sample_rate })

@@ -136,6 +136,21 @@ fn every_wav_format_loads_and_bad_files_name_their_path() {
         Err(e) => e.to_string(),
     };
     assert!(msg.contains("zero-rate.wav") && msg.contains("sample rate"), "{msg}");
+    // A float WAV holding a NaN or an infinity: named by frame and channel, never features.
+    for (bad, shown) in [(f64::NAN, "NaN"), (f64::INFINITY, "inf")] {
+        let mut frames = frames.clone();
+        frames[10][1] = bad;
+        let spec = hound::WavSpec {
+            channels: 2,
+            sample_rate: 8000,
+            bits_per_sample: 32,
+            sample_format: hound::SampleFormat::Float,
+        };
+        let path = dir.join("nan.wav");
+        write_wav(&path, spec, &frames);
+        let msg = read_wav(&path).unwrap_err().to_string();
+        assert!(msg.contains("nan.wav") && msg.contains(&format!("sample 10 of channel 2 is {shown}")), "{msg}");
+    }
 }
 
 #[test]

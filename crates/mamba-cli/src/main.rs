@@ -432,7 +432,7 @@ fn run_predict(a: PredictArgs) -> Result<()> {
             let (mut ranked, mut names) = (vec![], vec![]);
             for path in &paths {
                 let cases = read_archive(path)?;
-                ranked.extend(classify_cases(&model, &meta, &cases.series, &device)?);
+                ranked.extend(classify_cases(&model, &meta, &cases.series, path, &device)?);
                 names.extend((1..=cases.series.len()).map(|i| format!("{} case {i}", path.display())));
             }
             Some((ranked, names))

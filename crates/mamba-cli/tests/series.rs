@@ -105,6 +105,20 @@ fn a_ts_archive_trains_and_bad_ones_are_named() {
         .filter(|(i, l)| l.contains(&format!("case {}: {}", i + 1, if i % 2 == 0 { "slow" } else { "fast" })))
         .count();
     assert!((right as f64 / 20.0 - accuracy).abs() < 1e-9, "predict agrees with eval ({accuracy}): {lines:?}");
+    // A missing value in a case to predict is named, not handed to the model as NaN: case 3's
+    // second dimension, step 5.
+    let mut lines: Vec<String> = std::fs::read_to_string(&test).unwrap().lines().map(String::from).collect();
+    let data = lines.iter().position(|l| l == "@data").unwrap();
+    let case = &mut lines[data + 3];
+    let (first, second) = case.split_once(':').unwrap();
+    let mut values: Vec<&str> = second.split(',').collect();
+    values[4] = "?";
+    *case = format!("{first}:{}", values.join(","));
+    let gap = dir.join("gap.ts");
+    std::fs::write(&gap, lines.join("\n") + "\n").unwrap();
+    let o = mamba(&["predict", "--checkpoint", out.join("best").to_str().unwrap(), gap.to_str().unwrap()]);
+    let msg = text(&o);
+    assert!(!o.status.success() && msg.contains("gap.ts") && msg.contains("case 3, dimension 2, step 5"), "{msg}");
 
     // A non-number in the test archive: the file, line and column are named.
     let bad = std::fs::read_to_string(dir.join("test.ts")).unwrap().replacen("0.", "x.", 1);

@@ -44,6 +44,15 @@ impl Labelled {
         self.series.first().map_or(0, |s| s.len())
     }
 
+    /// The first missing value as (case, dimension, step), counting from 1.
+    pub fn first_missing(&self) -> Option<(usize, usize, usize)> {
+        self.series.iter().enumerate().find_map(|(i, case)| {
+            case.iter()
+                .enumerate()
+                .find_map(|(d, values)| values.iter().position(|v| v.is_nan()).map(|t| (i + 1, d + 1, t + 1)))
+        })
+    }
+
     /// The longest case's length.
     pub fn max_len(&self) -> usize {
         self.series.iter().flat_map(|s| s.iter().map(|d| d.len())).max().unwrap_or(0)
@@ -76,7 +85,12 @@ fn number(cell: &str, missing: &[&str]) -> std::result::Result<Option<f32>, Stri
     if missing.iter().any(|m| cell.eq_ignore_ascii_case(m)) {
         return Ok(None);
     }
-    cell.parse::<f32>().map(Some).map_err(|_| format!("{cell:?} is not a number"))
+    match cell.parse::<f32>() {
+        // Rust also parses "inf", "-nan" and numbers past f32's range: none is a measurement.
+        Ok(v) if v.is_finite() => Ok(Some(v)),
+        Ok(_) => Err(format!("{cell:?} is not a finite number")),
+        Err(_) => Err(format!("{cell:?} is not a number")),
+    }
 }
 
 /// A CSV file with a header row, the time in the first column and one variable per other

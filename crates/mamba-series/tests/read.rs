@@ -77,6 +77,14 @@ fn csv_errors_name_the_file_line_and_column() {
     let t = read_csv(&scratch("gaps.csv", "date,a,b\n1,,2\n2,NA,3\n3,1,NaN\n")).unwrap();
     assert_eq!(t.missing, vec![2, 1]);
     assert!(t.columns[0][0].is_nan() && t.columns[1][1] == 3.0);
+
+    // Infinities, "-nan" and numbers past f32's range parse in Rust, but are not measurements.
+    for cell in ["inf", "-Infinity", "-nan", "1e39"] {
+        let text = format!("date,a\n1,1.0\n2,{cell}\n");
+        let (line, column, msg) = parse_error(read_csv(&scratch("inf.csv", &text)).unwrap_err());
+        assert_eq!((line, column), (3, 2), "{msg}");
+        assert!(msg.contains("not a finite number"), "{msg}");
+    }
 }
 
 #[test]
@@ -87,11 +95,13 @@ fn ts_files_multivariate_unequal_and_broken() {
     assert_eq!((set.dims(), set.max_len(), set.missing), (2, 4, 1));
     assert_eq!(set.labels, [0, 1]);
     assert!(set.series[1][0][1].is_nan());
+    assert_eq!(set.first_missing(), Some((2, 1, 2)));
 
     let cases = [
         (format!("{header}@data\n1,2:3,4:c\n"), 7, 0, "class \"c\""),
         (format!("{header}@data\n1,2:a\n"), 7, 0, "1 dimensions, expected 2"),
         (format!("{header}@data\n1,x:3,4:a\n"), 7, 2, "\"x\" is not a number"),
+        (format!("{header}@data\n1,2:3,inf:a\n"), 7, 4, "\"inf\" is not a finite number"),
         (format!("{header}@equalLength true\n@data\n1,2:3,4,5:a\n"), 8, 0, "equal length"),
         (format!("{header}@timeStamps true\n@data\n"), 6, 0, "time-stamped"),
         (format!("{header}\n"), 6, 0, "no cases"),
@@ -110,6 +120,7 @@ fn ucr_tsv_files_drop_trailing_padding() {
     let set = read_ucr_tsv(&scratch("set.tsv", "1\t0.5\t1.5\tNaN\tNaN\n2\t1\tNaN\t3\t4\n")).unwrap();
     assert_eq!(set.series[0][0], vec![0.5, 1.5]);
     assert_eq!((set.series[1][0].len(), set.missing), (4, 1));
+    assert_eq!(set.first_missing(), Some((2, 1, 2)));
     assert_eq!(set.classes, ["1", "2"]);
     let (line, column, _) = parse_error(read_ucr_tsv(&scratch("bad.tsv", "1\t0.5\n2\t0.1\toops\n")).unwrap_err());
     assert_eq!((line, column), (2, 3));

@@ -23,6 +23,8 @@ pub trait Examples: Send + Sync + 'static {
     /// Example `index` of `split` as (channels, height, width) and its class; with `rng`
     /// (training), augmented.
     fn example(&self, split: Split, index: usize, rng: Option<&mut StdRng>) -> Result<(Tensor, usize)>;
+    /// Where example `index` of `split` comes from, for errors: its file, or its case of one.
+    fn source(&self, split: Split, index: usize) -> String;
     /// The file a checkpoint carries to turn new inputs into examples (`image.json`, ...).
     fn meta_file(&self) -> Result<(String, Vec<u8>)>;
 }
@@ -107,6 +109,10 @@ impl<M: InputMeta> Examples for Files<M> {
             None => self.meta.input(path, rng)?,
         };
         Ok((input, *class))
+    }
+
+    fn source(&self, split: Split, index: usize) -> String {
+        self.items[split as usize][index].0.display().to_string()
     }
 
     fn meta_file(&self) -> Result<(String, Vec<u8>)> {
@@ -212,6 +218,7 @@ impl<E: Examples> Task for Classify<E> {
         for &i in indices {
             let mut rng = StdRng::seed_from_u64(example_seed(self.seed, split, epoch, i));
             let (x, class) = self.examples.example(split, i, (split == Split::Train).then_some(&mut rng))?;
+            check_finite(&x, || self.examples.source(split, i))?;
             inputs.push(x);
             labels.push(class as u32);
         }
@@ -234,6 +241,24 @@ impl<E: Examples> Task for Classify<E> {
     fn best_metric(&self) -> (&'static str, bool) {
         ("accuracy", true)
     }
+}
+
+/// An input (channels, height, width) with no NaN or infinity, which would reach the loss or the
+/// prediction as NaN; else an error naming `source` and the first such value's position. Loaders
+/// refuse what they can see (a NaN sample, a missing value); this also catches what arises on the
+/// way, such as a float WAV whose power spectrum overflows.
+pub fn check_finite(input: &Tensor, source: impl FnOnce() -> String) -> Result<()> {
+    let values = input.flatten_all()?.to_vec1::<f32>()?;
+    let Some(i) = values.iter().position(|v| !v.is_finite()) else { return Ok(()) };
+    let (_, h, w) = input.dims3()?;
+    let message = format!(
+        "the model input holds {} at channel {}, row {}, column {} (counting from 0); inputs must be finite",
+        values[i],
+        i / (h * w),
+        i / w % h,
+        i % w
+    );
+    Err(Error::Config { path: source(), message })
 }
 
 /// A checkpoint's meta file (`M::FILE`), parsed.
@@ -301,7 +326,14 @@ pub fn classify_files<M: InputMeta>(
     paths: &[PathBuf],
     device: &Device,
 ) -> Result<Vec<Vec<(String, f32)>>> {
-    let inputs = paths.iter().map(|p| meta.input(p, None)).collect::<Result<Vec<_>>>()?;
+    let inputs = paths
+        .iter()
+        .map(|p| {
+            let x = meta.input(p, None)?;
+            check_finite(&x, || p.display().to_string())?;
+            Ok(x)
+        })
+        .collect::<Result<Vec<_>>>()?;
     rank(model, meta.classes(), &inputs, device)
 }
 
@@ -386,5 +418,20 @@ mod tests {
             assert_eq!(class, files.items[split as usize][index].1);
         }
         assert!(files.meta.input(&paths[0], None).is_err(), "reading the file again fails");
+    }
+
+    #[test]
+    fn a_value_that_is_not_finite_is_named_by_source_and_position() {
+        let mut v = vec![0.5f32; 2 * 3 * 4];
+        check_finite(&Tensor::from_vec(v.clone(), (2, 3, 4), &Device::Cpu).unwrap(), || unreachable!()).unwrap();
+        for (bad, shown) in [(f32::NAN, "NaN"), (f32::NEG_INFINITY, "-inf")] {
+            v[12 + 2 * 4 + 3] = bad; // channel 1, row 2, column 3
+            let x = Tensor::from_vec(v.clone(), (2, 3, 4), &Device::Cpu).unwrap();
+            let msg = check_finite(&x, || "a.wav".into()).unwrap_err().to_string();
+            assert!(
+                msg.starts_with("a.wav: ") && msg.contains(&format!("holds {shown} at channel 1, row 2, column 3")),
+                "{msg}"
+            );
+        }
     }
 }

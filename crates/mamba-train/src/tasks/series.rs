@@ -3,7 +3,9 @@
 //! (all dimensions of k steps) and whose raster / reverse-raster routes are a bidirectional scan
 //! over time. Validation is the archive's own test split.
 
-use super::classify::{check_classes, rank, read_checked, read_train_config, Checked, Classify, Examples};
+use super::classify::{
+    check_classes, check_finite, rank, read_checked, read_train_config, Checked, Classify, Examples,
+};
 use crate::task::Split;
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
@@ -44,13 +46,15 @@ pub struct SeriesExamples {
     pub meta: SeriesMeta,
     /// (scaling, jitter) for training cases.
     augment: (f64, f64),
-    /// Train and test cases, labels as indices into `meta.classes`.
+    /// Train and test cases, labels as indices into `meta.classes`, and their files.
     cases: [Labelled; 2],
+    files: [PathBuf; 2],
 }
 
 pub type SeriesTask = Classify<SeriesExamples>;
 
-/// A `.ts` or `.tsv` archive file.
+/// A `.ts` or `.tsv` archive file with no missing value: the model takes none, at training or
+/// at prediction, so the first one is named.
 pub fn read_archive(path: &Path) -> Result<Labelled> {
     let read = match path.extension().and_then(|e| e.to_str()) {
         Some("ts") => read_ts,
@@ -60,7 +64,15 @@ pub fn read_archive(path: &Path) -> Result<Labelled> {
             return Err(Error::Config { path: path.display().to_string(), message });
         }
     };
-    read(path).map_err(|e| Error::Config { path: "[task]".into(), message: e.to_string() })
+    let set = read(path).map_err(|e| Error::Config { path: "[task]".into(), message: e.to_string() })?;
+    if let Some((case, dim, step)) = set.first_missing() {
+        let message = format!(
+            "{} values are missing, the first at case {case}, dimension {dim}, step {step}; fill or drop them first",
+            set.missing
+        );
+        return Err(Error::Config { path: path.display().to_string(), message });
+    }
+    Ok(set)
 }
 
 impl SeriesData {
@@ -83,10 +95,6 @@ impl SeriesData {
         };
         let mut test = read_archive(&self.test)?;
         for (set, path) in [(&train, &self.train), (&test, &self.test)] {
-            if set.missing > 0 {
-                let message = format!("{} values are missing; fill or drop them first", set.missing);
-                return Err(Error::Config { path: path.display().to_string(), message });
-            }
             if set.labels.len() != set.series.len() {
                 return Err(Error::Config { path: path.display().to_string(), message: "cases without labels".into() });
             }
@@ -113,7 +121,8 @@ impl SeriesData {
             channels: 1,
             num_classes: meta.classes.len(),
         };
-        let examples = SeriesExamples { meta, augment: (self.scaling, self.jitter), cases: [train, test] };
+        let (augment, files) = ((self.scaling, self.jitter), [self.train, self.test]);
+        let examples = SeriesExamples { meta, augment, cases: [train, test], files };
         Classify::new(examples, shape, (model, backbone), source, self.label_smoothing, seed)
     }
 }
@@ -176,6 +185,10 @@ impl Examples for SeriesExamples {
         Ok((input, set.labels[index]))
     }
 
+    fn source(&self, split: Split, index: usize) -> String {
+        format!("{} case {}", self.files[split as usize].display(), index + 1)
+    }
+
     fn meta_file(&self) -> Result<(String, Vec<u8>)> {
         let json = serde_json::to_vec_pretty(&self.meta)
             .map_err(|e| Error::Config { path: SeriesMeta::FILE.into(), message: e.to_string() })?;
@@ -193,23 +206,27 @@ pub fn load_series_classifier(dir: &Path, device: &Device) -> Result<(VisionMode
     Ok((VisionModel::load(crate::run::checkpoint_weights(dir, device)?, &config)?, meta))
 }
 
-/// Class probabilities of each case (dimensions x any length), highest first; `model` runs on
-/// `device`.
+/// Class probabilities of each case (dimensions x any length) of the archive file `source`,
+/// highest first; `model` runs on `device`.
 pub fn classify_cases(
     model: &VisionModel,
     meta: &SeriesMeta,
     cases: &[Vec<Vec<f32>>],
+    source: &Path,
     device: &Device,
 ) -> Result<Vec<Vec<(String, f32)>>> {
     let inputs = cases
         .iter()
         .enumerate()
         .map(|(i, case)| {
+            let name = || format!("{} case {}", source.display(), i + 1);
             if case.len() != meta.dims {
-                let message = format!("case {} has {} dimensions; the model takes {}", i + 1, case.len(), meta.dims);
-                return Err(Error::Config { path: "input".into(), message });
+                let message = format!("{} dimensions; the model takes {}", case.len(), meta.dims);
+                return Err(Error::Config { path: name(), message });
             }
-            meta.input(case)
+            let x = meta.input(case)?;
+            check_finite(&x, name)?;
+            Ok(x)
         })
         .collect::<Result<Vec<_>>>()?;
     rank(model, &meta.classes, &inputs, device)
