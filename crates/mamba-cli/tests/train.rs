@@ -63,6 +63,56 @@ fn trainer_state(run: &Path) -> Option<serde_json::Value> {
     serde_json::from_str(&std::fs::read_to_string(run.join("last/trainer.json")).ok()?).ok()
 }
 
+/// Runs killed at random points while they write checkpoints (one every step, so writing them
+/// is most of a run) always resume, from `last` or the one it replaces, to the weights of an
+/// uninterrupted run. `MAMBA_KILL_RUNS` runs (5 by default; docs/bad-input.md reports 50).
+#[test]
+fn runs_killed_while_checkpointing_resume_to_the_uninterrupted_weights() {
+    let runs: u64 = std::env::var("MAMBA_KILL_RUNS").map_or(5, |v| v.parse().expect("MAMBA_KILL_RUNS: a count"));
+    let dir = scratch("kill-checkpoint");
+    let config = write_config(&dir, &TINY.replace("checkpoint_every = 4", "checkpoint_every = 1"));
+    let cfg = config.to_str().unwrap();
+    let whole = dir.join("whole");
+    assert!(mamba(&["train", cfg, "--out", whole.to_str().unwrap()]).status.success());
+    let (mut rng, mut mid_write) = (0x9E37_79B9_7F4A_7C15u64, 0);
+    let mut next = |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    for run in 0..runs {
+        let out = dir.join(format!("killed-{run}"));
+        // Wait for the checkpoint of a random step (of 48), then kill after a random delay of
+        // up to 30 ms, about the time one checkpoint takes to write.
+        let (step, delay) = (1 + next(40), Duration::from_micros(next(30_000)));
+        let mut child = Command::new(common::mamba_bin())
+            .args(["train", cfg, "--out", out.to_str().unwrap()])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while trainer_state(&out).and_then(|s| s["step"].as_u64()).is_none_or(|s| s < step) {
+            assert!(start.elapsed() < Duration::from_secs(120), "run {run}: no checkpoint of step {step}");
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        std::thread::sleep(delay);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // A kill between the two renames leaves only the previous checkpoint, as `.last.old`.
+        let complete = ["last", ".last.old"].iter().any(|d| out.join(d).join("trainer.json").exists());
+        assert!(complete, "run {run}: killed after step {step}, no complete checkpoint remains");
+        mid_write += [".last.tmp", ".last.old", ".best.tmp", ".best.old"].iter().any(|d| out.join(d).exists()) as u32;
+        let resumed = mamba(&["train", cfg, "--out", out.to_str().unwrap(), "--resume"]);
+        assert!(resumed.status.success(), "run {run}: {}", String::from_utf8_lossy(&resumed.stderr));
+        for which in ["last", "best"] {
+            assert_eq!(weights(&whole.join(which)), weights(&out.join(which)), "run {run}: {which}");
+        }
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+    eprintln!("{runs} runs killed, {mid_write} of them while a checkpoint was being written");
+}
+
 #[test]
 fn a_killed_run_resumes_to_the_uninterrupted_weights() {
     let dir = scratch("resume");

@@ -146,8 +146,22 @@ pub fn generate(
 /// The tokenizer of a model directory (`tokenizer.json`).
 pub fn load_tokenizer(dir: &Path) -> Result<tokenizers::Tokenizer> {
     let path = dir.join("tokenizer.json");
-    tokenizers::Tokenizer::from_file(&path)
-        .map_err(|e| Error::Tokenizer { path: path.display().to_string(), message: e.to_string() })
+    let bytes = std::fs::read(&path)
+        .map_err(|e| Error::Tokenizer { path: path.display().to_string(), message: e.to_string() })?;
+    tokenizer_from_bytes(&bytes, &path)
+}
+
+/// A tokenizer from the bytes of the `tokenizer.json` at `path` (named in errors). JSON syntax is
+/// checked first, so that its errors carry a line and column: tokenizers 0.23 panics on a syntax
+/// error inside a `decoder` section instead of returning one. Any panic it still raises becomes an
+/// error naming the file.
+pub fn tokenizer_from_bytes(bytes: &[u8], path: &Path) -> Result<tokenizers::Tokenizer> {
+    let err = |message: String| Error::Tokenizer { path: path.display().to_string(), message };
+    serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(|e| err(format!("not valid JSON: {e}")))?;
+    match std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(bytes)) {
+        Ok(tokenizer) => tokenizer.map_err(|e| err(e.to_string())),
+        Err(_) => Err(err("the tokenizers library failed on it (the panic above)".into())),
+    }
 }
 
 /// Turns tokens into text as they come. Byte-level BPE splits characters across tokens, and spaces
@@ -282,5 +296,23 @@ mod tests {
         ] {
             assert!(Sampler::new(bad).is_err());
         }
+    }
+
+    /// Found by the tokenizer fuzz target: a syntax error inside the decoder section made
+    /// tokenizers 0.23 panic ("Helper"). It is now an error at its line and column.
+    #[test]
+    fn a_broken_tokenizer_json_is_an_error_naming_the_file() {
+        let good = include_str!("../../../examples/data/text/tokenizer-bpe512.json");
+        let dir = std::env::temp_dir().join(format!("mamba-text-tok-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (head, decoder) = good.split_at(good.find("\"decoder\": {").unwrap());
+        let broken = format!("{head}{}", decoder.replacen("\"add_prefix_space\": true", "\"add_prefix_space\": ,", 1));
+        for (text, expect) in [(broken.as_str(), "line 26"), ("{\"model\": 5}", "tokenizer.json")] {
+            std::fs::write(dir.join("tokenizer.json"), text).unwrap();
+            let msg = load_tokenizer(&dir).unwrap_err().to_string();
+            assert!(msg.contains("tokenizer.json") && msg.contains(expect), "{msg}");
+        }
+        std::fs::write(dir.join("tokenizer.json"), good).unwrap();
+        load_tokenizer(&dir).unwrap();
     }
 }

@@ -23,6 +23,8 @@ pub enum Error {
     #[error(transparent)]
     Series(#[from] mamba_series::SeriesError),
     #[error(transparent)]
+    Text(#[from] mamba_text::Error),
+    #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
 

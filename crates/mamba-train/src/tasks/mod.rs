@@ -53,7 +53,7 @@ impl TextData {
         let text = std::fs::read_to_string(text_path).map_err(io(text_path))?;
         let tokenizer_json = std::fs::read(tokenizer_path).map_err(io(tokenizer_path))?;
         let bad = |message: String| Error::Config { path: tokenizer_path.display().to_string(), message };
-        let tok = tokenizers::Tokenizer::from_bytes(&tokenizer_json).map_err(|e| bad(e.to_string()))?;
+        let tok = mamba_text::tokenizer_from_bytes(&tokenizer_json, tokenizer_path)?;
         if !(0.0..1.0).contains(&validation_fraction) || context == 0 {
             return Err(Error::Config {
                 path: "[task]".into(),
