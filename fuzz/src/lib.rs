@@ -38,6 +38,10 @@ pub fn check<T, E: std::fmt::Display>(result: Result<T, E>, file: &Path) -> Opti
         Ok(value) => Some(value),
         Err(e) => {
             let message = e.to_string();
+            // To see what a corpus exercises: `FUZZ_VERBOSE=1 fuzz/target/.../TARGET FILES`.
+            if std::env::var_os("FUZZ_VERBOSE").is_some() {
+                eprintln!("{message}");
+            }
             let name = file.file_name().expect("a file name").to_string_lossy();
             assert!(message.contains(name.as_ref()), "the error does not name {name}: {message}");
             None
