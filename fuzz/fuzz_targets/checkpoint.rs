@@ -7,13 +7,14 @@
 
 use candle_core::{DType, Device, Tensor};
 use libfuzzer_sys::fuzz_target;
-use mamba_fuzz::{bundled, check, scratch, write};
+use mamba_fuzz::{bundled, check, copy, scratch, write};
 use mamba_nn::MambaLm;
 
 fuzz_target!(|bytes: &[u8]| {
     let dir = scratch().join("checkpoint");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::copy(bundled("tests/fixtures/mamba_tiny/config.json"), dir.join("config.json")).unwrap();
+    if !dir.join("config.json").exists() {
+        copy(&bundled("tests/fixtures/mamba_tiny/config.json"), &dir.join("config.json"));
+    }
     let path = write(&dir, "model.safetensors", bytes);
     for dtype in [DType::F32, DType::BF16] {
         let Some(model) = check(MambaLm::load_hf(&dir, dtype, &Device::Cpu), &dir) else { return };

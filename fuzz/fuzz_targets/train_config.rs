@@ -6,7 +6,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mamba_fuzz::{bundled, check, scratch, write};
+use mamba_fuzz::{bundled, check, copy, scratch, write};
 use mamba_train::{AnyTask, RunConfig, Task};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -18,11 +18,7 @@ fn data_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let data = scratch().join("data");
-        let copy = |from: &str, to: &str| {
-            let to = data.join(to);
-            std::fs::create_dir_all(to.parent().unwrap()).unwrap();
-            std::fs::copy(bundled(from), to).unwrap();
-        };
+        let copy = |from: &str, to: &str| copy(&bundled(from), &data.join(to));
         let text = std::fs::read(bundled("examples/data/text/shakespeare-1mb.txt")).unwrap();
         std::fs::create_dir_all(&data).unwrap();
         std::fs::write(data.join("text.txt"), &text[..4096]).unwrap();

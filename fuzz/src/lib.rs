@@ -25,6 +25,13 @@ pub fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
     path
 }
 
+/// `from` copied to `to`, folders made. Not `std::fs::copy`: it does not retry a call
+/// interrupted by a signal, and libFuzzer's timers send them.
+pub fn copy(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to.parent().expect("a folder")).expect("a scratch folder");
+    std::fs::write(to, std::fs::read(from).expect("a bundled file")).expect("a scratch file");
+}
+
 /// A file of the bundled data (examples/data) or the test fixtures, by its path from the
 /// repository's root.
 pub fn bundled(path: &str) -> PathBuf {

@@ -139,7 +139,12 @@ fn a_csv_trains_a_forecaster_that_forecasts_new_files() {
     with_hole[last] = with_hole[last].rsplit_once(',').unwrap().0.to_string() + ",NA";
     std::fs::write(&holed, with_hole.join("\n")).unwrap();
     let o = mamba(&[&args[..], &[holed.to_str().unwrap()]].concat());
-    assert!(!o.status.success() && text(&o).contains("column \"echo\" has missing values"), "{}", text(&o));
+    let at = format!("the first in row {last} (time {:?})", with_hole[last].split(',').next().unwrap());
+    assert!(
+        !o.status.success() && text(&o).contains("column \"echo\" has missing values") && text(&o).contains(&at),
+        "{}",
+        text(&o)
+    );
     assert!(!out.join("short.forecast.csv").exists() && !out.join("holed.forecast.png").exists());
 }
 
@@ -169,7 +174,10 @@ fn bad_tables_and_configs_are_named() {
         rows.lines().map(|l| if l.starts_with("2000-05,") { "2000-05,NA,1.0".into() } else { l.to_string() }).collect();
     std::fs::write(&data, holed.join("\n")).unwrap();
     let msg = train(good.clone());
-    assert!(msg.contains("months.csv: column \"wave\" has 1 missing values"), "{msg}");
+    assert!(
+        msg.contains("months.csv: column \"wave\" has 1 missing values, the first in row 5 (time \"2000-05\")"),
+        "{msg}"
+    );
     std::fs::write(&data, &rows).unwrap();
     for (change, needle) in [
         (("lookback = 24", "lookback = 200"), "too few"),

@@ -247,7 +247,7 @@ fn cuda_in_a_build_without_it_stops_training_before_anything_is_written() {
 #[test]
 fn bad_configs_stop_before_training_naming_file_and_key() {
     let dir = scratch("bad");
-    let cases: [(&str, String, &[&str]); 5] = [
+    let cases: [(&str, String, &[&str]); 6] = [
         ("unknown key", TINY.replace("epochs = 2", "epochs = 2\nepochz = 3"), &["epochz", "config.toml"]),
         ("wrong type", TINY.replace("batch_size = 4", "batch_size = \"four\""), &["batch_size", "config.toml"]),
         ("unknown task", TINY.replace("selective_copying", "telepathy"), &["telepathy", "config.toml"]),
@@ -260,6 +260,19 @@ fn bad_configs_stop_before_training_naming_file_and_key() {
             &["nowhere.txt", "config.toml"],
         ),
         ("bad model", TINY.replace("d_state = 4", "d_state = 0"), &["d_state", "config.toml"]),
+        // A task's own check, which named only "[task]" until the fuzzer asked for the file.
+        (
+            "bad task",
+            TINY.replace(
+                "kind = \"selective_copying\"\nseq_len = 24\ntokens = 4\ntrain_examples = 192\nvalidation_examples = 32",
+                &format!(
+                    "kind = \"text\"\ndata = \"{}\"\ntokenizer = \"{}\"\ncontext = 8\nvalidation_fraction = 5.1",
+                    common::repo().join("examples/data/text/make_tokenizer.py").display(),
+                    common::repo().join("examples/data/text/tokenizer-bpe512.json").display()
+                ),
+            ),
+            &["config.toml: [task]: validation_fraction must be in [0, 1)"],
+        ),
     ];
     for (what, text, needles) in cases {
         let config = write_config(&dir, &text);

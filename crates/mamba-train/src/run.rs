@@ -107,7 +107,22 @@ impl RunConfig {
         Self::read(&dir.join("train.toml"), &[], Some(dir), data)
     }
 
+    /// Every error names the config file: the task's own checks name their section (`[task]`)
+    /// and a data file's errors that file, so the config is put in front of any message that
+    /// does not name it already.
     fn read(path: &Path, sets: &[String], checkpoint: Option<&Path>, data: Option<&Path>) -> Result<Self> {
+        let source = path.display().to_string();
+        Self::read_named(path, sets, checkpoint, data).map_err(|e| {
+            let message = e.to_string();
+            if message.contains(&source) {
+                e
+            } else {
+                Error::Config { path: source, message }
+            }
+        })
+    }
+
+    fn read_named(path: &Path, sets: &[String], checkpoint: Option<&Path>, data: Option<&Path>) -> Result<Self> {
         let source = path.display().to_string();
         let err = |message: String| Error::Config { path: source.clone(), message };
         let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: source.clone(), source: e })?;

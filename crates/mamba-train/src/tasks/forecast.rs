@@ -109,6 +109,11 @@ impl ForecastMeta {
     const FILE: &'static str = "forecast.json";
 }
 
+/// Where data row `row` (from 0) of `table` is, for errors: `in row 5 (time "2000-05")`.
+fn first_at(table: &Table, row: usize) -> String {
+    format!("in row {} (time {:?})", row + 1, table.time[row])
+}
+
 /// The columns of `table` named `names`, in that order.
 fn named_columns<'a>(table: &'a Table, names: &[String], source: &str) -> Result<Vec<&'a Vec<f32>>> {
     names
@@ -160,12 +165,12 @@ impl ForecastData {
         }
         let raw: Vec<Vec<f32>> = named_columns(&table, &variables, &data)?.into_iter().cloned().collect();
         for (name, col) in variables.iter().zip(&raw) {
-            let missing = col.iter().filter(|v| v.is_nan()).count();
-            if missing > 0 {
-                return Err(Error::Config {
-                    path: data.clone(),
-                    message: format!("column {name:?} has {missing} missing values; fill or drop them first"),
-                });
+            if let Some(first) = col.iter().position(|v| v.is_nan()) {
+                let missing = col.iter().filter(|v| v.is_nan()).count();
+                let at = first_at(&table, first);
+                let message =
+                    format!("column {name:?} has {missing} missing values, the first {at}; fill or drop them first");
+                return Err(Error::Config { path: data.clone(), message });
             }
         }
         let splits = rule.split(table.len(), lookback).ok_or_else(|| {
@@ -312,8 +317,9 @@ pub fn forecast_table(
     let raw: Vec<Vec<f32>> =
         named_columns(table, &meta.variables, source)?.into_iter().map(|c| c[c.len() - lookback..].to_vec()).collect();
     for (name, col) in meta.variables.iter().zip(&raw) {
-        if col.iter().any(|v| v.is_nan()) {
-            return Err(err(format!("column {name:?} has missing values in its last {lookback} rows")));
+        if let Some(first) = col.iter().position(|v| v.is_nan()) {
+            let at = first_at(table, table.len() - lookback + first);
+            return Err(err(format!("column {name:?} has missing values in its last {lookback} rows, the first {at}")));
         }
     }
     let input = meta.scaler.transform(&raw).concat();

@@ -64,7 +64,7 @@ pub fn read_archive(path: &Path) -> Result<Labelled> {
             return Err(Error::Config { path: path.display().to_string(), message });
         }
     };
-    let set = read(path).map_err(|e| Error::Config { path: "[task]".into(), message: e.to_string() })?;
+    let set = read(path)?;
     if let Some((case, dim, step)) = set.first_missing() {
         let message = format!(
             "{} values are missing, the first at case {case}, dimension {dim}, step {step}; fill or drop them first",
