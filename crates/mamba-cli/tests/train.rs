@@ -59,6 +59,15 @@ fn weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
     t
 }
 
+/// `mamba train CONFIG --out OUT` in the background, to be killed.
+fn start_training(config: &str, out: &Path) -> std::process::Child {
+    Command::new(common::mamba_bin())
+        .args(["train", config, "--out", out.to_str().unwrap()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 fn trainer_state(run: &Path) -> Option<serde_json::Value> {
     serde_json::from_str(&std::fs::read_to_string(run.join("last/trainer.json")).ok()?).ok()
 }
@@ -86,11 +95,7 @@ fn runs_killed_while_checkpointing_resume_to_the_uninterrupted_weights() {
         // Wait for the checkpoint of a random step (of 48), then kill after a random delay of
         // up to 30 ms, about the time one checkpoint takes to write.
         let (step, delay) = (1 + next(40), Duration::from_micros(next(30_000)));
-        let mut child = Command::new(common::mamba_bin())
-            .args(["train", cfg, "--out", out.to_str().unwrap()])
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = start_training(cfg, &out);
         let start = Instant::now();
         while trainer_state(&out).and_then(|s| s["step"].as_u64()).is_none_or(|s| s < step) {
             assert!(start.elapsed() < Duration::from_secs(120), "run {run}: no checkpoint of step {step}");
@@ -124,11 +129,7 @@ fn a_killed_run_resumes_to_the_uninterrupted_weights() {
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
 
     // Kill the second run as soon as it has a checkpoint in the middle of the first epoch.
-    let mut child = Command::new(common::mamba_bin())
-        .args(["train", cfg, "--out", killed.to_str().unwrap()])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = start_training(cfg, &killed);
     let start = Instant::now();
     let at_kill = loop {
         if let Some(s) = trainer_state(&killed) {
