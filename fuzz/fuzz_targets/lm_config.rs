@@ -11,7 +11,7 @@ use mamba_nn::{LmConfig, MambaLm};
 fuzz_target!(|bytes: &[u8]| {
     let json = bytes.first() == Some(&b'{');
     let path = write(scratch(), if json { "config.json" } else { "model.toml" }, bytes);
-    let config = if json { LmConfig::from_hf_file(&path) } else { mamba_nn::LmConfig::from_toml_file(&path) };
+    let config = if json { LmConfig::from_hf_file(&path) } else { LmConfig::from_toml_file(&path) };
     if let Some(config) = check(config, &path) {
         let _ = mamba_nn::num_params(&MambaLm::params(&config));
     }

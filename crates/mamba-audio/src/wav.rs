@@ -53,11 +53,10 @@ pub fn read_wav(path: &Path) -> Result<Audio> {
         (format, bits) => return Err(bad(format!("unsupported sample format {format:?} with {bits} bits"))),
     }
     .map_err(|e| bad(format!("truncated or corrupt sample data: {e}")))?;
-    if let Some(i) = interleaved.iter().position(|v| !v.is_finite()) {
-        let (frame, channel) = (i / spec.channels as usize, i % spec.channels as usize + 1);
-        return Err(bad(format!("sample {frame} of channel {channel} is {}", interleaved[i])));
-    }
     let c = spec.channels as usize;
+    if let Some(i) = interleaved.iter().position(|v| !v.is_finite()) {
+        return Err(bad(format!("sample {} of channel {} is {}", i / c, i % c + 1, interleaved[i])));
+    }
     let samples = interleaved.chunks_exact(c).map(|frame| frame.iter().sum::<f32>() / c as f32).collect();
     Ok(Audio { samples, sample_rate: spec.sample_rate })
 }
