@@ -4,7 +4,8 @@
 //! clips are held-out speakers, a Speech Commands list, or a seeded fraction.
 
 use super::classify::{
-    check_classes, check_standardisation, read_meta, read_train_config, Checked, Classify, Files, InputMeta,
+    check_classes, check_input_size, check_standardisation, read_meta, read_train_config, Checked, Classify, Files,
+    InputMeta,
 };
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
@@ -140,6 +141,13 @@ impl Checked for AudioMeta {
                 mel.sample_rate, mel.n_fft, mel.hop_length, mel.n_mels, f.samples
             ));
         }
+        let (bins, frames) = f.shape();
+        if frames == 0 {
+            return Err(format!("{} samples give no frame of n_fft {}", f.samples, mel.n_fft));
+        }
+        check_input_size("samples", &[f.samples])?;
+        check_input_size("n_fft", &[mel.n_fft])?;
+        check_input_size("bins x frames", &[bins, frames])?;
         check_standardisation(&[f.mean], &[f.std], 1)
     }
 }

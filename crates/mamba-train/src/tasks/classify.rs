@@ -295,6 +295,18 @@ pub fn check_standardisation(mean: &[f32], std: &[f32], count: usize) -> std::re
     }
 }
 
+/// The most values one example's input may hold: 2^28 (1 GiB of f32). A side file that describes
+/// more could not have come from training on a machine of this size, and would allocate without bound.
+pub const MAX_INPUT_VALUES: usize = 1 << 28;
+
+/// The sizes named in `what`, multiplied, are at most [`MAX_INPUT_VALUES`].
+pub fn check_input_size(what: &str, sizes: &[usize]) -> std::result::Result<(), String> {
+    match sizes.iter().try_fold(1usize, |n, &s| n.checked_mul(s)) {
+        Some(n) if n <= MAX_INPUT_VALUES => Ok(()),
+        _ => Err(format!("{what} {sizes:?}: more than {MAX_INPUT_VALUES} values in one example")),
+    }
+}
+
 /// At least one class.
 pub fn check_classes(classes: &[String]) -> std::result::Result<(), String> {
     if classes.is_empty() {

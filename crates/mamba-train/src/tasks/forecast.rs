@@ -4,7 +4,7 @@
 //! `mamba eval` adds the test split, beside the naive and seasonal-naive forecasts of the same
 //! windows. A checkpoint forecasts new CSV files of the same variables (`forecast_table`).
 
-use super::classify::{check_standardisation, read_checked, read_train_config, Checked};
+use super::classify::{check_input_size, check_standardisation, read_checked, read_train_config, Checked};
 use crate::task::{Metrics, Split, Task};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
@@ -98,6 +98,8 @@ impl Checked for ForecastMeta {
                 s.variables
             ));
         }
+        check_input_size("lookback x variables", &[s.lookback, s.variables])?;
+        check_input_size("horizon x variables", &[s.horizon, s.variables])?;
         if self.period == Some(0) {
             return Err("period 0".into());
         }

@@ -3,8 +3,8 @@
 //! matrix are `classify`'s).
 
 use super::classify::{
-    check_classes, check_standardisation, read_meta, read_train_config, Checked, Classify, Files, InputMeta,
-    DECODED_BUDGET,
+    check_classes, check_input_size, check_standardisation, read_meta, read_train_config, Checked, Classify, Files,
+    InputMeta, DECODED_BUDGET,
 };
 use crate::task::Split;
 use crate::{Error, Result};
@@ -37,6 +37,9 @@ impl Checked for ImageMeta {
                 t.channels, t.resize, t.crop
             ));
         }
+        let (resize, crop) = (t.resize as usize, t.crop as usize);
+        check_input_size("channels x resize x resize", &[t.channels, resize, resize])?;
+        check_input_size("channels x crop x crop", &[t.channels, crop, crop])?;
         if !(0.0..=1.0).contains(&t.hflip) {
             return Err(format!("hflip {}: a probability is in [0, 1]", t.hflip));
         }
@@ -337,6 +340,8 @@ mod tests {
         for (bad, needle) in [
             (Transform { std: vec![0.0], ..good.clone() }, "a std of 0"),
             (Transform { crop: 0, ..good.clone() }, "crop 0"),
+            (Transform { crop: u32::MAX, ..good.clone() }, "more than 268435456 values"),
+            (Transform { resize: 1 << 15, ..good.clone() }, "channels x resize x resize"),
             (Transform { mean: vec![], ..good.clone() }, "0 means and 1 stds"),
         ] {
             write(bad);

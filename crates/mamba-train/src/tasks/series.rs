@@ -4,7 +4,7 @@
 //! over time. Validation is the archive's own test split.
 
 use super::classify::{
-    check_classes, check_finite, rank, read_checked, read_train_config, Checked, Classify, Examples,
+    check_classes, check_finite, check_input_size, rank, read_checked, read_train_config, Checked, Classify, Examples,
 };
 use crate::task::Split;
 use crate::{Error, Result};
@@ -133,7 +133,7 @@ impl Checked for SeriesMeta {
         if self.dims == 0 || self.length == 0 {
             return Err(format!("dims {}, length {}: each must be at least 1", self.dims, self.length));
         }
-        Ok(())
+        check_input_size("dims x length", &[self.dims, self.length])
     }
 }
 
@@ -230,4 +230,28 @@ pub fn classify_cases(
         })
         .collect::<Result<Vec<_>>>()?;
     rank(model, &meta.classes, &inputs, device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_series_json_describing_more_than_an_example_can_hold_is_refused_before_allocating() {
+        let dir = std::env::temp_dir().join(format!("mamba-series-json-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let classes = vec!["a".to_string(), "b".to_string()];
+        for (dims, length, needle) in
+            [(usize::MAX / 2, 4, "dims x length"), (1 << 20, 1 << 9, "more than 268435456 values"), (3, 0, "length 0")]
+        {
+            let meta = SeriesMeta { classes: classes.clone(), dims, length };
+            std::fs::write(dir.join("series.json"), serde_json::to_vec(&meta).unwrap()).unwrap();
+            let err = SeriesMeta::read(&dir).unwrap_err().to_string();
+            assert!(err.contains("series.json") && err.contains(needle), "{err}");
+        }
+        let meta = SeriesMeta { classes, dims: 2, length: 150 };
+        std::fs::write(dir.join("series.json"), serde_json::to_vec(&meta).unwrap()).unwrap();
+        assert_eq!(SeriesMeta::read(&dir).unwrap().length, 150);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
