@@ -1,6 +1,6 @@
-//! The numerical core of the framework: Mamba-1's selective scan, Mamba-2's SSD chunked scan and
-//! the causal depthwise conv1d of both mixers, each with its backward pass, a single-token step for
-//! decoding, and a slow, obviously-right reference beside it.
+//! The numerical core of the framework: Mamba-1's selective scan, Mamba-2's SSD chunked scan,
+//! Mamba-3's scan and the causal depthwise conv1d of the mixers, each with its backward pass, a
+//! single-token step for decoding, and a slow, obviously-right reference beside it.
 //!
 //! Layouts follow the reference implementations (`mamba_ssm.ops`): the selective scan takes
 //! (batch, dim, len), the SSD (batch, len, heads, headdim). Every function checks its inputs and
@@ -13,6 +13,7 @@ mod cuda;
 mod error;
 mod gate;
 mod mamba2_inner;
+mod mamba3;
 mod mamba_inner;
 mod math;
 mod matmul;
@@ -28,6 +29,9 @@ pub use cuda::missing_cuda_libraries;
 pub use error::{Error, Result};
 pub use gate::silu_gate;
 pub use mamba2_inner::{mamba2_inner, mamba2_inner_ref, Mamba2Output, Mamba2Weights};
+pub use mamba3::{
+    mamba3_chunk_scan_ref, mamba3_scan_ref, mamba3_state_update_ref, Mamba3Inputs, Mamba3Output, Mamba3State,
+};
 pub use mamba_inner::{mamba_inner, mamba_inner_ref, InnerOutput, InnerWeights};
 pub use math::{cpu_isa, set_cpu_isa, CpuIsa};
 pub use matmul::{weight_matmul, weight_matmul_ref};

@@ -226,7 +226,6 @@ pub fn ssd_chunk_scan(
 
 /// [`ssd_chunk_scan`] from candle ops, differentiated by candle (it keeps one state per chunk):
 /// the reference the kernels are tested against, and the path on devices without a kernel.
-/// The last chunk is padded with dt = 0, which leaves the state unchanged.
 #[allow(clippy::too_many_arguments)]
 pub fn ssd_chunk_scan_ref(
     x: &Tensor,
@@ -238,12 +237,35 @@ pub fn ssd_chunk_scan_ref(
     p: &SsdParams,
     initial_states: Option<&Tensor>,
 ) -> Result<ScanOutput> {
-    let Sizes { batch, len, heads, headdim, groups, state } =
-        check_chunked(x, dt, a, b, c, chunk_size, p, initial_states)?;
+    let s = check_chunked(x, dt, a, b, c, chunk_size, p, initial_states)?;
     let out_dtype = x.dtype();
     let ct = if out_dtype == DType::F64 { DType::F64 } else { DType::F32 };
     let (x, a, b, c) = (x.to_dtype(ct)?, a.to_dtype(ct)?, b.to_dtype(ct)?, c.to_dtype(ct)?);
     let dt = effective_dt(&dt.to_dtype(ct)?, p)?;
+    let h0 = initial_states.map(|h0| h0.to_dtype(ct)).transpose()?;
+    let (y, last) = chunked(&x, &dt, &dt.broadcast_mul(&a)?, &b, &c, chunk_size, s, h0.as_ref())?;
+    let y = finish(y, &x, p, ct)?;
+    Ok(ScanOutput { y: y.to_dtype(out_dtype)?, last_state: last.to_dtype(out_dtype)? })
+}
+
+/// The chunked algorithm of SSD from candle ops, with the input weights and the log decays
+/// apart: h_t = exp(log_decay_t) h_{t-1} + w_t x_t B_t^T, y_t = h_t C_t. x: (b, l, h, p); w and
+/// log_decay: (b, l, h); b and c: (b, l, g, n); h0: (b, h, p, n). Returns y like x and the last
+/// state. SSD is w = dt, log_decay = dt A; Mamba-3 uses it too. The last chunk is padded with
+/// w = log_decay = 0, which leaves the state unchanged.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn chunked(
+    x: &Tensor,
+    w: &Tensor,
+    log_decay: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    chunk_size: usize,
+    s: Sizes,
+    h0: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    let Sizes { batch, len, heads, headdim, groups, state } = s;
+    let ct = x.dtype();
     let k = chunk_size.min(len);
     let pad = (k - len % k) % k;
     let chunks = (len + pad) / k;
@@ -253,13 +275,13 @@ pub fn ssd_chunk_scan_ref(
         // (b, l, h|g, ..) -> (b, c, h|g, k, ..)
         Ok(t.pad_with_zeros(1, 0, pad)?.reshape(shape)?.transpose(2, 3)?.contiguous()?)
     };
-    let (xc, dtc, bc, cc) = (chunked(&x)?, chunked(&dt)?, chunked(&b)?, chunked(&c)?);
-    let cum = dtc.broadcast_mul(&a.unsqueeze(1)?)?.cumsum(3)?; // (b, c, h, k)
-    let y_diag = quadratic(&xc, &dtc, &cum, &bc, &cc)?;
+    let (xc, wc, bc, cc) = (chunked(x)?, chunked(w)?, chunked(b)?, chunked(c)?);
+    let cum = chunked(log_decay)?.cumsum(3)?; // (b, c, h, k)
+    let y_diag = quadratic(&xc, &wc, &cum, &bc, &cc)?;
 
-    // Each chunk's own contribution to the state at its end: sum_j exp(cum_last - cum_j) dt_j x_j B_j^T.
+    // Each chunk's own contribution to the state at its end: sum_j exp(cum_last - cum_j) w_j x_j B_j^T.
     let last = cum.narrow(3, k - 1, 1)?;
-    let weight = (last.broadcast_sub(&cum)?.exp()? * &dtc)?;
+    let weight = (last.broadcast_sub(&cum)?.exp()? * &wc)?;
     let xw = xc.broadcast_mul(&weight.unsqueeze(4)?)?.transpose(3, 4)?; // (b, c, h, p, k)
     let rep = heads / groups;
     let own = xw.contiguous()?.reshape((batch, chunks, groups, rep * headdim, k))?;
@@ -267,8 +289,8 @@ pub fn ssd_chunk_scan_ref(
 
     // Pass the states from chunk to chunk.
     let chunk_decay = last.squeeze(3)?.exp()?; // (b, c, h)
-    let mut h = match initial_states {
-        Some(h0) => h0.to_dtype(ct)?,
+    let mut h = match h0 {
+        Some(h0) => h0.clone(),
         None => Tensor::zeros((batch, heads, headdim, state), ct, x.device())?,
     };
     let mut starts = Vec::with_capacity(chunks);
@@ -286,8 +308,7 @@ pub fn ssd_chunk_scan_ref(
         .reshape((batch, chunks, heads, k, headdim))?
         .broadcast_mul(&cum.exp()?.unsqueeze(4)?)?;
     let y = (y_diag + y_off)?.transpose(2, 3)?.reshape((batch, chunks * k, heads, headdim))?.narrow(1, 0, len)?;
-    let y = finish(y, &x, p, ct)?;
-    Ok(ScanOutput { y: y.to_dtype(out_dtype)?, last_state: h.to_dtype(out_dtype)? })
+    Ok((y, h))
 }
 
 /// The D skip and the z gate, shared by every form.

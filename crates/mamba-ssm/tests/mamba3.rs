@@ -1,0 +1,240 @@
+//! Mamba-3's scan against mamba_ssm's own references (tests/fixtures/mamba3, made from the
+//! official code in float64): outputs, final states and gradients, for grouped queries and keys,
+//! no D and z, and a scan that continues from given states.
+
+mod common;
+use candle_core::{DType, Tensor, Var};
+use common::*;
+use mamba_ssm::{mamba3_chunk_scan_ref, mamba3_scan_ref, Mamba3Inputs, Mamba3Output, Mamba3State};
+use std::collections::HashMap;
+
+const INPUTS: [&str; 11] = ["Q", "K", "V", "ADT", "DT", "Trap", "Q_bias", "K_bias", "Angles", "D", "Z"];
+const STATES: [&str; 4] = ["Input_Angle_State", "Input_SSM_State", "Input_K_State", "Input_V_State"];
+
+/// The case's inputs (as f64 leaves), in the order of `INPUTS` then `STATES`, those it has.
+fn leaves(fx: &HashMap<String, Tensor>, case: &str) -> Vec<(&'static str, Var)> {
+    INPUTS
+        .iter()
+        .chain(&STATES)
+        .filter_map(|name| {
+            let t = fx.get(&format!("{case}.in.{name}"))?;
+            Some((*name, var(&t.to_dtype(DType::F64).unwrap())))
+        })
+        .collect()
+}
+
+/// A scan: the step reference, or the chunked form at some chunk size.
+type Scan<'a> = &'a dyn Fn(&Mamba3Inputs, Option<&Mamba3State>) -> Mamba3Output;
+
+fn step_by_step(x: &Mamba3Inputs, initial: Option<&Mamba3State>) -> Mamba3Output {
+    mamba3_scan_ref(x, initial).unwrap()
+}
+
+fn in_chunks(chunk: usize) -> impl Fn(&Mamba3Inputs, Option<&Mamba3State>) -> Mamba3Output {
+    move |x, initial| mamba3_chunk_scan_ref(x, chunk, initial).unwrap()
+}
+
+fn scan(leaves: &[(&str, Var)], scan: Scan) -> Mamba3Output {
+    let get = |name: &str| leaves.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_tensor());
+    let x = Mamba3Inputs {
+        q: get("Q").unwrap(),
+        k: get("K").unwrap(),
+        v: get("V").unwrap(),
+        adt: get("ADT").unwrap(),
+        dt: get("DT").unwrap(),
+        trap: get("Trap").unwrap(),
+        q_bias: get("Q_bias").unwrap(),
+        k_bias: get("K_bias").unwrap(),
+        angles: get("Angles").unwrap(),
+        d: get("D"),
+        z: get("Z"),
+    };
+    let initial = get("Input_SSM_State").map(|ssm| Mamba3State {
+        angle: get("Input_Angle_State").unwrap().clone(),
+        ssm: ssm.clone(),
+        k: get("Input_K_State").unwrap().clone(),
+        v: get("Input_V_State").unwrap().clone(),
+    });
+    scan(&x, initial.as_ref())
+}
+
+/// Angles compared on the circle: the distance to the nearest multiple of 2 pi.
+fn angle_err(got: &Tensor, want: &Tensor) -> f64 {
+    let d = (got - want).unwrap();
+    let turns = d.affine(0.5 / std::f64::consts::PI, 0.0).unwrap().round().unwrap();
+    let d = (d - turns.affine(2.0 * std::f64::consts::PI, 0.0).unwrap()).unwrap();
+    d.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()
+}
+
+/// Each scan against the fixture's three cases, to `tol` relative.
+fn matches_fixture(scan_with: Scan, tol: f64) {
+    let fx = fixture("mamba3/siso_op.safetensors");
+    for case in ["gqa", "nodz", "init"] {
+        let leaves = leaves(&fx, case);
+        let want = |name: &str| &fx[&format!("{case}.{name}")];
+        let out = scan(&leaves, scan_with);
+        assert_close(&format!("{case} y"), &out.y, want("out"), tol);
+        assert_close(&format!("{case} ssm state"), &out.state.ssm, want("final.ssm_state"), tol);
+        assert_close(&format!("{case} k state"), &out.state.k, want("final.k_state"), tol);
+        assert_close(&format!("{case} v state"), &out.state.v, want("final.v_state"), tol);
+        let e = angle_err(&out.state.angle, want("final.angle_state"));
+        assert!(e < tol, "{case} angle state: {e:.3e}");
+        let grads = dot(&out.y, want("W")).backward().unwrap();
+        for (name, leaf) in &leaves {
+            let g = grads.get(leaf.as_tensor()).unwrap_or_else(|| panic!("{case}: no gradient for {name}"));
+            // The fixture's gradients of the input states went through a float32 cast.
+            let tol = if name.starts_with("Input_") { tol.max(1e-6) } else { tol };
+            assert_close(&format!("{case} d{name}"), g, want(&format!("grad.{name}")), tol);
+        }
+    }
+}
+
+#[test]
+fn the_step_reference_matches_mamba_ssm_outputs_states_and_gradients() {
+    matches_fixture(&step_by_step, 1e-10);
+}
+
+#[test]
+fn the_chunked_form_matches_mamba_ssm_at_any_chunk_size() {
+    // 37 tokens: chunks of 1, of sizes that do not divide it, of 16 (the fixture's), and one
+    // chunk longer than the sequence.
+    for chunk in [1, 5, 16, 64] {
+        matches_fixture(&in_chunks(chunk), 1e-10);
+    }
+}
+
+/// Inputs of a shape the fixtures do not have, seeded; with initial states when `states`.
+fn random_leaves(
+    (batch, len, heads, headdim, groups, state, angles): (usize, usize, usize, usize, usize, usize, usize),
+    states: bool,
+    seed: u64,
+) -> Vec<(&'static str, Var)> {
+    let u = |shape: &[usize], s: u64, lo: f64, hi: f64| var(&uniform(shape, seed * 100 + s, lo, hi, DType::F64));
+    let mut v = vec![
+        ("Q", u(&[batch, len, groups, state], 1, -1.0, 1.0)),
+        ("K", u(&[batch, len, groups, state], 2, -1.0, 1.0)),
+        ("V", u(&[batch, len, heads, headdim], 3, -1.0, 1.0)),
+        ("ADT", u(&[batch, heads, len], 4, -1.5, -0.01)),
+        ("DT", u(&[batch, heads, len], 5, 0.01, 1.0)),
+        ("Trap", u(&[batch, heads, len], 6, -3.0, 3.0)),
+        ("Q_bias", u(&[heads, state], 7, -0.5, 0.5)),
+        ("K_bias", u(&[heads, state], 8, -0.5, 0.5)),
+        ("Angles", u(&[batch, len, heads, angles], 9, -2.0, 2.0)),
+        ("D", u(&[heads], 10, -1.0, 1.0)),
+        ("Z", u(&[batch, len, heads, headdim], 11, -2.0, 2.0)),
+    ];
+    if states {
+        v.extend([
+            ("Input_Angle_State", u(&[batch, heads, angles], 12, 0.0, 6.0)),
+            ("Input_SSM_State", u(&[batch, heads, headdim, state], 13, -1.0, 1.0)),
+            ("Input_K_State", u(&[batch, heads, state], 14, -1.0, 1.0)),
+            ("Input_V_State", u(&[batch, heads, headdim], 15, -1.0, 1.0)),
+        ]);
+    }
+    v
+}
+
+/// The chunked form equals the step reference, outputs, states and every gradient, over lengths
+/// 1 and not multiples of the chunk, grouped keys, a partial rotation and batch 3.
+#[test]
+fn the_chunked_form_equals_the_step_reference_on_unseen_shapes() {
+    for (i, len) in [1usize, 2, 23].into_iter().enumerate() {
+        for states in [false, true] {
+            let leaves = random_leaves((3, len, 6, 5, 3, 12, 3), states, i as u64 * 2 + states as u64);
+            let w = uniform(&[3, len, 6, 5], 99, -1.0, 1.0, DType::F64);
+            let want = scan(&leaves, &step_by_step);
+            let got = scan(&leaves, &in_chunks(8));
+            let what = format!("len {len}, states {states}");
+            assert_close(&format!("{what}: y"), &got.y, &want.y, 1e-12);
+            assert_close(&format!("{what}: ssm"), &got.state.ssm, &want.state.ssm, 1e-12);
+            assert_close(&format!("{what}: k"), &got.state.k, &want.state.k, 1e-12);
+            assert_close(&format!("{what}: v"), &got.state.v, &want.state.v, 1e-12);
+            assert!(angle_err(&got.state.angle, &want.state.angle) < 1e-12, "{what}: angle");
+            let (gw, gg) = (dot(&want.y, &w).backward().unwrap(), dot(&got.y, &w).backward().unwrap());
+            for (name, leaf) in &leaves {
+                let g = |grads: &candle_core::backprop::GradStore| grads.get(leaf.as_tensor()).unwrap().clone();
+                // Against the scale of the inputs, not the gradient's own: with one token and no
+                // state, q . k does not depend on the shared rotation, and dAngles is rounding.
+                let (got, want) = (g(&gg), g(&gw));
+                let e = (&got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+                let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap().max(1.0);
+                assert!(e / scale < 1e-11, "{what}: d{name}: error {e:.3e}");
+            }
+        }
+    }
+}
+
+/// Scanning a sequence in two parts, the second from the first's state, equals scanning it
+/// whole: what decoding after a prompt relies on.
+#[test]
+fn a_scan_continued_from_its_state_equals_the_whole_scan() {
+    let leaves = random_leaves((2, 19, 4, 3, 2, 8, 4), false, 7);
+    let whole = scan(&leaves, &in_chunks(4));
+    let part = |from: usize, n: usize| -> Vec<(&'static str, Var)> {
+        leaves
+            .iter()
+            .map(|(name, v)| {
+                let t = v.as_tensor();
+                let time_dim = match *name {
+                    "ADT" | "DT" | "Trap" => Some(2),
+                    "Q_bias" | "K_bias" | "D" => None,
+                    _ => Some(1),
+                };
+                (*name, var(&time_dim.map_or(t.clone(), |d| t.narrow(d, from, n).unwrap())))
+            })
+            .collect()
+    };
+    let first = scan(&part(0, 12), &in_chunks(4));
+    let second_leaves = part(12, 7);
+    let get = |name: &str| second_leaves.iter().find(|(n, _)| *n == name).unwrap().1.as_tensor().clone();
+    let x = Mamba3Inputs {
+        q: &get("Q"),
+        k: &get("K"),
+        v: &get("V"),
+        adt: &get("ADT"),
+        dt: &get("DT"),
+        trap: &get("Trap"),
+        q_bias: &get("Q_bias"),
+        k_bias: &get("K_bias"),
+        angles: &get("Angles"),
+        d: Some(&get("D")),
+        z: Some(&get("Z")),
+    };
+    for (what, second) in [
+        ("chunked", mamba3_chunk_scan_ref(&x, 4, Some(&first.state)).unwrap()),
+        ("step", mamba3_scan_ref(&x, Some(&first.state)).unwrap()),
+    ] {
+        let y = Tensor::cat(&[&first.y, &second.y], 1).unwrap();
+        assert_close(&format!("{what}: y"), &y, &whole.y, 1e-12);
+        assert_close(&format!("{what}: ssm"), &second.state.ssm, &whole.state.ssm, 1e-12);
+    }
+}
+
+/// In f32, the chunked form stays within 1e-5 of the float64 reference.
+#[test]
+fn the_chunked_form_in_f32_is_close_to_the_f64_reference() {
+    let leaves = random_leaves((2, 45, 4, 8, 2, 16, 8), true, 11);
+    let want = scan(&leaves, &step_by_step);
+    let f32_leaves: Vec<_> =
+        leaves.iter().map(|(n, v)| (*n, var(&v.as_tensor().to_dtype(DType::F32).unwrap()))).collect();
+    let got = scan(&f32_leaves, &in_chunks(16));
+    assert_eq!(got.y.dtype(), DType::F32);
+    assert_close("y", &got.y, &want.y, 1e-5);
+    assert_close("ssm", &got.state.ssm, &want.state.ssm, 1e-5);
+}
+
+/// The step reference's gradient agrees with central differences, which need no fixture.
+#[test]
+fn the_reference_gradients_agree_with_finite_differences() {
+    let leaves = random_leaves((1, 6, 2, 2, 1, 4, 2), true, 5);
+    let w = uniform(&[1, 6, 2, 2], 98, -1.0, 1.0, DType::F64);
+    let grads = dot(&scan(&leaves, &step_by_step).y, &w).backward().unwrap();
+    let inputs: Vec<Tensor> = leaves.iter().map(|(_, v)| v.as_tensor().clone()).collect();
+    for (i, (name, leaf)) in leaves.iter().enumerate() {
+        let loss = |args: &[Tensor]| {
+            let l: Vec<_> = leaves.iter().zip(args).map(|((n, _), t)| (*n, var(t))).collect();
+            dot(&scan(&l, &step_by_step).y, &w).to_scalar::<f64>().unwrap()
+        };
+        check_finite_differences(name, &inputs, i, grads.get(leaf.as_tensor()).unwrap(), &loss);
+    }
+}
