@@ -1,0 +1,261 @@
+//! The Mamba-3 mixer (SISO), as mamba_ssm's `modules/mamba3.py` has it: in_proj to
+//! [z, x, B, C, dd_dt, dd_A, trap, angles] -> RMSNorm on B and C -> the Mamba-3 scan (queries C
+//! and keys B with per-head biases, rotated by data-dependent angles; trapezoidal mixing of each
+//! token with the previous; D skip; y * silu(z)) -> out_proj. No convolution. Tensor names are
+//! the reference's: `in_proj.weight`, `dt_bias`, `B_bias`, `C_bias`, `B_norm.weight`,
+//! `C_norm.weight`, `D`, `out_proj.weight`.
+
+use crate::{compute_dtype, fan_in_bound, Error, Init, Linear, Param, Result};
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+use mamba_ssm::{
+    mamba3_chunk_scan_ref, mamba3_state_update_ref, rms_norm, softplus, Mamba3Inputs, Mamba3State,
+};
+use serde::{Deserialize, Serialize};
+
+/// The sizes of a Mamba-3 mixer, named and defaulted as `Mamba3.__init__`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mamba3Config {
+    pub d_model: usize,
+    #[serde(default = "d_state")]
+    pub d_state: usize,
+    #[serde(default = "expand")]
+    pub expand: usize,
+    #[serde(default = "headdim")]
+    pub headdim: usize,
+    /// B/C heads (`num_bc_heads`): head h reads group h / (nheads / ngroups).
+    #[serde(default = "one")]
+    pub ngroups: usize,
+    /// The share of the state dims that rotate: 0.5 or 1.0.
+    #[serde(default = "half")]
+    pub rope_fraction: f64,
+    /// A is at most -A_floor.
+    #[serde(default = "a_floor", rename = "A_floor")]
+    pub a_floor: f64,
+    #[serde(default = "chunk_size")]
+    pub chunk_size: usize,
+}
+
+fn d_state() -> usize {
+    128
+}
+fn expand() -> usize {
+    2
+}
+fn headdim() -> usize {
+    64
+}
+fn one() -> usize {
+    1
+}
+fn half() -> f64 {
+    0.5
+}
+fn a_floor() -> f64 {
+    1e-4
+}
+fn chunk_size() -> usize {
+    64
+}
+
+/// The eps of the B and C norms, fixed in the reference.
+const BC_NORM_EPS: f64 = 1e-5;
+
+impl Mamba3Config {
+    pub fn d_inner(&self) -> usize {
+        self.expand * self.d_model
+    }
+
+    pub fn nheads(&self) -> usize {
+        self.d_inner() / self.headdim.max(1)
+    }
+
+    /// Rotated pairs: half of d_state x rope_fraction, rounded down to even first.
+    pub fn num_rope_angles(&self) -> usize {
+        let rotated = (self.d_state as f64 * self.rope_fraction) as usize;
+        (rotated - rotated % 2) / 2
+    }
+
+    /// Sizes that cannot build the mixer, named.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let positive = [("d_model", self.d_model), ("d_state", self.d_state), ("expand", self.expand)];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("`{name}` must be at least 1"));
+        }
+        if self.headdim == 0 || !self.d_inner().is_multiple_of(self.headdim) {
+            return Err(format!("`headdim` ({}) must divide expand x d_model ({})", self.headdim, self.d_inner()));
+        }
+        if self.ngroups == 0 || !self.nheads().is_multiple_of(self.ngroups) {
+            return Err(format!("`ngroups` ({}) must divide the number of heads ({})", self.ngroups, self.nheads()));
+        }
+        if self.rope_fraction != 0.5 && self.rope_fraction != 1.0 {
+            return Err(format!("`rope_fraction` is 0.5 or 1.0, not {}", self.rope_fraction));
+        }
+        if self.num_rope_angles() == 0 {
+            return Err(format!("`d_state` {} leaves no pair to rotate", self.d_state));
+        }
+        if !(self.a_floor >= 0.0 && self.a_floor.is_finite()) {
+            return Err(format!("`A_floor` must be finite and at least 0, not {}", self.a_floor));
+        }
+        if self.chunk_size == 0 {
+            return Err("`chunk_size` must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// in_proj's output sizes: [z, x, B, C, dd_dt, dd_A, trap, angles].
+    fn split(&self) -> [usize; 8] {
+        let (di, bc, h) = (self.d_inner(), self.ngroups * self.d_state, self.nheads());
+        [di, di, bc, bc, h, h, h, self.num_rope_angles()]
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Mamba3Mixer {
+    in_proj: Linear,
+    dt_bias: Tensor,
+    /// (nheads, 1, d_state): added to the keys (B) and queries (C).
+    b_bias: Tensor,
+    c_bias: Tensor,
+    b_norm: Tensor,
+    c_norm: Tensor,
+    d: Tensor,
+    out_proj: Linear,
+    cfg: Mamba3Config,
+}
+
+/// The scan's inputs as the mixer computes them from in_proj's output.
+struct ScanTensors {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    adt: Tensor,
+    dt: Tensor,
+    trap: Tensor,
+    angles: Tensor,
+    z: Tensor,
+}
+
+impl Mamba3Mixer {
+    pub fn load(vb: VarBuilder, cfg: &Mamba3Config) -> Result<Self> {
+        cfg.validate().map_err(|message| Error::Config { path: "[mamba3]".into(), message })?;
+        let (d, di, h, n) = (cfg.d_model, cfg.d_inner(), cfg.nheads(), cfg.d_state);
+        let in_dim = cfg.split().iter().sum();
+        let small = vb.clone().set_dtype(compute_dtype(vb.dtype()));
+        Ok(Self {
+            in_proj: Linear::load(&vb, "in_proj", (in_dim, d), false)?,
+            dt_bias: small.get(h, "dt_bias")?,
+            b_bias: small.get((h, 1, n), "B_bias")?,
+            c_bias: small.get((h, 1, n), "C_bias")?,
+            b_norm: small.get(n, "B_norm.weight")?,
+            c_norm: small.get(n, "C_norm.weight")?,
+            d: small.get(h, "D")?,
+            out_proj: Linear::load(&vb, "out_proj", (d, di), false)?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// The mixer's tensors and how the reference draws them: projections as PyTorch's Linear,
+    /// dt_bias as the other mixers', biases, norms and D ones.
+    pub fn params(cfg: &Mamba3Config) -> Vec<Param> {
+        let (d, di, h, n) = (cfg.d_model, cfg.d_inner(), cfg.nheads(), cfg.d_state);
+        let in_dim = cfg.split().iter().sum();
+        vec![
+            Param::fan_in("in_proj.weight", vec![in_dim, d]).matrix(),
+            Param::new("dt_bias", vec![h], Init::DtBias).no_decay(),
+            Param::new("B_bias", vec![h, 1, n], Init::Ones).no_decay(),
+            Param::new("C_bias", vec![h, 1, n], Init::Ones).no_decay(),
+            Param::new("B_norm.weight", vec![n], Init::Ones).no_decay(),
+            Param::new("C_norm.weight", vec![n], Init::Ones).no_decay(),
+            Param::new("D", vec![h], Init::Ones).no_decay(),
+            Param::new("out_proj.weight", vec![d, di], Init::Uniform(fan_in_bound(&[d, di]))).matrix(),
+        ]
+    }
+
+    /// From in_proj's output (batch, len, ·) to the scan's inputs.
+    fn scan_tensors(&self, zx: &Tensor) -> Result<ScanTensors> {
+        let c = &self.cfg;
+        let (batch, len, _) = zx.dims3()?;
+        let (h, p, g, n, s) = (c.nheads(), c.headdim, c.ngroups, c.d_state, c.num_rope_angles());
+        let mut offset = 0;
+        let mut take = |size: usize| {
+            offset += size;
+            zx.narrow(2, offset - size, size)
+        };
+        let [z, x, b, cc, dd_dt, dd_a, trap, angles] = c.split().map(&mut take);
+        let (z, x, b, cc, dd_dt, dd_a, trap, angles) = (z?, x?, b?, cc?, dd_dt?, dd_a?, trap?, angles?);
+        // A = -max(heavy_tail(dd_A), A_floor), heavy_tail(a) = 1 + a for a >= 0, 1 / (1 - a) below.
+        let heavy_tail = (dd_a.relu()? + dd_a.neg()?.relu()?.affine(1.0, 1.0)?.recip()?)?;
+        let a = heavy_tail.maximum(c.a_floor)?.neg()?;
+        let dt = softplus(&dd_dt.broadcast_add(&self.dt_bias)?)?;
+        let adt = (&a * &dt)?;
+        let heads_first = |t: &Tensor| t.transpose(1, 2).and_then(|t| t.contiguous());
+        let bc = |t: &Tensor, w: &Tensor| rms_norm(&t.reshape((batch, len, g, n))?, w, BC_NORM_EPS);
+        Ok(ScanTensors {
+            q: bc(&cc, &self.c_norm)?,
+            k: bc(&b, &self.b_norm)?,
+            v: x.reshape((batch, len, h, p))?,
+            adt: heads_first(&adt)?,
+            dt: heads_first(&dt)?,
+            trap: heads_first(&trap)?,
+            angles: angles.unsqueeze(2)?.broadcast_as((batch, len, h, s))?.contiguous()?,
+            z: z.reshape((batch, len, h, p))?,
+        })
+    }
+
+    fn inputs<'a>(&'a self, t: &'a ScanTensors, biases: &'a (Tensor, Tensor)) -> Mamba3Inputs<'a> {
+        Mamba3Inputs {
+            q: &t.q,
+            k: &t.k,
+            v: &t.v,
+            adt: &t.adt,
+            dt: &t.dt,
+            trap: &t.trap,
+            q_bias: &biases.0,
+            k_bias: &biases.1,
+            angles: &t.angles,
+            d: Some(&self.d),
+            z: Some(&t.z),
+        }
+    }
+
+    /// The query and key biases as the scan takes them, (nheads, d_state).
+    fn biases(&self) -> Result<(Tensor, Tensor)> {
+        Ok((self.c_bias.squeeze(1)?, self.b_bias.squeeze(1)?))
+    }
+
+    /// x: (batch, len, d_model) -> (batch, len, d_model), continuing from `initial` if given, and
+    /// the state after the last token.
+    pub fn forward(&self, x: &Tensor, initial: Option<&Mamba3State>) -> Result<(Tensor, Mamba3State)> {
+        let (batch, len, _) = x.dims3()?;
+        let t = self.scan_tensors(&self.in_proj.forward(x)?)?;
+        let biases = self.biases()?;
+        let out = mamba3_chunk_scan_ref(&self.inputs(&t, &biases), self.cfg.chunk_size, initial)?;
+        let y = out.y.reshape((batch, len, self.cfg.d_inner()))?;
+        Ok((self.out_proj.forward(&y)?, out.state))
+    }
+
+    /// One token, x: (batch, d_model) -> (batch, d_model); advances the state.
+    pub fn step(&self, x: &Tensor, state: &mut Mamba3State) -> Result<Tensor> {
+        let batch = x.dim(0)?;
+        let t = self.scan_tensors(&self.in_proj.forward(&x.unsqueeze(1)?)?)?;
+        let biases = self.biases()?;
+        let (y, next) = mamba3_state_update_ref(state, &self.inputs(&t, &biases))?;
+        *state = next;
+        self.out_proj.forward(&y.reshape((batch, self.cfg.d_inner()))?)
+    }
+
+    /// The state of a sequence not yet started: zeros.
+    pub fn empty_state(&self, batch: usize) -> Result<Mamba3State> {
+        let c = &self.cfg;
+        let (h, p, n, s) = (c.nheads(), c.headdim, c.d_state, c.num_rope_angles());
+        let zeros = |shape: &[usize]| Tensor::zeros(shape, self.d.dtype(), self.d.device());
+        Ok(Mamba3State {
+            angle: zeros(&[batch, h, s])?,
+            ssm: zeros(&[batch, h, p, n])?,
+            k: zeros(&[batch, h, n])?,
+            v: zeros(&[batch, h, p])?,
+        })
+    }
+}
