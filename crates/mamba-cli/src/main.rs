@@ -328,19 +328,17 @@ fn run_inspect(dir: &Path) -> Result<()> {
     writeln!(out, "{}", dir.display())?;
     writeln!(
         out,
-        "kind {:?}, d_model {}, n_layer {}, d_state {}, d_conv {}, expand {}",
-        b.kind, b.d_model, b.n_layer, b.d_state, b.d_conv, b.expand
+        "kind {:?}, d_model {}, n_layer {}, d_state {}, expand {}",
+        b.kind, b.d_model, b.n_layer, b.d_state, b.expand
     )?;
+    let heads =
+        format!("headdim {}, nheads {}, ngroups {}, chunk_size {}", b.headdim, b.nheads(), b.ngroups, b.chunk_size);
     match b.kind {
-        mamba_nn::MixerKind::Mamba1 => writeln!(out, "dt_rank {}", b.dt_rank)?,
-        mamba_nn::MixerKind::Mamba2 => writeln!(
-            out,
-            "headdim {}, nheads {}, ngroups {}, chunk_size {}",
-            b.headdim,
-            b.nheads(),
-            b.ngroups,
-            b.chunk_size
-        )?,
+        mamba_nn::MixerKind::Mamba1 => writeln!(out, "d_conv {}, dt_rank {}", b.d_conv, b.dt_rank)?,
+        mamba_nn::MixerKind::Mamba2 => writeln!(out, "d_conv {}, {heads}", b.d_conv)?,
+        mamba_nn::MixerKind::Mamba3 => {
+            writeln!(out, "{heads}, rope_fraction {}, a_floor {}", b.rope_fraction, b.a_floor)?
+        }
     }
     writeln!(out, "vocab {}, tied head {}", config.vocab_size, config.tie_embeddings)?;
     writeln!(out, "parameters: {params} ({:.2} M)", params as f64 / 1e6)?;

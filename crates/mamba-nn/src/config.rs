@@ -2,6 +2,7 @@
 //! `config.json`.
 
 use crate::routes::{Merge, Route, RouteParams};
+use crate::Mamba3Config;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -11,6 +12,17 @@ use std::path::Path;
 pub enum MixerKind {
     Mamba1,
     Mamba2,
+    Mamba3,
+}
+
+impl MixerKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            MixerKind::Mamba1 => "mamba1",
+            MixerKind::Mamba2 => "mamba2",
+            MixerKind::Mamba3 => "mamba3",
+        }
+    }
 }
 
 /// The sizes of a stack of Mamba blocks, named as in the papers.
@@ -25,7 +37,8 @@ pub struct BackboneConfig {
     pub expand: usize,
     /// Mamba-1: rank of the dt projection.
     pub dt_rank: usize,
-    /// Mamba-2: channels per head, B/C groups, SSD chunk length, dt clamp after the softplus.
+    /// Mamba-2 and Mamba-3: channels per head, B/C groups, scan chunk length; Mamba-2: the dt
+    /// clamp after the softplus.
     pub headdim: usize,
     pub ngroups: usize,
     pub chunk_size: usize,
@@ -43,13 +56,16 @@ pub struct BackboneConfig {
     /// and C do not depend on the input (dt = softplus(dt_bias) per channel, B and C learned
     /// vectors), so the mixer cannot select what to remember.
     pub selective: bool,
+    /// Mamba-3: the share of the state dims that rotate (0.5 or 1.0), and A's bound below 0
+    /// (A <= -a_floor).
+    pub rope_fraction: f64,
+    pub a_floor: f64,
 }
 
 impl BackboneConfig {
     /// Sizes that cannot build a model, named.
     pub fn validate(&self) -> std::result::Result<(), String> {
-        let positive =
-            [("d_model", self.d_model), ("d_state", self.d_state), ("d_conv", self.d_conv), ("expand", self.expand)];
+        let positive = [("d_model", self.d_model), ("d_state", self.d_state), ("expand", self.expand)];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("`{name}` must be at least 1"));
         }
@@ -58,27 +74,56 @@ impl BackboneConfig {
         if self.routes.is_empty() {
             return Err("`routes` must name at least one route".into());
         }
-        if self.kind == MixerKind::Mamba2 && !self.selective {
+        if self.kind != MixerKind::Mamba1 && !self.selective {
             return Err("`selective = false` (the time-invariant ablation) is built for Mamba-1 only".into());
         }
-        if self.kind == MixerKind::Mamba2 {
-            if self.headdim == 0 || !self.d_inner().is_multiple_of(self.headdim) {
-                return Err(format!("`headdim` ({}) must divide expand x d_model ({})", self.headdim, self.d_inner()));
+        match self.kind {
+            MixerKind::Mamba1 if self.dt_rank == 0 => return Err("`dt_rank` must be at least 1".into()),
+            MixerKind::Mamba1 | MixerKind::Mamba2 if self.d_conv == 0 => {
+                return Err("`d_conv` must be at least 1".into())
             }
-            if self.ngroups == 0 || !self.nheads().is_multiple_of(self.ngroups) {
-                return Err(format!(
-                    "`ngroups` ({}) must divide the number of heads ({})",
-                    self.ngroups,
-                    self.nheads()
-                ));
+            MixerKind::Mamba1 => {}
+            MixerKind::Mamba2 => self.check_heads()?,
+            MixerKind::Mamba3 => {
+                if self.proj_bias {
+                    return Err("`proj_bias`: Mamba-3's projections have no bias".into());
+                }
+                if self.route_params == RouteParams::PerRoute {
+                    return Err("`route_params = \"per_route\"` is built for Mamba-1 and Mamba-2 only".into());
+                }
+                self.check_heads()?;
+                self.mamba3().validate()?;
             }
-            if self.chunk_size == 0 {
-                return Err("`chunk_size` must be at least 1".into());
-            }
-        } else if self.dt_rank == 0 {
-            return Err("`dt_rank` must be at least 1".into());
         }
         Ok(())
+    }
+
+    /// Heads, groups and chunks of Mamba-2 and Mamba-3.
+    fn check_heads(&self) -> std::result::Result<(), String> {
+        if self.headdim == 0 || !self.d_inner().is_multiple_of(self.headdim) {
+            return Err(format!("`headdim` ({}) must divide expand x d_model ({})", self.headdim, self.d_inner()));
+        }
+        if self.ngroups == 0 || !self.nheads().is_multiple_of(self.ngroups) {
+            return Err(format!("`ngroups` ({}) must divide the number of heads ({})", self.ngroups, self.nheads()));
+        }
+        if self.chunk_size == 0 {
+            return Err("`chunk_size` must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The sizes of a Mamba-3 mixer of this backbone.
+    pub fn mamba3(&self) -> Mamba3Config {
+        Mamba3Config {
+            d_model: self.d_model,
+            d_state: self.d_state,
+            expand: self.expand,
+            headdim: self.headdim,
+            ngroups: self.ngroups,
+            rope_fraction: self.rope_fraction,
+            a_floor: self.a_floor,
+            chunk_size: self.chunk_size,
+        }
     }
 
     /// A `[backbone]` table as model files write it (defaults filled in, unknown keys refused);
@@ -91,46 +136,39 @@ impl BackboneConfig {
 
     fn from_section(b: BackboneSection, source: &str) -> Result<Self> {
         let err = |message: String| Error::Config { path: source.to_string(), message };
-        // A key of the other mixer kind would be ignored by the model: refuse it.
-        let (this, other, other_keys): (_, _, &[(&str, bool)]) = match b.kind {
-            MixerKind::Mamba1 => (
-                "mamba1",
-                "mamba2",
-                &[
-                    ("headdim", b.headdim.is_some()),
-                    ("ngroups", b.ngroups.is_some()),
-                    ("chunk_size", b.chunk_size.is_some()),
-                    ("dt_limit", b.dt_limit.is_some()),
-                ],
-            ),
-            MixerKind::Mamba2 => {
-                ("mamba2", "mamba1", &[("dt_rank", b.dt_rank.is_some()), ("selective", b.selective.is_some())])
-            }
-        };
-        if let Some((key, _)) = other_keys.iter().find(|(_, given)| *given) {
+        if let Some((key, _, kinds)) =
+            b.kind_keys().into_iter().find(|(_, given, kinds)| *given && !kinds.contains(&b.kind))
+        {
+            let names: Vec<_> = kinds.iter().map(|k| format!("\"{}\"", k.name())).collect();
             return Err(err(format!(
-                "[backbone] `{key}` is a key of kind = \"{other}\"; this backbone is kind = \"{this}\""
+                "[backbone] `{key}` is a key of kind = {}; this backbone is kind = \"{}\"",
+                names.join(" or "),
+                b.kind.name()
             )));
         }
+        let conv = b.kind != MixerKind::Mamba3;
         let backbone = BackboneConfig {
             kind: b.kind,
             d_model: b.d_model,
             n_layer: b.n_layer,
             d_state: b.d_state,
-            d_conv: b.d_conv,
+            d_conv: b.d_conv.unwrap_or(if conv { 4 } else { 0 }),
             expand: b.expand,
             dt_rank: b.dt_rank.unwrap_or(b.d_model.div_ceil(16)),
             headdim: b.headdim.unwrap_or(64),
             ngroups: b.ngroups.unwrap_or(1),
-            chunk_size: b.chunk_size.unwrap_or(256),
+            // Each reference's default: 256 for Mamba-2's SSD, 64 for Mamba-3's scan.
+            chunk_size: b.chunk_size.unwrap_or(if conv { 256 } else { 64 }),
             dt_limit: b.dt_limit.unwrap_or((0.0, f64::INFINITY)),
             norm_eps: b.norm_eps,
-            conv_bias: b.conv_bias,
+            conv_bias: b.conv_bias.unwrap_or(conv),
             proj_bias: b.proj_bias,
             routes: b.routes,
             route_params: b.route_params,
             merge: b.merge,
             selective: b.selective.unwrap_or(true),
+            rope_fraction: b.rope_fraction.unwrap_or(0.5),
+            a_floor: b.a_floor.unwrap_or(1e-4),
         };
         backbone.validate().map_err(err)?;
         Ok(backbone)
@@ -176,22 +214,22 @@ struct BackboneSection {
     d_model: usize,
     n_layer: usize,
     d_state: usize,
-    #[serde(default = "four")]
-    d_conv: usize,
     #[serde(default = "two")]
     expand: usize,
-    // The keys of one mixer kind are optional here so that from_section can tell a key of the
-    // other kind, which the model would ignore, from a default.
+    // The keys of some mixer kinds (`KIND_KEYS`) are optional here so that from_section can tell
+    // a key the model would ignore from a default.
+    d_conv: Option<usize>,
+    conv_bias: Option<bool>,
     dt_rank: Option<usize>,
     selective: Option<bool>,
     headdim: Option<usize>,
     ngroups: Option<usize>,
     chunk_size: Option<usize>,
     dt_limit: Option<(f64, f64)>,
+    rope_fraction: Option<f64>,
+    a_floor: Option<f64>,
     #[serde(default = "eps")]
     norm_eps: f64,
-    #[serde(default = "yes")]
-    conv_bias: bool,
     #[serde(default)]
     proj_bias: bool,
     #[serde(default = "causal")]
@@ -200,6 +238,26 @@ struct BackboneSection {
     route_params: RouteParams,
     #[serde(default)]
     merge: Merge,
+}
+
+impl BackboneSection {
+    /// The keys that only some mixer kinds read, whether each is given, and the kinds that read
+    /// it: any other kind refuses it, since its model would ignore it.
+    fn kind_keys(&self) -> [(&'static str, bool, &'static [MixerKind]); 10] {
+        use MixerKind::*;
+        [
+            ("d_conv", self.d_conv.is_some(), &[Mamba1, Mamba2]),
+            ("conv_bias", self.conv_bias.is_some(), &[Mamba1, Mamba2]),
+            ("dt_rank", self.dt_rank.is_some(), &[Mamba1]),
+            ("selective", self.selective.is_some(), &[Mamba1]),
+            ("headdim", self.headdim.is_some(), &[Mamba2, Mamba3]),
+            ("ngroups", self.ngroups.is_some(), &[Mamba2, Mamba3]),
+            ("chunk_size", self.chunk_size.is_some(), &[Mamba2, Mamba3]),
+            ("dt_limit", self.dt_limit.is_some(), &[Mamba2]),
+            ("rope_fraction", self.rope_fraction.is_some(), &[Mamba3]),
+            ("a_floor", self.a_floor.is_some(), &[Mamba3]),
+        ]
+    }
 }
 
 pub(crate) fn causal() -> Vec<String> {
@@ -211,9 +269,6 @@ fn yes() -> bool {
 }
 fn two() -> usize {
     2
-}
-fn four() -> usize {
-    4
 }
 fn eps() -> f64 {
     1e-5
@@ -268,7 +323,18 @@ mod tests {
         assert!(msg.contains("`headdim` (48)"), "{msg}");
     }
 
-    /// A key that only the other mixer kind reads would be ignored: it is an error naming the
+    #[test]
+    fn a_mamba3_backbone_takes_its_own_keys_and_defaults() {
+        let text = TOML.replace("mamba2", "mamba3") + "rope_fraction = 1.0\na_floor = 0.001\n";
+        let b = LmConfig::from_toml(&text, "m.toml").unwrap().backbone;
+        assert_eq!((b.kind, b.chunk_size, b.d_conv, b.conv_bias), (MixerKind::Mamba3, 64, 0, false));
+        let m = b.mamba3();
+        assert_eq!((m.rope_fraction, m.a_floor, m.num_rope_angles(), m.nheads()), (1.0, 1e-3, 8, 4));
+        let msg = LmConfig::from_toml(&text.replace("1.0", "0.7"), "m.toml").unwrap_err().to_string();
+        assert!(msg.contains("m.toml") && msg.contains("`rope_fraction`"), "{msg}");
+    }
+
+    /// A key that only another mixer kind reads would be ignored: it is an error naming the
     /// file and the key.
     #[test]
     fn keys_of_the_other_mixer_kind_are_refused() {
@@ -280,6 +346,12 @@ mod tests {
             (mamba1.clone() + "dt_limit = [0.0, 1.0]\n", "dt_limit"),
             (TOML.to_string() + "dt_rank = 4\n", "dt_rank"),
             (TOML.to_string() + "selective = true\n", "selective"),
+            (TOML.to_string() + "rope_fraction = 1.0\n", "rope_fraction"),
+            (mamba1.clone() + "a_floor = 0.001\n", "a_floor"),
+            (TOML.replace("mamba2", "mamba3") + "d_conv = 4\n", "d_conv"),
+            (TOML.replace("mamba2", "mamba3") + "conv_bias = true\n", "conv_bias"),
+            (TOML.replace("mamba2", "mamba3") + "dt_limit = [0.0, 1.0]\n", "dt_limit"),
+            (TOML.replace("mamba2", "mamba3") + "proj_bias = true\n", "proj_bias"),
         ] {
             let msg = LmConfig::from_toml(&text, "dir/m.toml").unwrap_err().to_string();
             assert!(msg.contains("dir/m.toml") && msg.contains(&format!("`{key}`")), "{msg}");

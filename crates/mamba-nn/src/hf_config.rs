@@ -18,6 +18,12 @@ impl LmConfig {
                 message: "a time-invariant (selective = false) model has no Hugging Face layout".into(),
             });
         }
+        if b.kind == MixerKind::Mamba3 {
+            return Err(Error::Config {
+                path: "config.json".into(),
+                message: "transformers has no Mamba-3 model: a Mamba-3 checkpoint keeps its TOML model file".into(),
+            });
+        }
         if !b.is_causal() {
             return Err(Error::Config {
                 path: "config.json".into(),
@@ -134,8 +140,8 @@ impl LmConfig {
             Some(v) => float(v).ok_or_else(|| err(format!("key `layer_norm_epsilon` must be a number, got {v}")))?,
         };
         let (headdim, ngroups) = match kind {
-            MixerKind::Mamba1 => (0, 1),
             MixerKind::Mamba2 => (int("head_dim")?, int_or("n_groups", 1)?),
+            _ => (0, 1),
         };
         let backbone = BackboneConfig {
             kind,
@@ -156,6 +162,8 @@ impl LmConfig {
             route_params: RouteParams::Shared,
             merge: Merge::Sum,
             selective: true,
+            rope_fraction: 0.5,
+            a_floor: 1e-4,
         };
         if kind == MixerKind::Mamba2 {
             let heads = int_or("num_heads", backbone.nheads())?;

@@ -1,4 +1,4 @@
-//! Layers and models on top of `mamba-ssm`: the Mamba-1 and Mamba-2 mixers with their
+//! Layers and models on top of `mamba-ssm`: the Mamba-1, Mamba-2 and Mamba-3 mixers with their
 //! reference parameterisation, RMSNorm, residual blocks, the backbone and a causal language
 //! model, loaded from Hugging Face `save_pretrained` directories or initialised as the reference
 //! initialises them.
@@ -26,7 +26,7 @@ pub use linear::{compute_dtype, Linear};
 pub use mamba1::Mamba1Mixer;
 pub use mamba2::Mamba2Mixer;
 pub use mamba3::{Mamba3Config, Mamba3Mixer};
-pub use model::{save_hf, Backbone, Block, MambaLm, Mixer, MixerCache};
+pub use model::{save_hf, Backbone, Block, ConvCache, MambaLm, Mixer, MixerCache};
 pub use norm::RmsNorm;
 pub use param::{fan_in_bound, num_params, Init, Param};
 pub use routes::{gather, inverse, Merge, Route, RouteParams};

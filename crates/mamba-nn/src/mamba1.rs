@@ -5,7 +5,7 @@
 //! shares the SSM parameters or has its own (Vim's names: `conv1d_b`, `x_proj_b`, `dt_proj_b`,
 //! `A_b_log`, `D_b` for the second route).
 
-use crate::model::MixerCache;
+use crate::model::ConvCache;
 use crate::routes::{check_causal, gathered, route_suffix, run_routes, Merge, Route, RouteParams};
 use crate::{compute_dtype, fan_in_bound, BackboneConfig, Init, Linear, Param, Result};
 use candle_core::Tensor;
@@ -96,7 +96,7 @@ impl Ssm {
     /// xz: (batch, len, 2 d_inner), in_proj's output in sequence order, through the route
     /// `order` -> y (batch, len, d_inner) in sequence order, and the cache after the route's last
     /// token. The selective SSM is one fused op that reads through the order.
-    fn forward(&self, xz: &Tensor, order: Option<&[u32]>) -> Result<(Tensor, MixerCache)> {
+    fn forward(&self, xz: &Tensor, order: Option<&[u32]>) -> Result<(Tensor, ConvCache)> {
         if let Selection::Selective { x_proj, dt_proj, .. } = &self.selection {
             let w = InnerWeights {
                 conv_weight: &self.conv_weight,
@@ -111,7 +111,7 @@ impl Ssm {
                 d: &self.d,
             };
             let out = mamba_inner(xz, &w, order)?;
-            return Ok((out.y, MixerCache { conv: out.conv_state, ssm: out.last_state }));
+            return Ok((out.y, ConvCache { conv: out.conv_state, ssm: out.last_state }));
         }
         gathered(xz, order, |t| {
             let di = t.dim(2)? / 2;
@@ -121,17 +121,17 @@ impl Ssm {
             let (dt, b, c) = self.dt_b_c(&u.transpose(1, 2)?)?;
             let (dt, b, c) = (dt.transpose(1, 2)?, b.transpose(1, 2)?, c.transpose(1, 2)?);
             let out = selective_scan(&u, &dt, &self.a()?, &b, &c, &self.params(&z), None)?;
-            let conv = MixerCache::last_inputs(&x, self.conv_weight.dim(2)?)?;
-            Ok((out.y.transpose(1, 2)?, MixerCache { conv, ssm: out.last_state }))
+            let conv = ConvCache::last_inputs(&x, self.conv_weight.dim(2)?)?;
+            Ok((out.y.transpose(1, 2)?, ConvCache { conv, ssm: out.last_state }))
         })
     }
 
     /// x, z: (batch, d_inner) -> y (batch, d_inner); advances the cache.
-    fn step(&self, x: &Tensor, z: &Tensor, cache: &mut MixerCache) -> Result<Tensor> {
+    fn step(&self, x: &Tensor, z: &Tensor, cache: &mut ConvCache) -> Result<Tensor> {
         let (u, conv) = causal_conv1d_update(&cache.conv, x, &self.conv_weight, self.conv_bias.as_ref(), true)?;
         let (dt, b, c) = self.dt_b_c(&u)?;
         let (y, ssm) = selective_state_update(&cache.ssm, &u, &dt, &self.a()?, &b, &c, &self.params(z))?;
-        *cache = MixerCache { conv, ssm };
+        *cache = ConvCache { conv, ssm };
         Ok(y)
     }
 }
@@ -204,7 +204,7 @@ impl Mamba1Mixer {
 
     /// x: (batch, len, d_model) -> (batch, len, d_model), and the cache after the last token of
     /// the first route. The routes are merged before out_proj.
-    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, MixerCache)> {
+    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, ConvCache)> {
         let xz = self.in_proj.forward(x)?;
         let (y, cache) = run_routes(&self.routes, self.merge, xz.dim(1)?, |i, order| self.ssm(i).forward(&xz, order))?;
         Ok((self.out_proj.forward(&y)?, cache))
@@ -212,7 +212,7 @@ impl Mamba1Mixer {
 
     /// One token, x: (batch, d_model) -> (batch, d_model); advances the cache. Causal mixers
     /// (one forward route) only.
-    pub fn step(&self, x: &Tensor, cache: &mut MixerCache) -> Result<Tensor> {
+    pub fn step(&self, x: &Tensor, cache: &mut ConvCache) -> Result<Tensor> {
         check_causal(&self.routes)?;
         let di = self.d_inner;
         let xz = self.in_proj.forward(x)?;
@@ -222,11 +222,11 @@ impl Mamba1Mixer {
 
     /// A cache for a sequence not yet started: zeros. conv (batch, d_inner, d_conv), ssm
     /// (batch, d_inner, d_state).
-    pub fn empty_cache(&self, batch: usize) -> Result<MixerCache> {
+    pub fn empty_cache(&self, batch: usize) -> Result<ConvCache> {
         let s = self.ssm(0);
         let k = s.conv_weight.dim(2)?;
         let (dt, dev) = (s.a_log.dtype(), s.a_log.device());
-        Ok(MixerCache {
+        Ok(ConvCache {
             conv: Tensor::zeros((batch, self.d_inner, k), dt, dev)?,
             ssm: Tensor::zeros((batch, self.d_inner, s.d_state), dt, dev)?,
         })

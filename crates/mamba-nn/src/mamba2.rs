@@ -4,7 +4,7 @@
 //! routes, in_proj, the norm and out_proj are shared; conv, dt_bias, A and D are shared or per
 //! route (`conv1d_b`, `dt_bias_b`, `A_b_log`, `D_b` for the second, as for Mamba-1).
 
-use crate::model::MixerCache;
+use crate::model::ConvCache;
 use crate::norm::normalize;
 use crate::routes::{check_causal, gather, route_suffix, run_routes, Merge, Route, RouteParams};
 use crate::{compute_dtype, fan_in_bound, BackboneConfig, Init, Linear, Param, Result};
@@ -127,7 +127,7 @@ impl Mamba2Mixer {
     /// One route over in_proj's output zxbcdt (batch, len, ·), visiting the positions in `order`:
     /// the gated, normed SSM output (batch, len, d_inner) in sequence order and the cache after
     /// the route's last token.
-    fn route_forward(&self, ssm: &Ssm, zxbcdt: &Tensor, order: Option<&[u32]>) -> Result<(Tensor, MixerCache)> {
+    fn route_forward(&self, ssm: &Ssm, zxbcdt: &Tensor, order: Option<&[u32]>) -> Result<(Tensor, ConvCache)> {
         let (di, conv_dim, _) = self.split();
         let cfg = &self.cfg;
         let w = Mamba2Weights {
@@ -148,14 +148,14 @@ impl Mamba2Mixer {
             Some(o) => gather(zxbcdt, &o[o.len().saturating_sub(cfg.d_conv)..])?,
             None => zxbcdt.clone(),
         };
-        let conv = MixerCache::last_inputs(&last.narrow(2, di, conv_dim)?.transpose(1, 2)?, cfg.d_conv)?;
-        Ok((out.y, MixerCache { conv, ssm: out.last_state }))
+        let conv = ConvCache::last_inputs(&last.narrow(2, di, conv_dim)?.transpose(1, 2)?, cfg.d_conv)?;
+        Ok((out.y, ConvCache { conv, ssm: out.last_state }))
     }
 
     /// x: (batch, len, d_model) -> (batch, len, d_model), and the cache after the last token of
     /// the first route. Each route runs conv, SSD, gate and norm in its own order; the routes
     /// are merged before out_proj.
-    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, MixerCache)> {
+    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, ConvCache)> {
         let zxbcdt = self.in_proj.forward(x)?;
         let (y, cache) = run_routes(&self.routes, self.merge, zxbcdt.dim(1)?, |i, order| {
             self.route_forward(self.ssm(i), &zxbcdt, order)
@@ -165,7 +165,7 @@ impl Mamba2Mixer {
 
     /// One token, x: (batch, d_model) -> (batch, d_model); advances the cache. Causal mixers
     /// (one forward route) only.
-    pub fn step(&self, x: &Tensor, cache: &mut MixerCache) -> Result<Tensor> {
+    pub fn step(&self, x: &Tensor, cache: &mut ConvCache) -> Result<Tensor> {
         check_causal(&self.routes)?;
         let batch = x.dim(0)?;
         let (h, p, g, n) = (self.cfg.nheads(), self.cfg.headdim, self.cfg.ngroups, self.cfg.d_state);
@@ -179,17 +179,17 @@ impl Mamba2Mixer {
         let b = xbc.narrow(1, di, g * n)?.reshape((batch, g, n))?;
         let c = xbc.narrow(1, di + g * n, g * n)?.reshape((batch, g, n))?;
         let (y, ssm_state) = ssd_state_update(&cache.ssm, &xs, &dt, &ssm.a()?, &b, &c, &ssm.params(&self.cfg))?;
-        *cache = MixerCache { conv, ssm: ssm_state };
+        *cache = ConvCache { conv, ssm: ssm_state };
         self.out_proj.forward(&self.gated_norm(&y.reshape((batch, di))?, &z)?)
     }
 
     /// A cache for a sequence not yet started: zeros. conv (batch, conv_dim, d_conv), ssm
     /// (batch, nheads, headdim, d_state).
-    pub fn empty_cache(&self, batch: usize) -> Result<MixerCache> {
+    pub fn empty_cache(&self, batch: usize) -> Result<ConvCache> {
         let (_, conv_dim, h) = self.split();
         let a_log = &self.ssm(0).a_log;
         let (dt, dev) = (a_log.dtype(), a_log.device());
-        Ok(MixerCache {
+        Ok(ConvCache {
             conv: Tensor::zeros((batch, conv_dim, self.cfg.d_conv), dt, dev)?,
             ssm: Tensor::zeros((batch, h, self.cfg.headdim, self.cfg.d_state), dt, dev)?,
         })

@@ -3,60 +3,31 @@
 //! and keys B with per-head biases, rotated by data-dependent angles; trapezoidal mixing of each
 //! token with the previous; D skip; y * silu(z)) -> out_proj. No convolution. Tensor names are
 //! the reference's: `in_proj.weight`, `dt_bias`, `B_bias`, `C_bias`, `B_norm.weight`,
-//! `C_norm.weight`, `D`, `out_proj.weight`.
+//! `C_norm.weight`, `D`, `out_proj.weight`. Over several routes every tensor is shared: in_proj
+//! runs once, each route scans the sequence in its own order, and the routes merge before
+//! out_proj.
 
+use crate::routes::{check_causal, gathered, run_routes, Merge, Route};
 use crate::{compute_dtype, fan_in_bound, Error, Init, Linear, Param, Result};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
-use mamba_ssm::{
-    mamba3_chunk_scan_ref, mamba3_state_update_ref, rms_norm, softplus, Mamba3Inputs, Mamba3State,
-};
-use serde::{Deserialize, Serialize};
+use mamba_ssm::{mamba3_chunk_scan_ref, mamba3_state_update_ref, rms_norm, softplus, Mamba3Inputs, Mamba3State};
 
-/// The sizes of a Mamba-3 mixer, named and defaulted as `Mamba3.__init__`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The sizes of a Mamba-3 mixer, named as `Mamba3.__init__` (made by
+/// [`crate::BackboneConfig::mamba3`]).
+#[derive(Debug, Clone, PartialEq)]
 pub struct Mamba3Config {
     pub d_model: usize,
-    #[serde(default = "d_state")]
     pub d_state: usize,
-    #[serde(default = "expand")]
     pub expand: usize,
-    #[serde(default = "headdim")]
     pub headdim: usize,
     /// B/C heads (`num_bc_heads`): head h reads group h / (nheads / ngroups).
-    #[serde(default = "one")]
     pub ngroups: usize,
     /// The share of the state dims that rotate: 0.5 or 1.0.
-    #[serde(default = "half")]
     pub rope_fraction: f64,
-    /// A is at most -A_floor.
-    #[serde(default = "a_floor", rename = "A_floor")]
+    /// A is at most -a_floor.
     pub a_floor: f64,
-    #[serde(default = "chunk_size")]
     pub chunk_size: usize,
-}
-
-fn d_state() -> usize {
-    128
-}
-fn expand() -> usize {
-    2
-}
-fn headdim() -> usize {
-    64
-}
-fn one() -> usize {
-    1
-}
-fn half() -> f64 {
-    0.5
-}
-fn a_floor() -> f64 {
-    1e-4
-}
-fn chunk_size() -> usize {
-    64
 }
 
 /// The eps of the B and C norms, fixed in the reference.
@@ -96,7 +67,7 @@ impl Mamba3Config {
             return Err(format!("`d_state` {} leaves no pair to rotate", self.d_state));
         }
         if !(self.a_floor >= 0.0 && self.a_floor.is_finite()) {
-            return Err(format!("`A_floor` must be finite and at least 0, not {}", self.a_floor));
+            return Err(format!("`a_floor` must be finite and at least 0, not {}", self.a_floor));
         }
         if self.chunk_size == 0 {
             return Err("`chunk_size` must be at least 1".into());
@@ -122,6 +93,8 @@ pub struct Mamba3Mixer {
     c_norm: Tensor,
     d: Tensor,
     out_proj: Linear,
+    routes: Vec<Route>,
+    merge: Merge,
     cfg: Mamba3Config,
 }
 
@@ -138,7 +111,13 @@ struct ScanTensors {
 }
 
 impl Mamba3Mixer {
+    /// A causal mixer: one forward route.
     pub fn load(vb: VarBuilder, cfg: &Mamba3Config) -> Result<Self> {
+        Self::load_routed(vb, cfg, vec![Route::forward()], Merge::Sum)
+    }
+
+    /// With routes made elsewhere (e.g. 2-d scan patterns over a patch grid).
+    pub fn load_routed(vb: VarBuilder, cfg: &Mamba3Config, routes: Vec<Route>, merge: Merge) -> Result<Self> {
         cfg.validate().map_err(|message| Error::Config { path: "[mamba3]".into(), message })?;
         let (d, di, h, n) = (cfg.d_model, cfg.d_inner(), cfg.nheads(), cfg.d_state);
         let in_dim = cfg.split().iter().sum();
@@ -152,15 +131,19 @@ impl Mamba3Mixer {
             c_norm: small.get(n, "C_norm.weight")?,
             d: small.get(h, "D")?,
             out_proj: Linear::load(&vb, "out_proj", (d, di), false)?,
+            routes,
+            merge,
             cfg: cfg.clone(),
         })
     }
 
     /// The mixer's tensors and how the reference draws them: projections as PyTorch's Linear,
-    /// dt_bias as the other mixers', biases, norms and D ones.
-    pub fn params(cfg: &Mamba3Config) -> Vec<Param> {
+    /// out_proj then divided by sqrt(n_layer) as the language model's init does (GPT-2's prenorm
+    /// residual rescaling); dt_bias as the other mixers'; biases, norms and D ones.
+    pub fn params(cfg: &Mamba3Config, n_layer: usize) -> Vec<Param> {
         let (d, di, h, n) = (cfg.d_model, cfg.d_inner(), cfg.nheads(), cfg.d_state);
         let in_dim = cfg.split().iter().sum();
+        let out_bound = fan_in_bound(&[d, di]) / (n_layer.max(1) as f64).sqrt();
         vec![
             Param::fan_in("in_proj.weight", vec![in_dim, d]).matrix(),
             Param::new("dt_bias", vec![h], Init::DtBias).no_decay(),
@@ -169,7 +152,7 @@ impl Mamba3Mixer {
             Param::new("B_norm.weight", vec![n], Init::Ones).no_decay(),
             Param::new("C_norm.weight", vec![n], Init::Ones).no_decay(),
             Param::new("D", vec![h], Init::Ones).no_decay(),
-            Param::new("out_proj.weight", vec![d, di], Init::Uniform(fan_in_bound(&[d, di]))).matrix(),
+            Param::new("out_proj.weight", vec![d, di], Init::Uniform(out_bound)).matrix(),
         ]
     }
 
@@ -225,19 +208,26 @@ impl Mamba3Mixer {
         Ok((self.c_bias.squeeze(1)?, self.b_bias.squeeze(1)?))
     }
 
-    /// x: (batch, len, d_model) -> (batch, len, d_model), continuing from `initial` if given, and
-    /// the state after the last token.
-    pub fn forward(&self, x: &Tensor, initial: Option<&Mamba3State>) -> Result<(Tensor, Mamba3State)> {
+    /// x: (batch, len, d_model) -> (batch, len, d_model), and the state after the last token of
+    /// the first route.
+    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Mamba3State)> {
         let (batch, len, _) = x.dims3()?;
-        let t = self.scan_tensors(&self.in_proj.forward(x)?)?;
+        let zx = self.in_proj.forward(x)?;
         let biases = self.biases()?;
-        let out = mamba3_chunk_scan_ref(&self.inputs(&t, &biases), self.cfg.chunk_size, initial)?;
-        let y = out.y.reshape((batch, len, self.cfg.d_inner()))?;
-        Ok((self.out_proj.forward(&y)?, out.state))
+        let (y, state) = run_routes(&self.routes, self.merge, len, |_, order| {
+            gathered(&zx, order, |zx| {
+                let t = self.scan_tensors(zx)?;
+                let out = mamba3_chunk_scan_ref(&self.inputs(&t, &biases), self.cfg.chunk_size, None)?;
+                Ok((out.y.reshape((batch, len, self.cfg.d_inner()))?, out.state))
+            })
+        })?;
+        Ok((self.out_proj.forward(&y)?, state))
     }
 
-    /// One token, x: (batch, d_model) -> (batch, d_model); advances the state.
+    /// One token, x: (batch, d_model) -> (batch, d_model); advances the state. Causal mixers
+    /// (one forward route) only.
     pub fn step(&self, x: &Tensor, state: &mut Mamba3State) -> Result<Tensor> {
+        check_causal(&self.routes)?;
         let batch = x.dim(0)?;
         let t = self.scan_tensors(&self.in_proj.forward(&x.unsqueeze(1)?)?)?;
         let biases = self.biases()?;

@@ -2,17 +2,27 @@
 //! `save_pretrained` directories (one safetensors file or a sharded index).
 
 use crate::{
-    compute_dtype, fan_in_bound, BackboneConfig, Error, Init, Linear, LmConfig, Mamba1Mixer, Mamba2Mixer, MixerKind,
-    Param, Result, RmsNorm, Route,
+    compute_dtype, fan_in_bound, BackboneConfig, Error, Init, Linear, LmConfig, Mamba1Mixer, Mamba2Mixer, Mamba3Mixer,
+    MixerKind, Param, Result, RmsNorm, Route,
 };
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use mamba_ssm::Mamba3State;
 use std::collections::HashMap;
 use std::path::Path;
 
 /// What a mixer carries from one token to the next.
 #[derive(Debug, Clone)]
-pub struct MixerCache {
+pub enum MixerCache {
+    /// Mamba-1 and Mamba-2.
+    Conv(ConvCache),
+    /// Mamba-3, which has no conv.
+    Mamba3(Mamba3State),
+}
+
+/// The cache of a mixer with a causal conv in front of its scan.
+#[derive(Debug, Clone)]
+pub struct ConvCache {
     /// The last d_conv inputs of the conv: (batch, channels, d_conv).
     pub conv: Tensor,
     /// The SSM state: (batch, d_inner, d_state) for Mamba-1, (batch, nheads, headdim, d_state) for
@@ -20,7 +30,7 @@ pub struct MixerCache {
     pub ssm: Tensor,
 }
 
-impl MixerCache {
+impl ConvCache {
     /// The last `width` columns of x (batch, channels, len), zeros in front when len < width.
     pub(crate) fn last_inputs(x: &Tensor, width: usize) -> Result<Tensor> {
         let len = x.dim(2)?;
@@ -33,28 +43,36 @@ impl MixerCache {
 pub enum Mixer {
     Mamba1(Mamba1Mixer),
     Mamba2(Mamba2Mixer),
+    Mamba3(Mamba3Mixer),
 }
 
 impl Mixer {
     fn forward(&self, x: &Tensor) -> Result<(Tensor, MixerCache)> {
-        match self {
-            Mixer::Mamba1(m) => m.forward(x),
-            Mixer::Mamba2(m) => m.forward(x),
-        }
+        Ok(match self {
+            Mixer::Mamba1(m) => m.forward(x).map(|(y, c)| (y, MixerCache::Conv(c)))?,
+            Mixer::Mamba2(m) => m.forward(x).map(|(y, c)| (y, MixerCache::Conv(c)))?,
+            Mixer::Mamba3(m) => m.forward(x).map(|(y, c)| (y, MixerCache::Mamba3(c)))?,
+        })
     }
 
     fn step(&self, x: &Tensor, cache: &mut MixerCache) -> Result<Tensor> {
-        match self {
-            Mixer::Mamba1(m) => m.step(x, cache),
-            Mixer::Mamba2(m) => m.step(x, cache),
+        match (self, cache) {
+            (Mixer::Mamba1(m), MixerCache::Conv(c)) => m.step(x, c),
+            (Mixer::Mamba2(m), MixerCache::Conv(c)) => m.step(x, c),
+            (Mixer::Mamba3(m), MixerCache::Mamba3(c)) => m.step(x, c),
+            _ => Err(Error::Config {
+                path: "cache".into(),
+                message: "the cache was made by another kind of mixer".into(),
+            }),
         }
     }
 
     fn empty_cache(&self, batch: usize) -> Result<MixerCache> {
-        match self {
-            Mixer::Mamba1(m) => m.empty_cache(batch),
-            Mixer::Mamba2(m) => m.empty_cache(batch),
-        }
+        Ok(match self {
+            Mixer::Mamba1(m) => MixerCache::Conv(m.empty_cache(batch)?),
+            Mixer::Mamba2(m) => MixerCache::Conv(m.empty_cache(batch)?),
+            Mixer::Mamba3(m) => MixerCache::Mamba3(m.empty_state(batch)?),
+        })
     }
 }
 
@@ -77,6 +95,9 @@ impl Block {
         let mixer = match cfg.kind {
             MixerKind::Mamba1 => Mixer::Mamba1(Mamba1Mixer::load_routed(vb.pp("mixer"), cfg, routes)?),
             MixerKind::Mamba2 => Mixer::Mamba2(Mamba2Mixer::load_routed(vb.pp("mixer"), cfg, routes)?),
+            MixerKind::Mamba3 => {
+                Mixer::Mamba3(Mamba3Mixer::load_routed(vb.pp("mixer"), &cfg.mamba3(), routes, cfg.merge)?)
+            }
         };
         Ok(Self { norm, mixer })
     }
@@ -95,10 +116,21 @@ impl Block {
 
     /// A block's tensors, named under the block's path.
     pub fn params(c: &BackboneConfig) -> Vec<Param> {
+        let mixer = match c.kind {
+            MixerKind::Mamba3 => Mamba3Mixer::params(&c.mamba3(), c.n_layer),
+            _ => Self::conv_mixer_params(c),
+        };
+        let mut out = vec![Param::new("norm.weight", vec![c.d_model], Init::Ones).no_decay()];
+        out.extend(mixer.into_iter().map(|p| p.under("mixer")));
+        out
+    }
+
+    /// The tensors of a Mamba-1 or Mamba-2 mixer.
+    fn conv_mixer_params(c: &BackboneConfig) -> Vec<Param> {
         let (d, di) = (c.d_model, c.d_inner());
         let in_out = match c.kind {
-            MixerKind::Mamba1 => 2 * di,
             MixerKind::Mamba2 => 2 * di + 2 * c.ngroups * c.d_state + c.nheads(),
+            _ => 2 * di,
         };
         let mut mixer = vec![Param::fan_in("in_proj.weight", vec![in_out, d]).matrix()];
         if c.kind == MixerKind::Mamba2 {
@@ -113,12 +145,10 @@ impl Block {
         }
         let own = if c.route_params == crate::RouteParams::PerRoute { c.routes.len() } else { 1 };
         mixer.extend((0..own).flat_map(|r| match c.kind {
-            MixerKind::Mamba1 => Mamba1Mixer::ssm_params(c, r),
             MixerKind::Mamba2 => Mamba2Mixer::ssm_params(c, r),
+            _ => Mamba1Mixer::ssm_params(c, r),
         }));
-        let mut out = vec![Param::new("norm.weight", vec![d], Init::Ones).no_decay()];
-        out.extend(mixer.into_iter().map(|p| p.under("mixer")));
-        out
+        mixer
     }
 
     /// h: (batch, d_model) f32.

@@ -3,7 +3,6 @@
 //! use [`Route::forward`]; bidirectional ones add [`Route::reverse`]; 2-d scan patterns are
 //! routes built from a patch grid.
 
-use crate::model::MixerCache;
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -148,12 +147,12 @@ pub(crate) fn check_causal(routes: &[Route]) -> Result<()> {
 /// sequence, `None` for one in sequence order (forward, or Vim's raster with its class token),
 /// and `route_fn` returns its output (batch, len, ...) in sequence order; merges the outputs.
 /// Returns the merged output and the cache of the first route.
-pub(crate) fn run_routes(
+pub(crate) fn run_routes<C>(
     routes: &[Route],
     merge: Merge,
     len: usize,
-    route_fn: impl Fn(usize, Option<&[u32]>) -> Result<(Tensor, MixerCache)>,
-) -> Result<(Tensor, MixerCache)> {
+    route_fn: impl Fn(usize, Option<&[u32]>) -> Result<(Tensor, C)>,
+) -> Result<(Tensor, C)> {
     let mut merged: Option<Tensor> = None;
     let mut first_cache = None;
     for (i, route) in routes.iter().enumerate() {
@@ -176,11 +175,11 @@ pub(crate) fn run_routes(
 
 /// For a route without an op of its own that reads through the order: runs `f` on the input
 /// (batch, len, ...) gathered in route order and puts its output back in sequence order.
-pub(crate) fn gathered(
+pub(crate) fn gathered<C>(
     input: &Tensor,
     order: Option<&[u32]>,
-    f: impl FnOnce(&Tensor) -> Result<(Tensor, MixerCache)>,
-) -> Result<(Tensor, MixerCache)> {
+    f: impl FnOnce(&Tensor) -> Result<(Tensor, C)>,
+) -> Result<(Tensor, C)> {
     match order {
         Some(o) => {
             let (y, cache) = f(&gather(input, o)?)?;

@@ -17,12 +17,16 @@ fn count(name: &str) -> f64 {
 fn published_sizes() {
     // By hand, Mamba-1 per layer: in_proj 2 di d, conv di (k + 1), x_proj (R + 2N) di, dt_proj
     // di R + di, A di N, D di, out_proj d di, norm d; Mamba-2: in_proj (2 di + 2 G N + H) d, conv
-    // (di + 2 G N)(k + 1), A/D/dt_bias 3H, gated norm di, out_proj d di, norm d; plus V d + d.
+    // (di + 2 G N)(k + 1), A/D/dt_bias 3H, gated norm di, out_proj d di, norm d; Mamba-3: in_proj
+    // (2 di + 2 G N + 3H + S) d with S = N / 4 angles, dt_bias/D 2H, B/C biases 2 H N, B/C norms
+    // 2N, out_proj d di, norm d; plus V d + d. No Mamba-3 checkpoint of that name is published:
+    // the nominal size is the shape's.
     for (name, by_hand, nominal) in [
         ("mamba-130m", 129_135_360.0, 130e6),
         ("mamba-370m", 371_516_416.0, 370e6),
         ("mamba2-130m", 128_989_632.0, 130e6),
         ("mamba2-370m", 368_346_624.0, 370e6),
+        ("mamba3-130m", 130_365_312.0, 130e6),
     ] {
         let n = count(name);
         assert_eq!(n, by_hand, "{name}");

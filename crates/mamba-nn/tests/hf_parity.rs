@@ -3,7 +3,8 @@
 
 use candle_core::{safetensors, DType, Device, IndexOp, Tensor, D};
 use mamba_nn::{
-    BackboneConfig, LmConfig, Mamba1Mixer, Mamba2Mixer, MambaLm, Merge, MixerCache, MixerKind, Route, RouteParams,
+    BackboneConfig, LmConfig, Mamba1Mixer, Mamba2Mixer, Mamba3Mixer, MambaLm, Merge, MixerCache, MixerKind, Route,
+    RouteParams,
 };
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -26,6 +27,7 @@ fn check_against_transformers(name: &str) {
     let e = max_abs(&logits, &io["logits"]);
     assert!(e <= 1e-4, "{name} logits: max abs error {e}");
     for (i, c) in caches.iter().enumerate() {
+        let MixerCache::Conv(c) = c else { panic!("{name}: layer {i} has no conv cache") };
         assert!(max_abs(&c.conv, &io[&format!("prompt_cache.conv_state.{i}")]) <= 1e-5, "{name} conv cache {i}");
         assert!(max_abs(&c.ssm, &io[&format!("prompt_cache.ssm_state.{i}")]) <= 1e-4, "{name} ssm cache {i}");
     }
@@ -88,6 +90,12 @@ fn mixer_forward(config: &LmConfig, tensors: &HashMap<String, Tensor>, x: &Tenso
             let step_fails = m.step(&token, &mut m.empty_cache(x.dim(0).unwrap()).unwrap()).is_err();
             (m.forward(x).unwrap().0, step_fails)
         }
+        MixerKind::Mamba3 => {
+            let b = &config.backbone;
+            let m = Mamba3Mixer::load_routed(vb, &b.mamba3(), Route::by_names(&b.routes).unwrap(), b.merge).unwrap();
+            let step_fails = m.step(&token, &mut m.empty_state(x.dim(0).unwrap()).unwrap()).is_err();
+            (m.forward(x).unwrap().0, step_fails)
+        }
     }
 }
 
@@ -96,10 +104,12 @@ fn bidirectional_mixer_equals_both_directions_computed_directly() {
     let x = Tensor::from_vec((0..2 * 9 * 24).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect(), (2, 9, 24), &CPU)
         .unwrap();
     let flip = |t: &Tensor| mamba_nn::gather(t, &Route::reverse().order(9).unwrap()).unwrap();
-    for kind in [MixerKind::Mamba1, MixerKind::Mamba2] {
-        // Mamba-2: 6 heads in 2 groups, a chunk shorter than the sequence.
+    for kind in [MixerKind::Mamba1, MixerKind::Mamba2, MixerKind::Mamba3] {
+        // Mamba-2 and Mamba-3: 6 heads in 2 groups, a chunk shorter than the sequence.
         let causal = config(kind, 2, 4);
-        for (params, merge) in [(RouteParams::PerRoute, Merge::Mean), (RouteParams::Shared, Merge::Sum)] {
+        // Mamba-3 shares every tensor between routes.
+        let per_route = [(RouteParams::PerRoute, Merge::Mean)].into_iter().filter(|_| kind != MixerKind::Mamba3);
+        for (params, merge) in per_route.chain([(RouteParams::Shared, Merge::Sum)]) {
             let mut bidir = causal.clone();
             bidir.backbone.routes = vec!["forward".into(), "reverse".into()];
             (bidir.backbone.route_params, bidir.backbone.merge) = (params, merge);
@@ -153,6 +163,8 @@ fn config(kind: MixerKind, ngroups: usize, chunk_size: usize) -> LmConfig {
         route_params: RouteParams::Shared,
         merge: Merge::Sum,
         selective: true,
+        rope_fraction: 0.5,
+        a_floor: 1e-4,
     };
     LmConfig { backbone, vocab_size: 11, tie_embeddings: kind == MixerKind::Mamba1 }
 }
@@ -170,8 +182,15 @@ fn check_parallel_equals_steps(model: &MambaLm, batch: usize, len: usize) {
         assert!(e <= 1e-4, "len {len} step {t}: max abs error {e}");
     }
     for (a, b) in caches.iter().zip(&step_caches) {
-        let MixerCache { conv, ssm } = a;
-        assert!(max_abs(conv, &b.conv) <= 1e-6 && max_abs(ssm, &b.ssm) <= 1e-4, "final cache, len {len}");
+        match (a, b) {
+            (MixerCache::Conv(a), MixerCache::Conv(b)) => {
+                assert!(max_abs(&a.conv, &b.conv) <= 1e-6 && max_abs(&a.ssm, &b.ssm) <= 1e-4, "final cache, len {len}")
+            }
+            (MixerCache::Mamba3(a), MixerCache::Mamba3(b)) => {
+                assert!(max_abs(&a.ssm, &b.ssm) <= 1e-4 && max_abs(&a.k, &b.k) <= 1e-5, "final state, len {len}")
+            }
+            _ => panic!("len {len}: caches of two kinds"),
+        }
     }
 }
 
@@ -184,7 +203,9 @@ fn parallel_forward_equals_step_decoding() {
     let mut lti = config(MixerKind::Mamba1, 1, 8);
     lti.backbone.selective = false;
     let m3 = random_model(lti, 3);
-    for model in [&m1, &m2, &m3] {
+    // Mamba-3: 6 heads in 2 groups, one rotating pair of its 6 state dims.
+    let m4 = random_model(config(MixerKind::Mamba3, 2, 8), 4);
+    for model in [&m1, &m2, &m3, &m4] {
         for (batch, len) in [(1, 1), (2, 3), (2, 13), (1, 16)] {
             check_parallel_equals_steps(model, batch, len);
         }

@@ -66,15 +66,16 @@ fn fixture_mixer() -> Mamba3Mixer {
 
 /// Each token of u (batch, len, d_model) through `step`, the outputs stacked.
 fn decode(mixer: &Mamba3Mixer, u: &Tensor, state: &mut Mamba3State) -> Tensor {
-    let ys: Vec<Tensor> =
-        (0..u.dim(1).unwrap()).map(|t| mixer.step(&u.narrow(1, t, 1).unwrap().squeeze(1).unwrap(), state).unwrap()).collect();
+    let ys: Vec<Tensor> = (0..u.dim(1).unwrap())
+        .map(|t| mixer.step(&u.narrow(1, t, 1).unwrap().squeeze(1).unwrap(), state).unwrap())
+        .collect();
     Tensor::stack(&ys, 1).unwrap()
 }
 
 #[test]
 fn the_forward_matches_mamba_ssm() {
     let (mixer, io) = (fixture_mixer(), fixture("layer_io.safetensors"));
-    let (y, state) = mixer.forward(&io["u"], None).unwrap();
+    let (y, state) = mixer.forward(&io["u"]).unwrap();
     close("out", &y, &io["out"], 1e-4);
     states_close("final", &state, &io, "fwd_final");
 }
@@ -91,7 +92,7 @@ fn decoding_token_by_token_matches_mamba_ssm() {
 fn a_prefill_then_decoding_matches_mamba_ssm() {
     let (mixer, io) = (fixture_mixer(), fixture("layer_io.safetensors"));
     let u = &io["u"];
-    let (prefill, mut state) = mixer.forward(&u.narrow(1, 0, 20).unwrap(), None).unwrap();
+    let (prefill, mut state) = mixer.forward(&u.narrow(1, 0, 20).unwrap()).unwrap();
     close("prefill out", &prefill, &io["mixed.prefill_out"], 1e-4);
     states_close("prefill cache", &state, &io, "mixed.prefill_cache");
     let decoded = decode(&mixer, &u.narrow(1, 20, 17).unwrap(), &mut state);
@@ -112,10 +113,10 @@ fn decoding_equals_the_forward_on_an_unseen_config() {
         a_floor: 1e-4,
         chunk_size: 8,
     };
-    let tensors = init_tensors(&Mamba3Mixer::params(&cfg), &InitConfig::default(), 3).unwrap();
+    let tensors = init_tensors(&Mamba3Mixer::params(&cfg, 2), &InitConfig::default(), 3).unwrap();
     let mixer = Mamba3Mixer::load(VarBuilder::from_tensors(tensors, DType::F32, &CPU), &cfg).unwrap();
     let u = Tensor::randn(0f32, 1.0, (3, 21, 24), &CPU).unwrap();
-    let (y, forward_state) = mixer.forward(&u, None).unwrap();
+    let (y, forward_state) = mixer.forward(&u).unwrap();
     let mut state = mixer.empty_state(3).unwrap();
     let stepped = decode(&mixer, &u, &mut state);
     close("decoded vs forward", &stepped, &y, 1e-5);
