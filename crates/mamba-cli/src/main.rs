@@ -210,10 +210,10 @@ impl From<WeightDType> for DType {
 }
 
 fn load(dir: &Path, dtype: WeightDType, device: &Device) -> Result<MambaLm> {
-    if !dir.join("config.json").exists() {
-        bail!("{}: not a model directory (no config.json)", dir.display());
+    if !dir.join("config.json").exists() && !dir.join(mamba_nn::MODEL_FILE).exists() {
+        bail!("{}: not a model directory (no config.json or {})", dir.display(), mamba_nn::MODEL_FILE);
     }
-    Ok(MambaLm::load_hf(dir, dtype.into(), device)?)
+    Ok(MambaLm::load_dir(dir, dtype.into(), device)?)
 }
 
 impl DeviceArg {

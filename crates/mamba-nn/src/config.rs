@@ -2,8 +2,8 @@
 //! `config.json`.
 
 use crate::routes::{Merge, Route, RouteParams};
-use crate::Mamba3Config;
 use crate::{Error, Result};
+use crate::{Mamba3Config, MODEL_FILE};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -290,6 +290,25 @@ impl LmConfig {
         Self::from_toml(&text, &path.display().to_string())
     }
 
+    /// The model file of this model, as [`Self::from_toml`] reads it back: every key of its
+    /// mixer kind written out, and none of the others (which reading refuses).
+    pub fn to_toml(&self) -> Result<String> {
+        let err = |message: String| Error::Config { path: MODEL_FILE.into(), message };
+        let mut backbone = toml::Table::try_from(&self.backbone).map_err(|e| err(e.to_string()))?;
+        let section = BackboneSection::deserialize(backbone.clone()).map_err(|e| err(e.to_string()))?;
+        for (key, _, kinds) in section.kind_keys() {
+            if !kinds.contains(&self.backbone.kind) {
+                backbone.remove(key);
+            }
+        }
+        let mut model = toml::Table::new();
+        model.insert("vocab_size".into(), (self.vocab_size as i64).into());
+        model.insert("tie_embeddings".into(), self.tie_embeddings.into());
+        let file =
+            toml::Table::from_iter([("model".to_string(), model.into()), ("backbone".to_string(), backbone.into())]);
+        toml::to_string(&file).map_err(|e| err(e.to_string()))
+    }
+
     /// `source` names the file in errors.
     pub fn from_toml(text: &str, source: &str) -> Result<Self> {
         let err = |message: String| Error::Config { path: source.to_string(), message };
@@ -321,6 +340,19 @@ mod tests {
         assert!(msg.contains("n_layer"), "{msg}");
         let msg = LmConfig::from_toml(&TOML.replace("headdim = 32", "headdim = 48"), "m.toml").unwrap_err().to_string();
         assert!(msg.contains("`headdim` (48)"), "{msg}");
+    }
+
+    /// Written and read back, every kind's config is itself.
+    #[test]
+    fn a_model_file_written_reads_back_as_the_same_config() {
+        for kind in ["mamba1", "mamba2", "mamba3"] {
+            let text = TOML
+                .replace("mamba2", kind)
+                .replace("headdim = 32\n", if kind == "mamba1" { "" } else { "headdim = 32\n" });
+            let cfg = LmConfig::from_toml(&text, "m.toml").unwrap();
+            let written = cfg.to_toml().unwrap();
+            assert_eq!(LmConfig::from_toml(&written, "written.toml").unwrap(), cfg, "{kind}:\n{written}");
+        }
     }
 
     #[test]

@@ -26,7 +26,7 @@ pub use linear::{compute_dtype, Linear};
 pub use mamba1::Mamba1Mixer;
 pub use mamba2::Mamba2Mixer;
 pub use mamba3::{Mamba3Config, Mamba3Mixer};
-pub use model::{save_hf, Backbone, Block, ConvCache, MambaLm, Mixer, MixerCache};
+pub use model::{save_hf, Backbone, Block, ConvCache, MambaLm, Mixer, MixerCache, MODEL_FILE};
 pub use norm::RmsNorm;
 pub use param::{fan_in_bound, num_params, Init, Param};
 pub use routes::{gather, inverse, Merge, Route, RouteParams};

@@ -207,6 +207,9 @@ impl Backbone {
     }
 }
 
+/// The model file of a checkpoint without a Hugging Face layout.
+pub const MODEL_FILE: &str = "model.toml";
+
 /// Backbone plus a language-model head, tied to the embedding or not.
 #[derive(Debug, Clone)]
 pub struct MambaLm {
@@ -240,7 +243,22 @@ impl MambaLm {
     /// other parameters and the activations in `compute_dtype(dtype)`: with bf16, f32 everywhere
     /// but the matrices, whose bytes dominate both memory and decoding time.
     pub fn load_hf(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let config = LmConfig::from_hf_file(&dir.join("config.json"))?;
+        Self::load_weights(dir, LmConfig::from_hf_file(&dir.join("config.json"))?, dtype, device)
+    }
+
+    /// A model directory of either layout: a Hugging Face one (config.json, see [`Self::load_hf`])
+    /// or this project's model file `model.toml` beside model.safetensors, which models without
+    /// a Hugging Face layout (Mamba-3, bidirectional ones) are saved with.
+    pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let toml = dir.join(MODEL_FILE);
+        if dir.join("config.json").exists() || !toml.exists() {
+            return Self::load_hf(dir, dtype, device);
+        }
+        Self::load_weights(dir, LmConfig::from_toml_file(&toml)?, dtype, device)
+    }
+
+    /// model.safetensors (or its shards) of `dir` as a `config` model.
+    fn load_weights(dir: &Path, config: LmConfig, dtype: DType, device: &Device) -> Result<Self> {
         let expected = Self::params(&config);
         // A tied head may still be stored, and state-spaces names the embedding in the singular.
         let matrices: std::collections::HashSet<&str> = expected

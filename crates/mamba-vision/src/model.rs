@@ -126,8 +126,11 @@ impl VisionConfig {
                     return Err(err("[backbone] routes: a vision model's routes are its [model] scan patterns".into()));
                 }
                 b.insert("routes".into(), toml::Value::Array(v.scan.into_iter().map(toml::Value::String).collect()));
-                // Vim's bidirectional blocks: each route its own SSM, the outputs averaged.
-                b.entry("route_params").or_insert_with(|| "per_route".into());
+                // Vim's bidirectional blocks: each route its own SSM, the outputs averaged. A
+                // Mamba-3 mixer shares its tensors between routes.
+                if b.get("kind").and_then(toml::Value::as_str) != Some("mamba3") {
+                    b.entry("route_params").or_insert_with(|| "per_route".into());
+                }
                 b.entry("merge").or_insert_with(|| "mean".into());
                 let backbone = BackboneConfig::from_toml_table(b, source)?;
                 VisionConfig::Vim(VimConfig {

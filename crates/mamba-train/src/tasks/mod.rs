@@ -199,11 +199,12 @@ impl Task for LmTask {
     }
 
     fn checkpoint_files(&self) -> Result<Vec<(String, Vec<u8>)>> {
-        // A model with a Hugging Face layout gets its config.json: the checkpoint is then a model
-        // directory for `mamba generate`.
+        // The model's config.json where it has a Hugging Face layout, else its model file: either
+        // way the checkpoint is a model directory for `mamba generate`.
         let mut files = vec![];
-        if let Ok(json) = self.config.to_hf_json() {
-            files.push(("config.json".to_string(), json.into_bytes()));
+        match self.config.to_hf_json() {
+            Ok(json) => files.push(("config.json".to_string(), json.into_bytes())),
+            Err(_) => files.push((mamba_nn::MODEL_FILE.to_string(), self.config.to_toml()?.into_bytes())),
         }
         if let Source::Text(t) = &self.source {
             files.push(("tokenizer.json".into(), t.tokenizer_json.clone()));
