@@ -314,13 +314,20 @@ fn run_logits(model: &Path, ids: &[u32], out: &Path, dtype: WeightDType, device:
     Ok(())
 }
 
+/// A model directory, or a model file: a language model's (`[model] vocab_size`, models/*.toml)
+/// or a vision model's.
 fn run_inspect(dir: &Path) -> Result<()> {
-    if dir.extension().is_some_and(|e| e == "toml") {
-        return inspect_vision(dir);
-    }
-    let config = LmConfig::from_hf_file(&dir.join("config.json"))?;
-    // Checks that the checkpoint fits the configuration; nothing runs, so the CPU is enough.
-    load(dir, WeightDType::F32, &Device::Cpu)?;
+    let config = if dir.extension().is_some_and(|e| e == "toml") {
+        let text = std::fs::read_to_string(dir).with_context(|| dir.display().to_string())?;
+        let table: toml::Table = text.parse().with_context(|| dir.display().to_string())?;
+        if table.get("model").and_then(|m| m.get("vocab_size")).is_none() {
+            return inspect_vision(dir);
+        }
+        LmConfig::from_toml(&text, &dir.display().to_string())?
+    } else {
+        // Checks that the checkpoint fits the configuration; nothing runs, so the CPU is enough.
+        load(dir, WeightDType::F32, &Device::Cpu)?.config
+    };
     let declared = MambaLm::params(&config);
     let params = mamba_nn::num_params(&declared);
     let b = &config.backbone;

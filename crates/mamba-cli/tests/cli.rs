@@ -81,6 +81,16 @@ fn inspect_counts_the_checkpoint_parameters() {
     assert!(text.contains("backbone.layers.1.mixer.A_log [64, 8]"), "{text}");
 }
 
+/// A language model's file in models/ is inspected without weights: Mamba-3's 130M shape,
+/// counted by hand in mamba-nn's tests/configs.rs.
+#[test]
+fn inspect_reads_a_model_file() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/mamba3-130m.toml");
+    let run = mamba(&["inspect", "--model", path.to_str().unwrap()]);
+    let text = String::from_utf8(run.stdout).unwrap();
+    assert!(text.contains("parameters: 130365312 ") && text.contains("rope_fraction 0.5"), "{text}");
+}
+
 #[test]
 fn bad_input_is_reported() {
     let run = mamba(&["logits", "--model", "/no/such/model", "--ids", "1", "--out", "/tmp/never.safetensors"]);

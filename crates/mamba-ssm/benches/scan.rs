@@ -9,8 +9,9 @@
 use candle_core::{Device, Tensor, Var};
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use mamba_ssm::{
-    causal_conv1d, mamba2_inner, mamba_inner, selective_scan, selective_scan_ref, set_cpu_isa, ssd_chunk_scan,
-    ssd_chunk_scan_ref, CpuIsa, InnerWeights, Mamba2Weights, ScanOutput, ScanParams, SsdParams,
+    causal_conv1d, mamba2_inner, mamba3_chunk_scan_ref, mamba_inner, selective_scan, selective_scan_ref, set_cpu_isa,
+    ssd_chunk_scan, ssd_chunk_scan_ref, CpuIsa, InnerWeights, Mamba2Weights, Mamba3Inputs, ScanOutput, ScanParams,
+    SsdParams,
 };
 use std::time::Duration;
 
@@ -171,6 +172,64 @@ fn ssd(c: &mut Criterion) {
     // The kernel beside the same algorithm from candle ops.
     for (name, scan) in [("chunked", ssd_chunk_scan as SsdScan), ("composed", ssd_chunk_scan_ref)] {
         let run = || scan(t[0], t[1], t[2], t[3], t[4], chunk, &p, None).unwrap().y;
+        g.bench_function(BenchmarkId::new(format!("{name}_fwd"), len), |b| b.iter(run));
+        g.bench_function(BenchmarkId::new(format!("{name}_fwd_bwd"), len), |b| {
+            b.iter(|| run().sum_all().unwrap().backward().unwrap())
+        });
+    }
+    g.finish();
+}
+
+/// Mamba-3's chunked scan (candle ops, chunks of 64 as its reference defaults to) at the SSD
+/// benchmark's shape, beside the SSD kernel and the SSD from candle ops in the same run:
+/// `cargo bench -p mamba-ssm --bench scan -- mamba3`. D and z on, no initial state.
+fn mamba3(c: &mut Criterion) {
+    let (len, heads, headdim, state) = (4096, 24, 64, 128);
+    let vars: Vec<Var> = [
+        rand(&[1, len, 1, state], -1.0, 1.0),
+        rand(&[1, len, 1, state], -1.0, 1.0),
+        rand(&[1, len, heads, headdim], -1.0, 1.0),
+        rand(&[1, heads, len], -0.3, -0.001),
+        rand(&[1, heads, len], 0.001, 0.1),
+        rand(&[1, heads, len], -2.0, 2.0),
+        rand(&[heads, state], -1.0, 1.0),
+        rand(&[heads, state], -1.0, 1.0),
+        rand(&[1, len, heads, state / 4], -1.0, 1.0),
+        rand(&[heads], -1.0, 1.0),
+        rand(&[1, len, heads, headdim], -2.0, 2.0),
+    ]
+    .iter()
+    .map(|t| Var::from_tensor(t).unwrap())
+    .collect();
+    let t: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+    let x = Mamba3Inputs {
+        q: t[0],
+        k: t[1],
+        v: t[2],
+        adt: t[3],
+        dt: t[4],
+        trap: t[5],
+        q_bias: t[6],
+        k_bias: t[7],
+        angles: t[8],
+        d: Some(t[9]),
+        z: Some(t[10]),
+    };
+    let mut g = c.benchmark_group("mamba3");
+    g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(5));
+    g.throughput(Throughput::Elements((len * heads * headdim * state) as u64));
+    let run = || mamba3_chunk_scan_ref(&x, 64, None).unwrap().y;
+    g.bench_function(BenchmarkId::new("mamba3_composed_fwd", len), |b| b.iter(run));
+    g.bench_function(BenchmarkId::new("mamba3_composed_fwd_bwd", len), |b| {
+        b.iter(|| run().sum_all().unwrap().backward().unwrap())
+    });
+    // The SSD at the same width: x, dt, A, B, C, z and D of the same sizes.
+    let (a, dt_bias) = (Var::from_tensor(&rand(&[heads], -4.0, -0.5)).unwrap(), rand(&[heads], -1.0, 0.0));
+    let dt = t[4].transpose(1, 2).unwrap().contiguous().unwrap();
+    let p =
+        SsdParams { d: Some(t[9]), z: Some(t[10]), dt_bias: Some(&dt_bias), dt_softplus: true, ..Default::default() };
+    for (name, scan) in [("ssd_kernel", ssd_chunk_scan as SsdScan), ("ssd_composed", ssd_chunk_scan_ref)] {
+        let run = || scan(t[2], &dt, a.as_tensor(), t[1], t[0], 256, &p, None).unwrap().y;
         g.bench_function(BenchmarkId::new(format!("{name}_fwd"), len), |b| b.iter(run));
         g.bench_function(BenchmarkId::new(format!("{name}_fwd_bwd"), len), |b| {
             b.iter(|| run().sum_all().unwrap().backward().unwrap())
@@ -352,7 +411,7 @@ fn two_threads() {
     rayon::ThreadPoolBuilder::new().num_threads(2).build_global().expect("rayon pool");
 }
 
-criterion_group!(benches, selective, instruction_sets, ssd, routes, same_width);
+criterion_group!(benches, selective, instruction_sets, ssd, mamba3, routes, same_width);
 
 fn main() {
     two_threads();
