@@ -77,28 +77,22 @@ impl BackboneConfig {
         if self.kind != MixerKind::Mamba1 && !self.selective {
             return Err("`selective = false` (the time-invariant ablation) is built for Mamba-1 only".into());
         }
-        match self.kind {
-            MixerKind::Mamba1 if self.dt_rank == 0 => return Err("`dt_rank` must be at least 1".into()),
-            MixerKind::Mamba1 | MixerKind::Mamba2 if self.d_conv == 0 => {
-                return Err("`d_conv` must be at least 1".into())
-            }
-            MixerKind::Mamba1 => {}
-            MixerKind::Mamba2 => self.check_heads()?,
-            MixerKind::Mamba3 => {
-                if self.proj_bias {
-                    return Err("`proj_bias`: Mamba-3's projections have no bias".into());
-                }
-                if self.route_params == RouteParams::PerRoute {
-                    return Err("`route_params = \"per_route\"` is built for Mamba-1 and Mamba-2 only".into());
-                }
-                self.check_heads()?;
-                self.mamba3().validate()?;
-            }
+        if self.kind != MixerKind::Mamba3 && self.d_conv == 0 {
+            return Err("`d_conv` must be at least 1".into());
         }
-        Ok(())
+        match self.kind {
+            MixerKind::Mamba1 if self.dt_rank == 0 => Err("`dt_rank` must be at least 1".into()),
+            MixerKind::Mamba1 => Ok(()),
+            MixerKind::Mamba2 => self.check_heads(),
+            MixerKind::Mamba3 if self.proj_bias => Err("`proj_bias`: Mamba-3's projections have no bias".into()),
+            MixerKind::Mamba3 if self.route_params == RouteParams::PerRoute => {
+                Err("`route_params = \"per_route\"` is built for Mamba-1 and Mamba-2 only".into())
+            }
+            MixerKind::Mamba3 => self.mamba3().validate(),
+        }
     }
 
-    /// Heads, groups and chunks of Mamba-2 and Mamba-3.
+    /// Mamba-2's heads, groups and chunks (Mamba-3's are `Mamba3Config::validate`'s).
     fn check_heads(&self) -> std::result::Result<(), String> {
         if self.headdim == 0 || !self.d_inner().is_multiple_of(self.headdim) {
             return Err(format!("`headdim` ({}) must divide expand x d_model ({})", self.headdim, self.d_inner()));

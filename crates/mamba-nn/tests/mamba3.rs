@@ -50,8 +50,9 @@ fn states_close(what: &str, got: &Mamba3State, io: &HashMap<String, Tensor>, pre
     assert!(e < 1e-4, "{what} angle: {e:.3e}");
 }
 
-fn fixture_mixer() -> Mamba3Mixer {
-    let cfg = Mamba3Config {
+/// The fixture layer's constructor arguments (layer.json).
+fn fixture_config() -> Mamba3Config {
+    Mamba3Config {
         d_model: 32,
         d_state: 16,
         expand: 2,
@@ -60,8 +61,12 @@ fn fixture_mixer() -> Mamba3Mixer {
         rope_fraction: 0.5,
         a_floor: 1e-4,
         chunk_size: 16,
-    };
-    Mamba3Mixer::load(VarBuilder::from_tensors(fixture("layer.safetensors"), DType::F32, &CPU), &cfg).unwrap()
+    }
+}
+
+fn fixture_mixer() -> Mamba3Mixer {
+    let tensors = fixture("layer.safetensors");
+    Mamba3Mixer::load(VarBuilder::from_tensors(tensors, DType::F32, &CPU), &fixture_config()).unwrap()
 }
 
 /// Each token of u (batch, len, d_model) through `step`, the outputs stacked.
@@ -126,16 +131,7 @@ fn decoding_equals_the_forward_on_an_unseen_config() {
 
 #[test]
 fn a_config_that_cannot_build_a_mixer_is_refused_by_key() {
-    let good = Mamba3Config {
-        d_model: 32,
-        d_state: 16,
-        expand: 2,
-        headdim: 8,
-        ngroups: 1,
-        rope_fraction: 0.5,
-        a_floor: 1e-4,
-        chunk_size: 16,
-    };
+    let good = fixture_config();
     for (bad, key) in [
         (Mamba3Config { headdim: 7, ..good.clone() }, "`headdim`"),
         (Mamba3Config { ngroups: 3, ..good.clone() }, "`ngroups`"),
