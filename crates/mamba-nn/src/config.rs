@@ -83,27 +83,13 @@ impl BackboneConfig {
         match self.kind {
             MixerKind::Mamba1 if self.dt_rank == 0 => Err("`dt_rank` must be at least 1".into()),
             MixerKind::Mamba1 => Ok(()),
-            MixerKind::Mamba2 => self.check_heads(),
+            MixerKind::Mamba2 => check_heads(self.d_inner(), self.headdim, self.ngroups, self.chunk_size),
             MixerKind::Mamba3 if self.proj_bias => Err("`proj_bias`: Mamba-3's projections have no bias".into()),
             MixerKind::Mamba3 if self.route_params == RouteParams::PerRoute => {
                 Err("`route_params = \"per_route\"` is built for Mamba-1 and Mamba-2 only".into())
             }
             MixerKind::Mamba3 => self.mamba3().validate(),
         }
-    }
-
-    /// Mamba-2's heads, groups and chunks (Mamba-3's are `Mamba3Config::validate`'s).
-    fn check_heads(&self) -> std::result::Result<(), String> {
-        if self.headdim == 0 || !self.d_inner().is_multiple_of(self.headdim) {
-            return Err(format!("`headdim` ({}) must divide expand x d_model ({})", self.headdim, self.d_inner()));
-        }
-        if self.ngroups == 0 || !self.nheads().is_multiple_of(self.ngroups) {
-            return Err(format!("`ngroups` ({}) must divide the number of heads ({})", self.ngroups, self.nheads()));
-        }
-        if self.chunk_size == 0 {
-            return Err("`chunk_size` must be at least 1".into());
-        }
-        Ok(())
     }
 
     /// The sizes of a Mamba-3 mixer of this backbone.
@@ -232,6 +218,27 @@ struct BackboneSection {
     route_params: RouteParams,
     #[serde(default)]
     merge: Merge,
+}
+
+/// Heads, B/C groups and chunks of Mamba-2 and Mamba-3: headdim divides d_inner, ngroups the
+/// heads, and chunks are at least 1.
+pub(crate) fn check_heads(
+    d_inner: usize,
+    headdim: usize,
+    ngroups: usize,
+    chunk_size: usize,
+) -> std::result::Result<(), String> {
+    if headdim == 0 || !d_inner.is_multiple_of(headdim) {
+        return Err(format!("`headdim` ({headdim}) must divide expand x d_model ({d_inner})"));
+    }
+    let nheads = d_inner / headdim;
+    if ngroups == 0 || !nheads.is_multiple_of(ngroups) {
+        return Err(format!("`ngroups` ({ngroups}) must divide the number of heads ({nheads})"));
+    }
+    if chunk_size == 0 {
+        return Err("`chunk_size` must be at least 1".into());
+    }
+    Ok(())
 }
 
 impl BackboneSection {

@@ -54,12 +54,7 @@ impl Mamba3Config {
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("`{name}` must be at least 1"));
         }
-        if self.headdim == 0 || !self.d_inner().is_multiple_of(self.headdim) {
-            return Err(format!("`headdim` ({}) must divide expand x d_model ({})", self.headdim, self.d_inner()));
-        }
-        if self.ngroups == 0 || !self.nheads().is_multiple_of(self.ngroups) {
-            return Err(format!("`ngroups` ({}) must divide the number of heads ({})", self.ngroups, self.nheads()));
-        }
+        crate::config::check_heads(self.d_inner(), self.headdim, self.ngroups, self.chunk_size)?;
         if self.rope_fraction != 0.5 && self.rope_fraction != 1.0 {
             return Err(format!("`rope_fraction` is 0.5 or 1.0, not {}", self.rope_fraction));
         }
@@ -68,9 +63,6 @@ impl Mamba3Config {
         }
         if !(self.a_floor >= 0.0 && self.a_floor.is_finite()) {
             return Err(format!("`a_floor` must be finite and at least 0, not {}", self.a_floor));
-        }
-        if self.chunk_size == 0 {
-            return Err("`chunk_size` must be at least 1".into());
         }
         Ok(())
     }

@@ -13,6 +13,7 @@
 
 use crate::error::{argument, check, dims, Result};
 use crate::gate::silu_gate;
+use crate::ssd::per_head;
 use candle_core::{DType, Tensor, D};
 use std::f64::consts::PI;
 
@@ -150,12 +151,6 @@ pub(crate) fn rotate(x: &Tensor, phi: &Tensor) -> Result<Tensor> {
     Ok(Tensor::cat(&[rotated, x.narrow(D::Minus1, 2 * angles, state - 2 * angles)?], D::Minus1)?)
 }
 
-/// (b, g, n) per group -> (b, h, n) per head, head h reading group h / (heads / groups).
-fn per_head(t: &Tensor, heads: usize) -> Result<Tensor> {
-    let (b, g, n) = t.dims3()?;
-    Ok(t.unsqueeze(2)?.broadcast_as((b, g, heads / g, n))?.reshape((b, heads, n))?)
-}
-
 /// One token from candle ops, on any device and differentiable: the step of decoding, and of
 /// [`mamba3_scan_ref`]. `x` holds one token (len 1); returns y (batch, 1, heads, headdim) and the
 /// state after it.
@@ -169,7 +164,7 @@ pub fn mamba3_state_update_ref(state: &Mamba3State, x: &Mamba3Inputs) -> Result<
     let (dt, adt, trap) = (per_token(x.dt)?, per_token(x.adt)?, per_token(x.trap)?);
     let theta = token(x.angles)?.tanh()?.affine(PI, 0.0)?;
     let angle = wrap_angle(&(&state.angle + theta.broadcast_mul(&dt.unsqueeze(2)?)?)?)?;
-    let key = |t: &Tensor, bias: &Tensor| rotate(&per_head(&token(t)?, s.heads)?.broadcast_add(bias)?, &angle);
+    let key = |t: &Tensor, bias: &Tensor| rotate(&per_head(&token(t)?, 1, s.heads)?.broadcast_add(bias)?, &angle);
     let (q, k) = (key(x.q, x.q_bias)?, key(x.k, x.k_bias)?);
     let v = token(x.v)?;
     let lambda = sigmoid(&trap)?;
@@ -243,11 +238,7 @@ pub fn mamba3_chunk_scan_ref(
     // Summed along time as the last, contiguous dim (candle's cumsum multiplies by a triangle).
     let increments = theta.broadcast_mul(&dt.unsqueeze(3)?)?.permute((0, 2, 3, 1))?.contiguous()?;
     let phi = increments.cumsum(3)?.permute((0, 3, 1, 2))?.broadcast_add(&initial.angle.unsqueeze(1)?)?;
-    let key = |t: &Tensor, bias: &Tensor| -> Result<Tensor> {
-        let (b, l, g, n) = t.dims4()?;
-        let per_head = cast(t)?.unsqueeze(3)?.broadcast_as((b, l, g, s.heads / g, n))?.reshape((b, l, s.heads, n))?;
-        rotate(&per_head.broadcast_add(&cast(bias)?)?, &phi)
-    };
+    let key = |t: &Tensor, bias: &Tensor| rotate(&per_head(&cast(t)?, 2, s.heads)?.broadcast_add(&cast(bias)?)?, &phi);
     let (q, k, v) = (key(x.q, x.q_bias)?, key(x.k, x.k_bias)?, cast(x.v)?);
     let lambda = sigmoid(&trap)?;
     let gamma = (&lambda * &dt)?;

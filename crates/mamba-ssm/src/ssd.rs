@@ -131,7 +131,7 @@ fn skip(x: &Tensor, d: &Tensor) -> Result<Tensor> {
 }
 
 /// (b, g, ..) per group -> (b, h, ..) per head, head h reading group h / (heads / groups).
-fn per_head(t: &Tensor, group_dim: usize, heads: usize) -> Result<Tensor> {
+pub(crate) fn per_head(t: &Tensor, group_dim: usize, heads: usize) -> Result<Tensor> {
     let groups = t.dim(group_dim)?;
     let mut shape = t.dims().to_vec();
     shape.insert(group_dim + 1, heads / groups);
