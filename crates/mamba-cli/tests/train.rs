@@ -322,24 +322,28 @@ fn a_diverging_loss_stops_with_the_last_good_checkpoint_intact() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// A Mamba-3 model trains, and its checkpoint, which has no Hugging Face layout, carries its
-/// model file: `inspect` and `generate` read it as a model directory.
+/// A Mamba-3 model, SISO and MIMO, trains, and its checkpoint, which has no Hugging Face layout,
+/// carries its model file: `inspect` and `generate` read it as a model directory.
 #[test]
 fn a_mamba3_checkpoint_is_a_model_directory() {
-    let dir = scratch("mamba3");
-    let text = TINY.replace("kind = \"mamba1\"", "kind = \"mamba3\"\nheaddim = 8").replace("epochs = 2", "epochs = 1");
-    let config = write_config(&dir, &text);
-    let out = dir.join("run");
-    let run = mamba(&["train", config.to_str().unwrap(), "--out", out.to_str().unwrap()]);
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-    let best = out.join("best");
-    assert!(best.join("model.toml").exists() && !best.join("config.json").exists());
-    let model = best.to_str().unwrap();
-    let info = mamba(&["inspect", "--model", model]);
-    let info = String::from_utf8(info.stdout).unwrap();
-    assert!(info.contains("kind Mamba3") && info.contains("mixer.B_bias [4, 1, 4]"), "{info}");
-    let run = mamba(&["generate", "--model", model, "--ids", "1,2,3", "--max-new-tokens", "4"]);
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-    let ids: Vec<u32> = String::from_utf8(run.stdout).unwrap().split_whitespace().map(|t| t.parse().unwrap()).collect();
-    assert!(ids.len() == 4 && ids.iter().all(|&i| i < 8), "{ids:?}");
+    for (mimo, shapes) in [("", "mixer.B_bias [4, 1, 4]"), ("mimo_rank = 2\n", "mixer.mimo_x [4, 2, 8]")] {
+        let dir = scratch(if mimo.is_empty() { "mamba3" } else { "mamba3-mimo" });
+        let backbone = format!("kind = \"mamba3\"\nheaddim = 8\n{mimo}");
+        let text = TINY.replace("kind = \"mamba1\"\n", &backbone).replace("epochs = 2", "epochs = 1");
+        let config = write_config(&dir, &text);
+        let out = dir.join("run");
+        let run = mamba(&["train", config.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+        let best = out.join("best");
+        assert!(best.join("model.toml").exists() && !best.join("config.json").exists());
+        let model = best.to_str().unwrap();
+        let info = mamba(&["inspect", "--model", model]);
+        let info = String::from_utf8(info.stdout).unwrap();
+        assert!(info.contains("kind Mamba3") && info.contains(shapes), "{info}");
+        let run = mamba(&["generate", "--model", model, "--ids", "1,2,3", "--max-new-tokens", "4"]);
+        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+        let ids: Vec<u32> =
+            String::from_utf8(run.stdout).unwrap().split_whitespace().map(|t| t.parse().unwrap()).collect();
+        assert!(ids.len() == 4 && ids.iter().all(|&i| i < 8), "{ids:?}");
+    }
 }

@@ -60,6 +60,8 @@ pub struct BackboneConfig {
     /// (A <= -a_floor).
     pub rope_fraction: f64,
     pub a_floor: f64,
+    /// Mamba-3: MIMO of this rank (None: SISO).
+    pub mimo_rank: Option<usize>,
 }
 
 impl BackboneConfig {
@@ -103,6 +105,7 @@ impl BackboneConfig {
             rope_fraction: self.rope_fraction,
             a_floor: self.a_floor,
             chunk_size: self.chunk_size,
+            mimo_rank: self.mimo_rank,
         }
     }
 
@@ -149,6 +152,7 @@ impl BackboneConfig {
             selective: b.selective.unwrap_or(true),
             rope_fraction: b.rope_fraction.unwrap_or(0.5),
             a_floor: b.a_floor.unwrap_or(1e-4),
+            mimo_rank: b.mimo_rank,
         };
         backbone.validate().map_err(err)?;
         Ok(backbone)
@@ -208,6 +212,7 @@ struct BackboneSection {
     dt_limit: Option<(f64, f64)>,
     rope_fraction: Option<f64>,
     a_floor: Option<f64>,
+    mimo_rank: Option<usize>,
     #[serde(default = "eps")]
     norm_eps: f64,
     #[serde(default)]
@@ -244,7 +249,7 @@ pub(crate) fn check_heads(
 impl BackboneSection {
     /// The keys that only some mixer kinds read, whether each is given, and the kinds that read
     /// it: any other kind refuses it, since its model would ignore it.
-    fn kind_keys(&self) -> [(&'static str, bool, &'static [MixerKind]); 10] {
+    fn kind_keys(&self) -> [(&'static str, bool, &'static [MixerKind]); 11] {
         use MixerKind::*;
         [
             ("d_conv", self.d_conv.is_some(), &[Mamba1, Mamba2]),
@@ -257,6 +262,7 @@ impl BackboneSection {
             ("dt_limit", self.dt_limit.is_some(), &[Mamba2]),
             ("rope_fraction", self.rope_fraction.is_some(), &[Mamba3]),
             ("a_floor", self.a_floor.is_some(), &[Mamba3]),
+            ("mimo_rank", self.mimo_rank.is_some(), &[Mamba3]),
         ]
     }
 }
@@ -365,6 +371,12 @@ mod tests {
         assert_eq!((m.rope_fraction, m.a_floor, m.num_rope_angles(), m.nheads()), (1.0, 1e-3, 8, 4));
         let msg = LmConfig::from_toml(&text.replace("1.0", "0.7"), "m.toml").unwrap_err().to_string();
         assert!(msg.contains("m.toml") && msg.contains("`rope_fraction`"), "{msg}");
+        assert_eq!(m.mimo_rank, None);
+        let mimo = LmConfig::from_toml(&(text.clone() + "mimo_rank = 4\n"), "m.toml").unwrap();
+        assert_eq!(mimo.backbone.mamba3().mimo_rank, Some(4));
+        assert_eq!(LmConfig::from_toml(&mimo.to_toml().unwrap(), "written.toml").unwrap(), mimo);
+        let msg = LmConfig::from_toml(&(text + "mimo_rank = 0\n"), "m.toml").unwrap_err().to_string();
+        assert!(msg.contains("m.toml") && msg.contains("`mimo_rank`"), "{msg}");
     }
 
     /// A key that only another mixer kind reads would be ignored: it is an error naming the
@@ -381,6 +393,7 @@ mod tests {
             (TOML.to_string() + "selective = true\n", "selective"),
             (TOML.to_string() + "rope_fraction = 1.0\n", "rope_fraction"),
             (mamba1.clone() + "a_floor = 0.001\n", "a_floor"),
+            (TOML.to_string() + "mimo_rank = 4\n", "mimo_rank"),
             (TOML.replace("mamba2", "mamba3") + "d_conv = 4\n", "d_conv"),
             (TOML.replace("mamba2", "mamba3") + "conv_bias = true\n", "conv_bias"),
             (TOML.replace("mamba2", "mamba3") + "dt_limit = [0.0, 1.0]\n", "dt_limit"),

@@ -164,6 +164,7 @@ impl LmConfig {
             selective: true,
             rope_fraction: 0.5,
             a_floor: 1e-4,
+            mimo_rank: None,
         };
         if kind == MixerKind::Mamba2 {
             let heads = int_or("num_heads", backbone.nheads())?;

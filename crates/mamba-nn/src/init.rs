@@ -8,6 +8,7 @@
 //!   starts at that dt.
 //! - A: Mamba-1 S4D-real, A_log[d, n] = log(n + 1); Mamba-2 one A per head, U(a_init_range).
 //! - D and every norm weight one; embeddings (and an untied head) N(0, 0.02).
+//! - Mamba-3's MIMO weights of x and of the outputs 1 / rank, of z one.
 //! - The time-invariant ablation (`selective = false`): B ones, C U(±1/sqrt(d_state)).
 //!
 //! Each layer states its tensors' rules in its parameter list ([`crate::Param`]); this file
@@ -69,6 +70,7 @@ fn init_tensor(p: &Param, init: &InitConfig, rng: &mut StdRng) -> Result<Tensor>
     let values = match p.init {
         Init::Zeros => vec![0.0; numel],
         Init::Ones => vec![1.0; numel],
+        Init::Constant(c) => vec![c as f32; numel],
         Init::Uniform(bound) => uniform(rng, bound),
         Init::Normal(std) => normal(rng, std)?,
         Init::Embedding => normal(rng, init.embedding_std)?,

@@ -1,9 +1,10 @@
-//! The Mamba-3 mixer (SISO), as mamba_ssm's `modules/mamba3.py` has it: in_proj to
+//! The Mamba-3 mixer, SISO and MIMO, as mamba_ssm's `modules/mamba3.py` has it: in_proj to
 //! [z, x, B, C, dd_dt, dd_A, trap, angles] -> RMSNorm on B and C -> the Mamba-3 scan (queries C
 //! and keys B with per-head biases, rotated by data-dependent angles; trapezoidal mixing of each
 //! token with the previous; D skip; y * silu(z)) -> out_proj. No convolution. Tensor names are
 //! the reference's: `in_proj.weight`, `dt_bias`, `B_bias`, `C_bias`, `B_norm.weight`,
-//! `C_norm.weight`, `D`, `out_proj.weight`. Over several routes every tensor is shared: in_proj
+//! `C_norm.weight`, `D`, `out_proj.weight`, and for MIMO `mimo_x`, `mimo_z`, `mimo_o` (B and C
+//! then carry `mimo_rank` vectors per token). Over several routes every tensor is shared: in_proj
 //! runs once, each route scans the sequence in its own order, and the routes merge before
 //! out_proj.
 
@@ -11,7 +12,7 @@ use crate::routes::{check_causal, gathered, run_routes, Merge, Route};
 use crate::{compute_dtype, fan_in_bound, Error, Init, Linear, Param, Result};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
-use mamba_ssm::{mamba3_chunk_scan_ref, mamba3_state_update_ref, rms_norm, softplus, Mamba3Inputs, Mamba3State};
+use mamba_ssm::{mamba3_chunk_scan_ref, mamba3_state_update_ref, rms_norm, softplus, Mamba3Inputs, Mamba3State, Mimo};
 
 /// The sizes of a Mamba-3 mixer, named as `Mamba3.__init__` (made by
 /// [`crate::BackboneConfig::mamba3`]).
@@ -28,6 +29,8 @@ pub struct Mamba3Config {
     /// A is at most -a_floor.
     pub a_floor: f64,
     pub chunk_size: usize,
+    /// MIMO of this rank; None is SISO.
+    pub mimo_rank: Option<usize>,
 }
 
 /// The eps of the B and C norms, fixed in the reference.
@@ -40,6 +43,11 @@ impl Mamba3Config {
 
     pub fn nheads(&self) -> usize {
         self.d_inner() / self.headdim.max(1)
+    }
+
+    /// B and C vectors per token: MIMO's rank, 1 for SISO.
+    pub fn rank(&self) -> usize {
+        self.mimo_rank.unwrap_or(1)
     }
 
     /// Rotated pairs: half of d_state x rope_fraction, rounded down to even first.
@@ -61,6 +69,9 @@ impl Mamba3Config {
         if self.num_rope_angles() == 0 {
             return Err(format!("`d_state` {} leaves no pair to rotate", self.d_state));
         }
+        if self.mimo_rank == Some(0) {
+            return Err("`mimo_rank` must be at least 1".into());
+        }
         if !(self.a_floor >= 0.0 && self.a_floor.is_finite()) {
             return Err(format!("`a_floor` must be finite and at least 0, not {}", self.a_floor));
         }
@@ -69,7 +80,7 @@ impl Mamba3Config {
 
     /// in_proj's output sizes: [z, x, B, C, dd_dt, dd_A, trap, angles].
     fn split(&self) -> [usize; 8] {
-        let (di, bc, h) = (self.d_inner(), self.ngroups * self.d_state, self.nheads());
+        let (di, bc, h) = (self.d_inner(), self.rank() * self.ngroups * self.d_state, self.nheads());
         [di, di, bc, bc, h, h, h, self.num_rope_angles()]
     }
 }
@@ -78,12 +89,14 @@ impl Mamba3Config {
 pub struct Mamba3Mixer {
     in_proj: Linear,
     dt_bias: Tensor,
-    /// (nheads, 1, d_state): added to the keys (B) and queries (C).
+    /// (nheads, rank, d_state): added to the keys (B) and queries (C).
     b_bias: Tensor,
     c_bias: Tensor,
     b_norm: Tensor,
     c_norm: Tensor,
     d: Tensor,
+    /// MIMO's weights of x, z and the outputs per rank: (nheads, rank, headdim) each.
+    mimo: Option<[Tensor; 3]>,
     out_proj: Linear,
     routes: Vec<Route>,
     merge: Merge,
@@ -111,17 +124,22 @@ impl Mamba3Mixer {
     /// With routes made elsewhere (e.g. 2-d scan patterns over a patch grid).
     pub fn load_routed(vb: VarBuilder, cfg: &Mamba3Config, routes: Vec<Route>, merge: Merge) -> Result<Self> {
         cfg.validate().map_err(|message| Error::Config { path: "[mamba3]".into(), message })?;
-        let (d, di, h, n) = (cfg.d_model, cfg.d_inner(), cfg.nheads(), cfg.d_state);
+        let (d, di, h, n, r) = (cfg.d_model, cfg.d_inner(), cfg.nheads(), cfg.d_state, cfg.rank());
         let in_dim = cfg.split().iter().sum();
         let small = vb.clone().set_dtype(compute_dtype(vb.dtype()));
+        let per_rank = |name: &str| small.get((h, r, cfg.headdim), name);
         Ok(Self {
             in_proj: Linear::load(&vb, "in_proj", (in_dim, d), false)?,
             dt_bias: small.get(h, "dt_bias")?,
-            b_bias: small.get((h, 1, n), "B_bias")?,
-            c_bias: small.get((h, 1, n), "C_bias")?,
+            b_bias: small.get((h, r, n), "B_bias")?,
+            c_bias: small.get((h, r, n), "C_bias")?,
             b_norm: small.get(n, "B_norm.weight")?,
             c_norm: small.get(n, "C_norm.weight")?,
             d: small.get(h, "D")?,
+            mimo: match cfg.mimo_rank {
+                Some(_) => Some([per_rank("mimo_x")?, per_rank("mimo_z")?, per_rank("mimo_o")?]),
+                None => None,
+            },
             out_proj: Linear::load(&vb, "out_proj", (d, di), false)?,
             routes,
             merge,
@@ -131,21 +149,32 @@ impl Mamba3Mixer {
 
     /// The mixer's tensors and how the reference draws them: projections as PyTorch's Linear,
     /// out_proj then divided by sqrt(n_layer) as the language model's init does (GPT-2's prenorm
-    /// residual rescaling); dt_bias as the other mixers'; biases, norms and D ones.
+    /// residual rescaling); dt_bias as the other mixers'; biases, norms and D ones; MIMO's x and
+    /// output weights 1 / rank and its z weights one (these three decay, as the reference leaves
+    /// them unmarked).
     pub fn params(cfg: &Mamba3Config, n_layer: usize) -> Vec<Param> {
-        let (d, di, h, n) = (cfg.d_model, cfg.d_inner(), cfg.nheads(), cfg.d_state);
+        let (d, di, h, n, r) = (cfg.d_model, cfg.d_inner(), cfg.nheads(), cfg.d_state, cfg.rank());
         let in_dim = cfg.split().iter().sum();
         let out_bound = fan_in_bound(&[d, di]) / (n_layer.max(1) as f64).sqrt();
-        vec![
+        let mut params = vec![
             Param::fan_in("in_proj.weight", vec![in_dim, d]).matrix(),
             Param::new("dt_bias", vec![h], Init::DtBias).no_decay(),
-            Param::new("B_bias", vec![h, 1, n], Init::Ones).no_decay(),
-            Param::new("C_bias", vec![h, 1, n], Init::Ones).no_decay(),
+            Param::new("B_bias", vec![h, r, n], Init::Ones).no_decay(),
+            Param::new("C_bias", vec![h, r, n], Init::Ones).no_decay(),
             Param::new("B_norm.weight", vec![n], Init::Ones).no_decay(),
             Param::new("C_norm.weight", vec![n], Init::Ones).no_decay(),
             Param::new("D", vec![h], Init::Ones).no_decay(),
-            Param::new("out_proj.weight", vec![d, di], Init::Uniform(out_bound)).matrix(),
-        ]
+        ];
+        if cfg.mimo_rank.is_some() {
+            let shape = vec![h, r, cfg.headdim];
+            params.extend([
+                Param::new("mimo_x", shape.clone(), Init::Constant(1.0 / r as f64)),
+                Param::new("mimo_z", shape.clone(), Init::Ones),
+                Param::new("mimo_o", shape, Init::Constant(1.0 / r as f64)),
+            ]);
+        }
+        params.push(Param::new("out_proj.weight", vec![d, di], Init::Uniform(out_bound)).matrix());
+        params
     }
 
     /// From in_proj's output (batch, len, ·) to the scan's inputs.
@@ -153,6 +182,11 @@ impl Mamba3Mixer {
         let c = &self.cfg;
         let (batch, len, _) = zx.dims3()?;
         let (h, p, g, n, s) = (c.nheads(), c.headdim, c.ngroups, c.d_state, c.num_rope_angles());
+        // SISO's B and C have no rank dim, as the scan takes them.
+        let bc_shape = match c.mimo_rank {
+            Some(r) => vec![batch, len, r, g, n],
+            None => vec![batch, len, g, n],
+        };
         let mut offset = 0;
         let mut take = |size: usize| {
             offset += size;
@@ -166,7 +200,7 @@ impl Mamba3Mixer {
         let dt = softplus(&dd_dt.broadcast_add(&self.dt_bias)?)?;
         let adt = (&a * &dt)?;
         let heads_first = |t: &Tensor| t.transpose(1, 2).and_then(|t| t.contiguous());
-        let bc = |t: &Tensor, w: &Tensor| rms_norm(&t.reshape((batch, len, g, n))?, w, BC_NORM_EPS);
+        let bc = |t: &Tensor, w: &Tensor| rms_norm(&t.reshape(bc_shape.as_slice())?, w, BC_NORM_EPS);
         Ok(ScanTensors {
             q: bc(&cc, &self.c_norm)?,
             k: bc(&b, &self.b_norm)?,
@@ -192,11 +226,15 @@ impl Mamba3Mixer {
             angles: &t.angles,
             d: Some(&self.d),
             z: Some(&t.z),
+            mimo: self.mimo.as_ref().map(|[x, z, o]| Mimo { x, z, o }),
         }
     }
 
-    /// The query and key biases as the scan takes them, (nheads, d_state).
+    /// The query and key biases as the scan takes them: (nheads, d_state) for SISO.
     fn biases(&self) -> Result<(Tensor, Tensor)> {
+        if self.mimo.is_some() {
+            return Ok((self.c_bias.clone(), self.b_bias.clone()));
+        }
         Ok((self.c_bias.squeeze(1)?, self.b_bias.squeeze(1)?))
     }
 
@@ -233,10 +271,14 @@ impl Mamba3Mixer {
         let c = &self.cfg;
         let (h, p, n, s) = (c.nheads(), c.headdim, c.d_state, c.num_rope_angles());
         let zeros = |shape: &[usize]| Tensor::zeros(shape, self.d.dtype(), self.d.device());
+        let k = match c.mimo_rank {
+            Some(r) => vec![batch, h, r, n],
+            None => vec![batch, h, n],
+        };
         Ok(Mamba3State {
             angle: zeros(&[batch, h, s])?,
             ssm: zeros(&[batch, h, p, n])?,
-            k: zeros(&[batch, h, n])?,
+            k: zeros(&k)?,
             v: zeros(&[batch, h, p])?,
         })
     }

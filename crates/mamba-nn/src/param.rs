@@ -23,6 +23,7 @@ pub struct Param {
 pub enum Init {
     Zeros,
     Ones,
+    Constant(f64),
     /// U(-bound, bound).
     Uniform(f64),
     /// N(0, std^2).

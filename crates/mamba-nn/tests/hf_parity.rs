@@ -165,6 +165,7 @@ fn config(kind: MixerKind, ngroups: usize, chunk_size: usize) -> LmConfig {
         selective: true,
         rope_fraction: 0.5,
         a_floor: 1e-4,
+        mimo_rank: None,
     };
     LmConfig { backbone, vocab_size: 11, tie_embeddings: kind == MixerKind::Mamba1 }
 }

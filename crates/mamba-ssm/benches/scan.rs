@@ -214,6 +214,7 @@ fn mamba3(c: &mut Criterion) {
         angles: t[8],
         d: Some(t[9]),
         z: Some(t[10]),
+        mimo: None,
     };
     let mut g = c.benchmark_group("mamba3");
     g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(5));

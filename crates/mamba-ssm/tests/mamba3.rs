@@ -1,15 +1,18 @@
 //! Mamba-3's scan against mamba_ssm's own references (tests/fixtures/mamba3, made from the
 //! official code in float64): outputs, final states and gradients, for grouped queries and keys,
-//! no D and z, and a scan that continues from given states.
+//! no D and z, and a scan that continues from given states; and MIMO (rank 4) against the
+//! reference as mamba_ssm's MIMO layer rotates.
 
 mod common;
 use candle_core::{DType, Tensor, Var};
 use common::*;
-use mamba_ssm::{mamba3_chunk_scan_ref, mamba3_scan_ref, Mamba3Inputs, Mamba3Output, Mamba3State};
+use mamba_ssm::{mamba3_chunk_scan_ref, mamba3_scan_ref, Mamba3Inputs, Mamba3Output, Mamba3State, Mimo};
 use std::collections::HashMap;
 
 const INPUTS: [&str; 11] = ["Q", "K", "V", "ADT", "DT", "Trap", "Q_bias", "K_bias", "Angles", "D", "Z"];
 const STATES: [&str; 4] = ["Input_Angle_State", "Input_SSM_State", "Input_K_State", "Input_V_State"];
+/// MIMO's weights of the values, gates and outputs.
+const MIMO: [&str; 3] = ["MIMO_V", "MIMO_Z", "MIMO_O"];
 
 /// The case's inputs (as f64 leaves), in the order of `INPUTS` then `STATES`, those it has.
 fn leaves(fx: &HashMap<String, Tensor>, case: &str) -> Vec<(&'static str, Var)> {
@@ -48,6 +51,7 @@ fn scan(leaves: &[(&str, Var)], scan: Scan) -> Mamba3Output {
         angles: get("Angles").unwrap(),
         d: get("D"),
         z: get("Z"),
+        mimo: get("MIMO_V").map(|x| Mimo { x, z: get("MIMO_Z").unwrap(), o: get("MIMO_O").unwrap() }),
     };
     let initial = get("Input_SSM_State").map(|ssm| Mamba3State {
         angle: get("Input_Angle_State").unwrap().clone(),
@@ -103,22 +107,63 @@ fn the_chunked_form_matches_mamba_ssm_at_any_chunk_size() {
     }
 }
 
-/// Inputs of a shape the fixtures do not have, seeded; with initial states when `states`.
+/// MIMO against the fixture's "halved" reference (the rotation of mamba_ssm's MIMO layer and
+/// kernel, pairs (i, i + state / 2)): outputs, final states and every gradient.
+fn mimo_matches_fixture(scan_with: Scan, tol: f64) {
+    let fx = fixture("mamba3/mimo_op.safetensors");
+    let leaves: Vec<(&str, Var)> =
+        INPUTS.iter().chain(&MIMO).map(|n| (*n, var(&fx[&format!("in.{n}")].to_dtype(DType::F64).unwrap()))).collect();
+    let want = |name: &str| &fx[&format!("halved.{name}")];
+    let out = scan(&leaves, scan_with);
+    assert_close("y", &out.y, want("out"), tol);
+    assert_close("ssm state", &out.state.ssm, want("final.ssm_state"), tol);
+    assert_close("k state", &out.state.k, want("final.k_state"), tol);
+    // The reference keeps the last token's values per rank; the state keeps its x.
+    let mimo_v = leaves.iter().find(|(n, _)| *n == "MIMO_V").unwrap().1.as_tensor();
+    let v_per_rank = out.state.v.unsqueeze(2).unwrap().broadcast_mul(mimo_v).unwrap();
+    assert_close("v state", &v_per_rank, want("final.v_state"), tol);
+    let e = angle_err(&out.state.angle, want("final.angle_state"));
+    assert!(e < tol, "angle state: {e:.3e}");
+    let grads = dot(&out.y, &fx["W"]).backward().unwrap();
+    for (name, leaf) in &leaves {
+        let g = grads.get(leaf.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+        assert_close(&format!("d{name}"), g, want(&format!("grad.{name}")), tol);
+    }
+}
+
+#[test]
+fn mimo_matches_mamba_ssm_step_by_step_and_in_chunks() {
+    mimo_matches_fixture(&step_by_step, 1e-10);
+    for chunk in [1, 5, 16, 64] {
+        mimo_matches_fixture(&in_chunks(chunk), 1e-10);
+    }
+}
+
+/// Inputs of a shape the fixtures do not have, seeded; with initial states when `states`, and
+/// MIMO of that rank when `rank` is given.
 fn random_leaves(
     (batch, len, heads, headdim, groups, state, angles): (usize, usize, usize, usize, usize, usize, usize),
     states: bool,
+    rank: Option<usize>,
     seed: u64,
 ) -> Vec<(&'static str, Var)> {
     let u = |shape: &[usize], s: u64, lo: f64, hi: f64| var(&uniform(shape, seed * 100 + s, lo, hi, DType::F64));
+    let ranked = |mut shape: Vec<usize>, at: usize| {
+        if let Some(r) = rank {
+            shape.insert(at, r);
+        }
+        shape
+    };
+    let (qk, bias) = (ranked(vec![batch, len, groups, state], 2), ranked(vec![heads, state], 1));
     let mut v = vec![
-        ("Q", u(&[batch, len, groups, state], 1, -1.0, 1.0)),
-        ("K", u(&[batch, len, groups, state], 2, -1.0, 1.0)),
+        ("Q", u(&qk, 1, -1.0, 1.0)),
+        ("K", u(&qk, 2, -1.0, 1.0)),
         ("V", u(&[batch, len, heads, headdim], 3, -1.0, 1.0)),
         ("ADT", u(&[batch, heads, len], 4, -1.5, -0.01)),
         ("DT", u(&[batch, heads, len], 5, 0.01, 1.0)),
         ("Trap", u(&[batch, heads, len], 6, -3.0, 3.0)),
-        ("Q_bias", u(&[heads, state], 7, -0.5, 0.5)),
-        ("K_bias", u(&[heads, state], 8, -0.5, 0.5)),
+        ("Q_bias", u(&bias, 7, -0.5, 0.5)),
+        ("K_bias", u(&bias, 8, -0.5, 0.5)),
         ("Angles", u(&[batch, len, heads, angles], 9, -2.0, 2.0)),
         ("D", u(&[heads], 10, -1.0, 1.0)),
         ("Z", u(&[batch, len, heads, headdim], 11, -2.0, 2.0)),
@@ -127,24 +172,30 @@ fn random_leaves(
         v.extend([
             ("Input_Angle_State", u(&[batch, heads, angles], 12, 0.0, 6.0)),
             ("Input_SSM_State", u(&[batch, heads, headdim, state], 13, -1.0, 1.0)),
-            ("Input_K_State", u(&[batch, heads, state], 14, -1.0, 1.0)),
+            ("Input_K_State", u(&ranked(vec![batch, heads, state], 2), 14, -1.0, 1.0)),
             ("Input_V_State", u(&[batch, heads, headdim], 15, -1.0, 1.0)),
         ]);
+    }
+    if let Some(r) = rank {
+        for (i, name) in MIMO.into_iter().enumerate() {
+            v.push((name, u(&[heads, r, headdim], 16 + i as u64, -1.0, 1.0)));
+        }
     }
     v
 }
 
 /// The chunked form equals the step reference, outputs, states and every gradient, over lengths
-/// 1 and not multiples of the chunk, grouped keys, a partial rotation and batch 3.
+/// 1 and not multiples of the chunk, grouped keys, a partial rotation and batch 3, SISO and MIMO
+/// of rank 3.
 #[test]
 fn the_chunked_form_equals_the_step_reference_on_unseen_shapes() {
-    for (i, len) in [1usize, 2, 23].into_iter().enumerate() {
+    for (i, len, rank) in [(0, 1, None), (1, 2, None), (2, 23, None), (3, 1, Some(3)), (4, 23, Some(3))] {
         for states in [false, true] {
-            let leaves = random_leaves((3, len, 6, 5, 3, 12, 3), states, i as u64 * 2 + states as u64);
+            let leaves = random_leaves((3, len, 6, 5, 3, 12, 3), states, rank, i * 2 + states as u64);
             let w = uniform(&[3, len, 6, 5], 99, -1.0, 1.0, DType::F64);
             let want = scan(&leaves, &step_by_step);
             let got = scan(&leaves, &in_chunks(8));
-            let what = format!("len {len}, states {states}");
+            let what = format!("len {len}, states {states}, rank {rank:?}");
             assert_close(&format!("{what}: y"), &got.y, &want.y, 1e-12);
             assert_close(&format!("{what}: ssm"), &got.state.ssm, &want.state.ssm, 1e-12);
             assert_close(&format!("{what}: k"), &got.state.k, &want.state.k, 1e-12);
@@ -168,7 +219,12 @@ fn the_chunked_form_equals_the_step_reference_on_unseen_shapes() {
 /// whole: what decoding after a prompt relies on.
 #[test]
 fn a_scan_continued_from_its_state_equals_the_whole_scan() {
-    let leaves = random_leaves((2, 19, 4, 3, 2, 8, 4), false, 7);
+    for rank in [None, Some(2)] {
+        continue_scan(random_leaves((2, 19, 4, 3, 2, 8, 4), false, rank, 7));
+    }
+}
+
+fn continue_scan(leaves: Vec<(&'static str, Var)>) {
     let whole = scan(&leaves, &in_chunks(4));
     let part = |from: usize, n: usize| -> Vec<(&'static str, Var)> {
         leaves
@@ -177,7 +233,7 @@ fn a_scan_continued_from_its_state_equals_the_whole_scan() {
                 let t = v.as_tensor();
                 let time_dim = match *name {
                     "ADT" | "DT" | "Trap" => Some(2),
-                    "Q_bias" | "K_bias" | "D" => None,
+                    "Q_bias" | "K_bias" | "D" | "MIMO_V" | "MIMO_Z" | "MIMO_O" => None,
                     _ => Some(1),
                 };
                 (*name, var(&time_dim.map_or(t.clone(), |d| t.narrow(d, from, n).unwrap())))
@@ -187,7 +243,7 @@ fn a_scan_continued_from_its_state_equals_the_whole_scan() {
     let first = scan(&part(0, 12), &in_chunks(4));
     let second_leaves = part(12, 7);
     let get = |name: &str| second_leaves.iter().find(|(n, _)| *n == name).unwrap().1.as_tensor().clone();
-    let x = Mamba3Inputs {
+    let mut x = Mamba3Inputs {
         q: &get("Q"),
         k: &get("K"),
         v: &get("V"),
@@ -199,7 +255,13 @@ fn a_scan_continued_from_its_state_equals_the_whole_scan() {
         angles: &get("Angles"),
         d: Some(&get("D")),
         z: Some(&get("Z")),
+        mimo: None,
     };
+    let (mx, mz, mo);
+    if second_leaves.iter().any(|(n, _)| *n == "MIMO_V") {
+        (mx, mz, mo) = (get("MIMO_V"), get("MIMO_Z"), get("MIMO_O"));
+        x.mimo = Some(Mimo { x: &mx, z: &mz, o: &mo });
+    }
     for (what, second) in [
         ("chunked", mamba3_chunk_scan_ref(&x, 4, Some(&first.state)).unwrap()),
         ("step", mamba3_scan_ref(&x, Some(&first.state)).unwrap()),
@@ -213,7 +275,7 @@ fn a_scan_continued_from_its_state_equals_the_whole_scan() {
 /// In f32, the chunked form stays within 1e-5 of the float64 reference.
 #[test]
 fn the_chunked_form_in_f32_is_close_to_the_f64_reference() {
-    let leaves = random_leaves((2, 45, 4, 8, 2, 16, 8), true, 11);
+    let leaves = random_leaves((2, 45, 4, 8, 2, 16, 8), true, None, 11);
     let want = scan(&leaves, &step_by_step);
     let f32_leaves: Vec<_> =
         leaves.iter().map(|(n, v)| (*n, var(&v.as_tensor().to_dtype(DType::F32).unwrap()))).collect();
@@ -226,7 +288,12 @@ fn the_chunked_form_in_f32_is_close_to_the_f64_reference() {
 /// The step reference's gradient agrees with central differences, which need no fixture.
 #[test]
 fn the_reference_gradients_agree_with_finite_differences() {
-    let leaves = random_leaves((1, 6, 2, 2, 1, 4, 2), true, 5);
+    for rank in [None, Some(2)] {
+        gradients_agree_with_finite_differences(random_leaves((1, 6, 2, 2, 1, 4, 2), true, rank, 5));
+    }
+}
+
+fn gradients_agree_with_finite_differences(leaves: Vec<(&'static str, Var)>) {
     let w = uniform(&[1, 6, 2, 2], 98, -1.0, 1.0, DType::F64);
     let grads = dot(&scan(&leaves, &step_by_step).y, &w).backward().unwrap();
     let inputs: Vec<Tensor> = leaves.iter().map(|(_, v)| v.as_tensor().clone()).collect();
