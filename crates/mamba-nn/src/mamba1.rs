@@ -168,7 +168,13 @@ impl Mamba1Mixer {
     }
 
     /// The names and shapes of route `i`'s own SSM parameters.
-    pub(crate) fn ssm_params(cfg: &BackboneConfig, i: usize) -> Vec<Param> {
+    /// The mixer's tensors and their initialisation (see `init.rs`).
+    pub fn params(cfg: &BackboneConfig) -> Vec<Param> {
+        crate::model::conv_mixer_params(cfg, 2 * cfg.d_inner(), vec![], |r| Self::ssm_params(cfg, r))
+    }
+
+    /// Route `i`'s own tensors.
+    fn ssm_params(cfg: &BackboneConfig, i: usize) -> Vec<Param> {
         let (di, r, n, k) = (cfg.d_inner(), cfg.dt_rank, cfg.d_state, cfg.d_conv);
         let s = route_suffix(i);
         let mut v = vec![

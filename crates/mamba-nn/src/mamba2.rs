@@ -65,8 +65,8 @@ impl Mamba2Mixer {
     /// With routes made elsewhere (e.g. 2-d scan patterns over a patch grid), one per name in
     /// `cfg.routes`.
     pub fn load_routed(vb: VarBuilder, cfg: &BackboneConfig, routes: Vec<Route>) -> Result<Self> {
-        let (d, di, h) = (cfg.d_model, cfg.d_inner(), cfg.nheads());
-        let in_dim = 2 * di + 2 * cfg.ngroups * cfg.d_state + h;
+        let (d, di) = (cfg.d_model, cfg.d_inner());
+        let in_dim = Self::in_proj_rows(cfg);
         let n_ssm = if cfg.route_params == RouteParams::PerRoute { routes.len() } else { 1 };
         let small = vb.clone().set_dtype(compute_dtype(vb.dtype()));
         Ok(Self {
@@ -80,8 +80,20 @@ impl Mamba2Mixer {
         })
     }
 
-    /// The names and shapes of route `i`'s own parameters.
-    pub(crate) fn ssm_params(cfg: &BackboneConfig, i: usize) -> Vec<Param> {
+    /// The mixer's tensors and their initialisation (see `init.rs`): in_proj's rows are
+    /// [z, xBC, dt]; the gated norm's weight one.
+    pub fn params(cfg: &BackboneConfig) -> Vec<Param> {
+        let norm = Param::new("norm.weight", vec![cfg.d_inner()], Init::Ones).no_decay();
+        crate::model::conv_mixer_params(cfg, Self::in_proj_rows(cfg), vec![norm], |r| Self::ssm_params(cfg, r))
+    }
+
+    /// in_proj's output size: z, xBC and dt.
+    fn in_proj_rows(cfg: &BackboneConfig) -> usize {
+        2 * cfg.d_inner() + 2 * cfg.ngroups * cfg.d_state + cfg.nheads()
+    }
+
+    /// Route `i`'s own tensors.
+    fn ssm_params(cfg: &BackboneConfig, i: usize) -> Vec<Param> {
         let (h, conv_dim, k) = (cfg.nheads(), cfg.d_inner() + 2 * cfg.ngroups * cfg.d_state, cfg.d_conv);
         let s = route_suffix(i);
         let mut v = vec![

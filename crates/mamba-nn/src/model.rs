@@ -3,7 +3,7 @@
 
 use crate::{
     compute_dtype, fan_in_bound, BackboneConfig, Error, Init, Linear, LmConfig, Mamba1Mixer, Mamba2Mixer, Mamba3Mixer,
-    MixerKind, Param, Result, RmsNorm, Route,
+    MixerKind, Param, Result, RmsNorm, Route, RouteParams,
 };
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -76,6 +76,30 @@ impl Mixer {
     }
 }
 
+/// The tensors of a Mamba-1 or Mamba-2 mixer, in the order they are drawn: in_proj (`in_out` rows),
+/// the mixer's own `extra` tensors, out_proj (scaled down by sqrt(n_layer), GPT-2's prenorm
+/// residual rescaling), the projections' biases, and the SSM tensors of each route that has its
+/// own (`ssm(route)`).
+pub(crate) fn conv_mixer_params(
+    c: &BackboneConfig,
+    in_out: usize,
+    extra: Vec<Param>,
+    ssm: impl Fn(usize) -> Vec<Param>,
+) -> Vec<Param> {
+    let (d, di) = (c.d_model, c.d_inner());
+    let mut mixer = vec![Param::fan_in("in_proj.weight", vec![in_out, d]).matrix()];
+    mixer.extend(extra);
+    let out_bound = fan_in_bound(&[d, di]) / (c.n_layer as f64).sqrt();
+    mixer.push(Param::new("out_proj.weight", vec![d, di], Init::Uniform(out_bound)).matrix());
+    if c.proj_bias {
+        mixer.push(Param::new("in_proj.bias", vec![in_out], Init::Zeros).no_decay());
+        mixer.push(Param::new("out_proj.bias", vec![d], Init::Zeros).no_decay());
+    }
+    let own = if c.route_params == RouteParams::PerRoute { c.routes.len() } else { 1 };
+    mixer.extend((0..own).flat_map(ssm));
+    mixer
+}
+
 /// Pre-norm residual block: h + mixer(norm(h)), the residual stream kept in f32.
 #[derive(Debug, Clone)]
 pub struct Block {
@@ -117,38 +141,13 @@ impl Block {
     /// A block's tensors, named under the block's path.
     pub fn params(c: &BackboneConfig) -> Vec<Param> {
         let mixer = match c.kind {
+            MixerKind::Mamba1 => Mamba1Mixer::params(c),
+            MixerKind::Mamba2 => Mamba2Mixer::params(c),
             MixerKind::Mamba3 => Mamba3Mixer::params(&c.mamba3(), c.n_layer),
-            _ => Self::conv_mixer_params(c),
         };
         let mut out = vec![Param::new("norm.weight", vec![c.d_model], Init::Ones).no_decay()];
         out.extend(mixer.into_iter().map(|p| p.under("mixer")));
         out
-    }
-
-    /// The tensors of a Mamba-1 or Mamba-2 mixer.
-    fn conv_mixer_params(c: &BackboneConfig) -> Vec<Param> {
-        let (d, di) = (c.d_model, c.d_inner());
-        let in_out = match c.kind {
-            MixerKind::Mamba2 => 2 * di + 2 * c.ngroups * c.d_state + c.nheads(),
-            _ => 2 * di,
-        };
-        let mut mixer = vec![Param::fan_in("in_proj.weight", vec![in_out, d]).matrix()];
-        if c.kind == MixerKind::Mamba2 {
-            mixer.push(Param::new("norm.weight", vec![di], Init::Ones).no_decay());
-        }
-        // GPT-2's prenorm residual rescaling.
-        let out_bound = fan_in_bound(&[d, di]) / (c.n_layer as f64).sqrt();
-        mixer.push(Param::new("out_proj.weight", vec![d, di], Init::Uniform(out_bound)).matrix());
-        if c.proj_bias {
-            mixer.push(Param::new("in_proj.bias", vec![in_out], Init::Zeros).no_decay());
-            mixer.push(Param::new("out_proj.bias", vec![d], Init::Zeros).no_decay());
-        }
-        let own = if c.route_params == crate::RouteParams::PerRoute { c.routes.len() } else { 1 };
-        mixer.extend((0..own).flat_map(|r| match c.kind {
-            MixerKind::Mamba2 => Mamba2Mixer::ssm_params(c, r),
-            _ => Mamba1Mixer::ssm_params(c, r),
-        }));
-        mixer
     }
 
     /// h: (batch, d_model) f32.

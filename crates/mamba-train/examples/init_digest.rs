@@ -1,7 +1,8 @@
 //! A digest of what a training run starts from, for every config named: each initial tensor's
-//! shape and a hash of its bits, and whether AdamW decays it. The trainer's trajectory is a
-//! function of these and of the code, so a refactor of how models declare their tensors keeps
-//! every run bit for bit exactly when the digests before and after it are equal:
+//! shape and a hash of its bits, whether AdamW decays it and whether it is a matrix (held in the
+//! weight dtype). The trainer's trajectory is a function of these and of the code, so a refactor
+//! of how models declare their tensors keeps every run bit for bit exactly when the digests
+//! before and after it are equal:
 //!
 //!     cargo run -p mamba-train --example init_digest -- models/*/*.toml > before.txt
 //!
@@ -23,7 +24,7 @@ fn digest<T: Task>(task: &T, seed: u64, out: &mut String) -> Result<()> {
         // FNV-1a over the f32 bit patterns.
         let hash =
             bits.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, x| (h ^ x.to_bits() as u64).wrapping_mul(0x0100_0000_01b3));
-        writeln!(out, "{} {:?} {hash:016x} decay={}", p.name, p.shape, p.decay)?;
+        writeln!(out, "{} {:?} {hash:016x} decay={} matrix={}", p.name, p.shape, p.decay, p.matrix)?;
     }
     Ok(())
 }
