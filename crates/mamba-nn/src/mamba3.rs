@@ -72,6 +72,9 @@ impl Mamba3Config {
         if self.mimo_rank == Some(0) {
             return Err("`mimo_rank` must be at least 1".into());
         }
+        if self.mimo_rank.is_some() && !self.d_state.is_multiple_of(2) {
+            return Err(format!("MIMO rotates the halves of the state: `d_state` must be even, not {}", self.d_state));
+        }
         if !(self.a_floor >= 0.0 && self.a_floor.is_finite()) {
             return Err(format!("`a_floor` must be finite and at least 0, not {}", self.a_floor));
         }

@@ -163,6 +163,7 @@ fn a_config_that_cannot_build_a_mixer_is_refused_by_key() {
         (Mamba3Config { rope_fraction: 0.3, ..good.clone() }, "`rope_fraction`"),
         (Mamba3Config { d_state: 1, ..good.clone() }, "no pair to rotate"),
         (Mamba3Config { mimo_rank: Some(0), ..good.clone() }, "`mimo_rank`"),
+        (Mamba3Config { mimo_rank: Some(2), d_state: 15, ..good.clone() }, "`d_state` must be even"),
     ] {
         let err = bad.validate().unwrap_err();
         assert!(err.contains(key), "{err}");

@@ -45,7 +45,7 @@ pub struct Mamba3Inputs<'a> {
     pub d: Option<&'a Tensor>,
     /// Gate y * silu(z), shaped like v.
     pub z: Option<&'a Tensor>,
-    /// The rank's weights; None is SISO.
+    /// MIMO's weights; None is SISO.
     pub mimo: Option<Mimo<'a>>,
 }
 
@@ -179,7 +179,7 @@ fn check_inputs(x: &Mamba3Inputs, initial: Option<&Mamba3State>) -> Result<Mamba
     if 2 * angles > state {
         return Err(argument("angles", format!("{angles} angles rotate more pairs than a state of {state} has")));
     }
-    if mimo && state % 2 != 0 {
+    if mimo && !state.is_multiple_of(2) {
         return Err(argument(
             "q",
             format!("MIMO rotates the halves of the state, which needs an even state, not {state}"),
