@@ -272,17 +272,7 @@ impl Mamba3Mixer {
     /// The state of a sequence not yet started: zeros.
     pub fn empty_state(&self, batch: usize) -> Result<Mamba3State> {
         let c = &self.cfg;
-        let (h, p, n, s) = (c.nheads(), c.headdim, c.d_state, c.num_rope_angles());
-        let zeros = |shape: &[usize]| Tensor::zeros(shape, self.d.dtype(), self.d.device());
-        let k = match c.mimo_rank {
-            Some(r) => vec![batch, h, r, n],
-            None => vec![batch, h, n],
-        };
-        Ok(Mamba3State {
-            angle: zeros(&[batch, h, s])?,
-            ssm: zeros(&[batch, h, p, n])?,
-            k: zeros(&k)?,
-            v: zeros(&[batch, h, p])?,
-        })
+        let sizes = [batch, c.nheads(), c.headdim, c.d_state, c.num_rope_angles()];
+        Ok(Mamba3State::zeros(sizes, c.mimo_rank, self.d.dtype(), self.d.device())?)
     }
 }

@@ -72,6 +72,28 @@ pub struct Mamba3State {
     pub v: Tensor,
 }
 
+impl Mamba3State {
+    /// The state of sequences not yet started, of (batch, heads, headdim, state, angles) and, for
+    /// MIMO, that rank.
+    pub fn zeros(
+        [batch, heads, headdim, state, angles]: [usize; 5],
+        mimo_rank: Option<usize>,
+        dtype: DType,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        let k = match mimo_rank {
+            Some(rank) => vec![batch, heads, rank, state],
+            None => vec![batch, heads, state],
+        };
+        Ok(Self {
+            angle: Tensor::zeros((batch, heads, angles), dtype, device)?,
+            ssm: Tensor::zeros((batch, heads, headdim, state), dtype, device)?,
+            k: Tensor::zeros(k, dtype, device)?,
+            v: Tensor::zeros((batch, heads, headdim), dtype, device)?,
+        })
+    }
+}
+
 pub struct Mamba3Output {
     /// Shaped like v.
     pub y: Tensor,
@@ -96,13 +118,7 @@ impl Mamba3Sizes {
     /// A state of zeros: no token seen.
     fn empty(&self, dtype: DType, device: &candle_core::Device) -> Result<Mamba3State> {
         let Self { batch, heads, headdim, state, angles, rank, mimo, .. } = *self;
-        let k = if mimo { vec![batch, heads, rank, state] } else { vec![batch, heads, state] };
-        Ok(Mamba3State {
-            angle: Tensor::zeros((batch, heads, angles), dtype, device)?,
-            ssm: Tensor::zeros((batch, heads, headdim, state), dtype, device)?,
-            k: Tensor::zeros(k, dtype, device)?,
-            v: Tensor::zeros((batch, heads, headdim), dtype, device)?,
-        })
+        Mamba3State::zeros([batch, heads, headdim, state, angles], mimo.then_some(rank), dtype, device)
     }
 
     /// A SISO key-shaped tensor with its rank dim (of 1) at `dim`; MIMO's as it is.
@@ -408,12 +424,11 @@ pub fn mamba3_chunk_scan_ref(
         Ok(t.reshape(shape)?)
     };
     let spread = |w: &Tensor| positions(&w.unsqueeze(2)?.broadcast_as((batch, len, rank, s.heads))?);
+    // SISO takes adt itself, as before MIMO existed: a reshaped copy would add its gradients in
+    // another order.
     let log_decay = match rank {
         1 => adt.clone(),
-        _ => positions(&Tensor::cat(
-            &[adt.unsqueeze(2)?, adt.zeros_like()?.unsqueeze(2)?.repeat((1, 1, rank - 1, 1))?],
-            2,
-        )?)?,
+        _ => positions(&adt.unsqueeze(2)?.pad_with_zeros(2, 0, rank - 1)?)?,
     };
     let both = |a: &Tensor, b: &Tensor| Tensor::cat(&[a, b], 0);
     let h0 = both(&initial.ssm, &initial.ssm.zeros_like()?)?;
