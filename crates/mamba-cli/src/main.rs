@@ -335,24 +335,26 @@ fn run_inspect(dir: &Path) -> Result<()> {
     writeln!(out, "{}", dir.display())?;
     writeln!(
         out,
-        "kind {:?}, d_model {}, n_layer {}, d_state {}, expand {}",
-        b.kind, b.d_model, b.n_layer, b.d_state, b.expand
+        "kind {}, d_model {}, n_layer {}, d_state {}, expand {}",
+        b.mixer.kind(),
+        b.d_model,
+        b.n_layer,
+        b.d_state,
+        b.expand
     )?;
-    let heads =
-        format!("headdim {}, nheads {}, ngroups {}, chunk_size {}", b.headdim, b.nheads(), b.ngroups, b.chunk_size);
-    match b.kind {
-        mamba_nn::MixerKind::Mamba1 => writeln!(out, "d_conv {}, dt_rank {}", b.d_conv, b.dt_rank)?,
-        mamba_nn::MixerKind::Mamba2 => writeln!(out, "d_conv {}, {heads}", b.d_conv)?,
-        mamba_nn::MixerKind::Mamba3 => {
-            writeln!(out, "{heads}, rope_fraction {}, a_floor {}", b.rope_fraction, b.a_floor)?
-        }
-    }
+    writeln!(out, "{}", mixer_keys(&b.mixer))?;
     writeln!(out, "vocab {}, tied head {}", config.vocab_size, config.tie_embeddings)?;
     writeln!(out, "parameters: {params} ({:.2} M)", params as f64 / 1e6)?;
     for p in declared {
         writeln!(out, "  {} {:?}", p.name, p.shape)?;
     }
     Ok(())
+}
+
+/// The mixer kind's own keys as a model file writes them: "d_conv 4, dt_rank 8, ...".
+fn mixer_keys(mixer: &mamba_nn::MixerConfig) -> String {
+    let Ok(toml::Value::Table(keys)) = toml::Value::try_from(mixer) else { return String::new() };
+    keys.iter().filter(|(k, _)| *k != "kind").map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
 }
 
 fn inspect_vision(path: &Path) -> Result<()> {

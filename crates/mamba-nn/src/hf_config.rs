@@ -1,9 +1,8 @@
 //! `config.json` as transformers writes it (MambaConfig, Mamba2Config) and as the original
 //! state-spaces checkpoints do (d_model, n_layer, ssm_cfg): read into an [`LmConfig`], and written.
 
-use crate::config::{causal, BackboneConfig, LmConfig, MixerKind};
-use crate::routes::{Merge, RouteParams};
-use crate::{Error, Result};
+use crate::config::{BackboneConfig, LmConfig, MixerConfig};
+use crate::{Error, Mamba1Config, Mamba2Config, Result};
 use serde_json::Value;
 use std::path::Path;
 
@@ -12,18 +11,21 @@ impl LmConfig {
     /// dt limits are written as transformers 5 writes them, {"__float__": "Infinity"}.
     pub fn to_hf_json(&self) -> Result<String> {
         let b = &self.backbone;
-        if !b.selective {
-            return Err(Error::Config {
-                path: "config.json".into(),
-                message: "a time-invariant (selective = false) model has no Hugging Face layout".into(),
-            });
-        }
-        if b.kind == MixerKind::Mamba3 {
-            return Err(Error::Config {
-                path: "config.json".into(),
-                message: "transformers has no Mamba-3 model: a Mamba-3 checkpoint keeps its TOML model file".into(),
-            });
-        }
+        let refuse = |message: String| Err(Error::Config { path: "config.json".into(), message });
+        // Mamba-2's modeling code never reads time_step_rank; it is written as transformers' default.
+        let (d_conv, conv_bias, proj_bias, dt_rank, mamba2) = match &b.mixer {
+            MixerConfig::Mamba1(m) if !m.selective => {
+                return refuse("a time-invariant (selective = false) model has no Hugging Face layout".into())
+            }
+            MixerConfig::Mamba1(m) => (m.d_conv, m.conv_bias, m.proj_bias, m.dt_rank(b.d_model), None),
+            MixerConfig::Mamba2(m) => (m.d_conv, m.conv_bias, m.proj_bias, b.d_model.div_ceil(16), Some(m)),
+            other => {
+                return refuse(format!(
+                    "transformers has no {} model: such a checkpoint keeps its TOML model file",
+                    other.kind()
+                ))
+            }
+        };
         if !b.is_causal() {
             return Err(Error::Config {
                 path: "config.json".into(),
@@ -38,28 +40,28 @@ impl LmConfig {
             }
         };
         let mut json = serde_json::json!({
-            "architectures": [if b.kind == MixerKind::Mamba1 { "MambaForCausalLM" } else { "Mamba2ForCausalLM" }],
-            "model_type": if b.kind == MixerKind::Mamba1 { "mamba" } else { "mamba2" },
+            "architectures": [if mamba2.is_none() { "MambaForCausalLM" } else { "Mamba2ForCausalLM" }],
+            "model_type": if mamba2.is_none() { "mamba" } else { "mamba2" },
             "hidden_size": b.d_model,
             "num_hidden_layers": b.n_layer,
             "state_size": b.d_state,
-            "conv_kernel": b.d_conv,
+            "conv_kernel": d_conv,
             "expand": b.expand,
             "intermediate_size": b.d_inner(),
-            "time_step_rank": b.dt_rank,
+            "time_step_rank": dt_rank,
             "layer_norm_epsilon": b.norm_eps,
-            "use_bias": b.proj_bias,
-            "use_conv_bias": b.conv_bias,
+            "use_bias": proj_bias,
+            "use_conv_bias": conv_bias,
             "vocab_size": self.vocab_size,
             "tie_word_embeddings": self.tie_embeddings,
         });
-        if b.kind == MixerKind::Mamba2 {
+        if let Some(m) = mamba2 {
             let extra = serde_json::json!({
-                "head_dim": b.headdim,
-                "num_heads": b.nheads(),
-                "n_groups": b.ngroups,
-                "chunk_size": b.chunk_size,
-                "time_step_limit": [num(b.dt_limit.0), num(b.dt_limit.1)],
+                "head_dim": m.headdim,
+                "num_heads": m.nheads(b),
+                "n_groups": m.ngroups,
+                "chunk_size": m.chunk_size,
+                "time_step_limit": [num(m.dt_limit.0), num(m.dt_limit.1)],
             });
             json.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
         }
@@ -105,9 +107,9 @@ impl LmConfig {
         // modeling code. residual_in_fp32: the residual stream here is always f32, which is what
         // true asks for and, with f32 weights, what false computes too (with bf16 weights false
         // would round the residual to bf16 at every block).
-        let kind = match get("model_type").and_then(Value::as_str) {
-            Some("mamba") => MixerKind::Mamba1,
-            Some("mamba2") => MixerKind::Mamba2,
+        let mamba2 = match get("model_type").and_then(Value::as_str) {
+            Some("mamba") => false,
+            Some("mamba2") => true,
             other => return Err(err(format!("key `model_type` must be \"mamba\" or \"mamba2\", got {other:?}"))),
         };
         // The mixers gate and activate with SiLU, transformers' default ("silu", alias "swish").
@@ -123,9 +125,9 @@ impl LmConfig {
             )));
         }
         let dt_rank = match get("time_step_rank") {
-            Some(Value::String(s)) if s == "auto" => d_model.div_ceil(16),
-            Some(_) => int("time_step_rank")?,
-            None => d_model.div_ceil(16),
+            Some(Value::String(s)) if s == "auto" => None,
+            Some(_) => Some(int("time_step_rank")?),
+            None => None,
         };
         let dt_limit = match get("time_step_limit") {
             None => (0.0, f64::INFINITY),
@@ -139,35 +141,11 @@ impl LmConfig {
             None => 1e-5,
             Some(v) => float(v).ok_or_else(|| err(format!("key `layer_norm_epsilon` must be a number, got {v}")))?,
         };
-        let (headdim, ngroups) = match kind {
-            MixerKind::Mamba2 => (int("head_dim")?, int_or("n_groups", 1)?),
-            _ => (0, 1),
-        };
-        let backbone = BackboneConfig {
-            kind,
-            d_model,
-            n_layer: int("num_hidden_layers")?,
-            d_state: int("state_size")?,
-            d_conv: int_or("conv_kernel", 4)?,
-            expand,
-            dt_rank,
-            headdim,
-            ngroups,
-            chunk_size: int_or("chunk_size", 256)?,
-            dt_limit,
-            norm_eps,
-            conv_bias: flag_or("use_conv_bias", true)?,
-            proj_bias: flag_or("use_bias", false)?,
-            routes: causal(),
-            route_params: RouteParams::Shared,
-            merge: Merge::Sum,
-            selective: true,
-            rope_fraction: 0.5,
-            a_floor: 1e-4,
-            mimo_rank: None,
-        };
-        if kind == MixerKind::Mamba2 {
-            let heads = int_or("num_heads", backbone.nheads())?;
+        let (d_conv, conv_bias, proj_bias) =
+            (int_or("conv_kernel", 4)?, flag_or("use_conv_bias", true)?, flag_or("use_bias", false)?);
+        let mixer = if mamba2 {
+            let (headdim, ngroups) = (int("head_dim")?, int_or("n_groups", 1)?);
+            let heads = int_or("num_heads", d_inner / headdim.max(1))?;
             if headdim == 0 || heads * headdim != d_inner {
                 return Err(err(format!(
                     "num_heads ({heads}) x head_dim ({headdim}) must equal expand x hidden_size ({d_inner})"
@@ -176,7 +154,16 @@ impl LmConfig {
             if ngroups == 0 || heads % ngroups != 0 {
                 return Err(err(format!("`n_groups` ({ngroups}) must divide num_heads ({heads})")));
             }
-        }
+            let chunk_size = int_or("chunk_size", 256)?;
+            MixerConfig::Mamba2(Mamba2Config { d_conv, conv_bias, proj_bias, headdim, ngroups, chunk_size, dt_limit })
+        } else {
+            MixerConfig::Mamba1(Mamba1Config { d_conv, conv_bias, proj_bias, dt_rank, selective: true })
+        };
+        let backbone = BackboneConfig {
+            expand,
+            norm_eps,
+            ..BackboneConfig::causal(d_model, int("num_hidden_layers")?, int("state_size")?, mixer)
+        };
         backbone.validate().map_err(err)?;
         Ok(Self { backbone, vocab_size: int("vocab_size")?, tie_embeddings: flag_or("tie_word_embeddings", true)? })
     }
@@ -289,8 +276,9 @@ mod tests {
     fn reads_every_spelling_of_infinity() {
         for limit in [r#"{"__float__": "Infinity"}"#, "Infinity", r#""Infinity""#] {
             let cfg = LmConfig::from_hf_json(&MAMBA2.replace("LIMIT", limit), "config.json").unwrap();
-            assert_eq!(cfg.backbone.dt_limit, (0.0, f64::INFINITY), "{limit}");
-            assert_eq!((cfg.backbone.nheads(), cfg.tie_embeddings), (8, false));
+            let MixerConfig::Mamba2(m) = &cfg.backbone.mixer else { panic!("{cfg:?}") };
+            assert_eq!(m.dt_limit, (0.0, f64::INFINITY), "{limit}");
+            assert_eq!((m.nheads(&cfg.backbone), cfg.tie_embeddings), (8, false));
         }
     }
 
@@ -325,7 +313,9 @@ mod tests {
             &config(r#""rms_norm": true, "residual_in_fp32": false,"#, r#", "d_ssm": 64"#),
             "c.json",
         );
-        assert_eq!(ok.unwrap().backbone.nheads(), 4);
+        let b = ok.unwrap().backbone;
+        let MixerConfig::Mamba2(m) = &b.mixer else { panic!("{b:?}") };
+        assert_eq!(m.nheads(&b), 4);
         for (extra, ssm, key) in [
             (r#""rms_norm": false,"#, "", "rms_norm"),
             ("", r#", "rmsnorm": false"#, "rmsnorm"),

@@ -5,7 +5,7 @@
 //! shares the SSM parameters or has its own (Vim's names: `conv1d_b`, `x_proj_b`, `dt_proj_b`,
 //! `A_b_log`, `D_b` for the second route).
 
-use crate::model::ConvCache;
+use crate::mixer::{conv_mixer_params, foreign_cache, ConvCache, Mixer, MixerCache, MixerSpec};
 use crate::routes::{check_causal, gathered, route_suffix, run_routes, Merge, Route, RouteParams};
 use crate::{compute_dtype, fan_in_bound, BackboneConfig, Init, Linear, Param, Result};
 use candle_core::Tensor;
@@ -13,6 +13,90 @@ use candle_nn::VarBuilder;
 use mamba_ssm::{
     causal_conv1d, causal_conv1d_update, mamba_inner, selective_scan, selective_state_update, InnerWeights, ScanParams,
 };
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// A Mamba-1 mixer's keys of `[backbone]` (`kind = "mamba1"`), with the reference's defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Mamba1Config {
+    pub d_conv: usize,
+    pub conv_bias: bool,
+    /// Bias on in_proj and out_proj.
+    pub proj_bias: bool,
+    /// The rank of the dt projection; None: ceil(d_model / 16), the reference's "auto".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dt_rank: Option<usize>,
+    /// false: the ablation of the paper's Table 1, a time-invariant SSM: dt, B and C do not
+    /// depend on the input (dt = softplus(dt_bias) per channel, B and C learned vectors), so the
+    /// mixer cannot select what to remember.
+    pub selective: bool,
+}
+
+impl Default for Mamba1Config {
+    fn default() -> Self {
+        Self { d_conv: 4, conv_bias: true, proj_bias: false, dt_rank: None, selective: true }
+    }
+}
+
+impl Mamba1Config {
+    /// The rank of the dt projection in a model of width `d_model`.
+    pub fn dt_rank(&self, d_model: usize) -> usize {
+        self.dt_rank.unwrap_or(d_model.div_ceil(16))
+    }
+
+    /// Route `i`'s own tensors.
+    fn ssm_params(&self, b: &BackboneConfig, i: usize) -> Vec<Param> {
+        let (di, r, n, k) = (b.d_inner(), self.dt_rank(b.d_model), b.d_state, self.d_conv);
+        let s = route_suffix(i);
+        let mut v = vec![
+            Param::fan_in(format!("conv1d{s}.weight"), vec![di, 1, k]),
+            Param::new(format!("A{s}_log"), vec![di, n], Init::S4dReal).no_decay(),
+            Param::new(format!("D{s}"), vec![di], Init::Ones).no_decay(),
+        ];
+        if self.selective {
+            v.push(Param::fan_in(format!("x_proj{s}.weight"), vec![r + 2 * n, di]).matrix());
+            v.push(Param::new(format!("dt_proj{s}.weight"), vec![di, r], Init::DtProj { dt_rank: r }).matrix());
+            v.push(Param::new(format!("dt_proj{s}.bias"), vec![di], Init::DtBias).no_decay());
+        } else {
+            // The time-invariant ablation's input and output vectors (decayed, as the ablation
+            // was run).
+            v.extend([
+                Param::new(format!("dt_bias{s}"), vec![di], Init::DtBias).no_decay(),
+                Param::new(format!("B{s}"), vec![n], Init::Ones),
+                Param::new(format!("C{s}"), vec![n], Init::Uniform(1.0 / (n as f64).sqrt())),
+            ]);
+        }
+        if self.conv_bias {
+            // A conv bias's fan-in is its weight's: 1 x d_conv.
+            v.push(
+                Param::new(format!("conv1d{s}.bias"), vec![di], Init::Uniform(fan_in_bound(&[di, 1, k]))).no_decay(),
+            );
+        }
+        v
+    }
+}
+
+impl MixerSpec for Mamba1Config {
+    fn validate(&self, _: &BackboneConfig) -> std::result::Result<(), String> {
+        if self.d_conv == 0 {
+            return Err("`d_conv` must be at least 1".into());
+        }
+        if self.dt_rank == Some(0) {
+            return Err("`dt_rank` must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// in_proj's rows are [x, z]; then each route's conv, A, D and selection.
+    fn params(&self, b: &BackboneConfig) -> Vec<Param> {
+        conv_mixer_params(b, self.proj_bias, 2 * b.d_inner(), vec![], |r| self.ssm_params(b, r))
+    }
+
+    fn load(&self, vb: VarBuilder, b: &BackboneConfig, routes: Vec<Route>) -> Result<Arc<dyn Mixer>> {
+        Ok(Arc::new(Mamba1Mixer::new(vb, b, self, routes)?))
+    }
+}
 
 /// How dt, B and C are made.
 #[derive(Debug, Clone)]
@@ -35,10 +119,10 @@ struct Ssm {
 }
 
 impl Ssm {
-    fn load(vb: &VarBuilder, cfg: &BackboneConfig, sfx: &str) -> Result<Self> {
-        let (di, r, n, k) = (cfg.d_inner(), cfg.dt_rank, cfg.d_state, cfg.d_conv);
+    fn load(vb: &VarBuilder, b: &BackboneConfig, m: &Mamba1Config, sfx: &str) -> Result<Self> {
+        let (di, r, n, k) = (b.d_inner(), m.dt_rank(b.d_model), b.d_state, m.d_conv);
         let small = vb.clone().set_dtype(compute_dtype(vb.dtype()));
-        let selection = if cfg.selective {
+        let selection = if m.selective {
             Selection::Selective {
                 x_proj: Linear::load(vb, &format!("x_proj{sfx}"), (r + 2 * n, di), false)?,
                 dt_proj: Linear::load(vb, &format!("dt_proj{sfx}"), (di, r), true)?,
@@ -53,7 +137,7 @@ impl Ssm {
         };
         Ok(Self {
             conv_weight: small.get((di, 1, k), &format!("conv1d{sfx}.weight"))?,
-            conv_bias: if cfg.conv_bias { Some(small.get(di, &format!("conv1d{sfx}.bias"))?) } else { None },
+            conv_bias: if m.conv_bias { Some(small.get(di, &format!("conv1d{sfx}.bias"))?) } else { None },
             selection,
             a_log: small.get((di, n), &format!("A{sfx}_log"))?,
             d: small.get(di, &format!("D{sfx}"))?,
@@ -148,93 +232,50 @@ pub struct Mamba1Mixer {
 }
 
 impl Mamba1Mixer {
-    pub fn load(vb: VarBuilder, cfg: &BackboneConfig) -> Result<Self> {
-        Self::load_routed(vb, cfg, Route::by_names(&cfg.routes)?)
-    }
-
-    /// With routes made elsewhere (e.g. 2-d scan patterns over a patch grid), one per name in
-    /// `cfg.routes`.
-    pub fn load_routed(vb: VarBuilder, cfg: &BackboneConfig, routes: Vec<Route>) -> Result<Self> {
-        let (d, di) = (cfg.d_model, cfg.d_inner());
-        let n_ssm = if cfg.route_params == RouteParams::PerRoute { routes.len() } else { 1 };
+    /// Over `routes`, one per name in `b.routes`.
+    fn new(vb: VarBuilder, b: &BackboneConfig, m: &Mamba1Config, routes: Vec<Route>) -> Result<Self> {
+        let (d, di) = (b.d_model, b.d_inner());
+        let n_ssm = if b.route_params == RouteParams::PerRoute { routes.len() } else { 1 };
         Ok(Self {
-            in_proj: Linear::load(&vb, "in_proj", (2 * di, d), cfg.proj_bias)?,
-            ssms: (0..n_ssm).map(|i| Ssm::load(&vb, cfg, &route_suffix(i))).collect::<Result<_>>()?,
+            in_proj: Linear::load(&vb, "in_proj", (2 * di, d), m.proj_bias)?,
+            ssms: (0..n_ssm).map(|i| Ssm::load(&vb, b, m, &route_suffix(i))).collect::<Result<_>>()?,
             routes,
-            merge: cfg.merge,
-            out_proj: Linear::load(&vb, "out_proj", (d, di), cfg.proj_bias)?,
+            merge: b.merge,
+            out_proj: Linear::load(&vb, "out_proj", (d, di), m.proj_bias)?,
             d_inner: di,
         })
-    }
-
-    /// The names and shapes of route `i`'s own SSM parameters.
-    /// The mixer's tensors and their initialisation (see `init.rs`).
-    pub fn params(cfg: &BackboneConfig) -> Vec<Param> {
-        crate::model::conv_mixer_params(cfg, 2 * cfg.d_inner(), vec![], |r| Self::ssm_params(cfg, r))
-    }
-
-    /// Route `i`'s own tensors.
-    fn ssm_params(cfg: &BackboneConfig, i: usize) -> Vec<Param> {
-        let (di, r, n, k) = (cfg.d_inner(), cfg.dt_rank, cfg.d_state, cfg.d_conv);
-        let s = route_suffix(i);
-        let mut v = vec![
-            Param::fan_in(format!("conv1d{s}.weight"), vec![di, 1, k]),
-            Param::new(format!("A{s}_log"), vec![di, n], Init::S4dReal).no_decay(),
-            Param::new(format!("D{s}"), vec![di], Init::Ones).no_decay(),
-        ];
-        if cfg.selective {
-            v.push(Param::fan_in(format!("x_proj{s}.weight"), vec![r + 2 * n, di]).matrix());
-            v.push(Param::new(format!("dt_proj{s}.weight"), vec![di, r], Init::DtProj { dt_rank: r }).matrix());
-            v.push(Param::new(format!("dt_proj{s}.bias"), vec![di], Init::DtBias).no_decay());
-        } else {
-            // The time-invariant ablation's input and output vectors (decayed, as the ablation
-            // was run).
-            v.extend([
-                Param::new(format!("dt_bias{s}"), vec![di], Init::DtBias).no_decay(),
-                Param::new(format!("B{s}"), vec![n], Init::Ones),
-                Param::new(format!("C{s}"), vec![n], Init::Uniform(1.0 / (n as f64).sqrt())),
-            ]);
-        }
-        if cfg.conv_bias {
-            // A conv bias's fan-in is its weight's: 1 x d_conv.
-            v.push(
-                Param::new(format!("conv1d{s}.bias"), vec![di], Init::Uniform(fan_in_bound(&[di, 1, k]))).no_decay(),
-            );
-        }
-        v
     }
 
     fn ssm(&self, route: usize) -> &Ssm {
         &self.ssms[route.min(self.ssms.len() - 1)]
     }
+}
 
-    /// x: (batch, len, d_model) -> (batch, len, d_model), and the cache after the last token of
-    /// the first route. The routes are merged before out_proj.
-    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, ConvCache)> {
+impl Mixer for Mamba1Mixer {
+    /// The routes are merged before out_proj.
+    fn forward(&self, x: &Tensor) -> Result<(Tensor, MixerCache)> {
         let xz = self.in_proj.forward(x)?;
         let (y, cache) = run_routes(&self.routes, self.merge, xz.dim(1)?, |i, order| self.ssm(i).forward(&xz, order))?;
-        Ok((self.out_proj.forward(&y)?, cache))
+        Ok((self.out_proj.forward(&y)?, MixerCache::Conv(cache)))
     }
 
-    /// One token, x: (batch, d_model) -> (batch, d_model); advances the cache. Causal mixers
-    /// (one forward route) only.
-    pub fn step(&self, x: &Tensor, cache: &mut ConvCache) -> Result<Tensor> {
+    fn step(&self, x: &Tensor, cache: &mut MixerCache) -> Result<Tensor> {
         check_causal(&self.routes)?;
+        let MixerCache::Conv(cache) = cache else { return Err(foreign_cache()) };
         let di = self.d_inner;
         let xz = self.in_proj.forward(x)?;
         let y = self.ssm(0).step(&xz.narrow(1, 0, di)?, &xz.narrow(1, di, di)?, cache)?;
         self.out_proj.forward(&y)
     }
 
-    /// A cache for a sequence not yet started: zeros. conv (batch, d_inner, d_conv), ssm
-    /// (batch, d_inner, d_state).
-    pub fn empty_cache(&self, batch: usize) -> Result<ConvCache> {
+    /// Zeros: conv (batch, d_inner, d_conv), ssm (batch, d_inner, d_state).
+    fn empty_cache(&self, batch: usize) -> Result<MixerCache> {
         let s = self.ssm(0);
         let k = s.conv_weight.dim(2)?;
         let (dt, dev) = (s.a_log.dtype(), s.a_log.device());
-        Ok(ConvCache {
+        Ok(MixerCache::Conv(ConvCache {
             conv: Tensor::zeros((batch, self.d_inner, k), dt, dev)?,
             ssm: Tensor::zeros((batch, self.d_inner, s.d_state), dt, dev)?,
-        })
+        }))
     }
 }

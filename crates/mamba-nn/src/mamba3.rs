@@ -8,19 +8,21 @@
 //! runs once, each route scans the sequence in its own order, and the routes merge before
 //! out_proj.
 
-use crate::routes::{check_causal, gathered, run_routes, Merge, Route};
-use crate::{compute_dtype, fan_in_bound, Error, Init, Linear, Param, Result};
+use crate::mixer::{foreign_cache, Mixer, MixerCache, MixerSpec};
+use crate::routes::{check_causal, gathered, run_routes, Merge, Route, RouteParams};
+use crate::{compute_dtype, fan_in_bound, BackboneConfig, Init, Linear, Param, Result};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use mamba_ssm::{mamba3_chunk_scan_ref, mamba3_state_update_ref, rms_norm, softplus, Mamba3Inputs, Mamba3State, Mimo};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
-/// The sizes of a Mamba-3 mixer, named as `Mamba3.__init__` (made by
-/// [`crate::BackboneConfig::mamba3`]).
-#[derive(Debug, Clone, PartialEq)]
+/// A Mamba-3 mixer's keys of `[backbone]` (`kind = "mamba3"`), named as `Mamba3.__init__`, with
+/// its defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Mamba3Config {
-    pub d_model: usize,
-    pub d_state: usize,
-    pub expand: usize,
+    /// Channels per head.
     pub headdim: usize,
     /// B/C heads (`num_bc_heads`): head h reads group h / (nheads / ngroups).
     pub ngroups: usize,
@@ -28,21 +30,25 @@ pub struct Mamba3Config {
     pub rope_fraction: f64,
     /// A is at most -a_floor.
     pub a_floor: f64,
+    /// The chunk length of the scan.
     pub chunk_size: usize,
     /// MIMO of this rank; None is SISO.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub mimo_rank: Option<usize>,
+}
+
+impl Default for Mamba3Config {
+    fn default() -> Self {
+        Self { headdim: 64, ngroups: 1, rope_fraction: 0.5, a_floor: 1e-4, chunk_size: 64, mimo_rank: None }
+    }
 }
 
 /// The eps of the B and C norms, fixed in the reference.
 const BC_NORM_EPS: f64 = 1e-5;
 
 impl Mamba3Config {
-    pub fn d_inner(&self) -> usize {
-        self.expand * self.d_model
-    }
-
-    pub fn nheads(&self) -> usize {
-        self.d_inner() / self.headdim.max(1)
+    pub fn nheads(&self, b: &BackboneConfig) -> usize {
+        b.d_inner() / self.headdim.max(1)
     }
 
     /// B and C vectors per token: MIMO's rank, 1 for SISO.
@@ -51,29 +57,35 @@ impl Mamba3Config {
     }
 
     /// Rotated pairs: half of d_state x rope_fraction, rounded down to even first.
-    pub fn num_rope_angles(&self) -> usize {
-        let rotated = (self.d_state as f64 * self.rope_fraction) as usize;
+    pub fn num_rope_angles(&self, b: &BackboneConfig) -> usize {
+        let rotated = (b.d_state as f64 * self.rope_fraction) as usize;
         (rotated - rotated % 2) / 2
     }
 
-    /// Sizes that cannot build the mixer, named.
-    pub fn validate(&self) -> std::result::Result<(), String> {
-        let positive = [("d_model", self.d_model), ("d_state", self.d_state), ("expand", self.expand)];
-        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
-            return Err(format!("`{name}` must be at least 1"));
+    /// in_proj's output sizes: [z, x, B, C, dd_dt, dd_A, trap, angles].
+    fn split(&self, b: &BackboneConfig) -> [usize; 8] {
+        let (di, bc, h) = (b.d_inner(), self.rank() * self.ngroups * b.d_state, self.nheads(b));
+        [di, di, bc, bc, h, h, h, self.num_rope_angles(b)]
+    }
+}
+
+impl MixerSpec for Mamba3Config {
+    fn validate(&self, b: &BackboneConfig) -> std::result::Result<(), String> {
+        if b.route_params == RouteParams::PerRoute {
+            return Err("`route_params = \"per_route\"`: Mamba-3 shares every tensor between routes".into());
         }
-        crate::config::check_heads(self.d_inner(), self.headdim, self.ngroups, self.chunk_size)?;
+        crate::config::check_heads(b.d_inner(), self.headdim, self.ngroups, self.chunk_size)?;
         if self.rope_fraction != 0.5 && self.rope_fraction != 1.0 {
             return Err(format!("`rope_fraction` is 0.5 or 1.0, not {}", self.rope_fraction));
         }
-        if self.num_rope_angles() == 0 {
-            return Err(format!("`d_state` {} leaves no pair to rotate", self.d_state));
+        if self.num_rope_angles(b) == 0 {
+            return Err(format!("`d_state` {} leaves no pair to rotate", b.d_state));
         }
         if self.mimo_rank == Some(0) {
             return Err("`mimo_rank` must be at least 1".into());
         }
-        if self.mimo_rank.is_some() && !self.d_state.is_multiple_of(2) {
-            return Err(format!("MIMO rotates the halves of the state: `d_state` must be even, not {}", self.d_state));
+        if self.mimo_rank.is_some() && !b.d_state.is_multiple_of(2) {
+            return Err(format!("MIMO rotates the halves of the state: `d_state` must be even, not {}", b.d_state));
         }
         if !(self.a_floor >= 0.0 && self.a_floor.is_finite()) {
             return Err(format!("`a_floor` must be finite and at least 0, not {}", self.a_floor));
@@ -81,10 +93,38 @@ impl Mamba3Config {
         Ok(())
     }
 
-    /// in_proj's output sizes: [z, x, B, C, dd_dt, dd_A, trap, angles].
-    fn split(&self) -> [usize; 8] {
-        let (di, bc, h) = (self.d_inner(), self.rank() * self.ngroups * self.d_state, self.nheads());
-        [di, di, bc, bc, h, h, h, self.num_rope_angles()]
+    /// The mixer's tensors and how the reference draws them: projections as PyTorch's Linear,
+    /// out_proj then divided by sqrt(n_layer) as the language model's init does (GPT-2's prenorm
+    /// residual rescaling); dt_bias as the other mixers'; biases, norms and D ones; MIMO's x and
+    /// output weights 1 / rank and its z weights one (these three decay, as the reference leaves
+    /// them unmarked).
+    fn params(&self, b: &BackboneConfig) -> Vec<Param> {
+        let (d, di, h, n, r) = (b.d_model, b.d_inner(), self.nheads(b), b.d_state, self.rank());
+        let in_dim = self.split(b).iter().sum();
+        let out_bound = fan_in_bound(&[d, di]) / (b.n_layer.max(1) as f64).sqrt();
+        let mut params = vec![
+            Param::fan_in("in_proj.weight", vec![in_dim, d]).matrix(),
+            Param::new("dt_bias", vec![h], Init::DtBias).no_decay(),
+            Param::new("B_bias", vec![h, r, n], Init::Ones).no_decay(),
+            Param::new("C_bias", vec![h, r, n], Init::Ones).no_decay(),
+            Param::new("B_norm.weight", vec![n], Init::Ones).no_decay(),
+            Param::new("C_norm.weight", vec![n], Init::Ones).no_decay(),
+            Param::new("D", vec![h], Init::Ones).no_decay(),
+        ];
+        if self.mimo_rank.is_some() {
+            let shape = vec![h, r, self.headdim];
+            params.extend([
+                Param::new("mimo_x", shape.clone(), Init::Constant(1.0 / r as f64)),
+                Param::new("mimo_z", shape.clone(), Init::Ones),
+                Param::new("mimo_o", shape, Init::Constant(1.0 / r as f64)),
+            ]);
+        }
+        params.push(Param::new("out_proj.weight", vec![d, di], Init::Uniform(out_bound)).matrix());
+        params
+    }
+
+    fn load(&self, vb: VarBuilder, b: &BackboneConfig, routes: Vec<Route>) -> Result<Arc<dyn Mixer>> {
+        Ok(Arc::new(Mamba3Mixer::new(vb, b, self, routes)?))
     }
 }
 
@@ -103,6 +143,7 @@ pub struct Mamba3Mixer {
     out_proj: Linear,
     routes: Vec<Route>,
     merge: Merge,
+    backbone: BackboneConfig,
     cfg: Mamba3Config,
 }
 
@@ -119,16 +160,10 @@ struct ScanTensors {
 }
 
 impl Mamba3Mixer {
-    /// A causal mixer: one forward route.
-    pub fn load(vb: VarBuilder, cfg: &Mamba3Config) -> Result<Self> {
-        Self::load_routed(vb, cfg, vec![Route::forward()], Merge::Sum)
-    }
-
-    /// With routes made elsewhere (e.g. 2-d scan patterns over a patch grid).
-    pub fn load_routed(vb: VarBuilder, cfg: &Mamba3Config, routes: Vec<Route>, merge: Merge) -> Result<Self> {
-        cfg.validate().map_err(|message| Error::Config { path: "[mamba3]".into(), message })?;
-        let (d, di, h, n, r) = (cfg.d_model, cfg.d_inner(), cfg.nheads(), cfg.d_state, cfg.rank());
-        let in_dim = cfg.split().iter().sum();
+    /// Over `routes`, one per name in `b.routes`.
+    fn new(vb: VarBuilder, b: &BackboneConfig, cfg: &Mamba3Config, routes: Vec<Route>) -> Result<Self> {
+        let (d, di, h, n, r) = (b.d_model, b.d_inner(), cfg.nheads(b), b.d_state, cfg.rank());
+        let in_dim = cfg.split(b).iter().sum();
         let small = vb.clone().set_dtype(compute_dtype(vb.dtype()));
         let per_rank = |name: &str| small.get((h, r, cfg.headdim), name);
         Ok(Self {
@@ -145,46 +180,17 @@ impl Mamba3Mixer {
             },
             out_proj: Linear::load(&vb, "out_proj", (d, di), false)?,
             routes,
-            merge,
+            merge: b.merge,
+            backbone: b.clone(),
             cfg: cfg.clone(),
         })
     }
 
-    /// The mixer's tensors and how the reference draws them: projections as PyTorch's Linear,
-    /// out_proj then divided by sqrt(n_layer) as the language model's init does (GPT-2's prenorm
-    /// residual rescaling); dt_bias as the other mixers'; biases, norms and D ones; MIMO's x and
-    /// output weights 1 / rank and its z weights one (these three decay, as the reference leaves
-    /// them unmarked).
-    pub fn params(cfg: &Mamba3Config, n_layer: usize) -> Vec<Param> {
-        let (d, di, h, n, r) = (cfg.d_model, cfg.d_inner(), cfg.nheads(), cfg.d_state, cfg.rank());
-        let in_dim = cfg.split().iter().sum();
-        let out_bound = fan_in_bound(&[d, di]) / (n_layer.max(1) as f64).sqrt();
-        let mut params = vec![
-            Param::fan_in("in_proj.weight", vec![in_dim, d]).matrix(),
-            Param::new("dt_bias", vec![h], Init::DtBias).no_decay(),
-            Param::new("B_bias", vec![h, r, n], Init::Ones).no_decay(),
-            Param::new("C_bias", vec![h, r, n], Init::Ones).no_decay(),
-            Param::new("B_norm.weight", vec![n], Init::Ones).no_decay(),
-            Param::new("C_norm.weight", vec![n], Init::Ones).no_decay(),
-            Param::new("D", vec![h], Init::Ones).no_decay(),
-        ];
-        if cfg.mimo_rank.is_some() {
-            let shape = vec![h, r, cfg.headdim];
-            params.extend([
-                Param::new("mimo_x", shape.clone(), Init::Constant(1.0 / r as f64)),
-                Param::new("mimo_z", shape.clone(), Init::Ones),
-                Param::new("mimo_o", shape, Init::Constant(1.0 / r as f64)),
-            ]);
-        }
-        params.push(Param::new("out_proj.weight", vec![d, di], Init::Uniform(out_bound)).matrix());
-        params
-    }
-
     /// From in_proj's output (batch, len, ·) to the scan's inputs.
     fn scan_tensors(&self, zx: &Tensor) -> Result<ScanTensors> {
-        let c = &self.cfg;
+        let (c, b) = (&self.cfg, &self.backbone);
         let (batch, len, _) = zx.dims3()?;
-        let (h, p, g, n, s) = (c.nheads(), c.headdim, c.ngroups, c.d_state, c.num_rope_angles());
+        let (h, p, g, n, s) = (c.nheads(b), c.headdim, c.ngroups, b.d_state, c.num_rope_angles(b));
         // SISO's B and C have no rank dim, as the scan takes them.
         let bc_shape = match c.mimo_rank {
             Some(r) => vec![batch, len, r, g, n],
@@ -195,8 +201,8 @@ impl Mamba3Mixer {
             offset += size;
             zx.narrow(2, offset - size, size)
         };
-        let [z, x, b, cc, dd_dt, dd_a, trap, angles] = c.split().map(&mut take);
-        let (z, x, b, cc, dd_dt, dd_a, trap, angles) = (z?, x?, b?, cc?, dd_dt?, dd_a?, trap?, angles?);
+        let [z, x, bb, cc, dd_dt, dd_a, trap, angles] = c.split(b).map(&mut take);
+        let (z, x, bb, cc, dd_dt, dd_a, trap, angles) = (z?, x?, bb?, cc?, dd_dt?, dd_a?, trap?, angles?);
         // A = -max(heavy_tail(dd_A), A_floor), heavy_tail(a) = 1 + a for a >= 0, 1 / (1 - a) below.
         let heavy_tail = (dd_a.relu()? + dd_a.neg()?.relu()?.affine(1.0, 1.0)?.recip()?)?;
         let a = heavy_tail.maximum(c.a_floor)?.neg()?;
@@ -206,7 +212,7 @@ impl Mamba3Mixer {
         let bc = |t: &Tensor, w: &Tensor| rms_norm(&t.reshape(bc_shape.as_slice())?, w, BC_NORM_EPS);
         Ok(ScanTensors {
             q: bc(&cc, &self.c_norm)?,
-            k: bc(&b, &self.b_norm)?,
+            k: bc(&bb, &self.b_norm)?,
             v: x.reshape((batch, len, h, p))?,
             adt: heads_first(&adt)?,
             dt: heads_first(&dt)?,
@@ -240,39 +246,39 @@ impl Mamba3Mixer {
         }
         Ok((self.c_bias.squeeze(1)?, self.b_bias.squeeze(1)?))
     }
+}
 
-    /// x: (batch, len, d_model) -> (batch, len, d_model), and the state after the last token of
-    /// the first route.
-    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Mamba3State)> {
+impl Mixer for Mamba3Mixer {
+    fn forward(&self, x: &Tensor) -> Result<(Tensor, MixerCache)> {
         let (batch, len, _) = x.dims3()?;
         let zx = self.in_proj.forward(x)?;
         let biases = self.biases()?;
+        let d_inner = self.backbone.d_inner();
         let (y, state) = run_routes(&self.routes, self.merge, len, |_, order| {
             gathered(&zx, order, |zx| {
                 let t = self.scan_tensors(zx)?;
                 let out = mamba3_chunk_scan_ref(&self.inputs(&t, &biases), self.cfg.chunk_size, None)?;
-                Ok((out.y.reshape((batch, len, self.cfg.d_inner()))?, out.state))
+                Ok((out.y.reshape((batch, len, d_inner))?, out.state))
             })
         })?;
-        Ok((self.out_proj.forward(&y)?, state))
+        Ok((self.out_proj.forward(&y)?, MixerCache::Mamba3(state)))
     }
 
-    /// One token, x: (batch, d_model) -> (batch, d_model); advances the state. Causal mixers
-    /// (one forward route) only.
-    pub fn step(&self, x: &Tensor, state: &mut Mamba3State) -> Result<Tensor> {
+    fn step(&self, x: &Tensor, cache: &mut MixerCache) -> Result<Tensor> {
         check_causal(&self.routes)?;
+        let MixerCache::Mamba3(state) = cache else { return Err(foreign_cache()) };
         let batch = x.dim(0)?;
         let t = self.scan_tensors(&self.in_proj.forward(&x.unsqueeze(1)?)?)?;
         let biases = self.biases()?;
         let (y, next) = mamba3_state_update_ref(state, &self.inputs(&t, &biases))?;
         *state = next;
-        self.out_proj.forward(&y.reshape((batch, self.cfg.d_inner()))?)
+        self.out_proj.forward(&y.reshape((batch, self.backbone.d_inner()))?)
     }
 
-    /// The state of a sequence not yet started: zeros.
-    pub fn empty_state(&self, batch: usize) -> Result<Mamba3State> {
-        let c = &self.cfg;
-        let sizes = [batch, c.nheads(), c.headdim, c.d_state, c.num_rope_angles()];
-        Ok(Mamba3State::zeros(sizes, c.mimo_rank, self.d.dtype(), self.d.device())?)
+    /// Zeros: the angle, ssm, k and v parts of [`Mamba3State`].
+    fn empty_cache(&self, batch: usize) -> Result<MixerCache> {
+        let (c, b) = (&self.cfg, &self.backbone);
+        let sizes = [batch, c.nheads(b), c.headdim, b.d_state, c.num_rope_angles(b)];
+        Ok(MixerCache::Mamba3(Mamba3State::zeros(sizes, c.mimo_rank, self.d.dtype(), self.d.device())?))
     }
 }

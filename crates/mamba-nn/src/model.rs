@@ -2,109 +2,19 @@
 //! `save_pretrained` directories (one safetensors file or a sharded index).
 
 use crate::{
-    compute_dtype, fan_in_bound, BackboneConfig, Error, Init, Linear, LmConfig, Mamba1Mixer, Mamba2Mixer, Mamba3Mixer,
-    MixerKind, Param, Result, RmsNorm, Route, RouteParams,
+    compute_dtype, BackboneConfig, Error, Init, Linear, LmConfig, Mixer, MixerCache, Param, Result, RmsNorm, Route,
 };
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use mamba_ssm::Mamba3State;
 use std::collections::HashMap;
 use std::path::Path;
-
-/// What a mixer carries from one token to the next.
-#[derive(Debug, Clone)]
-pub enum MixerCache {
-    /// Mamba-1 and Mamba-2.
-    Conv(ConvCache),
-    /// Mamba-3, which has no conv.
-    Mamba3(Mamba3State),
-}
-
-/// The cache of a mixer with a causal conv in front of its scan.
-#[derive(Debug, Clone)]
-pub struct ConvCache {
-    /// The last d_conv inputs of the conv: (batch, channels, d_conv).
-    pub conv: Tensor,
-    /// The SSM state: (batch, d_inner, d_state) for Mamba-1, (batch, nheads, headdim, d_state) for
-    /// Mamba-2.
-    pub ssm: Tensor,
-}
-
-impl ConvCache {
-    /// The last `width` columns of x (batch, channels, len), zeros in front when len < width.
-    pub(crate) fn last_inputs(x: &Tensor, width: usize) -> Result<Tensor> {
-        let len = x.dim(2)?;
-        let x = if len < width { x.pad_with_zeros(2, width - len, 0)? } else { x.narrow(2, len - width, width)? };
-        Ok(x.contiguous()?)
-    }
-}
-
-#[derive(Debug, Clone)]
-pub enum Mixer {
-    Mamba1(Mamba1Mixer),
-    Mamba2(Mamba2Mixer),
-    Mamba3(Mamba3Mixer),
-}
-
-impl Mixer {
-    fn forward(&self, x: &Tensor) -> Result<(Tensor, MixerCache)> {
-        Ok(match self {
-            Mixer::Mamba1(m) => m.forward(x).map(|(y, c)| (y, MixerCache::Conv(c)))?,
-            Mixer::Mamba2(m) => m.forward(x).map(|(y, c)| (y, MixerCache::Conv(c)))?,
-            Mixer::Mamba3(m) => m.forward(x).map(|(y, c)| (y, MixerCache::Mamba3(c)))?,
-        })
-    }
-
-    fn step(&self, x: &Tensor, cache: &mut MixerCache) -> Result<Tensor> {
-        match (self, cache) {
-            (Mixer::Mamba1(m), MixerCache::Conv(c)) => m.step(x, c),
-            (Mixer::Mamba2(m), MixerCache::Conv(c)) => m.step(x, c),
-            (Mixer::Mamba3(m), MixerCache::Mamba3(c)) => m.step(x, c),
-            _ => Err(Error::Config {
-                path: "cache".into(),
-                message: "the cache was made by another kind of mixer".into(),
-            }),
-        }
-    }
-
-    fn empty_cache(&self, batch: usize) -> Result<MixerCache> {
-        Ok(match self {
-            Mixer::Mamba1(m) => MixerCache::Conv(m.empty_cache(batch)?),
-            Mixer::Mamba2(m) => MixerCache::Conv(m.empty_cache(batch)?),
-            Mixer::Mamba3(m) => MixerCache::Mamba3(m.empty_state(batch)?),
-        })
-    }
-}
-
-/// The tensors of a Mamba-1 or Mamba-2 mixer, in the order they are drawn: in_proj (`in_out` rows),
-/// the mixer's own `extra` tensors, out_proj (scaled down by sqrt(n_layer), GPT-2's prenorm
-/// residual rescaling), the projections' biases, and the SSM tensors of each route that has its
-/// own (`ssm(route)`).
-pub(crate) fn conv_mixer_params(
-    c: &BackboneConfig,
-    in_out: usize,
-    extra: Vec<Param>,
-    ssm: impl Fn(usize) -> Vec<Param>,
-) -> Vec<Param> {
-    let (d, di) = (c.d_model, c.d_inner());
-    let mut mixer = vec![Param::fan_in("in_proj.weight", vec![in_out, d]).matrix()];
-    mixer.extend(extra);
-    let out_bound = fan_in_bound(&[d, di]) / (c.n_layer as f64).sqrt();
-    mixer.push(Param::new("out_proj.weight", vec![d, di], Init::Uniform(out_bound)).matrix());
-    if c.proj_bias {
-        mixer.push(Param::new("in_proj.bias", vec![in_out], Init::Zeros).no_decay());
-        mixer.push(Param::new("out_proj.bias", vec![d], Init::Zeros).no_decay());
-    }
-    let own = if c.route_params == RouteParams::PerRoute { c.routes.len() } else { 1 };
-    mixer.extend((0..own).flat_map(ssm));
-    mixer
-}
+use std::sync::Arc;
 
 /// Pre-norm residual block: h + mixer(norm(h)), the residual stream kept in f32.
 #[derive(Debug, Clone)]
 pub struct Block {
     norm: RmsNorm,
-    mixer: Mixer,
+    mixer: Arc<dyn Mixer>,
 }
 
 impl Block {
@@ -114,16 +24,10 @@ impl Block {
 
     /// With routes made elsewhere (e.g. 2-d scan patterns over a patch grid).
     pub fn load_routed(vb: VarBuilder, cfg: &BackboneConfig, routes: Vec<Route>) -> Result<Self> {
+        cfg.validate().map_err(|message| Error::Config { path: "[backbone]".into(), message })?;
         let small = vb.clone().set_dtype(compute_dtype(vb.dtype()));
         let norm = RmsNorm::new(small.get(cfg.d_model, "norm.weight")?, cfg.norm_eps);
-        let mixer = match cfg.kind {
-            MixerKind::Mamba1 => Mixer::Mamba1(Mamba1Mixer::load_routed(vb.pp("mixer"), cfg, routes)?),
-            MixerKind::Mamba2 => Mixer::Mamba2(Mamba2Mixer::load_routed(vb.pp("mixer"), cfg, routes)?),
-            MixerKind::Mamba3 => {
-                Mixer::Mamba3(Mamba3Mixer::load_routed(vb.pp("mixer"), &cfg.mamba3(), routes, cfg.merge)?)
-            }
-        };
-        Ok(Self { norm, mixer })
+        Ok(Self { norm, mixer: cfg.mixer.spec().load(vb.pp("mixer"), cfg, routes)? })
     }
 
     /// h: (batch, len, d_model) f32.
@@ -140,13 +44,8 @@ impl Block {
 
     /// A block's tensors, named under the block's path.
     pub fn params(c: &BackboneConfig) -> Vec<Param> {
-        let mixer = match c.kind {
-            MixerKind::Mamba1 => Mamba1Mixer::params(c),
-            MixerKind::Mamba2 => Mamba2Mixer::params(c),
-            MixerKind::Mamba3 => Mamba3Mixer::params(&c.mamba3(), c.n_layer),
-        };
         let mut out = vec![Param::new("norm.weight", vec![c.d_model], Init::Ones).no_decay()];
-        out.extend(mixer.into_iter().map(|p| p.under("mixer")));
+        out.extend(c.mixer.spec().params(c).into_iter().map(|p| p.under("mixer")));
         out
     }
 

@@ -3,7 +3,7 @@
 
 use candle_core::{safetensors, DType, Device, IndexOp, Tensor, D};
 use mamba_nn::{
-    BackboneConfig, LmConfig, Mamba1Mixer, Mamba2Mixer, Mamba3Mixer, MambaLm, Merge, MixerCache, MixerKind, Route,
+    BackboneConfig, LmConfig, Mamba1Config, Mamba2Config, Mamba3Config, MambaLm, Merge, MixerCache, MixerConfig, Route,
     RouteParams,
 };
 use std::collections::HashMap;
@@ -79,24 +79,10 @@ fn random_model(config: LmConfig, seed: u64) -> MambaLm {
 fn mixer_forward(config: &LmConfig, tensors: &HashMap<String, Tensor>, x: &Tensor) -> (Tensor, bool) {
     let vb = candle_nn::VarBuilder::from_tensors(tensors.clone(), DType::F32, &CPU).pp("backbone.layers.0.mixer");
     let token = x.narrow(1, 0, 1).unwrap().squeeze(1).unwrap();
-    match config.backbone.kind {
-        MixerKind::Mamba1 => {
-            let m = Mamba1Mixer::load(vb, &config.backbone).unwrap();
-            let step_fails = m.step(&token, &mut m.empty_cache(x.dim(0).unwrap()).unwrap()).is_err();
-            (m.forward(x).unwrap().0, step_fails)
-        }
-        MixerKind::Mamba2 => {
-            let m = Mamba2Mixer::load(vb, &config.backbone).unwrap();
-            let step_fails = m.step(&token, &mut m.empty_cache(x.dim(0).unwrap()).unwrap()).is_err();
-            (m.forward(x).unwrap().0, step_fails)
-        }
-        MixerKind::Mamba3 => {
-            let b = &config.backbone;
-            let m = Mamba3Mixer::load_routed(vb, &b.mamba3(), Route::by_names(&b.routes).unwrap(), b.merge).unwrap();
-            let step_fails = m.step(&token, &mut m.empty_state(x.dim(0).unwrap()).unwrap()).is_err();
-            (m.forward(x).unwrap().0, step_fails)
-        }
-    }
+    let b = &config.backbone;
+    let m = b.mixer.spec().load(vb, b, Route::by_names(&b.routes).unwrap()).unwrap();
+    let step_fails = m.step(&token, &mut m.empty_cache(x.dim(0).unwrap()).unwrap()).is_err();
+    (m.forward(x).unwrap().0, step_fails)
 }
 
 #[test]
@@ -104,11 +90,11 @@ fn bidirectional_mixer_equals_both_directions_computed_directly() {
     let x = Tensor::from_vec((0..2 * 9 * 24).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect(), (2, 9, 24), &CPU)
         .unwrap();
     let flip = |t: &Tensor| mamba_nn::gather(t, &Route::reverse().order(9).unwrap()).unwrap();
-    for kind in [MixerKind::Mamba1, MixerKind::Mamba2, MixerKind::Mamba3] {
+    for kind in ["mamba1", "mamba2", "mamba3"] {
         // Mamba-2 and Mamba-3: 6 heads in 2 groups, a chunk shorter than the sequence.
         let causal = config(kind, 2, 4);
         // Mamba-3 shares every tensor between routes.
-        let per_route = [(RouteParams::PerRoute, Merge::Mean)].into_iter().filter(|_| kind != MixerKind::Mamba3);
+        let per_route = [(RouteParams::PerRoute, Merge::Mean)].into_iter().filter(|_| kind != "mamba3");
         for (params, merge) in per_route.chain([(RouteParams::Shared, Merge::Sum)]) {
             let mut bidir = causal.clone();
             bidir.backbone.routes = vec!["forward".into(), "reverse".into()];
@@ -143,31 +129,13 @@ fn bidirectional_mixer_equals_both_directions_computed_directly() {
     }
 }
 
-fn config(kind: MixerKind, ngroups: usize, chunk_size: usize) -> LmConfig {
-    let backbone = BackboneConfig {
-        kind,
-        d_model: 24,
-        n_layer: 2,
-        d_state: 6,
-        d_conv: 4,
-        expand: 2,
-        dt_rank: 2,
-        headdim: 8,
-        ngroups,
-        chunk_size,
-        dt_limit: (0.0, f64::INFINITY),
-        norm_eps: 1e-5,
-        conv_bias: true,
-        proj_bias: false,
-        routes: vec!["forward".into()],
-        route_params: RouteParams::Shared,
-        merge: Merge::Sum,
-        selective: true,
-        rope_fraction: 0.5,
-        a_floor: 1e-4,
-        mimo_rank: None,
+fn config(kind: &str, ngroups: usize, chunk_size: usize) -> LmConfig {
+    let mixer = match kind {
+        "mamba1" => MixerConfig::Mamba1(Mamba1Config { dt_rank: Some(2), ..Default::default() }),
+        "mamba2" => MixerConfig::Mamba2(Mamba2Config { headdim: 8, ngroups, chunk_size, ..Default::default() }),
+        _ => MixerConfig::Mamba3(Mamba3Config { headdim: 8, ngroups, chunk_size, ..Default::default() }),
     };
-    LmConfig { backbone, vocab_size: 11, tie_embeddings: kind == MixerKind::Mamba1 }
+    LmConfig { backbone: BackboneConfig::causal(24, 2, 6, mixer), vocab_size: 11, tie_embeddings: kind == "mamba1" }
 }
 
 /// The parallel forward and token-by-token steps from an empty cache give the same logits and
@@ -197,15 +165,16 @@ fn check_parallel_equals_steps(model: &MambaLm, batch: usize, len: usize) {
 
 #[test]
 fn parallel_forward_equals_step_decoding() {
-    let m1 = random_model(config(MixerKind::Mamba1, 1, 8), 1);
+    let m1 = random_model(config("mamba1", 1, 8), 1);
     // ngroups 2 (6 heads of 8), lengths shorter than the conv, not a multiple of the chunk.
-    let m2 = random_model(config(MixerKind::Mamba2, 2, 8), 2);
+    let m2 = random_model(config("mamba2", 2, 8), 2);
     // The time-invariant ablation: dt, B and C from parameters, not from the input.
-    let mut lti = config(MixerKind::Mamba1, 1, 8);
-    lti.backbone.selective = false;
+    let mut lti = config("mamba1", 1, 8);
+    let MixerConfig::Mamba1(m) = &mut lti.backbone.mixer else { unreachable!() };
+    m.selective = false;
     let m3 = random_model(lti, 3);
     // Mamba-3: 6 heads in 2 groups, one rotating pair of its 6 state dims.
-    let m4 = random_model(config(MixerKind::Mamba3, 2, 8), 4);
+    let m4 = random_model(config("mamba3", 2, 8), 4);
     for model in [&m1, &m2, &m3, &m4] {
         for (batch, len) in [(1, 1), (2, 3), (2, 13), (1, 16)] {
             check_parallel_equals_steps(model, batch, len);

@@ -47,7 +47,7 @@ fn every_tensor_is_initialised_in_the_reference_ranges() {
                     assert!(dt >= init.dt_min * 0.999 && dt <= init.dt_max * 1.001, "{name}: dt {dt}");
                 }
             } else if name.contains("A") && name.ends_with("_log") {
-                if b.kind == mamba_nn::MixerKind::Mamba1 {
+                if matches!(b.mixer, mamba_nn::MixerConfig::Mamba1(_)) {
                     let row: Vec<f32> = (1..=b.d_state).map(|n| (n as f32).ln()).collect();
                     assert!(v.chunks(b.d_state).all(|r| r == row.as_slice()), "{name}");
                 } else {

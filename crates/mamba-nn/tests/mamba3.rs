@@ -5,10 +5,11 @@
 
 use candle_core::{safetensors, DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use mamba_nn::{init_tensors, InitConfig, Mamba3Config, Mamba3Mixer};
+use mamba_nn::{init_tensors, BackboneConfig, InitConfig, Mamba3Config, Mixer, MixerCache, MixerConfig, Route};
 use mamba_ssm::Mamba3State;
 use std::collections::HashMap;
 use std::f64::consts::PI;
+use std::sync::Arc;
 
 const CPU: Device = Device::Cpu;
 
@@ -55,36 +56,40 @@ fn states_close(what: &str, got: &Mamba3State, io: &HashMap<String, Tensor>, pre
 /// The fixture layers: SISO and MIMO.
 const LAYERS: [&str; 2] = ["layer", "mimo_layer"];
 
+/// A causal Mamba-3 backbone of one layer.
+fn mamba3(d_model: usize, d_state: usize, m: Mamba3Config) -> BackboneConfig {
+    BackboneConfig::causal(d_model, 1, d_state, MixerConfig::Mamba3(m))
+}
+
 /// A fixture layer's constructor arguments (layer.json, mimo_layer.json).
-fn fixture_config(layer: &str) -> Mamba3Config {
-    let siso = Mamba3Config {
-        d_model: 32,
-        d_state: 16,
-        expand: 2,
-        headdim: 8,
-        ngroups: 1,
-        rope_fraction: 0.5,
-        a_floor: 1e-4,
-        chunk_size: 16,
-        mimo_rank: None,
-    };
+fn fixture_config(layer: &str) -> BackboneConfig {
+    let siso = Mamba3Config { headdim: 8, chunk_size: 16, ..Default::default() };
     match layer {
-        "layer" => siso,
-        _ => Mamba3Config { d_state: 32, headdim: 32, mimo_rank: Some(4), ..siso },
+        "layer" => mamba3(32, 16, siso),
+        _ => mamba3(32, 32, Mamba3Config { headdim: 32, mimo_rank: Some(4), ..siso }),
     }
 }
 
+fn load(tensors: HashMap<String, Tensor>, b: &BackboneConfig) -> Arc<dyn Mixer> {
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, &CPU);
+    b.mixer.spec().load(vb, b, vec![Route::forward()]).unwrap()
+}
+
 /// A fixture layer's mixer and its inputs and outputs.
-fn fixture_mixer(layer: &str) -> (Mamba3Mixer, HashMap<String, Tensor>) {
-    let tensors = fixture(&format!("{layer}.safetensors"));
-    let mixer = Mamba3Mixer::load(VarBuilder::from_tensors(tensors, DType::F32, &CPU), &fixture_config(layer));
-    (mixer.unwrap(), fixture(&format!("{layer}_io.safetensors")))
+fn fixture_mixer(layer: &str) -> (Arc<dyn Mixer>, HashMap<String, Tensor>) {
+    let mixer = load(fixture(&format!("{layer}.safetensors")), &fixture_config(layer));
+    (mixer, fixture(&format!("{layer}_io.safetensors")))
+}
+
+fn state(cache: &MixerCache) -> &Mamba3State {
+    let MixerCache::Mamba3(s) = cache else { panic!("not a Mamba-3 state: {cache:?}") };
+    s
 }
 
 /// Each token of u (batch, len, d_model) through `step`, the outputs stacked.
-fn decode(mixer: &Mamba3Mixer, u: &Tensor, state: &mut Mamba3State) -> Tensor {
+fn decode(mixer: &dyn Mixer, u: &Tensor, cache: &mut MixerCache) -> Tensor {
     let ys: Vec<Tensor> = (0..u.dim(1).unwrap())
-        .map(|t| mixer.step(&u.narrow(1, t, 1).unwrap().squeeze(1).unwrap(), state).unwrap())
+        .map(|t| mixer.step(&u.narrow(1, t, 1).unwrap().squeeze(1).unwrap(), cache).unwrap())
         .collect();
     Tensor::stack(&ys, 1).unwrap()
 }
@@ -93,9 +98,9 @@ fn decode(mixer: &Mamba3Mixer, u: &Tensor, state: &mut Mamba3State) -> Tensor {
 fn the_forward_matches_mamba_ssm() {
     for layer in LAYERS {
         let (mixer, io) = fixture_mixer(layer);
-        let (y, state) = mixer.forward(&io["u"]).unwrap();
+        let (y, cache) = mixer.forward(&io["u"]).unwrap();
         close(&format!("{layer} out"), &y, &io["out"], 1e-4);
-        states_close(&format!("{layer} final"), &state, &io, "fwd_final");
+        states_close(&format!("{layer} final"), state(&cache), &io, "fwd_final");
     }
 }
 
@@ -103,9 +108,9 @@ fn the_forward_matches_mamba_ssm() {
 fn decoding_token_by_token_matches_mamba_ssm() {
     for layer in LAYERS {
         let (mixer, io) = fixture_mixer(layer);
-        let mut state = mixer.empty_state(2).unwrap();
-        close(&format!("{layer} step out"), &decode(&mixer, &io["u"], &mut state), &io["step.out"], 1e-4);
-        states_close(&format!("{layer} step final"), &state, &io, "step.final");
+        let mut cache = mixer.empty_cache(2).unwrap();
+        close(&format!("{layer} step out"), &decode(&*mixer, &io["u"], &mut cache), &io["step.out"], 1e-4);
+        states_close(&format!("{layer} step final"), state(&cache), &io, "step.final");
     }
 }
 
@@ -114,10 +119,10 @@ fn a_prefill_then_decoding_matches_mamba_ssm() {
     for layer in LAYERS {
         let (mixer, io) = fixture_mixer(layer);
         let u = &io["u"];
-        let (prefill, mut state) = mixer.forward(&u.narrow(1, 0, 20).unwrap()).unwrap();
+        let (prefill, mut cache) = mixer.forward(&u.narrow(1, 0, 20).unwrap()).unwrap();
         close(&format!("{layer} prefill out"), &prefill, &io["mixed.prefill_out"], 1e-4);
-        states_close(&format!("{layer} prefill cache"), &state, &io, "mixed.prefill_cache");
-        let decoded = decode(&mixer, &u.narrow(1, 20, 17).unwrap(), &mut state);
+        states_close(&format!("{layer} prefill cache"), state(&cache), &io, "mixed.prefill_cache");
+        let decoded = decode(&*mixer, &u.narrow(1, 20, 17).unwrap(), &mut cache);
         close(&format!("{layer} decode out"), &decoded, &io["mixed.decode_out"], 1e-4);
     }
 }
@@ -128,45 +133,42 @@ fn a_prefill_then_decoding_matches_mamba_ssm() {
 #[test]
 fn decoding_equals_the_forward_on_an_unseen_config() {
     for mimo_rank in [None, Some(3)] {
-        decoding_equals_the_forward(Mamba3Config {
-            d_model: 24,
-            d_state: 10,
-            expand: 2,
-            headdim: 6,
-            ngroups: 2,
-            rope_fraction: 1.0,
-            a_floor: 1e-4,
-            chunk_size: 8,
-            mimo_rank,
-        });
+        let m =
+            Mamba3Config { headdim: 6, ngroups: 2, rope_fraction: 1.0, chunk_size: 8, mimo_rank, ..Default::default() };
+        decoding_equals_the_forward(BackboneConfig { n_layer: 2, ..mamba3(24, 10, m) });
     }
 }
 
-fn decoding_equals_the_forward(cfg: Mamba3Config) {
-    let tensors = init_tensors(&Mamba3Mixer::params(&cfg, 2), &InitConfig::default(), 3).unwrap();
-    let mixer = Mamba3Mixer::load(VarBuilder::from_tensors(tensors, DType::F32, &CPU), &cfg).unwrap();
+fn decoding_equals_the_forward(b: BackboneConfig) {
+    let mixer = load(init_tensors(&b.mixer.spec().params(&b), &InitConfig::default(), 3).unwrap(), &b);
     let u = Tensor::randn(0f32, 1.0, (3, 21, 24), &CPU).unwrap();
-    let (y, forward_state) = mixer.forward(&u).unwrap();
-    let mut state = mixer.empty_state(3).unwrap();
-    let stepped = decode(&mixer, &u, &mut state);
+    let (y, forward) = mixer.forward(&u).unwrap();
+    let mut cache = mixer.empty_cache(3).unwrap();
+    let stepped = decode(&*mixer, &u, &mut cache);
     close("decoded vs forward", &stepped, &y, 1e-5);
-    close("ssm state", &state.ssm, &forward_state.ssm, 1e-5);
-    assert!(angle_err(&state.angle, &forward_state.angle) < 1e-4);
+    let (stepped, forward) = (state(&cache), state(&forward));
+    close("ssm state", &stepped.ssm, &forward.ssm, 1e-5);
+    assert!(angle_err(&stepped.angle, &forward.angle) < 1e-4);
 }
 
 #[test]
 fn a_config_that_cannot_build_a_mixer_is_refused_by_key() {
-    let good = fixture_config("layer");
+    let b = fixture_config("layer");
+    let MixerConfig::Mamba3(good) = b.mixer.clone() else { unreachable!() };
+    let with = |m: Mamba3Config| BackboneConfig { mixer: MixerConfig::Mamba3(m), ..b.clone() };
     for (bad, key) in [
-        (Mamba3Config { headdim: 7, ..good.clone() }, "`headdim`"),
-        (Mamba3Config { ngroups: 3, ..good.clone() }, "`ngroups`"),
-        (Mamba3Config { rope_fraction: 0.3, ..good.clone() }, "`rope_fraction`"),
-        (Mamba3Config { d_state: 1, ..good.clone() }, "no pair to rotate"),
-        (Mamba3Config { mimo_rank: Some(0), ..good.clone() }, "`mimo_rank`"),
-        (Mamba3Config { mimo_rank: Some(2), d_state: 15, ..good.clone() }, "`d_state` must be even"),
+        (with(Mamba3Config { headdim: 7, ..good.clone() }), "`headdim`"),
+        (with(Mamba3Config { ngroups: 3, ..good.clone() }), "`ngroups`"),
+        (with(Mamba3Config { rope_fraction: 0.3, ..good.clone() }), "`rope_fraction`"),
+        (BackboneConfig { d_state: 1, ..b.clone() }, "no pair to rotate"),
+        (with(Mamba3Config { mimo_rank: Some(0), ..good.clone() }), "`mimo_rank`"),
+        (
+            BackboneConfig { d_state: 15, ..with(Mamba3Config { mimo_rank: Some(2), ..good.clone() }) },
+            "`d_state` must be even",
+        ),
     ] {
         let err = bad.validate().unwrap_err();
         assert!(err.contains(key), "{err}");
     }
-    assert_eq!(good.validate(), Ok(()));
+    assert_eq!(b.validate(), Ok(()));
 }

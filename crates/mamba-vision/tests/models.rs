@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
-use mamba_nn::{gather, inverse, BackboneConfig, Mamba1Mixer, RmsNorm};
+use mamba_nn::{gather, inverse, BackboneConfig, RmsNorm, Route};
 use mamba_vision::{
     depthwise_conv2d, drop_path, resize_grid, resize_pos_embed, route, ClassToken, Grid, ImageShape, PatchEmbed,
     Size2d, Ss2d, VisionConfig, VisionModel,
@@ -93,7 +93,8 @@ fn vim_with_a_middle_class_token_matches_a_direct_computation() {
                     t.insert(own, v.clone());
                 }
             }
-            Mamba1Mixer::load(VarBuilder::from_tensors(t, DType::F32, &Device::Cpu), &single).unwrap()
+            let vb = VarBuilder::from_tensors(t, DType::F32, &Device::Cpu);
+            single.mixer.spec().load(vb, &single, vec![Route::forward()]).unwrap()
         };
         let (fwd, bwd) = (mixer(""), mixer("_b"));
         let hn = RmsNorm::new(p(&format!("layers.{i}.norm.weight")), 1e-5).forward(&h).unwrap();

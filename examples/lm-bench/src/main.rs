@@ -165,7 +165,7 @@ fn write_checkpoints(dir: &Path, config: &LmConfig) -> Result<()> {
     let to_ct_names = |mut p: HashMap<String, Tensor>| {
         // candle-transformers' mamba reads the embedding under the original state-spaces name,
         // which this project reads too.
-        if config.backbone.kind == mamba_nn::MixerKind::Mamba1 {
+        if matches!(config.backbone.mixer, mamba_nn::MixerConfig::Mamba1(_)) {
             let e = p.remove("backbone.embeddings.weight").expect("an embedding");
             p.insert("backbone.embedding.weight".into(), e);
         }
