@@ -339,7 +339,7 @@ fn a_mamba3_checkpoint_is_a_model_directory() {
         let model = best.to_str().unwrap();
         let info = mamba(&["inspect", "--model", model]);
         let info = String::from_utf8(info.stdout).unwrap();
-        assert!(info.contains("kind Mamba3") && info.contains(shapes), "{info}");
+        assert!(info.contains("kind mamba3") && info.contains(shapes), "{info}");
         let run = mamba(&["generate", "--model", model, "--ids", "1,2,3", "--max-new-tokens", "4"]);
         assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
         let ids: Vec<u32> =
