@@ -93,8 +93,10 @@ impl BackboneConfig {
     /// A `[backbone]` table as model files write it (defaults filled in, unknown keys refused);
     /// `source` names the file in errors. Route names are not checked here (see `validate`).
     pub fn from_toml_table(table: toml::Table, source: &str) -> Result<Self> {
-        let backbone = Self::deserialize(table)
-            .map_err(|e| Error::Config { path: source.to_string(), message: format!("[backbone] {e}") })?;
+        let backbone = Self::deserialize(table).map_err(|e| Error::Config {
+            path: source.to_string(),
+            message: with_shared_keys(format!("[backbone] {e}")),
+        })?;
         backbone.validate().map_err(|message| Error::Config { path: source.to_string(), message })?;
         Ok(backbone)
     }
@@ -125,6 +127,20 @@ struct ModelSection {
     vocab_size: usize,
     #[serde(default = "yes")]
     tie_embeddings: bool,
+}
+
+/// A parse error of `[backbone]`: serde lists the mixer kind's own keys after an unknown one, so
+/// the keys every kind takes are added, read off the config itself.
+fn with_shared_keys(message: String) -> String {
+    if !message.contains("unknown field") {
+        return message;
+    }
+    let keys = |t: toml::Table| t.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+    let mixer = MixerConfig::Mamba1(Mamba1Config::default());
+    let own = toml::Table::try_from(&mixer).map(keys).unwrap_or_default();
+    let all = toml::Table::try_from(BackboneConfig::causal(1, 1, 1, mixer)).map(keys).unwrap_or_default();
+    let shared: Vec<String> = all.into_iter().filter(|k| !own.contains(k)).map(|k| format!("`{k}`")).collect();
+    format!("{}; every kind also takes {}", message.trim_end(), shared.join(", "))
 }
 
 /// Heads, B/C groups and chunks of Mamba-2 and Mamba-3: headdim divides d_inner, ngroups the
@@ -191,7 +207,7 @@ impl LmConfig {
     /// `source` names the file in errors.
     pub fn from_toml(text: &str, source: &str) -> Result<Self> {
         let err = |message: String| Error::Config { path: source.to_string(), message };
-        let file: ModelFile = toml::from_str(text).map_err(|e| err(e.to_string()))?;
+        let file: ModelFile = toml::from_str(text).map_err(|e| err(with_shared_keys(e.to_string())))?;
         file.backbone.validate().map_err(err)?;
         Route::by_names(&file.backbone.routes).map_err(|e| err(format!("`routes`: {e}")))?;
         Ok(Self {
@@ -218,7 +234,7 @@ mod tests {
         assert!(msg.contains("dir/m.toml") && msg.contains("`d_state`"), "{msg}");
         let msg =
             LmConfig::from_toml(&(TOML.to_string() + "norm_epsilon = 1e-6\n"), "dir/m.toml").unwrap_err().to_string();
-        assert!(msg.contains("dir/m.toml") && msg.contains("`norm_epsilon`"), "{msg}");
+        assert!(msg.contains("dir/m.toml") && msg.contains("`norm_epsilon`") && msg.contains("`norm_eps`"), "{msg}");
         let msg =
             LmConfig::from_toml(&TOML.replace("n_layer = 2", "n_layer = \"two\""), "m.toml").unwrap_err().to_string();
         assert!(msg.contains("n_layer"), "{msg}");
