@@ -270,6 +270,9 @@ mod tests {
         let mimo = LmConfig::from_toml(&(text.clone() + "mimo_rank = 4\n"), "m.toml").unwrap();
         assert!(matches!(mimo.backbone.mixer, MixerConfig::Mamba3(Mamba3Config { mimo_rank: Some(4), .. })));
         assert_eq!(LmConfig::from_toml(&mimo.to_toml().unwrap(), "written.toml").unwrap(), mimo);
+        let normed = LmConfig::from_toml(&(text.clone() + "outproj_norm = true\n"), "m.toml").unwrap();
+        assert!(matches!(normed.backbone.mixer, MixerConfig::Mamba3(Mamba3Config { outproj_norm: true, .. })));
+        assert_eq!(LmConfig::from_toml(&normed.to_toml().unwrap(), "written.toml").unwrap(), normed);
         let msg = LmConfig::from_toml(&(text + "mimo_rank = 0\n"), "m.toml").unwrap_err().to_string();
         assert!(msg.contains("m.toml") && msg.contains("`mimo_rank`"), "{msg}");
     }
@@ -289,6 +292,7 @@ mod tests {
             (TOML.to_string() + "rope_fraction = 1.0\n", "rope_fraction"),
             (mamba1.clone() + "a_floor = 0.001\n", "a_floor"),
             (TOML.to_string() + "mimo_rank = 4\n", "mimo_rank"),
+            (TOML.to_string() + "outproj_norm = true\n", "outproj_norm"),
             (TOML.replace("mamba2", "mamba3") + "d_conv = 4\n", "d_conv"),
             (TOML.replace("mamba2", "mamba3") + "conv_bias = true\n", "conv_bias"),
             (TOML.replace("mamba2", "mamba3") + "dt_limit = [0.0, 1.0]\n", "dt_limit"),

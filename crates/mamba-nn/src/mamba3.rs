@@ -4,16 +4,19 @@
 //! token with the previous; D skip; y * silu(z)) -> out_proj. No convolution. Tensor names are
 //! the reference's: `in_proj.weight`, `dt_bias`, `B_bias`, `C_bias`, `B_norm.weight`,
 //! `C_norm.weight`, `D`, `out_proj.weight`, and for MIMO `mimo_x`, `mimo_z`, `mimo_o` (B and C
-//! then carry `mimo_rank` vectors per token). Over several routes every tensor is shared: in_proj
-//! runs once, each route scans the sequence in its own order, and the routes merge before
-//! out_proj.
+//! then carry `mimo_rank` vectors per token), and `norm.weight` with the out-proj norm. Over
+//! several routes every tensor is shared: in_proj runs once, each route scans the sequence in its
+//! own order, and the routes merge before out_proj.
 
 use crate::mixer::{foreign_cache, Mixer, MixerCache, MixerSpec};
+use crate::norm::normalize;
 use crate::routes::{check_causal, gathered, run_routes, Merge, Route, RouteParams};
 use crate::{compute_dtype, fan_in_bound, BackboneConfig, Init, Linear, Param, Result};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
-use mamba_ssm::{mamba3_chunk_scan_ref, mamba3_state_update_ref, rms_norm, softplus, Mamba3Inputs, Mamba3State, Mimo};
+use mamba_ssm::{
+    mamba3_chunk_scan_ref, mamba3_state_update_ref, rms_norm, silu_gate, softplus, Mamba3Inputs, Mamba3State, Mimo,
+};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -35,16 +38,27 @@ pub struct Mamba3Config {
     /// MIMO of this rank; None is SISO.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mimo_rank: Option<usize>,
+    /// The reference's `is_outproj_norm`: the gate leaves the scan for a gated RMSNorm of each
+    /// head's output (norm first, then y * silu(z); per rank for MIMO) before out_proj.
+    pub outproj_norm: bool,
 }
 
 impl Default for Mamba3Config {
     fn default() -> Self {
-        Self { headdim: 64, ngroups: 1, rope_fraction: 0.5, a_floor: 1e-4, chunk_size: 64, mimo_rank: None }
+        Self {
+            headdim: 64,
+            ngroups: 1,
+            rope_fraction: 0.5,
+            a_floor: 1e-4,
+            chunk_size: 64,
+            mimo_rank: None,
+            outproj_norm: false,
+        }
     }
 }
 
-/// The eps of the B and C norms, fixed in the reference.
-const BC_NORM_EPS: f64 = 1e-5;
+/// The eps of the B, C and out-proj norms, fixed in the reference.
+const NORM_EPS: f64 = 1e-5;
 
 impl Mamba3Config {
     pub fn nheads(&self, b: &BackboneConfig) -> usize {
@@ -119,6 +133,9 @@ impl MixerSpec for Mamba3Config {
                 Param::new("mimo_o", shape, Init::Constant(1.0 / r as f64)),
             ]);
         }
+        if self.outproj_norm {
+            params.push(Param::new("norm.weight", vec![di], Init::Ones).no_decay());
+        }
         params.push(Param::new("out_proj.weight", vec![d, di], Init::Uniform(out_bound)).matrix());
         params
     }
@@ -140,6 +157,8 @@ pub struct Mamba3Mixer {
     d: Tensor,
     /// MIMO's weights of x, z and the outputs per rank: (nheads, rank, headdim) each.
     mimo: Option<[Tensor; 3]>,
+    /// The out-proj norm's weight, (nheads, headdim).
+    norm: Option<Tensor>,
     out_proj: Linear,
     routes: Vec<Route>,
     merge: Merge,
@@ -178,6 +197,10 @@ impl Mamba3Mixer {
                 Some(_) => Some([per_rank("mimo_x")?, per_rank("mimo_z")?, per_rank("mimo_o")?]),
                 None => None,
             },
+            norm: match cfg.outproj_norm {
+                true => Some(small.get(di, "norm.weight")?.reshape((h, cfg.headdim))?),
+                false => None,
+            },
             out_proj: Linear::load(&vb, "out_proj", (d, di), false)?,
             routes,
             merge: b.merge,
@@ -209,7 +232,7 @@ impl Mamba3Mixer {
         let dt = softplus(&dd_dt.broadcast_add(&self.dt_bias)?)?;
         let adt = (&a * &dt)?;
         let heads_first = |t: &Tensor| t.transpose(1, 2).and_then(|t| t.contiguous());
-        let bc = |t: &Tensor, w: &Tensor| rms_norm(&t.reshape(bc_shape.as_slice())?, w, BC_NORM_EPS);
+        let bc = |t: &Tensor, w: &Tensor| rms_norm(&t.reshape(bc_shape.as_slice())?, w, NORM_EPS);
         Ok(ScanTensors {
             q: bc(&cc, &self.c_norm)?,
             k: bc(&bb, &self.b_norm)?,
@@ -234,9 +257,28 @@ impl Mamba3Mixer {
             k_bias: &biases.1,
             angles: &t.angles,
             d: Some(&self.d),
-            z: Some(&t.z),
-            mimo: self.mimo.as_ref().map(|[x, z, o]| Mimo { x, z, o }),
+            // With the out-proj norm, the gate and MIMO's output weights come after the scan.
+            z: if self.norm.is_some() { None } else { Some(&t.z) },
+            mimo: self.mimo.as_ref().map(|[x, z, o]| Mimo { x, z, o: self.norm.is_none().then_some(o) }),
         }
+    }
+
+    /// The out-proj norm, when the mixer has one, of the scan's y (batch, len, [rank,] heads,
+    /// headdim) with the gate z (batch, len, heads, headdim): each head's output RMS-normalised,
+    /// times the weight and silu(z) (MIMO: z times mimo_z per rank, then the ranks weighted by
+    /// mimo_o and summed). Without the norm, y as it is.
+    fn out_norm(&self, y: Tensor, z: &Tensor) -> Result<Tensor> {
+        let Some(weight) = &self.norm else { return Ok(y) };
+        let per_rank = |t: &Tensor, w: &Tensor| t.broadcast_mul(&w.transpose(0, 1)?);
+        let z = match &self.mimo {
+            Some([_, mimo_z, _]) => per_rank(&z.unsqueeze(2)?, mimo_z)?,
+            None => z.clone(),
+        };
+        let y = silu_gate(&normalize(&y, NORM_EPS)?.broadcast_mul(weight)?, &z)?;
+        Ok(match &self.mimo {
+            Some([_, _, mimo_o]) => per_rank(&y, mimo_o)?.sum(2)?,
+            None => y,
+        })
     }
 
     /// The query and key biases as the scan takes them: (nheads, d_state) for SISO.
@@ -258,7 +300,7 @@ impl Mixer for Mamba3Mixer {
             gathered(&zx, order, |zx| {
                 let t = self.scan_tensors(zx)?;
                 let out = mamba3_chunk_scan_ref(&self.inputs(&t, &biases), self.cfg.chunk_size, None)?;
-                Ok((out.y.reshape((batch, len, d_inner))?, out.state))
+                Ok((self.out_norm(out.y, &t.z)?.reshape((batch, len, d_inner))?, out.state))
             })
         })?;
         Ok((self.out_proj.forward(&y)?, MixerCache::Mamba3(state)))
@@ -271,6 +313,7 @@ impl Mixer for Mamba3Mixer {
         let t = self.scan_tensors(&self.in_proj.forward(&x.unsqueeze(1)?)?)?;
         let biases = self.biases()?;
         let (y, next) = mamba3_state_update_ref(state, &self.inputs(&t, &biases))?;
+        let y = self.out_norm(y, &t.z)?;
         *state = next;
         self.out_proj.forward(&y.reshape((batch, self.backbone.d_inner()))?)
     }

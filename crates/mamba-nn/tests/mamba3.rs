@@ -128,13 +128,20 @@ fn a_prefill_then_decoding_matches_mamba_ssm() {
 }
 
 /// Configs the fixtures do not have (grouped B and C, every pair rotating, a length that is
-/// not a multiple of the chunk; SISO and MIMO of rank 3), freshly initialised: decoding equals
-/// the parallel forward.
+/// not a multiple of the chunk; SISO and MIMO of rank 3, each with and without the out-proj norm),
+/// freshly initialised: decoding equals the parallel forward.
 #[test]
 fn decoding_equals_the_forward_on_an_unseen_config() {
-    for mimo_rank in [None, Some(3)] {
-        let m =
-            Mamba3Config { headdim: 6, ngroups: 2, rope_fraction: 1.0, chunk_size: 8, mimo_rank, ..Default::default() };
+    for (mimo_rank, outproj_norm) in [(None, false), (Some(3), false), (None, true), (Some(3), true)] {
+        let m = Mamba3Config {
+            headdim: 6,
+            ngroups: 2,
+            rope_fraction: 1.0,
+            chunk_size: 8,
+            mimo_rank,
+            outproj_norm,
+            ..Default::default()
+        };
         decoding_equals_the_forward(BackboneConfig { n_layer: 2, ..mamba3(24, 10, m) });
     }
 }
@@ -171,4 +178,32 @@ fn a_config_that_cannot_build_a_mixer_is_refused_by_key() {
         assert!(err.contains(key), "{err}");
     }
     assert_eq!(b.validate(), Ok(()));
+}
+
+/// The out-proj norm (`is_outproj_norm`, which the fixtures do not cover) as the reference
+/// composes it for SISO: the scan without its gate, then per head y / sqrt(mean(y^2) + 1e-5) *
+/// weight * silu(z). With out_proj the identity, the gated mixer gives y * silu(z); so the normed
+/// one must be that divided by each head's RMS of y, with y recovered by dividing out silu(z)
+/// (z computed here from in_proj's first rows), times a weight of our own.
+#[test]
+fn the_out_proj_norm_normalises_each_heads_output_before_the_gate() {
+    let (d, p) = (12, 4);
+    let gated =
+        BackboneConfig { expand: 1, ..mamba3(d, 8, Mamba3Config { headdim: p, chunk_size: 4, ..Default::default() }) };
+    let MixerConfig::Mamba3(m) = gated.mixer.clone() else { unreachable!() };
+    let normed =
+        BackboneConfig { mixer: MixerConfig::Mamba3(Mamba3Config { outproj_norm: true, ..m }), ..gated.clone() };
+    let mut tensors = init_tensors(&normed.mixer.spec().params(&normed), &InitConfig::default(), 5).unwrap();
+    tensors.insert("out_proj.weight".into(), Tensor::eye(d, DType::F32, &CPU).unwrap());
+    let weight = Tensor::arange(0u32, d as u32, &CPU).unwrap().to_dtype(DType::F32).unwrap().affine(0.1, 0.5).unwrap();
+    tensors.insert("norm.weight".into(), weight.clone());
+    let u = Tensor::randn(0f32, 1.0, (2, 9, d), &CPU).unwrap();
+    let z = u.broadcast_matmul(&tensors["in_proj.weight"].narrow(0, 0, d).unwrap().t().unwrap()).unwrap();
+    let silu_z = (&z * candle_nn::ops::sigmoid(&z).unwrap()).unwrap();
+    let y_gated = load(tensors.clone(), &gated).forward(&u).unwrap().0;
+    let heads = |t: &Tensor| t.reshape((2, 9, d / p, p)).unwrap();
+    let y = heads(&(&y_gated / &silu_z).unwrap());
+    let rms = (y.sqr().unwrap().mean_keepdim(3).unwrap() + 1e-5).unwrap().sqrt().unwrap();
+    let want = heads(&y_gated).broadcast_div(&rms).unwrap().reshape((2, 9, d)).unwrap().broadcast_mul(&weight).unwrap();
+    close("normed output", &load(tensors, &normed).forward(&u).unwrap().0, &want, 1e-4);
 }

@@ -55,7 +55,9 @@ pub struct Mamba3Inputs<'a> {
 pub struct Mimo<'a> {
     pub x: &'a Tensor,
     pub z: &'a Tensor,
-    pub o: &'a Tensor,
+    /// None: y keeps a rank dim, (batch, len, rank, heads, headdim), for a norm of each rank's
+    /// output before they are summed (the layer's out-proj norm).
+    pub o: Option<&'a Tensor>,
 }
 
 /// What a Mamba-3 scan carries from one token to the next.
@@ -95,7 +97,7 @@ impl Mamba3State {
 }
 
 pub struct Mamba3Output {
-    /// Shaped like v.
+    /// Shaped like v (MIMO without output weights: with a rank dim after len).
     pub y: Tensor,
     pub state: Mamba3State,
 }
@@ -208,8 +210,10 @@ fn check_inputs(x: &Mamba3Inputs, initial: Option<&Mamba3State>) -> Result<Mamba
         check("z", z, &[b, l, h, p])?;
     }
     if let Some(m) = x.mimo {
-        for (name, t) in [("mimo_x", m.x), ("mimo_z", m.z), ("mimo_o", m.o)] {
-            check(name, t, &[h, r, p])?;
+        for (name, t) in [("mimo_x", Some(m.x)), ("mimo_z", Some(m.z)), ("mimo_o", m.o)] {
+            if let Some(t) = t {
+                check(name, t, &[h, r, p])?;
+            }
         }
     }
     if let Some(s) = initial {
@@ -285,7 +289,7 @@ fn per_rank(t: &Tensor, weights: Option<&Tensor>, rank_dim: usize) -> Result<Ten
 }
 
 /// y (.., rank, heads, headdim) with its D skip and gate per rank, summed over the ranks with
-/// MIMO's output weights.
+/// MIMO's output weights when it has them.
 fn finish_ranks(
     mut y: Tensor,
     v: &Tensor,
@@ -302,7 +306,8 @@ fn finish_ranks(
         y = silu_gate(&y, &z)?;
     }
     Ok(match x.mimo {
-        Some(m) => y.broadcast_mul(&cast(m.o)?.transpose(0, 1)?)?.sum(rank_dim)?,
+        Some(Mimo { o: Some(o), .. }) => y.broadcast_mul(&cast(o)?.transpose(0, 1)?)?.sum(rank_dim)?,
+        Some(_) => y,
         None => y.squeeze(rank_dim)?,
     })
 }

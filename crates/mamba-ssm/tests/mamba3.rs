@@ -51,7 +51,7 @@ fn scan(leaves: &[(&str, Var)], scan: Scan) -> Mamba3Output {
         angles: get("Angles").unwrap(),
         d: get("D"),
         z: get("Z"),
-        mimo: get("MIMO_V").map(|x| Mimo { x, z: get("MIMO_Z").unwrap(), o: get("MIMO_O").unwrap() }),
+        mimo: get("MIMO_V").map(|x| Mimo { x, z: get("MIMO_Z").unwrap(), o: get("MIMO_O") }),
     };
     let initial = get("Input_SSM_State").map(|ssm| Mamba3State {
         angle: get("Input_Angle_State").unwrap().clone(),
@@ -260,7 +260,7 @@ fn continue_scan(leaves: Vec<(&'static str, Var)>) {
     let (mx, mz, mo);
     if second_leaves.iter().any(|(n, _)| *n == "MIMO_V") {
         (mx, mz, mo) = (get("MIMO_V"), get("MIMO_Z"), get("MIMO_O"));
-        x.mimo = Some(Mimo { x: &mx, z: &mz, o: &mo });
+        x.mimo = Some(Mimo { x: &mx, z: &mz, o: Some(&mo) });
     }
     for (what, second) in [
         ("chunked", mamba3_chunk_scan_ref(&x, 4, Some(&first.state)).unwrap()),
@@ -269,6 +269,21 @@ fn continue_scan(leaves: Vec<(&'static str, Var)>) {
         let y = Tensor::cat(&[&first.y, &second.y], 1).unwrap();
         assert_close(&format!("{what}: y"), &y, &whole.y, 1e-12);
         assert_close(&format!("{what}: ssm"), &second.state.ssm, &whole.state.ssm, 1e-12);
+    }
+}
+
+/// MIMO without output weights keeps each rank's output (with its D skip and gate): weighted by
+/// mimo_o and summed over the ranks, they are the scan's output with the weights, in both forms.
+#[test]
+fn mimo_without_output_weights_gives_each_ranks_output() {
+    let leaves = random_leaves((2, 11, 4, 3, 2, 6, 2), true, Some(3), 21);
+    let o = leaves.iter().find(|(n, _)| *n == "MIMO_O").unwrap().1.as_tensor().clone();
+    let per_rank: Vec<_> = leaves.iter().filter(|(n, _)| *n != "MIMO_O").cloned().collect();
+    for (what, form) in [("step", &step_by_step as Scan), ("chunked", &in_chunks(4))] {
+        let ranks = scan(&per_rank, form).y;
+        assert_eq!(ranks.dims(), &[2, 11, 3, 4, 3], "{what}");
+        let summed = ranks.broadcast_mul(&o.transpose(0, 1).unwrap()).unwrap().sum(2).unwrap();
+        assert_close(&format!("{what}: y"), &summed, &scan(&leaves, form).y, 1e-12);
     }
 }
 
