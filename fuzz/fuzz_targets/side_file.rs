@@ -6,11 +6,11 @@
 
 use libfuzzer_sys::fuzz_target;
 use mamba_fuzz::{bundled, check, scratch, write};
-use mamba_train::tasks::audio::AudioMeta;
-use mamba_train::tasks::classify::{read_checked, read_meta, InputMeta};
-use mamba_train::tasks::forecast::ForecastMeta;
-use mamba_train::tasks::image::ImageMeta;
-use mamba_train::tasks::series::SeriesMeta;
+use mamba_audio::AudioMeta;
+use mamba_grid::classify::{read_meta, InputMeta};
+use mamba_series::{ForecastMeta, SeriesMeta};
+use mamba_train::read_checked;
+use mamba_vision::ImageMeta;
 
 fuzz_target!(|bytes: &[u8]| {
     let Some((&pick, json)) = bytes.split_first() else { return };

@@ -7,7 +7,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use mamba_fuzz::{bundled, check, copy, scratch, write};
-use mamba_train::{AnyTask, RunConfig, Task};
+use mamba_cli::TASKS;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -48,14 +48,8 @@ fuzz_target!(|bytes: &[u8]| {
     let (sets, lines): (Vec<&str>, Vec<&str>) = text.lines().partition(|l| l.starts_with("--set "));
     let sets: Vec<String> = sets.iter().map(|s| s["--set ".len()..].to_string()).collect();
     let path = write(data_dir(), "fuzz.toml", lines.join("\n").as_bytes());
-    let Some(run) = check(RunConfig::load(&path, &sets), &path) else { return };
-    let params = match &run.task {
-        AnyTask::Lm(t) => t.params(),
-        AnyTask::Image(t) => t.params(),
-        AnyTask::Audio(t) => t.params(),
-        AnyTask::Series(t) => t.params(),
-        AnyTask::Forecast(t) => t.params(),
-    };
+    let Some(run) = check(TASKS.load(&path, &sets), &path) else { return };
+    let params = run.task.params();
     // The count a run reports before it allocates anything.
     let _ = mamba_nn::num_params(&params);
 });

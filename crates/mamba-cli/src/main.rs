@@ -4,14 +4,10 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use mamba_cli::TASKS;
 use mamba_nn::{LmConfig, MambaLm};
-use mamba_series::read_csv;
-use mamba_text::{generate, load_tokenizer, Sampling, TextStream};
-use mamba_train::tasks::audio::load_audio_classifier;
-use mamba_train::tasks::classify::classify_files;
-use mamba_train::tasks::forecast::{load_forecaster, write_forecast};
-use mamba_train::tasks::image::load_classifier;
-use mamba_train::tasks::series::{classify_cases, load_series_classifier, read_archive};
+use mamba_text::{check_ids, generate, load_tokenizer, Sampling, TextStream};
+use mamba_train::PredictOptions;
 use mamba_vision::{Grid, VisionConfig};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -278,7 +274,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
             writeln!(out)?;
         }
         (None, Some(ids)) => {
-            check_ids(&model, ids)?;
+            check_ids(&model, ids).map_err(anyhow::Error::msg)?;
             generate(&model, ids, a.max_new_tokens, sampling, &a.stop, |id| {
                 let _ = write!(out, "{id} ");
                 let _ = out.flush();
@@ -291,17 +287,9 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
 }
 
 /// Token ids given on the command line must index the model's vocabulary.
-fn check_ids(model: &MambaLm, ids: &[u32]) -> Result<()> {
-    let vocab = model.config.vocab_size;
-    if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
-        bail!("token id {bad} is outside the vocabulary (size {vocab})");
-    }
-    Ok(())
-}
-
 fn run_logits(model: &Path, ids: &[u32], out: &Path, dtype: WeightDType, device: &DeviceArg) -> Result<()> {
     let m = load(model, dtype, &device.open()?)?;
-    check_ids(&m, ids)?;
+    check_ids(&m, ids).map_err(anyhow::Error::msg)?;
     let vocab = m.config.vocab_size;
     let (logits, _) = m.forward(&Tensor::new(ids, m.device())?.unsqueeze(0)?)?;
     let logits = logits.to_device(&Device::Cpu)?;
@@ -410,7 +398,7 @@ fn run_train(config: &Path, out: Option<PathBuf>, resume: bool, sets: &[String],
     let out = out.unwrap_or_else(|| {
         PathBuf::from("runs").join(config.file_stem().map_or("run".into(), |s| s.to_string_lossy().into_owned()))
     });
-    let summary = mamba_train::train_from_config(config, &out, resume, sets, &device)?;
+    let summary = TASKS.train(config, &out, resume, sets, &device)?;
     println!("validation: {}", mamba_train::summary_line(&summary.validation));
     println!("checkpoints: {} and {}", summary.last.display(), summary.best.display());
     Ok(())
@@ -418,86 +406,26 @@ fn run_train(config: &Path, out: Option<PathBuf>, resume: bool, sets: &[String],
 
 fn run_predict(a: PredictArgs) -> Result<()> {
     let device = a.device.open()?;
-    let (dir, inputs) = (a.checkpoint.as_path(), &a.inputs);
-    let paths: Vec<PathBuf> = inputs.iter().map(PathBuf::from).collect();
-    // What to do follows the task the checkpoint was trained for.
-    let kind = mamba_train::checkpoint_kind(dir)?;
-    // One line per file, or per case of an archive.
-    let file_names = || paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>();
-    let ranked = match kind.as_deref() {
-        Some("forecasting") => return forecast_files(dir, &paths, a.out.as_deref(), &device),
-        Some("image_classification") => {
-            let (model, meta) = load_classifier(dir, a.image_size, &device)?;
-            Some((classify_files(&model, &meta, &paths, &device)?, file_names()))
-        }
-        Some("audio_classification") => {
-            let (model, meta) = load_audio_classifier(dir, &device)?;
-            Some((classify_files(&model, &meta, &paths, &device)?, file_names()))
-        }
-        Some("series_classification") => {
-            let (model, meta) = load_series_classifier(dir, &device)?;
-            let (mut ranked, mut names) = (vec![], vec![]);
-            for path in &paths {
-                let cases = read_archive(path)?;
-                ranked.extend(classify_cases(&model, &meta, &cases.series, path, &device)?);
-                names.extend((1..=cases.series.len()).map(|i| format!("{} case {i}", path.display())));
+    let options = PredictOptions { top: a.top, image_size: a.image_size, out: a.out, max_new_tokens: a.max_new_tokens };
+    // What to do follows the task the checkpoint was trained for; a model directory without a
+    // training config is a language model.
+    let lines = match TASKS.predict(&a.checkpoint, &a.inputs, &options, &device)? {
+        Some(lines) => lines,
+        None => {
+            let dir = &a.checkpoint;
+            if !dir.join("config.json").exists() && !dir.join(mamba_nn::MODEL_FILE).exists() {
+                bail!(
+                    "{}: not a checkpoint or model directory (no train.toml, config.json or {})",
+                    dir.display(),
+                    mamba_nn::MODEL_FILE
+                );
             }
-            Some((ranked, names))
-        }
-        None | Some("text" | "selective_copying" | "induction_heads") => None,
-        Some(other) => {
-            bail!("{}: [task] kind = {other:?} is not a task `mamba predict` knows", dir.join("train.toml").display())
+            mamba_text::complete(dir, &a.inputs, a.max_new_tokens, &device)?
         }
     };
-    if let Some((ranked, names)) = ranked {
-        let mut out = std::io::stdout().lock();
-        for (name, ranked) in names.iter().zip(ranked) {
-            let shown: Vec<String> = ranked.iter().take(a.top.max(1)).map(|(c, p)| format!("{c} {p:.4}")).collect();
-            writeln!(out, "{name}: {}", shown.join(", "))?;
-        }
-        return Ok(());
-    }
-    let max_new = a.max_new_tokens;
-    let model = load(dir, WeightDType::F32, &device)?;
-    let tok = dir.join("tokenizer.json").exists().then(|| load_tokenizer(dir)).transpose()?;
     let mut out = std::io::stdout().lock();
-    for input in inputs {
-        let prompt: Vec<u32> = match &tok {
-            Some(t) => t
-                .encode(input.as_str(), false)
-                .map_err(|e| anyhow::anyhow!("cannot tokenize {input:?}: {e}"))?
-                .get_ids()
-                .to_vec(),
-            None => input
-                .split(',')
-                .map(|v| v.trim().parse::<u32>().with_context(|| format!("{input:?}: not comma-separated token ids")))
-                .collect::<Result<_>>()?,
-        };
-        check_ids(&model, &prompt)?;
-        let new = generate(&model, &prompt, max_new, Sampling::default(), &[], |_| {})?;
-        match &tok {
-            Some(t) => {
-                let all: Vec<u32> = prompt.iter().chain(&new).copied().collect();
-                writeln!(out, "{}", t.decode(&all, true).map_err(|e| anyhow::anyhow!("cannot decode: {e}"))?)?
-            }
-            None => writeln!(out, "{}", new.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(","))?,
-        }
-    }
-    Ok(())
-}
-
-/// Each CSV file's forecast as NAME.forecast.csv and NAME.forecast.png, in `out` or beside it.
-fn forecast_files(dir: &Path, paths: &[PathBuf], out: Option<&Path>, device: &Device) -> Result<()> {
-    let (model, meta) = load_forecaster(dir, device)?;
-    for path in paths {
-        let table = read_csv(path)?;
-        let stem = path.file_stem().map_or("series".into(), |s| s.to_string_lossy().into_owned());
-        let folder = out.or(path.parent()).unwrap_or(Path::new("."));
-        let (csv, png) = (folder.join(format!("{stem}.forecast.csv")), folder.join(format!("{stem}.forecast.png")));
-        write_forecast(&model, &meta, &table, &path.display().to_string(), (&csv, &png), device)?;
-        let last = table.time.last().map_or("", |t| t.as_str());
-        let horizon = meta.shape.horizon;
-        println!("{}: {horizon} rows after {last} -> {} and {}", path.display(), csv.display(), png.display());
+    for line in lines {
+        writeln!(out, "{line}")?;
     }
     Ok(())
 }
@@ -509,45 +437,46 @@ fn run_eval(
     confusion_svg: Option<&Path>,
     device: &DeviceArg,
 ) -> Result<()> {
-    let evaluation = mamba_train::evaluate_checkpoint(checkpoint, data, &device.open()?)?;
+    let evaluation = TASKS.evaluate(checkpoint, data, &device.open()?)?;
     if let Some(svg) = confusion_svg {
         let Some((classes, matrix)) = &evaluation.confusion else {
             bail!("--confusion: {} is not a classifier", checkpoint.display());
         };
         mamba_train::plot_confusion(classes, matrix, svg)?;
     }
-    let mut metrics = evaluation.metrics.means();
-    let language_model = evaluation.confusion.is_none() && evaluation.test.is_none();
-    if let (Some(loss), true) = (metrics.get("loss").copied(), language_model) {
-        metrics.insert("perplexity".into(), loss.exp());
-    }
     if json {
-        let mut value = serde_json::to_value(&metrics)?;
+        let mut value = serde_json::to_value(&evaluation.metrics)?;
         if let Some((classes, matrix)) = &evaluation.confusion {
             value["classes"] = serde_json::to_value(classes)?;
             value["confusion"] = serde_json::to_value(matrix)?;
         }
-        if let Some((_, rows)) = &evaluation.test {
-            let test: serde_json::Map<String, serde_json::Value> = rows
+        if let Some(table) = &evaluation.table {
+            let rows: serde_json::Map<String, serde_json::Value> = table
+                .rows
                 .iter()
-                .map(|(name, e)| (name.clone(), serde_json::json!({ "mse": e.mse(), "mae": e.mae() })))
+                .map(|(name, values)| {
+                    let cells = table.columns.iter().zip(values).map(|(c, v)| (c.to_lowercase(), (*v).into()));
+                    (name.clone(), serde_json::Map::from_iter(cells).into())
+                })
                 .collect();
-            value["test"] = test.into();
+            value[table.key.as_str()] = rows.into();
         }
         println!("{value}");
         return Ok(());
     }
-    for (k, v) in metrics {
+    for (k, v) in &evaluation.metrics {
         println!("{k} {v:.6}");
     }
     if let Some((classes, matrix)) = &evaluation.confusion {
         print_confusion(classes, matrix);
     }
-    if let Some((windows, rows)) = &evaluation.test {
-        println!("\ntest split ({windows} windows, standardised values):");
-        println!("| forecaster | MSE | MAE |\n|---|---|---|");
-        for (name, e) in rows {
-            println!("| {name} | {:.4} | {:.4} |", e.mse(), e.mae());
+    if let Some(table) = &evaluation.table {
+        println!("\n{}:", table.title);
+        println!("| {} | {} |", table.rows_are, table.columns.join(" | "));
+        println!("|---|{}", "---|".repeat(table.columns.len()));
+        for (name, values) in &table.rows {
+            let cells: Vec<String> = values.iter().map(|v| format!("{v:.4}")).collect();
+            println!("| {name} | {} |", cells.join(" | "));
         }
     }
     Ok(())

@@ -1,6 +1,11 @@
 //! Text generation with a [`MambaLm`]: the prompt goes through the parallel scan once, then each
 //! new token is one cached step. Greedy decoding, or sampling with temperature, top-k, top-p and
-//! a seed; stop tokens; tokens are handed to a callback as they come (streaming).
+//! a seed; stop tokens; tokens are handed to a callback as they come (streaming). The language
+//! model tasks (`task`): selective copying, induction heads and text.
+
+mod task;
+
+pub use task::{check_ids, complete, InductionHeads, LmBatch, LmTask, SelectiveCopying, Source, Text, TextData};
 
 use candle_core::{DType, Tensor};
 use mamba_nn::MambaLm;

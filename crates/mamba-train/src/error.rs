@@ -18,12 +18,9 @@ pub enum Error {
     Diverged { step: usize, epoch: usize, batch: usize, value: f64, last: PathBuf },
     #[error(transparent)]
     Model(#[from] mamba_nn::Error),
+    /// A modality's own error (reading audio, series, text), which names its file.
     #[error(transparent)]
-    Audio(#[from] mamba_audio::AudioError),
-    #[error(transparent)]
-    Series(#[from] mamba_series::SeriesError),
-    #[error(transparent)]
-    Text(#[from] mamba_text::Error),
+    Data(Box<dyn std::error::Error + Send + Sync>),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

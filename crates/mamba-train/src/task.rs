@@ -2,8 +2,8 @@
 //! examples each split has, how to build a batch (on the prefetch thread), and the loss and
 //! metrics of a batch.
 
-use crate::Result;
-use candle_core::{Device, Tensor};
+use crate::{evaluate, Result};
+use candle_core::{Device, Tensor, D};
 use candle_nn::VarBuilder;
 use mamba_nn::{init_tensors, InitConfig, Param};
 use std::collections::{BTreeMap, HashMap};
@@ -43,6 +43,64 @@ pub trait Task: Send + Sync + 'static {
     fn best_metric(&self) -> (&'static str, bool) {
         ("loss", false)
     }
+    /// What `mamba eval` reports of `model` (on `device`): by default the validation metrics.
+    fn evaluation(&self, model: &Self::Model, device: &Device) -> Result<Evaluation>
+    where
+        Self: Sized,
+    {
+        Ok(Evaluation::of(&evaluate(self, model, device)?))
+    }
+}
+
+/// What `mamba eval` reports: the validation metrics, and for classifiers the class names and the
+/// confusion matrix, for other tasks a table of further results (a forecaster's test errors
+/// beside those of the baselines).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Evaluation {
+    /// Each metric's mean.
+    pub metrics: BTreeMap<String, f64>,
+    /// Class names and counts, `[true][predicted]`.
+    pub confusion: Option<(Vec<String>, Vec<Vec<usize>>)>,
+    pub table: Option<ResultTable>,
+}
+
+impl Evaluation {
+    pub fn of(metrics: &Metrics) -> Self {
+        Self { metrics: metrics.means(), confusion: None, table: None }
+    }
+}
+
+/// Named rows of numbers under named columns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResultTable {
+    /// Printed above the table.
+    pub title: String,
+    /// Its key in `mamba eval --json`.
+    pub key: String,
+    /// The heading of the row names.
+    pub rows_are: String,
+    pub columns: Vec<String>,
+    pub rows: Vec<(String, Vec<f64>)>,
+}
+
+/// Cross-entropy with label smoothing `eps` from the negative log-likelihood of the targets and
+/// the log-probabilities (last dimension: classes): (1 - eps) nll + eps mean(-log p).
+pub fn smoothed(nll: &Tensor, logp: &Tensor, eps: f64) -> Result<Tensor> {
+    if eps == 0.0 {
+        return Ok(nll.clone());
+    }
+    Ok(((nll * (1.0 - eps))? + (logp.mean(D::Minus1)?.neg()? * eps)?)?)
+}
+
+/// A seed for example `index` of `split` in `epoch` (validation examples do not change), for
+/// tasks that generate or augment their examples.
+pub fn example_seed(seed: u64, split: Split, epoch: usize, index: usize) -> u64 {
+    let epoch = if split == Split::Validation { u64::MAX } else { epoch as u64 };
+    let mut h = seed ^ 0x243F_6A88_85A3_08D3;
+    for v in [split as u64, epoch, index as u64] {
+        h = (h ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29);
+    }
+    h
 }
 
 /// Sums and counts of named quantities, so that batches of different sizes average right.

@@ -5,6 +5,7 @@
 //! positions (epoch, batch within the epoch, optimizer step) for a resumed run to see the same
 //! batches in the same order as an uninterrupted one.
 
+use crate::checkpoint::{io, read_json};
 use crate::optim::{learning_rate, named_grads, AdamW, OptimConfig, Params};
 use crate::task::{Metrics, Split, Task};
 use crate::{Error, Result};
@@ -276,17 +277,6 @@ fn progress_bar(len: u64, epoch: usize, epochs: usize) -> ProgressBar {
     bar.set_style(style);
     bar.set_prefix(format!("epoch {}/{epochs}", epoch + 1));
     bar
-}
-
-/// Maps an I/O error to one naming `path`.
-pub(crate) fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
-    move |source| Error::Io { path: path.display().to_string(), source }
-}
-
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(io(path))?;
-    serde_json::from_str(&text)
-        .map_err(|e| Error::Checkpoint { path: path.display().to_string(), message: e.to_string() })
 }
 
 fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {

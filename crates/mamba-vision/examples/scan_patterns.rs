@@ -4,13 +4,13 @@
 //! accuracy, training images/s (mean over the run's logged steps) and inference images/s (the
 //! 1,000 test images, batches of 64), each as the mean over the seeds and its spread (min-max).
 //!
-//!     cargo run --release -p mamba-train --example scan_patterns [-- EPOCHS [SEEDS]]
+//!     cargo run --release -p mamba-vision --example scan_patterns [-- EPOCHS [SEEDS]]
 //!
 //! Runs go to runs/scan-patterns/NAME-sSEED; the config is models/vision/mnist-vim.toml.
 
 use candle_core::Device;
-use mamba_train::tasks::image::load_classifier;
-use mamba_train::{train_from_config, Split, Task};
+use mamba_train::{Split, Task, TaskKinds};
+use mamba_vision::{load_classifier, ImageClassification, ImageTask};
 use std::path::Path;
 use std::time::Instant;
 
@@ -25,6 +25,8 @@ const PATTERNS: [(&str, &str); 7] = [
 ];
 
 /// The allocator of the `mamba` binary, whose training these numbers stand for.
+const TASKS: TaskKinds = TaskKinds(&[&ImageClassification]);
+
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -41,13 +43,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let out = Path::new("runs/scan-patterns").join(format!("{short}-s{seed}"));
             let _ = std::fs::remove_dir_all(&out);
             let sets = [format!("model.scan={scan}"), format!("train.epochs={epochs}"), format!("train.seed={seed}")];
-            let summary = train_from_config(&config, &out, false, &sets, &Device::Cpu)?;
+            let summary = TASKS.train(&config, &out, false, &sets, &Device::Cpu)?;
             let accuracy = summary.validation.mean("accuracy").unwrap_or(f64::NAN);
             let train_rate = mean_rate(&out.join("metrics.jsonl"))?;
             // Inference: the test images through the best checkpoint, decoding included.
-            let run = mamba_train::RunConfig::for_checkpoint(&summary.best, None)?;
+            let run = TASKS.for_checkpoint(&summary.best, None)?;
             let (model, _) = load_classifier(&summary.best, None, &Device::Cpu)?;
-            let mamba_train::AnyTask::Image(task) = &run.task else { return Err("not an image task".into()) };
+            let task: &ImageTask = run.task.as_any().downcast_ref().ok_or("not an image task")?;
             let n = task.len(Split::Validation);
             let start = Instant::now();
             for chunk in (0..n).collect::<Vec<_>>().chunks(64) {

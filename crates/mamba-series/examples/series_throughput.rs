@@ -3,13 +3,14 @@
 //! the training split), reference initialisation, at each config's batch size. An example is a
 //! window (forecasting: all its variables) or a case (classification).
 //!
-//!     cargo run --release -p mamba-train --example series_throughput [-- CONFIG.toml ...]
+//!     cargo run --release -p mamba-series --example series_throughput [-- CONFIG.toml ...]
 //!
 //! Default: every config in models/series.
 
 use candle_core::{DType, Device, Var};
 use candle_nn::VarBuilder;
-use mamba_train::{AnyTask, RunConfig, Split, Task};
+use mamba_series::{ForecastTask, Forecasting, SeriesClassification, SeriesTask};
+use mamba_train::{Split, Task, TaskKinds};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -53,11 +54,12 @@ fn main() -> Result<()> {
     println!("| config | parameters | batch | inference examples/s | training examples/s |");
     println!("|---|---|---|---|---|");
     for path in paths {
-        let run = RunConfig::load(&path, &[])?;
+        let run = TaskKinds(&[&Forecasting, &SeriesClassification]).load(&path, &[])?;
         let batch = run.train.batch_size;
-        let (params, infer, train) = match &run.task {
-            AnyTask::Forecast(t) => measure(t, batch)?,
-            AnyTask::Series(t) => measure(t, batch)?,
+        let task = run.task.as_any();
+        let (params, infer, train) = match (task.downcast_ref::<ForecastTask>(), task.downcast_ref::<SeriesTask>()) {
+            (Some(t), _) => measure(t, batch)?,
+            (_, Some(t)) => measure(t, batch)?,
             _ => return Err(format!("{}: not a time-series task", path.display()).into()),
         };
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

@@ -4,18 +4,19 @@
 //! of how models declare their tensors keeps every run bit for bit exactly when the digests
 //! before and after it are equal:
 //!
-//!     cargo run -p mamba-train --example init_digest -- models/*/*.toml > before.txt
+//!     cargo run -p mamba-cli --example init_digest -- models/*/*.toml > before.txt
 //!
 //! Files that are not training configs (model shapes such as models/mamba-130m.toml) are listed
 //! with the reason they were skipped.
 
-use mamba_train::{AnyTask, RunConfig, Task};
+use mamba_cli::TASKS;
+use mamba_train::DynTask;
 use std::fmt::Write;
 use std::path::Path;
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
-fn digest<T: Task>(task: &T, seed: u64, out: &mut String) -> Result<()> {
+fn digest(task: &dyn DynTask, seed: u64, out: &mut String) -> Result<()> {
     let tensors = task.init_params(seed)?;
     let mut declared = task.params();
     declared.sort_by(|a, b| a.name.cmp(&b.name));
@@ -32,7 +33,7 @@ fn digest<T: Task>(task: &T, seed: u64, out: &mut String) -> Result<()> {
 fn main() -> Result<()> {
     let mut out = String::new();
     for path in std::env::args().skip(1) {
-        let run = match RunConfig::load(Path::new(&path), &[]) {
+        let run = match TASKS.load(Path::new(&path), &[]) {
             Ok(run) => run,
             Err(e) => {
                 writeln!(out, "# skipped {path}: {e}")?;
@@ -41,13 +42,7 @@ fn main() -> Result<()> {
         };
         writeln!(out, "## {path}")?;
         let seed = run.train.seed;
-        match &run.task {
-            AnyTask::Lm(t) => digest(t, seed, &mut out)?,
-            AnyTask::Image(t) => digest(t, seed, &mut out)?,
-            AnyTask::Audio(t) => digest(t, seed, &mut out)?,
-            AnyTask::Series(t) => digest(t, seed, &mut out)?,
-            AnyTask::Forecast(t) => digest(t, seed, &mut out)?,
-        }
+        digest(run.task.as_ref(), seed, &mut out)?;
     }
     print!("{out}");
     Ok(())

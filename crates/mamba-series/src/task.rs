@@ -1,18 +1,20 @@
-//! Forecasting, as the long-horizon papers set it up: a CSV table (time, then variables) split
+//! `[task] kind = "forecasting"`, as the long-horizon papers set it up: a CSV table (time, then variables) split
 //! chronologically, standardised with the training rows' statistics and cut into (lookback,
 //! horizon) windows; the loss is the MSE over every forecast value. Validation MSE picks `best`;
 //! `mamba eval` adds the test split, beside the naive and seasonal-naive forecasts of the same
 //! windows. A checkpoint forecasts new CSV files of the same variables (`forecast_table`).
 
-use super::classify::{check_input_size, check_standardisation, read_checked, read_train_config, Checked};
-use crate::task::{Metrics, Split, Task};
-use crate::{Error, Result};
+use crate::{
+    evaluate, next_times, read_csv, windows, write_csv, Errors, ForecastConfig, ForecastModel, ForecastShape, Naive,
+    Scaler, SeasonalNaive, SeriesError, SplitRule, Splits, Table,
+};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use mamba_nn::Param;
-use mamba_series::{
-    evaluate, next_times, read_csv, windows, write_csv, Errors, ForecastConfig, ForecastModel, ForecastShape, Naive,
-    Scaler, SeasonalNaive, SplitRule, Splits, Table,
+use mamba_train::{
+    check_input_size, check_standardisation, checkpoint_weights, plot_forecast, read_checked, read_train_config,
+    Checked, DynTask, Error, Evaluation, Metrics, PredictOptions, Result, ResultTable, Split, Task, TaskInput,
+    TaskKind,
 };
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -286,6 +288,63 @@ impl Task for ForecastTask {
     fn best_metric(&self) -> (&'static str, bool) {
         ("mse", false)
     }
+
+    /// The validation metrics, and the test split's errors beside the baselines'.
+    fn evaluation(&self, model: &ForecastModel, device: &Device) -> Result<Evaluation> {
+        let (windows, errors) = self.test(model, device)?;
+        let table = ResultTable {
+            title: format!("test split ({windows} windows, standardised values)"),
+            key: "test".into(),
+            rows_are: "forecaster".into(),
+            columns: vec!["MSE".into(), "MAE".into()],
+            rows: errors.into_iter().map(|(name, e)| (name, vec![e.mse(), e.mae()])).collect(),
+        };
+        Ok(Evaluation { table: Some(table), ..Evaluation::of(&mamba_train::evaluate(self, model, device)?) })
+    }
+}
+
+impl From<SeriesError> for Error {
+    fn from(e: SeriesError) -> Self {
+        Error::Data(Box::new(e))
+    }
+}
+
+/// `[task] kind = "forecasting"`: a CSV table (path relative to the config file), its windows and
+/// split, as [`ForecastData`] reads them.
+pub struct Forecasting;
+
+impl TaskKind for Forecasting {
+    fn name(&self) -> &'static str {
+        "forecasting"
+    }
+
+    fn path_keys(&self) -> &'static [&'static str] {
+        &["data"]
+    }
+
+    fn build(&self, input: TaskInput) -> Result<Box<dyn DynTask>> {
+        let data: ForecastData = input.section()?;
+        Ok(Box::new(data.task(input.model, input.backbone, input.source)?))
+    }
+
+    /// Each CSV file's forecast, written as NAME.forecast.csv and NAME.forecast.png in
+    /// `options.out` or beside it; a line per file says where.
+    fn predict(&self, dir: &Path, inputs: &[String], options: &PredictOptions, device: &Device) -> Result<Vec<String>> {
+        let (model, meta) = load_forecaster(dir, device)?;
+        let mut lines = vec![];
+        for input in inputs {
+            let path = Path::new(input);
+            let table = read_csv(path)?;
+            let stem = path.file_stem().map_or("series".into(), |s| s.to_string_lossy().into_owned());
+            let folder = options.out.as_deref().or(path.parent()).unwrap_or(Path::new("."));
+            let (csv, png) = (folder.join(format!("{stem}.forecast.csv")), folder.join(format!("{stem}.forecast.png")));
+            write_forecast(&model, &meta, &table, input, (&csv, &png), device)?;
+            let last = table.time.last().map_or("", |t| t.as_str());
+            let horizon = meta.shape.horizon;
+            lines.push(format!("{input}: {horizon} rows after {last} -> {} and {}", csv.display(), png.display()));
+        }
+        Ok(lines)
+    }
 }
 
 /// A forecasting checkpoint: its model (on `device`) and `forecast.json`.
@@ -298,7 +357,7 @@ pub fn load_forecaster(dir: &Path, device: &Device) -> Result<(ForecastModel, Fo
     };
     let model = section("model").ok_or_else(|| Error::Config { path: source.clone(), message: "no [model]".into() })?;
     let config = ForecastConfig::from_tables(model, section("backbone"), &source, meta.shape)?;
-    Ok((ForecastModel::load(crate::run::checkpoint_weights(dir, device)?, &config)?, meta))
+    Ok((ForecastModel::load(checkpoint_weights(dir, device)?, &config)?, meta))
 }
 
 /// The forecast, in the table's units, of the `horizon` rows after the last row of `table`
@@ -345,7 +404,7 @@ pub fn write_forecast(
     let shown = meta.shape.lookback.max(3 * meta.shape.horizon).min(table.len());
     let history: Vec<Vec<f32>> =
         named_columns(table, &meta.variables, source)?.into_iter().map(|c| c[c.len() - shown..].to_vec()).collect();
-    crate::plot_forecast(&meta.variables, &history, &forecast, png)?;
+    plot_forecast(&meta.variables, &history, &forecast, png)?;
     let rows = Table {
         time_name: table.time_name.clone(),
         time: next_times(&table.time, meta.shape.horizon),

@@ -1,18 +1,18 @@
-//! Image classification over ImageFolder directories with a Vim or VMamba model: seeded random
-//! crops and flips for training, centre crops for validation (the loss, metrics and confusion
-//! matrix are `classify`'s).
+//! `[task] kind = "image_classification"`: ImageFolder directories classified by a Vim or VMamba
+//! model, with seeded random crops and flips for training and centre crops for validation (the
+//! loss, metrics and confusion matrix are `mamba_grid::classify`'s).
 
-use super::classify::{
-    check_classes, check_input_size, check_standardisation, read_meta, read_train_config, Checked, Classify, Files,
-    InputMeta, DECODED_BUDGET,
-};
-use crate::task::Split;
-use crate::{Error, Result};
+use crate::{BadImages, ImageFolder, Transform};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use image::DynamicImage;
-use mamba_vision::{
-    resize_pos_embed, BadImages, ImageFolder, ImageShape, Size2d, Transform, VisionConfig, VisionModel,
+use mamba_grid::classify::{
+    check_classes, classify_files, ranked_lines, read_meta, Classify, Files, InputMeta, DECODED_BUDGET,
+};
+use mamba_grid::{resize_pos_embed, ImageShape, Size2d, VisionConfig, VisionModel};
+use mamba_train::{
+    check_input_size, check_standardisation, checkpoint_tensors, read_train_config, Checked, DynTask, Error,
+    PredictOptions, Result, Split, TaskInput, TaskKind,
 };
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -57,7 +57,7 @@ impl InputMeta for ImageMeta {
     type Decoded = DynamicImage;
 
     fn decode(&self, path: &Path) -> Result<DynamicImage> {
-        mamba_vision::decode(path).map_err(data_error)
+        crate::decode(path).map_err(data_error)
     }
 
     fn decoded_bytes(img: &DynamicImage) -> usize {
@@ -70,6 +70,38 @@ impl InputMeta for ImageMeta {
 }
 
 pub type ImageTask = Classify<Files<ImageMeta>>;
+
+/// `[task] kind = "image_classification"`: ImageFolder directories (paths relative to the config
+/// file) and transforms, as [`ImageData`] reads them.
+pub struct ImageClassification;
+
+impl TaskKind for ImageClassification {
+    fn name(&self) -> &'static str {
+        "image_classification"
+    }
+
+    fn path_keys(&self) -> &'static [&'static str] {
+        &["train", "validation"]
+    }
+
+    fn build(&self, input: TaskInput) -> Result<Box<dyn DynTask>> {
+        let data: ImageData = input.section()?;
+        let trained = input.checkpoint.map(read_meta).transpose()?;
+        Ok(Box::new(data.task(input.model, input.backbone, input.source, input.seed, trained)?))
+    }
+
+    /// The images of an ImageFolder root are the validation set.
+    fn evaluate_on(&self, task: &mut toml::Table, data: &Path) -> std::result::Result<(), String> {
+        task.insert("validation".into(), toml::Value::String(data.display().to_string()));
+        Ok(())
+    }
+
+    fn predict(&self, dir: &Path, inputs: &[String], options: &PredictOptions, device: &Device) -> Result<Vec<String>> {
+        let (model, meta) = load_classifier(dir, options.image_size, device)?;
+        let paths: Vec<PathBuf> = inputs.iter().map(PathBuf::from).collect();
+        Ok(ranked_lines(inputs, classify_files(&model, &meta, &paths, device)?, options))
+    }
+}
 
 /// The `[task]` keys of an image classification run.
 #[derive(Debug, Deserialize)]
@@ -106,7 +138,7 @@ fn three() -> usize {
     3
 }
 
-fn data_error(e: mamba_vision::DataError) -> Error {
+fn data_error(e: crate::DataError) -> Error {
     Error::Config { path: "[task]".into(), message: e.to_string() }
 }
 
@@ -252,7 +284,7 @@ impl SplitFiles {
     fn image(&self, i: usize) -> Result<DynamicImage> {
         match &self.decoded {
             Some(d) => Ok(d[i].clone()),
-            None => mamba_vision::decode(&self.items[i].0).map_err(data_error),
+            None => crate::decode(&self.items[i].0).map_err(data_error),
         }
     }
 }
@@ -300,7 +332,7 @@ pub fn load_classifier(dir: &Path, image_size: Option<usize>, device: &Device) -
         num_classes: meta.classes.len(),
     };
     let trained = VisionConfig::from_file_table(table.clone(), &source, Some(trained_shape))?;
-    let mut tensors = crate::run::checkpoint_tensors(dir)?;
+    let mut tensors = checkpoint_tensors(dir)?;
     let config = match image_size {
         Some(size) if Size2d::square(size) != trained_shape.image_size => {
             let shape = ImageShape { image_size: Size2d::square(size), ..trained_shape };

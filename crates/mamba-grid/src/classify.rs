@@ -1,15 +1,15 @@
-//! Classification with a vision-model backbone (Vim or VMamba) over any labelled examples that
-//! load as (channels, height, width) tensors: images, and spectrograms of audio clips.
+//! Classification with a Vim or VMamba backbone over any labelled examples that load as
+//! (channels, height, width) tensors: images, spectrograms of audio clips, time series.
 //! Cross-entropy with optional label smoothing, accuracy and top-5; a confusion matrix for
 //! `mamba eval`; checkpoints that classify new inputs without the training data.
 
-use super::{example_seed, smoothed};
-use crate::task::{Metrics, Split, Task};
-use crate::{Error, Result};
+use crate::{ImageShape, VisionConfig, VisionModel};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use mamba_nn::Param;
-use mamba_vision::{ImageShape, VisionConfig, VisionModel};
+use mamba_train::{
+    example_seed, read_checked, smoothed, Checked, Error, Evaluation, Metrics, PredictOptions, Result, Split, Task,
+};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rayon::prelude::*;
@@ -51,7 +51,7 @@ pub trait InputMeta: Checked + serde::Serialize + serde::de::DeserializeOwned + 
 
 /// At most this much decoded data of a split is kept in memory; a larger split is decoded as it
 /// is read.
-pub(crate) const DECODED_BUDGET: usize = 2 << 30;
+pub const DECODED_BUDGET: usize = 2 << 30;
 
 /// Labelled files, (path, class) per split, and how they load: each split decoded once, the
 /// first time an example of it is read, when it fits in memory (so `mamba eval` decodes only
@@ -241,6 +241,11 @@ impl<E: Examples> Task for Classify<E> {
     fn best_metric(&self) -> (&'static str, bool) {
         ("accuracy", true)
     }
+
+    fn evaluation(&self, model: &VisionModel, device: &Device) -> Result<Evaluation> {
+        let (metrics, matrix) = self.evaluate_with_confusion(model, device)?;
+        Ok(Evaluation { confusion: Some((self.examples.classes().to_vec(), matrix)), ..Evaluation::of(&metrics) })
+    }
 }
 
 /// An input (channels, height, width) with no NaN or infinity, which would reach the loss or the
@@ -261,50 +266,9 @@ pub fn check_finite(input: &Tensor, source: impl FnOnce() -> String) -> Result<(
     Err(Error::Config { path: source(), message })
 }
 
-/// A checkpoint's meta file (`M::FILE`), parsed.
+/// A checkpoint's meta file (`M::FILE`), parsed and checked.
 pub fn read_meta<M: InputMeta>(dir: &Path) -> Result<M> {
     read_checked(&dir.join(M::FILE))
-}
-
-/// A checkpoint side file whose values are checked as it is read: a std of 0, a crop of 0 or no
-/// classes could not have come from training, and would reach the model as infinities or a
-/// division by zero.
-pub trait Checked {
-    /// What is wrong, if anything.
-    fn check(&self) -> std::result::Result<(), String>;
-}
-
-/// A checkpoint's JSON side file, checked.
-pub fn read_checked<T: serde::de::DeserializeOwned + Checked>(path: &Path) -> Result<T> {
-    let value: T = read_json(path)?;
-    value.check().map_err(|message| Error::Checkpoint { path: path.display().to_string(), message })?;
-    Ok(value)
-}
-
-/// `count` finite means and positive, finite stds.
-pub fn check_standardisation(mean: &[f32], std: &[f32], count: usize) -> std::result::Result<(), String> {
-    if mean.len() != count || std.len() != count {
-        return Err(format!("{} means and {} stds for {count} channels", mean.len(), std.len()));
-    }
-    if let Some(m) = mean.iter().find(|m| !m.is_finite()) {
-        return Err(format!("a mean of {m}"));
-    }
-    match std.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
-        Some(s) => Err(format!("a std of {s}: every std must be positive")),
-        None => Ok(()),
-    }
-}
-
-/// The most values one example's input may hold: 2^28 (1 GiB of f32). A side file that describes
-/// more could not have come from training on a machine of this size, and would allocate without bound.
-pub const MAX_INPUT_VALUES: usize = 1 << 28;
-
-/// The sizes named in `what`, multiplied, are at most [`MAX_INPUT_VALUES`].
-pub fn check_input_size(what: &str, sizes: &[usize]) -> std::result::Result<(), String> {
-    match sizes.iter().try_fold(1usize, |n, &s| n.checked_mul(s)) {
-        Some(n) if n <= MAX_INPUT_VALUES => Ok(()),
-        _ => Err(format!("{what} {sizes:?}: more than {MAX_INPUT_VALUES} values in one example")),
-    }
 }
 
 /// At least one class.
@@ -313,22 +277,6 @@ pub fn check_classes(classes: &[String]) -> std::result::Result<(), String> {
         return Err("no classes".into());
     }
     Ok(())
-}
-
-/// A checkpoint's JSON file.
-pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    serde_json::from_slice(&std::fs::read(path).map_err(crate::trainer::io(path))?)
-        .map_err(|e| Error::Checkpoint { path: path.display().to_string(), message: e.to_string() })
-}
-
-/// A checkpoint's train.toml as a table, and the file's name for errors.
-pub fn read_train_config(dir: &Path) -> Result<(toml::Table, String)> {
-    let path = dir.join("train.toml");
-    let source = path.display().to_string();
-    let text = std::fs::read_to_string(&path).map_err(crate::trainer::io(&path))?;
-    let table =
-        text.parse().map_err(|e: toml::de::Error| Error::Config { path: source.clone(), message: e.to_string() })?;
-    Ok((table, source))
 }
 
 /// Class probabilities of each file at `paths`, highest first; `model` runs on `device`.
@@ -368,6 +316,19 @@ pub fn rank(
         }
     }
     Ok(out)
+}
+
+/// `mamba predict`'s lines: each input's name and its `options.top` most probable classes.
+pub fn ranked_lines(names: &[String], ranked: Vec<Vec<(String, f32)>>, options: &PredictOptions) -> Vec<String> {
+    names
+        .iter()
+        .zip(ranked)
+        .map(|(name, ranked)| {
+            let shown: Vec<String> =
+                ranked.iter().take(options.top.max(1)).map(|(c, p)| format!("{c} {p:.4}")).collect();
+            format!("{name}: {}", shown.join(", "))
+        })
+        .collect()
 }
 
 #[cfg(test)]

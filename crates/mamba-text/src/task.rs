@@ -1,23 +1,19 @@
-//! Built-in tasks: causal language modelling over a token source, with the loss on chosen
-//! positions (sources: the Mamba paper's synthetic tasks, selective copying and induction heads,
-//! generated afresh from (seed, split, epoch, index), and text through a tokenizer);
-//! classification (`classify`) of images (`image`), audio clips (`audio`) and time series
-//! (`series`); forecasting of time series (`forecast`).
+//! The language-model tasks: causal language modelling over a token source, with the loss on
+//! chosen positions. `[task] kind = "selective_copying"` and `"induction_heads"` are the Mamba
+//! paper's synthetic tasks, generated afresh from (seed, split, epoch, index); `"text"` is a text
+//! file through a tokenizer.
 
-pub mod audio;
-pub mod classify;
-pub mod forecast;
-pub mod image;
-pub mod series;
-
-use crate::task::{Metrics, Split, Task};
-use crate::trainer::io;
-use crate::{Error, Result};
+use crate::{generate, load_tokenizer, tokenizer_from_bytes, Sampling};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use mamba_nn::{LmConfig, MambaLm, Param};
+use mamba_train::{
+    example_seed, io, smoothed, DynTask, Error, Evaluation, Metrics, PredictOptions, Result, Split, Task, TaskInput,
+    TaskKind,
+};
 use rand::{rngs::StdRng, seq::index::sample, Rng, SeedableRng};
-use std::path::Path;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
 
 /// Token ids, targets and a loss mask for a batch of sequences of one length.
 pub struct LmBatch {
@@ -53,7 +49,7 @@ impl TextData {
         let text = std::fs::read_to_string(text_path).map_err(io(text_path))?;
         let tokenizer_json = std::fs::read(tokenizer_path).map_err(io(tokenizer_path))?;
         let bad = |message: String| Error::Config { path: tokenizer_path.display().to_string(), message };
-        let tok = mamba_text::tokenizer_from_bytes(&tokenizer_json, tokenizer_path)?;
+        let tok = tokenizer_from_bytes(&tokenizer_json, tokenizer_path)?;
         if !(0.0..1.0).contains(&validation_fraction) || context == 0 {
             return Err(Error::Config {
                 path: "[task]".into(),
@@ -80,25 +76,6 @@ pub struct LmTask {
     pub source: Source,
     pub label_smoothing: f64,
     pub seed: u64,
-}
-
-/// Cross-entropy with label smoothing `eps` from the negative log-likelihood of the targets and
-/// the log-probabilities (last dimension: classes): (1 - eps) nll + eps mean(-log p).
-pub(crate) fn smoothed(nll: &Tensor, logp: &Tensor, eps: f64) -> Result<Tensor> {
-    if eps == 0.0 {
-        return Ok(nll.clone());
-    }
-    Ok(((nll * (1.0 - eps))? + (logp.mean(D::Minus1)?.neg()? * eps)?)?)
-}
-
-/// A seed for example `index` of `split` in `epoch` (validation examples do not change).
-pub(crate) fn example_seed(seed: u64, split: Split, epoch: usize, index: usize) -> u64 {
-    let epoch = if split == Split::Validation { u64::MAX } else { epoch as u64 };
-    let mut h = seed ^ 0x243F_6A88_85A3_08D3;
-    for v in [split as u64, epoch, index as u64] {
-        h = (h ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29);
-    }
-    h
 }
 
 impl LmTask {
@@ -217,5 +194,193 @@ impl Task for LmTask {
             Source::Text(_) => ("loss", false),
             _ => ("accuracy", true),
         }
+    }
+    /// The validation metrics and the perplexity, exp(loss).
+    fn evaluation(&self, model: &MambaLm, device: &Device) -> Result<Evaluation> {
+        let mut evaluation = Evaluation::of(&mamba_train::evaluate(self, model, device)?);
+        if let Some(loss) = evaluation.metrics.get("loss").copied() {
+            evaluation.metrics.insert("perplexity".into(), loss.exp());
+        }
+        Ok(evaluation)
+    }
+}
+
+impl From<crate::Error> for Error {
+    fn from(e: crate::Error) -> Self {
+        Error::Data(Box::new(e))
+    }
+}
+
+/// The language model of a run: `[model]` and `[backbone]` as in `models/*.toml`.
+fn lm_config(input: &TaskInput) -> Result<LmConfig> {
+    let backbone = input.backbone.clone().ok_or_else(|| input.error("missing [backbone] section".into()))?;
+    let model_text = toml::to_string(&toml::Table::from_iter([
+        ("model".to_string(), toml::Value::Table(input.model.clone())),
+        ("backbone".to_string(), toml::Value::Table(backbone)),
+    ]))
+    .map_err(|e| input.error(e.to_string()))?;
+    Ok(LmConfig::from_toml(&model_text, input.source)?)
+}
+
+fn sixteen() -> usize {
+    16
+}
+fn tenth() -> f64 {
+    0.1
+}
+
+/// `[task] kind = "selective_copying"`: `tokens` data tokens scattered among `seq_len` noise
+/// tokens, to be repeated in order after as many markers.
+pub struct SelectiveCopying;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SelectiveCopyingSection {
+    seq_len: usize,
+    #[serde(default = "sixteen")]
+    tokens: usize,
+    train_examples: usize,
+    validation_examples: usize,
+    #[serde(default)]
+    label_smoothing: f64,
+}
+
+impl TaskKind for SelectiveCopying {
+    fn name(&self) -> &'static str {
+        "selective_copying"
+    }
+
+    fn build(&self, input: TaskInput) -> Result<Box<dyn DynTask>> {
+        let s: SelectiveCopyingSection = input.section()?;
+        let config = lm_config(&input)?;
+        let vocab = config.vocab_size;
+        if vocab < 3 || s.tokens == 0 || s.tokens > s.seq_len {
+            return Err(input.error(format!(
+                "[task] selective copying needs vocab_size >= 3 and 1 <= tokens <= seq_len (vocab {vocab}, tokens {}, seq_len {})",
+                s.tokens, s.seq_len
+            )));
+        }
+        let examples = [s.train_examples, s.validation_examples];
+        let source = Source::SelectiveCopying { seq_len: s.seq_len, tokens: s.tokens, vocab, examples };
+        Ok(Box::new(LmTask { config, source, label_smoothing: s.label_smoothing, seed: input.seed }))
+    }
+
+    fn predict(&self, dir: &Path, inputs: &[String], options: &PredictOptions, device: &Device) -> Result<Vec<String>> {
+        complete(dir, inputs, options.max_new_tokens, device)
+    }
+}
+
+/// `[task] kind = "induction_heads"`: random tokens with a trigger once, followed by the answer;
+/// the sequence ends with the trigger, and the answer is to be recalled.
+pub struct InductionHeads;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InductionHeadsSection {
+    seq_len: usize,
+    train_examples: usize,
+    validation_examples: usize,
+    #[serde(default)]
+    label_smoothing: f64,
+}
+
+impl TaskKind for InductionHeads {
+    fn name(&self) -> &'static str {
+        "induction_heads"
+    }
+
+    fn build(&self, input: TaskInput) -> Result<Box<dyn DynTask>> {
+        let s: InductionHeadsSection = input.section()?;
+        let config = lm_config(&input)?;
+        let vocab = config.vocab_size;
+        if vocab < 3 || s.seq_len < 3 {
+            return Err(input.error("[task] induction heads needs vocab_size >= 3 and seq_len >= 3".into()));
+        }
+        let examples = [s.train_examples, s.validation_examples];
+        let source = Source::InductionHeads { seq_len: s.seq_len, vocab, examples };
+        Ok(Box::new(LmTask { config, source, label_smoothing: s.label_smoothing, seed: input.seed }))
+    }
+
+    fn predict(&self, dir: &Path, inputs: &[String], options: &PredictOptions, device: &Device) -> Result<Vec<String>> {
+        complete(dir, inputs, options.max_new_tokens, device)
+    }
+}
+
+/// `[task] kind = "text"`: windows of a tokenised text file (paths relative to the config file).
+pub struct Text;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TextSection {
+    data: PathBuf,
+    tokenizer: PathBuf,
+    context: usize,
+    #[serde(default = "tenth")]
+    validation_fraction: f64,
+    #[serde(default)]
+    label_smoothing: f64,
+}
+
+impl TaskKind for Text {
+    fn name(&self) -> &'static str {
+        "text"
+    }
+
+    fn path_keys(&self) -> &'static [&'static str] {
+        &["data", "tokenizer"]
+    }
+
+    fn build(&self, input: TaskInput) -> Result<Box<dyn DynTask>> {
+        let s: TextSection = input.section()?;
+        let config = lm_config(&input)?;
+        let text = TextData::load(&s.data, &s.tokenizer, s.context, s.validation_fraction)?;
+        Ok(Box::new(LmTask {
+            config,
+            source: Source::Text(text),
+            label_smoothing: s.label_smoothing,
+            seed: input.seed,
+        }))
+    }
+
+    fn predict(&self, dir: &Path, inputs: &[String], options: &PredictOptions, device: &Device) -> Result<Vec<String>> {
+        complete(dir, inputs, options.max_new_tokens, device)
+    }
+}
+
+/// Each prompt of `inputs` continued by up to `max_new_tokens` greedy tokens, by the language model
+/// of the model directory `dir` (Hugging Face config.json or model.toml, and model.safetensors)
+/// on `device`. With a tokenizer.json, prompts and lines are text; without, comma-separated ids.
+pub fn complete(dir: &Path, inputs: &[String], max_new_tokens: usize, device: &Device) -> Result<Vec<String>> {
+    let model = MambaLm::load_dir(dir, DType::F32, device)?;
+    let tok = dir.join("tokenizer.json").exists().then(|| load_tokenizer(dir)).transpose()?;
+    let bad = |input: &str, message: String| Error::Config { path: format!("prompt {input:?}"), message };
+    let mut lines = vec![];
+    for input in inputs {
+        let prompt: Vec<u32> = match &tok {
+            Some(t) => t.encode(input.as_str(), false).map_err(|e| bad(input, e.to_string()))?.get_ids().to_vec(),
+            None => input
+                .split(',')
+                .map(|v| v.trim().parse::<u32>().map_err(|_| bad(input, "not comma-separated token ids".into())))
+                .collect::<Result<_>>()?,
+        };
+        check_ids(&model, &prompt).map_err(|m| bad(input, m))?;
+        let new = generate(&model, &prompt, max_new_tokens, Sampling::default(), &[], |_| {})?;
+        lines.push(match &tok {
+            Some(t) => {
+                let all: Vec<u32> = prompt.iter().chain(&new).copied().collect();
+                t.decode(&all, true).map_err(|e| bad(input, format!("cannot decode: {e}")))?
+            }
+            None => new.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(","),
+        });
+    }
+    Ok(lines)
+}
+
+/// Every id of `ids` is in `model`'s vocabulary.
+pub fn check_ids(model: &MambaLm, ids: &[u32]) -> std::result::Result<(), String> {
+    let vocab = model.config.vocab_size;
+    match ids.iter().find(|&&i| i as usize >= vocab) {
+        Some(bad) => Err(format!("token id {bad} is outside the vocabulary (size {vocab})")),
+        None => Ok(()),
     }
 }

@@ -1,16 +1,17 @@
-//! Audio classification (keyword spotting, sound events) over an AudioFolder: each clip's
+//! `[task] kind = "audio_classification"`: keyword spotting and sound events over an
+//! AudioFolder. Each clip's
 //! normalised log-mel spectrogram is a one-channel image (mel bins x frames) for a Vim or VMamba
 //! backbone, the Audio Mamba recipe: patches or frame tokens, bidirectional routes. Validation
 //! clips are held-out speakers, a Speech Commands list, or a seeded fraction.
 
-use super::classify::{
-    check_classes, check_input_size, check_standardisation, read_meta, read_train_config, Checked, Classify, Files,
-    InputMeta,
-};
-use crate::{Error, Result};
+use crate::{AudioError, AudioFolder, Augment, Frontend, MelConfig};
 use candle_core::{Device, Tensor};
-use mamba_audio::{AudioFolder, Augment, Frontend, MelConfig};
-use mamba_vision::{ImageShape, Size2d, VisionConfig, VisionModel};
+use mamba_grid::classify::{check_classes, classify_files, ranked_lines, read_meta, Classify, Files, InputMeta};
+use mamba_grid::{ImageShape, Size2d, VisionConfig, VisionModel};
+use mamba_train::{
+    check_input_size, check_standardisation, checkpoint_weights, read_train_config, Checked, DynTask, Error,
+    PredictOptions, Result, TaskInput, TaskKind,
+};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -60,6 +61,47 @@ fn one() -> f64 {
 }
 
 pub type AudioTask = Classify<Files<AudioMeta>>;
+
+impl From<AudioError> for Error {
+    fn from(e: AudioError) -> Self {
+        Error::Data(Box::new(e))
+    }
+}
+
+/// `[task] kind = "audio_classification"`: an AudioFolder (path relative to the config file), its
+/// split, features and augmentation, as [`AudioData`] reads them.
+pub struct AudioClassification;
+
+impl TaskKind for AudioClassification {
+    fn name(&self) -> &'static str {
+        "audio_classification"
+    }
+
+    fn path_keys(&self) -> &'static [&'static str] {
+        &["data", "validation_list"]
+    }
+
+    fn build(&self, input: TaskInput) -> Result<Box<dyn DynTask>> {
+        let data: AudioData = input.section()?;
+        let trained = input.checkpoint.map(read_meta).transpose()?;
+        Ok(Box::new(data.task(input.model, input.backbone, input.source, input.seed, trained)?))
+    }
+
+    /// Every clip of an AudioFolder root is evaluated.
+    fn evaluate_on(&self, task: &mut toml::Table, data: &Path) -> std::result::Result<(), String> {
+        task.remove("held_out");
+        task.remove("validation_list");
+        task.insert("validation_fraction".into(), toml::Value::Float(1.0));
+        task.insert("data".into(), toml::Value::String(data.display().to_string()));
+        Ok(())
+    }
+
+    fn predict(&self, dir: &Path, inputs: &[String], options: &PredictOptions, device: &Device) -> Result<Vec<String>> {
+        let (model, meta) = load_audio_classifier(dir, device)?;
+        let paths: Vec<PathBuf> = inputs.iter().map(PathBuf::from).collect();
+        Ok(ranked_lines(inputs, classify_files(&model, &meta, &paths, device)?, options))
+    }
+}
 
 impl AudioData {
     /// The task: opens the folder (every file's WAV header read), splits it, measures the normalisation
@@ -163,7 +205,7 @@ impl InputMeta for AudioMeta {
     type Decoded = Vec<f32>;
 
     fn decode(&self, path: &Path) -> Result<Vec<f32>> {
-        Ok(mamba_audio::load(path, self.frontend.features.sample_rate)?)
+        Ok(crate::load(path, self.frontend.features.sample_rate)?)
     }
 
     fn decoded_bytes(samples: &Vec<f32>) -> usize {
@@ -185,5 +227,5 @@ pub fn load_audio_classifier(dir: &Path, device: &Device) -> Result<(VisionModel
     let (bins, frames) = meta.frontend.shape();
     let shape = ImageShape { image_size: Size2d::new(bins, frames), channels: 1, num_classes: meta.classes.len() };
     let config = VisionConfig::from_file_table(table, &source, Some(shape))?;
-    Ok((VisionModel::load(crate::run::checkpoint_weights(dir, device)?, &config)?, meta))
+    Ok((VisionModel::load(checkpoint_weights(dir, device)?, &config)?, meta))
 }

@@ -4,13 +4,14 @@
 //! clips) and training (augmented front end + forward + backward, training clips), reference
 //! initialisation, at the config's batch size.
 //!
-//!     cargo run --release -p mamba-train --example audio_throughput [-- CONFIG.toml]
+//!     cargo run --release -p mamba-audio --example audio_throughput [-- CONFIG.toml]
 //!
 //! Default: models/audio/speech-words-mamba1.toml.
 
 use candle_core::{DType, Device, Var};
 use candle_nn::VarBuilder;
-use mamba_train::{AnyTask, RunConfig, Split, Task};
+use mamba_audio::{AudioClassification, AudioTask};
+use mamba_train::{Split, Task, TaskKinds};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -23,8 +24,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> Result<()> {
     let default = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/audio/speech-words-mamba1.toml");
     let path = std::env::args().nth(1).map(PathBuf::from).unwrap_or(default);
-    let run = RunConfig::load(&path, &[])?;
-    let AnyTask::Audio(task) = run.task else { return Err(format!("{}: not an audio task", path.display()).into()) };
+    let run = TaskKinds(&[&AudioClassification]).load(&path, &[])?;
+    let task: &AudioTask = run.task.as_any().downcast_ref().ok_or("not an audio task")?;
     let batch = run.train.batch_size;
     let vars: Vec<(String, Var)> = task
         .init_params(0)?

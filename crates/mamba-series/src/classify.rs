@@ -1,16 +1,16 @@
-//! Time-series classification (the UCR / UEA archives): each case, (dimensions x length), is a
+//! `[task] kind = "series_classification"`: the UCR / UEA archives. Each case, (dimensions x length), is a
 //! one-channel image for a Vim, whose patches `[dimensions, k]` are the series' patch tokens
 //! (all dimensions of k steps) and whose raster / reverse-raster routes are a bidirectional scan
 //! over time. Validation is the archive's own test split.
 
-use super::classify::{
-    check_classes, check_finite, check_input_size, rank, read_checked, read_train_config, Checked, Classify, Examples,
-};
-use crate::task::Split;
-use crate::{Error, Result};
+use crate::{read_ts, read_ucr_tsv, Labelled};
 use candle_core::{Device, Tensor};
-use mamba_series::{read_ts, read_ucr_tsv, Labelled};
-use mamba_vision::{ImageShape, Size2d, VisionConfig, VisionModel};
+use mamba_grid::classify::{check_classes, check_finite, rank, ranked_lines, Classify, Examples};
+use mamba_grid::{ImageShape, Size2d, VisionConfig, VisionModel};
+use mamba_train::{
+    check_input_size, checkpoint_weights, read_checked, read_train_config, Checked, DynTask, Error, PredictOptions,
+    Result, Split, TaskInput, TaskKind,
+};
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
@@ -52,6 +52,45 @@ pub struct SeriesExamples {
 }
 
 pub type SeriesTask = Classify<SeriesExamples>;
+
+/// `[task] kind = "series_classification"`: UCR / UEA archive files (`.ts`, `.tsv`; paths
+/// relative to the config file), as [`SeriesData`] reads them.
+pub struct SeriesClassification;
+
+impl TaskKind for SeriesClassification {
+    fn name(&self) -> &'static str {
+        "series_classification"
+    }
+
+    fn path_keys(&self) -> &'static [&'static str] {
+        &["train", "test"]
+    }
+
+    fn build(&self, input: TaskInput) -> Result<Box<dyn DynTask>> {
+        let data: SeriesData = input.section()?;
+        let trained = input.checkpoint.map(SeriesMeta::read).transpose()?;
+        Ok(Box::new(data.task(input.model, input.backbone, input.source, input.seed, trained)?))
+    }
+
+    /// The cases of an archive file are the test (validation) set.
+    fn evaluate_on(&self, task: &mut toml::Table, data: &Path) -> std::result::Result<(), String> {
+        task.insert("test".into(), toml::Value::String(data.display().to_string()));
+        Ok(())
+    }
+
+    /// A line per case of each archive file.
+    fn predict(&self, dir: &Path, inputs: &[String], options: &PredictOptions, device: &Device) -> Result<Vec<String>> {
+        let (model, meta) = load_series_classifier(dir, device)?;
+        let mut lines = vec![];
+        for input in inputs {
+            let path = Path::new(input);
+            let cases = read_archive(path)?;
+            let names: Vec<String> = (1..=cases.series.len()).map(|i| format!("{input} case {i}")).collect();
+            lines.extend(ranked_lines(&names, classify_cases(&model, &meta, &cases.series, path, device)?, options));
+        }
+        Ok(lines)
+    }
+}
 
 /// A `.ts` or `.tsv` archive file with no missing value: the model takes none, at training or
 /// at prediction, so the first one is named.
@@ -203,7 +242,7 @@ pub fn load_series_classifier(dir: &Path, device: &Device) -> Result<(VisionMode
     let image_size = Size2d::new(meta.dims, meta.length);
     let shape = ImageShape { image_size, channels: 1, num_classes: meta.classes.len() };
     let config = VisionConfig::from_file_table(table, &source, Some(shape))?;
-    Ok((VisionModel::load(crate::run::checkpoint_weights(dir, device)?, &config)?, meta))
+    Ok((VisionModel::load(checkpoint_weights(dir, device)?, &config)?, meta))
 }
 
 /// Class probabilities of each case (dimensions x any length) of the archive file `source`,
