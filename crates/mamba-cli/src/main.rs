@@ -87,13 +87,15 @@ enum Command {
     /// comma-separated ids.
     Predict(PredictArgs),
     /// Validation metrics of a checkpoint directory; for classifiers also per-class accuracy
-    /// and the confusion matrix.
+    /// and the confusion matrix, for forecasters the test split beside the baselines, for
+    /// language models the perplexity.
     Eval {
         #[arg(long)]
         checkpoint: PathBuf,
         /// Evaluate on this instead of the run's validation set: an ImageFolder root for an image
         /// classifier, an AudioFolder root (every clip) for an audio classifier, a .ts or .tsv
-        /// file for a series classifier.
+        /// file for a series classifier, a text file (every window) for a text language model,
+        /// a CSV with the model's columns for a forecaster (split as the run split its data).
         #[arg(long)]
         data: Option<PathBuf>,
         /// Print one JSON object instead of text.

@@ -87,6 +87,26 @@ fn a_csv_trains_a_forecaster_that_forecasts_new_files() {
     let (model, naive) = (test_mse(&report, "model"), test_mse(&report, "naive"));
     assert!(model < 0.5 * naive, "the model must beat the last value by far: {report}");
 
+    // `--data`: another CSV, read by column name and standardised as in training. The same rows
+    // with the columns swapped give the same errors; the JSON names each forecaster's.
+    let swapped = dir.join("swapped.csv");
+    let rows: Vec<String> = std::fs::read_to_string(dir.join("months.csv"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            format!("{},{},{}", f[0], f[2], f[1])
+        })
+        .collect();
+    std::fs::write(&swapped, rows.join("\n")).unwrap();
+    let best = run.join("best");
+    let o = mamba(&["eval", "--checkpoint", best.to_str().unwrap(), "--data", swapped.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let mse = json["test"]["model"]["mse"].as_f64().unwrap();
+    assert!((mse - model).abs() < 1e-4, "{mse} against {model} in {report}");
+    assert!(json["test"]["naive (last value)"]["mae"].as_f64().is_some(), "{json}");
+
     // A new file: the last 30 months of another stretch of the same process, columns reordered
     // and an extra column; the forecast continues the month column.
     let recent = dir.join("recent.csv");

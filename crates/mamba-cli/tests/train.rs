@@ -275,7 +275,7 @@ fn bad_configs_stop_before_training_naming_file_and_key() {
                     common::repo().join("examples/data/text/tokenizer-bpe512.json").display()
                 ),
             ),
-            &["config.toml: [task]: validation_fraction must be in [0, 1)"],
+            &["config.toml: [task]: validation_fraction must be in [0, 1]"],
         ),
     ];
     for (what, text, needles) in cases {
@@ -349,4 +349,46 @@ fn a_mamba3_checkpoint_is_a_model_directory() {
             String::from_utf8(run.stdout).unwrap().split_whitespace().map(|t| t.parse().unwrap()).collect();
         assert!(ids.len() == 4 && ids.iter().all(|&i| i < 8), "{ids:?}");
     }
+}
+
+/// A text language model's checkpoint is evaluated on another text file with `--data`, through
+/// the tokenizer the checkpoint carries: the last tenth of the training text, written to a file of
+/// its own, gives exactly the run's validation metrics, and perplexity is exp(loss).
+#[test]
+fn a_text_checkpoint_is_evaluated_on_another_file_with_its_own_tokenizer() {
+    let dir = scratch("text-eval");
+    let shakespeare = std::fs::read_to_string(common::repo().join("examples/data/text/shakespeare-1mb.txt")).unwrap();
+    let text: String = shakespeare.chars().take(6000).collect();
+    std::fs::write(dir.join("train.txt"), &text).unwrap();
+    let tokenizer = dir.join("tokenizer.json");
+    std::fs::copy(common::repo().join("examples/data/text/tokenizer-bpe512.json"), &tokenizer).unwrap();
+    let task = "kind = \"text\"\ndata = \"train.txt\"\ntokenizer = \"tokenizer.json\"\ncontext = 32";
+    let config = TINY
+        .replace(
+            "kind = \"selective_copying\"\nseq_len = 24\ntokens = 4\ntrain_examples = 192\nvalidation_examples = 32",
+            task,
+        )
+        .replace("vocab_size = 8", "vocab_size = 512")
+        .replace("epochs = 2", "epochs = 1");
+    let config = write_config(&dir, &config);
+    let out = dir.join("run");
+    assert!(mamba(&["train", config.to_str().unwrap(), "--out", out.to_str().unwrap()]).status.success());
+    // The checkpoint's own tokenizer.json is used, not the file the config named.
+    std::fs::remove_file(&tokenizer).unwrap();
+    let best = out.join("best");
+    let eval = |extra: &[&str]| -> serde_json::Value {
+        let run = mamba(&[&["eval", "--checkpoint", best.to_str().unwrap(), "--json"][..], extra].concat());
+        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+        serde_json::from_slice(&run.stdout).unwrap()
+    };
+    let validation = eval(&[]);
+    let loss = validation["loss"].as_f64().unwrap();
+    assert!((validation["perplexity"].as_f64().unwrap() - loss.exp()).abs() < 1e-9 * loss.exp());
+    let split = text.char_indices().nth((text.chars().count() as f64 * 0.9) as usize).unwrap().0;
+    std::fs::write(dir.join("held-out.txt"), &text[split..]).unwrap();
+    assert_eq!(eval(&["--data", dir.join("held-out.txt").to_str().unwrap()]), validation);
+    // Another text gives other numbers.
+    std::fs::write(dir.join("other.txt"), &text[..split]).unwrap();
+    assert_ne!(eval(&["--data", dir.join("other.txt").to_str().unwrap()])["loss"], validation["loss"]);
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -7,7 +7,7 @@ use crate::vim::{Vim, VimConfig};
 use crate::vmamba::{VMamba, VMambaConfig};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
-use mamba_nn::{init_tensors, num_params, BackboneConfig, Error, InitConfig, Param, Result};
+use mamba_nn::{init_tensors, num_params, BackboneConfig, Error, InitConfig, Param, Result, RouteParams};
 use rand::rngs::StdRng;
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -126,13 +126,14 @@ impl VisionConfig {
                     return Err(err("[backbone] routes: a vision model's routes are its [model] scan patterns".into()));
                 }
                 b.insert("routes".into(), toml::Value::Array(v.scan.into_iter().map(toml::Value::String).collect()));
-                // Vim's bidirectional blocks: each route its own SSM, the outputs averaged. A
-                // Mamba-3 mixer shares its tensors between routes.
-                if b.get("kind").and_then(toml::Value::as_str) != Some("mamba3") {
-                    b.entry("route_params").or_insert_with(|| "per_route".into());
-                }
+                // Vim's bidirectional blocks: each route its own SSM (where the mixer kind has
+                // per-route tensors), the outputs averaged.
+                let per_route = !b.contains_key("route_params");
                 b.entry("merge").or_insert_with(|| "mean".into());
-                let backbone = BackboneConfig::from_toml_table(b, source)?;
+                let mut backbone = BackboneConfig::from_toml_table(b, source)?;
+                if per_route && backbone.mixer.spec().routes_own_params() {
+                    backbone.route_params = RouteParams::PerRoute;
+                }
                 VisionConfig::Vim(VimConfig {
                     image_size,
                     channels,

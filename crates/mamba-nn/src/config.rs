@@ -87,6 +87,10 @@ impl BackboneConfig {
         if self.routes.is_empty() {
             return Err("`routes` must name at least one route".into());
         }
+        if self.route_params == RouteParams::PerRoute && !self.mixer.spec().routes_own_params() {
+            let kind = self.mixer.kind();
+            return Err(format!("`route_params = \"per_route\"`: {kind} shares every tensor between routes"));
+        }
         self.mixer.spec().validate(self)
     }
 
@@ -273,6 +277,9 @@ mod tests {
         let normed = LmConfig::from_toml(&(text.clone() + "outproj_norm = true\n"), "m.toml").unwrap();
         assert!(matches!(normed.backbone.mixer, MixerConfig::Mamba3(Mamba3Config { outproj_norm: true, .. })));
         assert_eq!(LmConfig::from_toml(&normed.to_toml().unwrap(), "written.toml").unwrap(), normed);
+        let per_route = text.clone() + "routes = [\"forward\", \"reverse\"]\nroute_params = \"per_route\"\n";
+        let msg = LmConfig::from_toml(&per_route, "m.toml").unwrap_err().to_string();
+        assert!(msg.contains("m.toml") && msg.contains("mamba3 shares every tensor between routes"), "{msg}");
         let msg = LmConfig::from_toml(&(text + "mimo_rank = 0\n"), "m.toml").unwrap_err().to_string();
         assert!(msg.contains("m.toml") && msg.contains("`mimo_rank`"), "{msg}");
     }

@@ -10,12 +10,12 @@
 
 use crate::mixer::{foreign_cache, Mixer, MixerCache, MixerSpec};
 use crate::norm::normalize;
-use crate::routes::{check_causal, gathered, run_routes, Merge, Route, RouteParams};
+use crate::routes::{check_causal, gathered, run_routes, Merge, Route};
 use crate::{compute_dtype, fan_in_bound, BackboneConfig, Init, Linear, Param, Result};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use mamba_ssm::{
-    mamba3_chunk_scan_ref, mamba3_state_update_ref, rms_norm, silu_gate, softplus, Mamba3Inputs, Mamba3State, Mimo,
+    mamba3_chunk_scan, mamba3_state_update_ref, rms_norm, silu_gate, softplus, Mamba3Inputs, Mamba3State, Mimo,
 };
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -84,10 +84,11 @@ impl Mamba3Config {
 }
 
 impl MixerSpec for Mamba3Config {
+    fn routes_own_params(&self) -> bool {
+        false
+    }
+
     fn validate(&self, b: &BackboneConfig) -> std::result::Result<(), String> {
-        if b.route_params == RouteParams::PerRoute {
-            return Err("`route_params = \"per_route\"`: Mamba-3 shares every tensor between routes".into());
-        }
         crate::config::check_heads(b.d_inner(), self.headdim, self.ngroups, self.chunk_size)?;
         if self.rope_fraction != 0.5 && self.rope_fraction != 1.0 {
             return Err(format!("`rope_fraction` is 0.5 or 1.0, not {}", self.rope_fraction));
@@ -299,7 +300,7 @@ impl Mixer for Mamba3Mixer {
         let (y, state) = run_routes(&self.routes, self.merge, len, |_, order| {
             gathered(&zx, order, |zx| {
                 let t = self.scan_tensors(zx)?;
-                let out = mamba3_chunk_scan_ref(&self.inputs(&t, &biases), self.cfg.chunk_size, None)?;
+                let out = mamba3_chunk_scan(&self.inputs(&t, &biases), self.cfg.chunk_size, None)?;
                 Ok((self.out_norm(out.y, &t.z)?.reshape((batch, len, d_inner))?, out.state))
             })
         })?;

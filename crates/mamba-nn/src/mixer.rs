@@ -14,6 +14,12 @@ pub trait MixerSpec {
     /// Sizes that cannot build the mixer, named by their keys.
     fn validate(&self, backbone: &BackboneConfig) -> std::result::Result<(), String>;
 
+    /// Whether each route can have tensors of its own (`route_params = "per_route"`), or every
+    /// route shares the mixer's.
+    fn routes_own_params(&self) -> bool {
+        true
+    }
+
     /// Every tensor of one mixer, in the order initialisation draws them: name (under the
     /// mixer's path), shape, init rule, weight-decay group and dtype role.
     fn params(&self, backbone: &BackboneConfig) -> Vec<Param>;

@@ -150,12 +150,23 @@ pub struct ForecastTask {
 
 impl ForecastData {
     /// Reads the table, checks it (no missing values in the chosen variables, enough rows for
-    /// every split), fits the scaler on the training rows and builds the model config.
-    pub fn task(self, model: toml::Table, backbone: Option<toml::Table>, source: &str) -> Result<ForecastTask> {
+    /// every split), fits the scaler on the training rows and builds the model config. With
+    /// `trained` (a checkpoint's forecast.json), for evaluation: the variables and the scaler
+    /// are the checkpoint's, so a table other than the training one is read as training read its.
+    pub fn task(
+        self,
+        model: toml::Table,
+        backbone: Option<toml::Table>,
+        source: &str,
+        trained: Option<ForecastMeta>,
+    ) -> Result<ForecastTask> {
         let err = |message: String| Error::Config { path: source.to_string(), message };
         let data = self.data.display().to_string();
         let table = read_csv(&self.data).map_err(|e| err(format!("[task] data: {e}")))?;
-        let variables = self.columns.clone().unwrap_or_else(|| table.names.clone());
+        let variables = match &trained {
+            Some(meta) => meta.variables.clone(),
+            None => self.columns.clone().unwrap_or_else(|| table.names.clone()),
+        };
         if variables.is_empty() {
             return Err(err("[task] columns: name at least one variable".into()));
         }
@@ -191,7 +202,10 @@ impl ForecastData {
                 splits.train, splits.validation, splits.test
             )));
         }
-        let scaler = Scaler::fit(&raw, splits.train.clone());
+        let scaler = match trained {
+            Some(meta) => meta.scaler,
+            None => Scaler::fit(&raw, splits.train.clone()),
+        };
         let columns = scaler.transform(&raw);
         let meta = ForecastMeta {
             shape: ForecastShape { lookback, horizon, variables: variables.len() },
@@ -324,7 +338,15 @@ impl TaskKind for Forecasting {
 
     fn build(&self, input: TaskInput) -> Result<Box<dyn DynTask>> {
         let data: ForecastData = input.section()?;
-        Ok(Box::new(data.task(input.model, input.backbone, input.source)?))
+        let trained = input.checkpoint.map(|dir| read_checked(&dir.join(ForecastMeta::FILE))).transpose()?;
+        Ok(Box::new(data.task(input.model, input.backbone, input.source, trained)?))
+    }
+
+    /// Another CSV with the model's columns, split by the run's rule and standardised as in
+    /// training: its validation and test windows are evaluated.
+    fn evaluate_on(&self, task: &mut toml::Table, data: &Path) -> std::result::Result<(), String> {
+        task.insert("data".into(), toml::Value::String(data.display().to_string()));
+        Ok(())
     }
 
     /// Each CSV file's forecast, written as NAME.forecast.csv and NAME.forecast.png in

@@ -9,9 +9,9 @@
 use candle_core::{Device, Tensor, Var};
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use mamba_ssm::{
-    causal_conv1d, mamba2_inner, mamba3_chunk_scan_ref, mamba_inner, selective_scan, selective_scan_ref, set_cpu_isa,
-    ssd_chunk_scan, ssd_chunk_scan_ref, CpuIsa, InnerWeights, Mamba2Weights, Mamba3Inputs, ScanOutput, ScanParams,
-    SsdParams,
+    causal_conv1d, mamba2_inner, mamba3_chunk_scan, mamba3_chunk_scan_ref, mamba_inner, selective_scan,
+    selective_scan_ref, set_cpu_isa, ssd_chunk_scan, ssd_chunk_scan_ref, CpuIsa, InnerWeights, Mamba2Weights,
+    Mamba3Inputs, Mamba3State, ScanOutput, ScanParams, SsdParams,
 };
 use std::time::Duration;
 
@@ -150,6 +150,8 @@ type SsdScan = fn(
     Option<&Tensor>,
 ) -> mamba_ssm::Result<mamba_ssm::ScanOutput>;
 
+type Mamba3Scan = fn(&Mamba3Inputs, usize, Option<&Mamba3State>) -> mamba_ssm::Result<mamba_ssm::Mamba3Output>;
+
 fn ssd(c: &mut Criterion) {
     let (len, heads, headdim, state, chunk) = (4096, 24, 64, 128, 256);
     let vars: Vec<Var> = [
@@ -219,11 +221,14 @@ fn mamba3(c: &mut Criterion) {
     let mut g = c.benchmark_group("mamba3");
     g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(5));
     g.throughput(Throughput::Elements((len * heads * headdim * state) as u64));
-    let run = || mamba3_chunk_scan_ref(&x, 64, None).unwrap().y;
-    g.bench_function(BenchmarkId::new("mamba3_composed_fwd", len), |b| b.iter(run));
-    g.bench_function(BenchmarkId::new("mamba3_composed_fwd_bwd", len), |b| {
-        b.iter(|| run().sum_all().unwrap().backward().unwrap())
-    });
+    for (name, scan) in [("mamba3_kernel", mamba3_chunk_scan as Mamba3Scan), ("mamba3_composed", mamba3_chunk_scan_ref)]
+    {
+        let run = || scan(&x, 64, None).unwrap().y;
+        g.bench_function(BenchmarkId::new(format!("{name}_fwd"), len), |b| b.iter(run));
+        g.bench_function(BenchmarkId::new(format!("{name}_fwd_bwd"), len), |b| {
+            b.iter(|| run().sum_all().unwrap().backward().unwrap())
+        });
+    }
     // The SSD at the same width: x, dt, A, B, C, z and D of the same sizes.
     let (a, dt_bias) = (Var::from_tensor(&rand(&[heads], -4.0, -0.5)).unwrap(), rand(&[heads], -1.0, 0.0));
     let dt = t[4].transpose(1, 2).unwrap().contiguous().unwrap();

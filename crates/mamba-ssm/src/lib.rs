@@ -30,7 +30,8 @@ pub use error::{Error, Result};
 pub use gate::silu_gate;
 pub use mamba2_inner::{mamba2_inner, mamba2_inner_ref, Mamba2Output, Mamba2Weights};
 pub use mamba3::{
-    mamba3_chunk_scan_ref, mamba3_scan_ref, mamba3_state_update_ref, Mamba3Inputs, Mamba3Output, Mamba3State, Mimo,
+    mamba3_chunk_scan, mamba3_chunk_scan_ref, mamba3_scan_ref, mamba3_state_update_ref, Mamba3Inputs, Mamba3Output,
+    Mamba3State, Mimo,
 };
 pub use mamba_inner::{mamba_inner, mamba_inner_ref, InnerOutput, InnerWeights};
 pub use math::{cpu_isa, set_cpu_isa, CpuIsa};

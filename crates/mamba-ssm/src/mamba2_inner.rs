@@ -214,7 +214,7 @@ struct Inputs<T> {
 
 impl Mamba2Op {
     fn ssd(&self) -> SsdOp {
-        SsdOp { s: self.d.s, has_d: true, has_h0: false, keep: false, kept: Mutex::new(None) }
+        SsdOp { s: self.d.s, log_decays: false, has_d: true, has_h0: false, keep: false, kept: Mutex::new(None) }
     }
 
     fn unpack<'a, T: Real>(&self, pack: &'a [T]) -> Weights<'a, T> {

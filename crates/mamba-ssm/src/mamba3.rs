@@ -387,6 +387,37 @@ pub fn mamba3_chunk_scan_ref(
     chunk_size: usize,
     initial: Option<&Mamba3State>,
 ) -> Result<Mamba3Output> {
+    chunk_scan(x, chunk_size, initial, crate::ssd::chunked)
+}
+
+/// [`mamba3_chunk_scan_ref`] with its chunked scan on the CPU kernel of SSD (forward and a
+/// hand-written backward; the trapezoid's two halves as one doubled batch, each step's log decay
+/// an input of its own), the rotation, the trapezoid's weights and the gate from candle ops
+/// around it. Off the CPU, the candle-op form. The kernel chunks by 64 steps whatever
+/// `chunk_size` (the chunking changes only rounding).
+pub fn mamba3_chunk_scan(x: &Mamba3Inputs, chunk_size: usize, initial: Option<&Mamba3State>) -> Result<Mamba3Output> {
+    chunk_scan(x, chunk_size, initial, crate::ssd::chunked_kernel)
+}
+
+/// The signature of [`crate::ssd::chunked`]: (x, w, log_decay, b, c, chunk_size, sizes, h0) ->
+/// (y, last state).
+type Chunked = fn(
+    &Tensor,
+    &Tensor,
+    &Tensor,
+    &Tensor,
+    &Tensor,
+    usize,
+    crate::ssd::Sizes,
+    Option<&Tensor>,
+) -> Result<(Tensor, Tensor)>;
+
+fn chunk_scan(
+    x: &Mamba3Inputs,
+    chunk_size: usize,
+    initial: Option<&Mamba3State>,
+    chunked: Chunked,
+) -> Result<Mamba3Output> {
     let s = check_inputs(x, initial)?;
     if chunk_size == 0 {
         return Err(argument("chunk_size", "must be at least 1"));
@@ -445,7 +476,7 @@ pub fn mamba3_chunk_scan_ref(
         groups: s.heads,
         state: s.state,
     };
-    let (y2, h2) = crate::ssd::chunked(
+    let (y2, h2) = chunked(
         &both(&positions(&v)?, &positions(&v_prev)?)?,
         &both(&spread(&gamma)?, &spread(&beta)?)?,
         &both(&log_decay, &log_decay)?,

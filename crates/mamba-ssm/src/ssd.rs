@@ -212,7 +212,7 @@ pub fn ssd_chunk_scan(
         d if d.is_cuda() && ct != DType::F64 => gpu::chunk_scan(&xc, &dtc, &pack, s, initial_states.is_some(), keep)?,
         d if d.is_cpu() => {
             let has = (fused_d.is_some(), initial_states.is_some());
-            let op = SsdOp { s, has_d: has.0, has_h0: has.1, keep, kept: Default::default() };
+            let op = SsdOp { s, log_decays: false, has_d: has.0, has_h0: has.1, keep, kept: Default::default() };
             xc.apply_op3(&dtc, &pack, op)?
         }
         _ => return ssd_chunk_scan_ref(x, dt, a, b, c, chunk_size, p, initial_states),
@@ -309,6 +309,37 @@ pub(crate) fn chunked(
         .broadcast_mul(&cum.exp()?.unsqueeze(4)?)?;
     let y = (y_diag + y_off)?.transpose(2, 3)?.reshape((batch, chunks * k, heads, headdim))?.narrow(1, 0, len)?;
     Ok((y, h))
+}
+
+/// [`chunked`] through the CPU kernel of `ssd_cpu.rs` (its own chunks of 64 steps, whatever
+/// `chunk_size`: the chunking changes only rounding), with its hand-written backward; the candle
+/// ops of [`chunked`] elsewhere. The inputs are as [`chunked`] takes them, in f32 or f64.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn chunked_kernel(
+    x: &Tensor,
+    w: &Tensor,
+    log_decay: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    chunk_size: usize,
+    s: Sizes,
+    h0: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    if !x.device().is_cpu() {
+        return chunked(x, w, log_decay, b, c, chunk_size, s, h0);
+    }
+    let xc = x.contiguous()?;
+    let wc = w.contiguous()?;
+    let mut pack = vec![log_decay.flatten_all()?, b.flatten_all()?, c.flatten_all()?];
+    pack.extend(h0.map(|h0| h0.flatten_all()).transpose()?);
+    let pack = Tensor::cat(&pack, 0)?;
+    let keep = xc.track_op() || wc.track_op() || pack.track_op();
+    let op = SsdOp { s, log_decays: true, has_d: false, has_h0: h0.is_some(), keep, kept: Default::default() };
+    let out = xc.apply_op3(&wc, &pack, op)?;
+    let states = s.batch * s.heads * s.headdim * s.state;
+    let y = out.narrow(0, 0, xc.elem_count())?.reshape(x.shape())?;
+    let last = out.narrow(0, out.elem_count() - states, states)?.reshape((s.batch, s.heads, s.headdim, s.state))?;
+    Ok((y, last))
 }
 
 /// The D skip and the z gate, shared by every form.

@@ -28,8 +28,13 @@ const CHUNK: usize = 64;
 /// the flat [y | final state], y with the skip D x (D per head and headdim) added. When a
 /// backward pass may follow (`keep`), the op keeps the state at every chunk's start for it in
 /// `kept`: (chunks + 1, batch, heads, headdim, state), slot-major.
+///
+/// With `log_decays`, the decays are their own input: the pack starts with one log decay per
+/// step and head, (batch, len, heads) like dt, in place of A, and dt only weighs the inputs
+/// (h_t = e^(log_decay_t) h_{t-1} + dt_t x_t B_t^T). Mamba-3's trapezoid is two such scans.
 pub(crate) struct SsdOp {
     pub s: Sizes,
+    pub log_decays: bool,
     pub has_d: bool,
     pub has_h0: bool,
     pub keep: bool,
@@ -40,6 +45,7 @@ pub(crate) struct SsdOp {
 struct In<'a, T> {
     x: &'a [T],
     dt: &'a [T],
+    /// A per head, or with `log_decays` the log decay per (batch, step, head).
     a: &'a [T],
     /// (heads, headdim).
     d: Option<&'a [T]>,
@@ -81,6 +87,14 @@ impl SsdOp {
         self.x_len() + self.slot_len()
     }
 
+    /// The decays' share of the pack: A per head, or a log decay per step and head.
+    fn decay_len(&self) -> usize {
+        match self.log_decays {
+            true => self.s.batch * self.s.len * self.s.heads,
+            false => self.s.heads,
+        }
+    }
+
     fn head_state(&self) -> usize {
         self.s.headdim * self.s.state
     }
@@ -92,7 +106,7 @@ impl SsdOp {
     fn unpack<'a, T>(&self, x: &'a [T], dt: &'a [T], pack: &'a [T]) -> In<'a, T> {
         let Sizes { batch, len, heads, headdim, groups, state } = self.s;
         let bc = batch * len * groups * state;
-        let (a, rest) = pack.split_at(heads);
+        let (a, rest) = pack.split_at(self.decay_len());
         let (d, rest) = rest.split_at(if self.has_d { heads * headdim } else { 0 });
         let (b, rest) = rest.split_at(bc);
         let (c, h0) = rest.split_at(bc);
@@ -123,16 +137,18 @@ impl SsdOp {
         let (len, heads) = (self.s.len, self.s.heads);
         let t0 = c * CHUNK;
         let k = CHUNK.min(len - t0);
-        let dt: Vec<T> = (0..k).map(|t| inp.dt[(b * len + t0 + t) * heads + h]).collect();
+        let at = |t: usize| (b * len + t0 + t) * heads + h;
+        let dt: Vec<T> = (0..k).map(|t| inp.dt[at(t)]).collect();
         // In f64: the exponents are differences of these running sums.
-        let (a, mut acc) = (inp.a[h].to_f64(), 0f64);
-        let cum = dt
-            .iter()
-            .map(|&d| {
-                acc += d.to_f64() * a;
-                T::from_f64(acc)
-            })
-            .collect();
+        let mut acc = 0f64;
+        let mut sum = |log_decay: f64| {
+            acc += log_decay;
+            T::from_f64(acc)
+        };
+        let cum = match self.log_decays {
+            true => (0..k).map(|t| sum(inp.a[at(t)].to_f64())).collect(),
+            false => dt.iter().map(|&d| sum(d.to_f64() * inp.a[h].to_f64())).collect(),
+        };
         Chunk { t0, k, dt, cum }
     }
 
@@ -283,7 +299,13 @@ impl SsdOp {
         self.pass_state_grads(&inp, dy, &mut ds);
         let (mut dx, mut ddt) = (zeros(x.len()), zeros(dt.len()));
         let (mut db, mut dc) = (zeros(batch * len * groups * state), zeros(batch * len * groups * state));
-        let mut da_parts = vec![T::ZERO; batch * self.chunks() * heads];
+        // dA per (batch row, chunk) and head, summed below; or the log decays' own gradient.
+        let mut da_parts =
+            vec![T::ZERO; if self.log_decays { self.decay_len() } else { batch * self.chunks() * heads }];
+        let da_chunks: Vec<&mut [T]> = match self.log_decays {
+            true => self.chunk_parts(&mut da_parts, heads),
+            false => da_parts.chunks_mut(heads).collect(),
+        };
         let dd_len = if self.has_d { heads * headdim } else { 0 };
         let mut dd_parts = vec![T::ZERO; batch * self.chunks() * dd_len];
         let parts: Vec<_> = self
@@ -292,7 +314,7 @@ impl SsdOp {
             .zip(self.chunk_parts(&mut ddt, heads))
             .zip(self.chunk_parts(&mut db, groups * state))
             .zip(self.chunk_parts(&mut dc, groups * state))
-            .zip(da_parts.chunks_mut(heads))
+            .zip(da_chunks)
             .zip(dd_parts.chunks_mut(dd_len.max(1)).map(Some).chain(std::iter::repeat_with(|| None)))
             .map(|(((((dx, ddt), db), dc), da), dd)| Grads { dx, ddt, db, dc, da, dd })
             .collect();
@@ -307,7 +329,7 @@ impl SsdOp {
             }
             total
         };
-        let mut dpack = sum_parts(&da_parts, heads);
+        let mut dpack = if self.log_decays { da_parts } else { sum_parts(&da_parts, heads) };
         dpack.extend(sum_parts(&dd_parts, dd_len));
         dpack.extend(db);
         dpack.extend(dc);
@@ -406,13 +428,18 @@ impl SsdOp {
                     dc[t * bc_row + g * n..][..n].iter_mut().zip(pt).for_each(|(d, &v)| *d += v);
                 }
 
-                // cum_t = A (dt_1 + ... + dt_t).
+                // cum_t = a_1 + ... + a_t, a_t = A dt_t or the log decay given.
                 let mut acc = T::ZERO;
                 for t in (0..k).rev() {
                     acc += dcum[t];
                     let da_t = acc + direct[t];
-                    ddt_out[t * heads + h] = madd::<T, Plain>(da_t, inp.a[h], ddt[t]);
-                    da[h] = madd::<T, Plain>(da_t, ch.dt[t], da[h]);
+                    if self.log_decays {
+                        ddt_out[t * heads + h] = ddt[t];
+                        da[t * heads + h] = da_t;
+                    } else {
+                        ddt_out[t * heads + h] = madd::<T, Plain>(da_t, inp.a[h], ddt[t]);
+                        da[h] = madd::<T, Plain>(da_t, ch.dt[t], da[h]);
+                    }
                 }
             }
             // C B^T is shared by the group's heads: its gradient reaches C and B once.
@@ -428,7 +455,7 @@ struct Grads<'a, T> {
     ddt: &'a mut [T],
     db: &'a mut [T],
     dc: &'a mut [T],
-    /// dA, per head.
+    /// dA, per head; with `log_decays`, each step's log decay's, (steps, heads).
     da: &'a mut [T],
     /// dD, per head and headdim, when the op adds D x.
     dd: Option<&'a mut [T]>,

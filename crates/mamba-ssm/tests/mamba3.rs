@@ -6,7 +6,9 @@
 mod common;
 use candle_core::{DType, Tensor, Var};
 use common::*;
-use mamba_ssm::{mamba3_chunk_scan_ref, mamba3_scan_ref, Mamba3Inputs, Mamba3Output, Mamba3State, Mimo};
+use mamba_ssm::{
+    mamba3_chunk_scan, mamba3_chunk_scan_ref, mamba3_scan_ref, Mamba3Inputs, Mamba3Output, Mamba3State, Mimo,
+};
 use std::collections::HashMap;
 
 const INPUTS: [&str; 11] = ["Q", "K", "V", "ADT", "DT", "Trap", "Q_bias", "K_bias", "Angles", "D", "Z"];
@@ -35,6 +37,11 @@ fn step_by_step(x: &Mamba3Inputs, initial: Option<&Mamba3State>) -> Mamba3Output
 
 fn in_chunks(chunk: usize) -> impl Fn(&Mamba3Inputs, Option<&Mamba3State>) -> Mamba3Output {
     move |x, initial| mamba3_chunk_scan_ref(x, chunk, initial).unwrap()
+}
+
+/// The chunked form on SSD's CPU kernel (chunks of 64 steps), with its hand-written backward.
+fn on_the_kernel(x: &Mamba3Inputs, initial: Option<&Mamba3State>) -> Mamba3Output {
+    mamba3_chunk_scan(x, 64, initial).unwrap()
 }
 
 fn scan(leaves: &[(&str, Var)], scan: Scan) -> Mamba3Output {
@@ -105,6 +112,7 @@ fn the_chunked_form_matches_mamba_ssm_at_any_chunk_size() {
     for chunk in [1, 5, 16, 64] {
         matches_fixture(&in_chunks(chunk), 1e-10);
     }
+    matches_fixture(&on_the_kernel, 1e-10);
 }
 
 /// MIMO against the fixture's "halved" reference (the rotation of mamba_ssm's MIMO layer and
@@ -137,6 +145,7 @@ fn mimo_matches_mamba_ssm_step_by_step_and_in_chunks() {
     for chunk in [1, 5, 16, 64] {
         mimo_matches_fixture(&in_chunks(chunk), 1e-10);
     }
+    mimo_matches_fixture(&on_the_kernel, 1e-10);
 }
 
 /// Inputs of a shape the fixtures do not have, seeded; with initial states when `states`, and
@@ -184,18 +193,22 @@ fn random_leaves(
     v
 }
 
-/// The chunked form equals the step reference, outputs, states and every gradient, over lengths
-/// 1 and not multiples of the chunk, grouped keys, a partial rotation and batch 3, SISO and MIMO
-/// of rank 3.
+/// The chunked form, from candle ops and on the kernel, equals the step reference, outputs,
+/// states and every gradient, over lengths 1 and not multiples of the chunk (the kernel's 64
+/// steps too), grouped keys, a partial rotation and batch 3, SISO and MIMO of rank 3.
 #[test]
 fn the_chunked_form_equals_the_step_reference_on_unseen_shapes() {
-    for (i, len, rank) in [(0, 1, None), (1, 2, None), (2, 23, None), (3, 1, Some(3)), (4, 23, Some(3))] {
-        for states in [false, true] {
+    let cases = [(0, 1, None), (1, 2, None), (2, 23, None), (5, 150, None), (3, 1, Some(3)), (4, 23, Some(3))];
+    let forms: [(&str, Scan); 2] = [("chunks of 8", &in_chunks(8)), ("kernel", &on_the_kernel)];
+    for ((i, len, rank), states, (form, scan_with)) in
+        cases.into_iter().flat_map(|c| [false, true].map(|s| (c, s))).flat_map(|(c, s)| forms.map(|f| (c, s, f)))
+    {
+        {
             let leaves = random_leaves((3, len, 6, 5, 3, 12, 3), states, rank, i * 2 + states as u64);
             let w = uniform(&[3, len, 6, 5], 99, -1.0, 1.0, DType::F64);
             let want = scan(&leaves, &step_by_step);
-            let got = scan(&leaves, &in_chunks(8));
-            let what = format!("len {len}, states {states}, rank {rank:?}");
+            let got = scan(&leaves, scan_with);
+            let what = format!("{form}: len {len}, states {states}, rank {rank:?}");
             assert_close(&format!("{what}: y"), &got.y, &want.y, 1e-12);
             assert_close(&format!("{what}: ssm"), &got.state.ssm, &want.state.ssm, 1e-12);
             assert_close(&format!("{what}: k"), &got.state.k, &want.state.k, 1e-12);
@@ -264,6 +277,7 @@ fn continue_scan(leaves: Vec<(&'static str, Var)>) {
     }
     for (what, second) in [
         ("chunked", mamba3_chunk_scan_ref(&x, 4, Some(&first.state)).unwrap()),
+        ("kernel", mamba3_chunk_scan(&x, 4, Some(&first.state)).unwrap()),
         ("step", mamba3_scan_ref(&x, Some(&first.state)).unwrap()),
     ] {
         let y = Tensor::cat(&[&first.y, &second.y], 1).unwrap();
@@ -294,10 +308,12 @@ fn the_chunked_form_in_f32_is_close_to_the_f64_reference() {
     let want = scan(&leaves, &step_by_step);
     let f32_leaves: Vec<_> =
         leaves.iter().map(|(n, v)| (*n, var(&v.as_tensor().to_dtype(DType::F32).unwrap()))).collect();
-    let got = scan(&f32_leaves, &in_chunks(16));
-    assert_eq!(got.y.dtype(), DType::F32);
-    assert_close("y", &got.y, &want.y, 1e-5);
-    assert_close("ssm", &got.state.ssm, &want.state.ssm, 1e-5);
+    for (form, scan_with) in [("chunks of 16", &in_chunks(16) as Scan), ("kernel", &on_the_kernel)] {
+        let got = scan(&f32_leaves, scan_with);
+        assert_eq!(got.y.dtype(), DType::F32);
+        assert_close(&format!("{form}: y"), &got.y, &want.y, 1e-5);
+        assert_close(&format!("{form}: ssm"), &got.state.ssm, &want.state.ssm, 1e-5);
+    }
 }
 
 /// The step reference's gradient agrees with central differences, which need no fixture.

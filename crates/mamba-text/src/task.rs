@@ -50,10 +50,10 @@ impl TextData {
         let tokenizer_json = std::fs::read(tokenizer_path).map_err(io(tokenizer_path))?;
         let bad = |message: String| Error::Config { path: tokenizer_path.display().to_string(), message };
         let tok = tokenizer_from_bytes(&tokenizer_json, tokenizer_path)?;
-        if !(0.0..1.0).contains(&validation_fraction) || context == 0 {
+        if !(0.0..=1.0).contains(&validation_fraction) || context == 0 {
             return Err(Error::Config {
                 path: "[task]".into(),
-                message: "validation_fraction must be in [0, 1) and context at least 1".into(),
+                message: "validation_fraction must be in [0, 1] and context at least 1".into(),
             });
         }
         let split_char = text.char_indices().nth((text.chars().count() as f64 * (1.0 - validation_fraction)) as usize);
@@ -333,13 +333,25 @@ impl TaskKind for Text {
     fn build(&self, input: TaskInput) -> Result<Box<dyn DynTask>> {
         let s: TextSection = input.section()?;
         let config = lm_config(&input)?;
-        let text = TextData::load(&s.data, &s.tokenizer, s.context, s.validation_fraction)?;
+        // A checkpoint carries the tokenizer it was trained with.
+        let tokenizer = match input.checkpoint {
+            Some(dir) if dir.join("tokenizer.json").exists() => dir.join("tokenizer.json"),
+            _ => s.tokenizer,
+        };
+        let text = TextData::load(&s.data, &tokenizer, s.context, s.validation_fraction)?;
         Ok(Box::new(LmTask {
             config,
             source: Source::Text(text),
             label_smoothing: s.label_smoothing,
             seed: input.seed,
         }))
+    }
+
+    /// Every window of another text file is evaluated.
+    fn evaluate_on(&self, task: &mut toml::Table, data: &Path) -> std::result::Result<(), String> {
+        task.insert("data".into(), toml::Value::String(data.display().to_string()));
+        task.insert("validation_fraction".into(), toml::Value::Float(1.0));
+        Ok(())
     }
 
     fn predict(&self, dir: &Path, inputs: &[String], options: &PredictOptions, device: &Device) -> Result<Vec<String>> {

@@ -130,12 +130,14 @@ impl TaskKinds {
             };
             s.insert(field.to_string(), value);
         }
-        let kind = match table.get("task").and_then(|t| t.get("kind")) {
+        let Some(toml::Value::Table(task)) = table.get_mut("task") else {
+            return Err(err("a training config needs a [task] section (with its `kind`)".into()));
+        };
+        let kind = match task.get("kind") {
             Some(toml::Value::String(name)) => self.get(name, &source)?,
             Some(other) => return Err(err(format!("[task] kind = {other}: expected a string"))),
             None => return Err(err("[task] needs a `kind`".into())),
         };
-        let Some(toml::Value::Table(task)) = table.get_mut("task") else { unreachable!("[task] holds a kind") };
         if let Some(data) = data {
             let path = data.canonicalize().map_err(|e| Error::Io { path: data.display().to_string(), source: e })?;
             let message = |m: String| Error::Config { path: data.display().to_string(), message: m };
