@@ -248,11 +248,19 @@ fn cuda_in_a_build_without_it_stops_training_before_anything_is_written() {
 #[test]
 fn bad_configs_stop_before_training_naming_file_and_key() {
     let dir = scratch("bad");
-    let cases: [(&str, String, &[&str]); 7] = [
+    let cases: [(&str, String, &[&str]); 8] = [
         ("unknown key", TINY.replace("epochs = 2", "epochs = 2\nepochz = 3"), &["epochz", "config.toml"]),
         ("wrong type", TINY.replace("batch_size = 4", "batch_size = \"four\""), &["batch_size", "config.toml"]),
         // The kinds this `mamba` knows are listed.
         ("unknown task", TINY.replace("selective_copying", "telepathy"), &["telepathy", "config.toml", "image_classification"]),
+        (
+            "no task",
+            TINY.replace(
+                "[task]\nkind = \"selective_copying\"\nseq_len = 24\ntokens = 4\ntrain_examples = 192\nvalidation_examples = 32\n",
+                "",
+            ),
+            &["config.toml: a training config needs a [task] section"],
+        ),
         // A key of the text task is not one of selective copying's.
         ("another task's key", TINY.replace("seq_len = 24", "seq_len = 24\ncontext = 8"), &["config.toml: [task]", "context"]),
         (

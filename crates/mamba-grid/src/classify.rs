@@ -283,12 +283,13 @@ pub fn check_classes(classes: &[String]) -> std::result::Result<(), String> {
 pub fn classify_files<M: InputMeta>(
     model: &VisionModel,
     meta: &M,
-    paths: &[PathBuf],
+    paths: &[impl AsRef<Path>],
     device: &Device,
 ) -> Result<Vec<Vec<(String, f32)>>> {
     let inputs = paths
         .iter()
         .map(|p| {
+            let p = p.as_ref();
             let x = meta.input(p, None)?;
             check_finite(&x, || p.display().to_string())?;
             Ok(x)

@@ -98,8 +98,7 @@ impl TaskKind for ImageClassification {
 
     fn predict(&self, dir: &Path, inputs: &[String], options: &PredictOptions, device: &Device) -> Result<Vec<String>> {
         let (model, meta) = load_classifier(dir, options.image_size, device)?;
-        let paths: Vec<PathBuf> = inputs.iter().map(PathBuf::from).collect();
-        Ok(ranked_lines(inputs, classify_files(&model, &meta, &paths, device)?, options))
+        Ok(ranked_lines(inputs, classify_files(&model, &meta, inputs, device)?, options))
     }
 }
 
