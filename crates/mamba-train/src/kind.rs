@@ -2,8 +2,7 @@
 //! its kinds; a program lists the kinds it knows in a [`TaskKinds`](crate::TaskKinds), which
 //! trains, evaluates and predicts by the `[task] kind` a config or checkpoint records.
 
-use crate::Error;
-use crate::{train, Evaluation, OptimConfig, Result, Summary, Task, TrainConfig};
+use crate::{train, Error, Evaluation, OptimConfig, Result, Summary, Task, TrainConfig};
 use candle_core::{Device, Tensor};
 use candle_nn::VarBuilder;
 use mamba_nn::Param;
