@@ -399,24 +399,11 @@ pub fn mamba3_chunk_scan(x: &Mamba3Inputs, chunk_size: usize, initial: Option<&M
     chunk_scan(x, chunk_size, initial, crate::ssd::chunked_kernel)
 }
 
-/// The signature of [`crate::ssd::chunked`]: (x, w, log_decay, b, c, chunk_size, sizes, h0) ->
-/// (y, last state).
-type Chunked = fn(
-    &Tensor,
-    &Tensor,
-    &Tensor,
-    &Tensor,
-    &Tensor,
-    usize,
-    crate::ssd::Sizes,
-    Option<&Tensor>,
-) -> Result<(Tensor, Tensor)>;
-
 fn chunk_scan(
     x: &Mamba3Inputs,
     chunk_size: usize,
     initial: Option<&Mamba3State>,
-    chunked: Chunked,
+    chunked: crate::ssd::Chunked,
 ) -> Result<Mamba3Output> {
     let s = check_inputs(x, initial)?;
     if chunk_size == 0 {

@@ -217,9 +217,7 @@ pub fn ssd_chunk_scan(
         }
         _ => return ssd_chunk_scan_ref(x, dt, a, b, c, chunk_size, p, initial_states),
     };
-    let states = s.batch * s.heads * s.headdim * s.state;
-    let y = out.narrow(0, 0, xc.elem_count())?.reshape(x.shape())?;
-    let last = out.narrow(0, out.elem_count() - states, states)?.reshape((s.batch, s.heads, s.headdim, s.state))?;
+    let (y, last) = split_flat(&out, x, s)?;
     let y = finish(y, &xc, &SsdParams { d: p.d.filter(|_| fused_d.is_none()), ..*p }, ct)?;
     Ok(ScanOutput { y: y.to_dtype(x.dtype())?, last_state: last.to_dtype(x.dtype())? })
 }
@@ -247,6 +245,11 @@ pub fn ssd_chunk_scan_ref(
     let y = finish(y, &x, p, ct)?;
     Ok(ScanOutput { y: y.to_dtype(out_dtype)?, last_state: last.to_dtype(out_dtype)? })
 }
+
+/// The signature of [`chunked`] and [`chunked_kernel`]: (x, w, log_decay, b, c, chunk_size,
+/// sizes, h0) -> (y, last state).
+pub(crate) type Chunked =
+    fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor, usize, Sizes, Option<&Tensor>) -> Result<(Tensor, Tensor)>;
 
 /// The chunked algorithm of SSD from candle ops, with the input weights and the log decays
 /// apart: h_t = exp(log_decay_t) h_{t-1} + w_t x_t B_t^T, y_t = h_t C_t. x: (b, l, h, p); w and
@@ -335,9 +338,13 @@ pub(crate) fn chunked_kernel(
     let pack = Tensor::cat(&pack, 0)?;
     let keep = xc.track_op() || wc.track_op() || pack.track_op();
     let op = SsdOp { s, log_decays: true, has_d: false, has_h0: h0.is_some(), keep, kept: Default::default() };
-    let out = xc.apply_op3(&wc, &pack, op)?;
+    split_flat(&xc.apply_op3(&wc, &pack, op)?, x, s)
+}
+
+/// The kernels' flat [y | final state] as y, shaped like `x`, and the final state.
+fn split_flat(out: &Tensor, x: &Tensor, s: Sizes) -> Result<(Tensor, Tensor)> {
     let states = s.batch * s.heads * s.headdim * s.state;
-    let y = out.narrow(0, 0, xc.elem_count())?.reshape(x.shape())?;
+    let y = out.narrow(0, 0, x.elem_count())?.reshape(x.shape())?;
     let last = out.narrow(0, out.elem_count() - states, states)?.reshape((s.batch, s.heads, s.headdim, s.state))?;
     Ok((y, last))
 }
